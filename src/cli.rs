@@ -1,0 +1,229 @@
+//! The command line: clap derive types, turned once into validated [`SendOpts`] / [`RecvOpts`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::Error;
+use crate::protocol::MAX_CHUNK_LEN;
+use crate::recv::RecvOpts;
+use crate::send::{DEFAULT_CHUNK_SIZE, SendOpts};
+
+/// The port both sides use when none is given.
+pub const DEFAULT_PORT: u16 = 8888;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xfer",
+    version,
+    about = "Move files between machines over TCP and prove they arrived intact.",
+    long_about = "Move files between machines over TCP and prove they arrived intact.\n\n\
+        Start a receiver, then send to it:\n\n  \
+        xfer recv --dir ./downloads\n  \
+        xfer send img.jpg host:8888\n\n\
+        Every file is hashed (SHA-256) before it is sent and again as it arrives; the receiver \
+        stores it under its final name only after the digests match and the data is on stable \
+        storage. The sender exits 0 only when the receiver says so.",
+    after_help = "Exit codes: 0 ok, 1 receiver failed, 2 usage, 3 connection, 4 rejected, \
+        5 integrity, 6 local I/O, 7 protocol. See README.md for details."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Send a file to a running `xfer recv`.
+    Send(SendArgs),
+    /// Listen for senders and store what they send into a folder.
+    Recv(RecvArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  xfer send img.jpg 192.168.1.20:8888\n\n\
+    Prints one summary line on stdout (name, size, time, rate, SHA-256, outcome); progress and \
+    errors go to stderr. Exit codes: 0 verified or already there, 2 usage, 3 connection, \
+    4 rejected, 5 integrity, 6 local I/O, 7 protocol, 1 receiver failed.")]
+pub struct SendArgs {
+    /// The file to send.
+    pub file: PathBuf,
+    /// Where the receiver listens: HOST:PORT, HOST (port 8888), or [IPv6]:PORT.
+    pub to: String,
+    /// Body chunk size: bytes, or with a K/M suffix (binary), from 1 to 16M.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub chunk_size: Option<u32>,
+    /// Store under this name instead of the file's own.
+    #[arg(long = "as", value_name = "NAME")]
+    pub name: Option<String>,
+    /// Give up if the receiver is silent this long, in seconds (0: wait forever).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub timeout: u64,
+    /// Give up connecting after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub connect_timeout: u64,
+    /// No progress bars or notes on stderr (the summary on stdout and errors remain).
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  xfer recv --dir ./downloads --listen 0.0.0.0:8888\n\n\
+    The first line on stdout is `listening on IP:PORT` (with the real port when PORT is 0). \
+    Each finished transfer logs one line on stderr. Files arrive as hidden `.xfer-*.part` files \
+    and get their final name only once verified and synced. An existing file with the same \
+    content is not sent again; a different one is kept and the new file stored as `name (1).ext` \
+    unless --overwrite.")]
+pub struct RecvArgs {
+    /// Folder to store received files in.
+    #[arg(short, long, value_name = "DIR", default_value = ".")]
+    pub dir: PathBuf,
+    /// Address to listen on, IP:PORT (port 0 picks a free port).
+    #[arg(short, long, value_name = "ADDR", default_value = "0.0.0.0:8888")]
+    pub listen: String,
+    /// Handle one transfer, then exit with its status.
+    #[arg(long)]
+    pub once: bool,
+    /// Replace an existing file of the same name (atomically) instead of keeping both.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Transfers served at once; senders past this are refused as busy.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_transfers: u32,
+    /// Drop a sender that is silent this long, in seconds (0: wait forever).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub timeout: u64,
+    /// Drop a connection that has not offered a file within this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub handshake_timeout: u64,
+    /// No progress bars on stderr (per-transfer log lines and errors remain).
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// Parses a size such as `1024`, `64K`, `64KiB`, `1M`. Suffixes are binary (K = 1024).
+pub fn parse_size(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size (try 1024, 64K or 1M)"))?;
+    let mul: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        _ => return Err(format!("`{s}` has an unknown unit (use K or M)")),
+    };
+    let v = n.saturating_mul(mul);
+    if v == 0 || v > MAX_CHUNK_LEN as u64 {
+        return Err(format!("chunk size must be from 1 byte to {MAX_CHUNK_LEN} bytes (16M), got {s}"));
+    }
+    Ok(v as u32)
+}
+
+/// Normalises `HOST[:PORT]` to something `ToSocketAddrs` takes, adding the default port.
+pub fn parse_target(s: &str) -> Result<String, Error> {
+    if s.is_empty() {
+        return Err(Error::Usage("the receiver address is empty (expected HOST:PORT)".into()));
+    }
+    if s.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(s.to_string());
+    }
+    if let Ok(ip) = s.trim_matches(|c| c == '[' || c == ']').parse::<std::net::IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, DEFAULT_PORT).to_string());
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !host.contains(':') => {
+            port.parse::<u16>()
+                .map_err(|_| Error::Usage(format!("bad port `{port}` in `{s}` (expected HOST:PORT)")))?;
+            Ok(s.to_string())
+        }
+        Some(_) => Err(Error::Usage(format!("cannot parse `{s}` as HOST:PORT (IPv6 needs [addr]:port)"))),
+        None => Ok(format!("{s}:{DEFAULT_PORT}")),
+    }
+}
+
+fn secs(n: u64) -> Option<Duration> {
+    (n > 0).then(|| Duration::from_secs(n))
+}
+
+impl SendArgs {
+    pub fn into_opts(self) -> Result<SendOpts, Error> {
+        Ok(SendOpts {
+            to: parse_target(&self.to)?,
+            file: self.file,
+            name: self.name,
+            chunk_size: self.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
+            timeout: secs(self.timeout),
+            connect_timeout: Duration::from_secs(self.connect_timeout.max(1)),
+            quiet: self.quiet,
+        })
+    }
+}
+
+impl RecvArgs {
+    pub fn into_opts(self) -> Result<RecvOpts, Error> {
+        let meta = std::fs::metadata(&self.dir)
+            .map_err(|e| Error::io(format!("cannot use --dir {}", self.dir.display()), e))?;
+        if !meta.is_dir() {
+            return Err(Error::Usage(format!("--dir {} is not a folder", self.dir.display())));
+        }
+        Ok(RecvOpts {
+            dir: self.dir,
+            listen: self.listen,
+            once: self.once,
+            overwrite: self.overwrite,
+            max_transfers: self.max_transfers as usize,
+            timeout: secs(self.timeout),
+            handshake_timeout: Duration::from_secs(self.handshake_timeout),
+            quiet: self.quiet,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1"), Ok(1));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("64kib"), Ok(65536));
+        assert_eq!(parse_size("16M"), Ok(MAX_CHUNK_LEN));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("17M").is_err());
+        assert!(parse_size("99999999999999999999").is_err());
+        assert!(parse_size("1G").is_err());
+        assert!(parse_size("K").is_err());
+    }
+
+    #[test]
+    fn targets() {
+        assert_eq!(parse_target("host:9").unwrap(), "host:9");
+        assert_eq!(parse_target("host").unwrap(), "host:8888");
+        assert_eq!(parse_target("127.0.0.1").unwrap(), "127.0.0.1:8888");
+        assert_eq!(parse_target("[::1]:7").unwrap(), "[::1]:7");
+        assert_eq!(parse_target("::1").unwrap(), "[::1]:8888");
+        assert!(parse_target("host:notaport").is_err());
+        assert!(parse_target("").is_err());
+    }
+
+    #[test]
+    fn send_parses() {
+        let cli =
+            Cli::try_parse_from(["xfer", "send", "f", "h:1", "--chunk-size", "4K", "--as", "g"]).unwrap();
+        let Command::Send(a) = cli.command else { panic!("not send") };
+        let o = a.into_opts().unwrap();
+        assert_eq!((o.chunk_size, o.name.as_deref(), o.to.as_str()), (4096, Some("g"), "h:1"));
+        assert!(Cli::try_parse_from(["xfer", "send", "f"]).is_err());
+        assert!(Cli::try_parse_from(["xfer", "send", "f", "h", "--chunk-size", "0"]).is_err());
+    }
+}

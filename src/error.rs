@@ -1,0 +1,101 @@
+//! Typed errors and the one exit-code table. README lists the same table; `tests/it/exit_codes.rs`
+//! checks the binary against it.
+
+use std::io;
+use std::process::ExitCode;
+
+use crate::protocol::{ProtocolError, RejectCode, WireError};
+
+/// The documented exit codes of `xfer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    /// Verified, or the receiver already had the file.
+    Ok = 0,
+    /// The receiver failed for its own reasons (e.g. its disk), or another unexpected failure.
+    Failed = 1,
+    /// Bad command line or an unusable local argument (clap also uses 2).
+    Usage = 2,
+    /// Could not connect, the connection dropped, or the peer went silent past the timeout.
+    Connection = 3,
+    /// The receiver refused the file (bad name, no space, busy).
+    Rejected = 4,
+    /// The bytes that arrived do not match the size or digest that was offered.
+    Integrity = 5,
+    /// A local file or folder could not be read or written.
+    Io = 6,
+    /// The peer is not xfer, speaks another protocol version, or broke the protocol.
+    Protocol = 7,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> ExitCode {
+        ExitCode::from(e as u8)
+    }
+}
+
+/// Everything that can end a send or a receive. Messages are sentence fragments that
+/// read well after `xfer: error: `.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("connection to {peer} {what}: {source}")]
+    Connection { peer: String, what: &'static str, source: io::Error },
+    #[error("peer {peer} was silent for {secs} s ({what}); giving up (see --timeout)")]
+    Timeout { peer: String, secs: u64, what: &'static str },
+    #[error("receiver rejected {name}: {reason} ({code:?})")]
+    Rejected { name: String, code: RejectCode, reason: String },
+    #[error("{0}")]
+    Integrity(String),
+    #[error("receiver failed to store the file: {0}")]
+    RemoteFailed(String),
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+    #[error("{peer}: {source}")]
+    Protocol { peer: String, source: ProtocolError },
+}
+
+impl Error {
+    /// The exit code for this error.
+    pub fn exit(&self) -> Exit {
+        match self {
+            Error::Usage(_) => Exit::Usage,
+            Error::Connect { .. } | Error::Connection { .. } | Error::Timeout { .. } => Exit::Connection,
+            Error::Rejected { .. } => Exit::Rejected,
+            Error::Integrity(_) => Exit::Integrity,
+            Error::RemoteFailed(_) => Exit::Failed,
+            Error::Io { .. } => Exit::Io,
+            Error::Protocol { .. } => Exit::Protocol,
+        }
+    }
+
+    /// A local I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Error {
+        Error::Io { context: context.into(), source }
+    }
+
+    /// Maps an error on the connection to a peer: a timeout, a drop, or a protocol violation.
+    /// `what` says what this side was doing ("sending the body", "waiting for the verdict").
+    pub fn wire(peer: &str, what: &'static str, timeout_secs: u64, e: WireError) -> Error {
+        match e {
+            WireError::Protocol(source) => Error::Protocol { peer: peer.to_string(), source },
+            WireError::Io(source) if is_timeout(&source) => {
+                Error::Timeout { peer: peer.to_string(), secs: timeout_secs, what }
+            }
+            WireError::Io(source) if source.kind() == io::ErrorKind::UnexpectedEof => Error::Connection {
+                peer: peer.to_string(),
+                what: "closed early",
+                source: io::Error::new(io::ErrorKind::UnexpectedEof, format!("peer hung up while {what}")),
+            },
+            WireError::Io(source) => Error::Connection { peer: peer.to_string(), what: "failed", source },
+        }
+    }
+}
+
+/// True for the errors a socket read or write timeout produces on the platforms we run on.
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}

@@ -1,0 +1,14 @@
+//! xfer: move files between machines over TCP and prove they arrived intact.
+//!
+//! The binary is a thin shell over this library, so tests and benchmarks can drive a sender or a
+//! receiver in-process and speak the wire format directly.
+
+pub mod cli;
+pub mod error;
+pub mod hash;
+pub mod progress;
+pub mod protocol;
+pub mod recv;
+pub mod sanitize;
+pub mod send;
+pub mod store;

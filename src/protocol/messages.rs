@@ -1,0 +1,161 @@
+//! The control messages and their bounded encoding.
+//!
+//! Messages are serde types encoded with bincode 2 using a fixed configuration: big-endian,
+//! fixed-width integers (so PROTOCOL.md can give every field's offset), enum variants as a `u32`
+//! index, strings and byte vectors as a `u64` length then the bytes, and a decode limit of
+//! [`MAX_MESSAGE_LEN`] so no claimed length can make the decoder allocate more than a frame.
+//! Variant order is part of the wire format: new variants go at the end, none is ever removed.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::{MAX_MESSAGE_LEN, MAX_REASON_LEN, ProtocolError};
+
+/// The bincode configuration of protocol v1. Changing it changes the wire format.
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard()
+        .with_big_endian()
+        .with_fixed_int_encoding()
+        .with_limit::<{ MAX_MESSAGE_LEN as usize }>()
+}
+
+/// A 32-byte digest. SHA-256 is the only algorithm in v1; the field is sized for it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// Lower-case hex, as `sha256sum` prints it.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// The hash algorithm of an offer's digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HashAlg {
+    /// SHA-256 (FIPS 180-4). Variant 0.
+    Sha256,
+}
+
+impl fmt::Display for HashAlg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HashAlg::Sha256 => "sha256",
+        })
+    }
+}
+
+/// Sender → receiver: the file on offer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    /// One path component, untrusted: the receiver validates it (see `sanitize`).
+    pub name: String,
+    /// Size of the file in bytes: exactly this many body bytes follow an accept from offset 0.
+    pub size: u64,
+    pub hash: HashAlg,
+    /// Digest of the whole file.
+    pub digest: Digest,
+}
+
+/// Why a receiver refused an offer. Codes are part of the wire format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectCode {
+    /// The name breaks the name rules (variant 0).
+    InvalidName,
+    /// The file would not fit in the receiver's free space (variant 1).
+    InsufficientSpace,
+    /// The receiver is at its limit of concurrent transfers (variant 2).
+    Busy,
+    /// The receiver does not support the offer's hash algorithm (variant 3).
+    UnsupportedHash,
+    /// The receiver could not prepare the file, e.g. a local I/O error (variant 4).
+    Failed,
+}
+
+/// Receiver → sender: the answer to an offer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Send the body starting at `offset` (always 0 in v1 receivers; later resume uses it).
+    Accept { offset: u64 },
+    /// A file with this exact content is already stored, under `name`. No body follows.
+    AlreadyHave { name: String },
+    /// Refused; `reason` is for humans.
+    Reject { code: RejectCode, reason: String },
+}
+
+/// Receiver → sender: the outcome after the body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// Hashed, matched, synced to stable storage and stored as `name`.
+    Verified { name: String },
+    /// The body's digest differs from the offer's. Nothing was stored.
+    HashMismatch { expected: Digest, actual: Digest },
+    /// The body ended before or after the offered size. Nothing was stored.
+    SizeMismatch { expected: u64, received: u64 },
+    /// The receiver failed for another reason (disk full, I/O error). Nothing was stored.
+    Failed { reason: String },
+}
+
+/// Every control message. The variant index is the first field of every message payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    Offer(Offer),
+    Reply(Reply),
+    Verdict(Verdict),
+}
+
+impl Message {
+    /// The message's name for error reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Offer(_) => "offer",
+            Message::Reply(_) => "reply",
+            Message::Verdict(_) => "verdict",
+        }
+    }
+}
+
+/// Cuts a human-readable reason to [`MAX_REASON_LEN`] bytes on a character boundary.
+pub fn bounded_reason(reason: impl Into<String>) -> String {
+    let mut s: String = reason.into();
+    if s.len() > MAX_REASON_LEN {
+        let mut end = MAX_REASON_LEN;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// Encodes a message payload (without its frame header).
+pub fn encode_message(msg: &Message) -> Vec<u8> {
+    bincode::serde::encode_to_vec(msg, config()).expect("encoding to a Vec cannot fail")
+}
+
+/// Decodes a message payload. Rejects trailing bytes, so one payload has exactly one meaning.
+pub fn decode_message(payload: &[u8]) -> Result<Message, ProtocolError> {
+    let (msg, used): (Message, usize) = bincode::serde::decode_from_slice(payload, config())
+        .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    if used != payload.len() {
+        return Err(ProtocolError::Malformed(format!(
+            "{} trailing bytes after a {} message",
+            payload.len() - used,
+            msg.name()
+        )));
+    }
+    Ok(msg)
+}

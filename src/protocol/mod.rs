@@ -1,0 +1,127 @@
+//! The xfer wire protocol, version 1. PROTOCOL.md is the full specification; this is its summary.
+//!
+//! Roles: the *receiver* listens, the *sender* connects. One connection carries one file.
+//!
+//! 1. Both sides write a 10-byte hello at once — [`MAGIC`] then [`VERSION`] as a big-endian `u16`
+//!    — and read the peer's. Wrong magic: not an xfer peer. Other version: both sides report both
+//!    versions and close.
+//! 2. Everything after the hello is a frame: a 4-byte big-endian payload length, a 1-byte kind,
+//!    then the payload. The length is checked against the kind's limit ([`MAX_MESSAGE_LEN`],
+//!    [`MAX_CHUNK_LEN`]) before any buffer is allocated.
+//! 3. Sender: `Offer` (name, size, hash algorithm, digest). Receiver: `Reply` (accept from an
+//!    offset / already have it / reject with a code and reason).
+//! 4. On accept, the sender writes the body from the offset as data frames of 1 to
+//!    [`MAX_CHUNK_LEN`] bytes. No frame may cross the end of the file; the body ends when `size`
+//!    bytes have arrived. There are no sentinel bytes.
+//! 5. Receiver: `Verdict` (verified / hash mismatch / size mismatch / failed), sent only after the
+//!    file is hashed, compared, flushed to stable storage and renamed to its final name.
+//!
+//! This module does no I/O of its own beyond `Read` / `Write`: no sockets, files or terminals, so
+//! it can be tested and fuzzed on byte slices. bincode is used here and only here, so it can be
+//! swapped without touching the rest of the crate.
+
+mod frame;
+mod messages;
+
+pub use frame::{FrameHeader, FrameKind, read_frame_header, read_message, write_frame_header, write_message};
+pub use messages::{
+    Digest, HashAlg, Message, Offer, RejectCode, Reply, Verdict, bounded_reason, decode_message,
+    encode_message,
+};
+
+use std::io::{self, Read, Write};
+
+/// The first bytes on the wire in both directions. `\x89` catches 7-bit channels and text
+/// protocols (an HTTP client, a mistyped port); `\r\n` and `\x1a\n` catch newline translation.
+pub const MAGIC: [u8; 8] = *b"\x89XFR\r\n\x1a\n";
+
+/// The protocol version this build speaks. Bumped for any incompatible change to frames or
+/// messages; message variants are never renumbered within a version.
+pub const VERSION: u16 = 1;
+
+/// Size of the hello: magic plus version.
+pub const HELLO_LEN: usize = MAGIC.len() + 2;
+
+/// Largest control message payload. Offers carry at most a name of [`MAX_NAME_LEN`] bytes plus a
+/// digest; replies and verdicts carry at most a reason of [`MAX_REASON_LEN`] bytes. 64 KiB leaves
+/// room for later fields while keeping a hostile peer's allocation small.
+pub const MAX_MESSAGE_LEN: u32 = 64 * 1024;
+
+/// Largest data chunk. Bounds the receiver's buffer per transfer; `--chunk-size` may not exceed
+/// it. 16 MiB is well past the point where larger chunks stop paying (see README).
+pub const MAX_CHUNK_LEN: u32 = 16 * 1024 * 1024;
+
+/// Longest file name, in bytes of UTF-8: NAME_MAX on Linux and most Unix file systems.
+pub const MAX_NAME_LEN: usize = 255;
+
+/// Longest human-readable reason in a reply or verdict, in bytes. Longer reasons are cut.
+pub const MAX_REASON_LEN: usize = 1024;
+
+/// The hello this side sends.
+pub fn hello() -> [u8; HELLO_LEN] {
+    let mut h = [0u8; HELLO_LEN];
+    h[..MAGIC.len()].copy_from_slice(&MAGIC);
+    h[MAGIC.len()..].copy_from_slice(&VERSION.to_be_bytes());
+    h
+}
+
+/// What went wrong with the peer's bytes. Every variant names what was seen, so the message can
+/// be shown to a user as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("peer is not an xfer peer (bad magic bytes {0:02x?})")]
+    BadMagic([u8; 8]),
+    #[error("protocol version mismatch: peer speaks xfer protocol v{peer}, this xfer speaks v{ours}")]
+    VersionMismatch { peer: u16, ours: u16 },
+    #[error("frame of {len} bytes exceeds the {kind} limit of {limit} bytes")]
+    FrameTooLarge { kind: FrameKind, len: u32, limit: u32 },
+    #[error("unknown frame kind 0x{0:02x}")]
+    UnknownFrameKind(u8),
+    #[error("empty data frame")]
+    EmptyChunk,
+    #[error("expected a {expected} frame, got a {got} frame")]
+    UnexpectedFrame { expected: FrameKind, got: FrameKind },
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("unexpected message: expected {expected}, got {got}")]
+    UnexpectedMessage { expected: &'static str, got: &'static str },
+}
+
+/// An error while speaking the protocol: either the transport failed or the peer broke the rules.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+/// Reads the peer's hello and checks magic and version.
+pub fn read_hello<R: Read>(r: &mut R) -> Result<(), WireError> {
+    let mut h = [0u8; HELLO_LEN];
+    r.read_exact(&mut h)?;
+    check_hello(&h)?;
+    Ok(())
+}
+
+/// Checks a hello already read: magic first, so garbage is reported as garbage, not as a version.
+pub fn check_hello(h: &[u8; HELLO_LEN]) -> Result<(), ProtocolError> {
+    let mut magic = [0u8; 8];
+    magic.copy_from_slice(&h[..MAGIC.len()]);
+    if magic != MAGIC {
+        return Err(ProtocolError::BadMagic(magic));
+    }
+    let peer = u16::from_be_bytes([h[8], h[9]]);
+    if peer != VERSION {
+        return Err(ProtocolError::VersionMismatch { peer, ours: VERSION });
+    }
+    Ok(())
+}
+
+/// Writes this side's hello.
+pub fn write_hello<W: Write>(w: &mut W) -> io::Result<()> {
+    w.write_all(&hello())
+}
+
+#[cfg(test)]
+mod tests;

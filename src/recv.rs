@@ -1,0 +1,367 @@
+//! The receiver: accept senders, validate their offers, write, verify, acknowledge.
+//!
+//! Each connection gets a thread (blocking I/O keeps back-pressure and fsync simple). The number
+//! of transfers in flight is bounded by `--max-transfers`; an offer past it is refused as busy, and
+//! connections past a larger bound are closed at once. Every connection ends with one log line on
+//! stderr, and no failure of one transfer stops the receiver.
+
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::Error;
+use crate::hash::Hasher;
+use crate::progress::{Progress, human_bytes, human_rate};
+use crate::protocol::{
+    self, FrameKind, Message, Offer, ProtocolError, RejectCode, Reply, Verdict, WireError, bounded_reason,
+    read_frame_header, read_message, write_message,
+};
+use crate::sanitize::{escape, validate_name};
+use crate::store::{self, Incoming};
+
+/// Read size from the socket into the file: one buffer per transfer, whatever the chunk size, so
+/// memory stays flat however large the file or the sender's chunks.
+const RECV_BUF: usize = 256 * 1024;
+
+/// Connections (not transfers) held at once, as a multiple of `--max-transfers`: room to read an
+/// offer and refuse it as busy, while a flood of idle connections is closed at once.
+const CONNECTIONS_PER_TRANSFER: usize = 4;
+
+/// How the receiver runs, validated by `cli`.
+#[derive(Debug, Clone)]
+pub struct RecvOpts {
+    pub dir: PathBuf,
+    pub listen: String,
+    pub once: bool,
+    pub overwrite: bool,
+    pub max_transfers: usize,
+    /// Idle timeout once a transfer is under way; `None` waits forever.
+    pub timeout: Option<Duration>,
+    /// Time allowed from accept to a complete offer.
+    pub handshake_timeout: Duration,
+    pub quiet: bool,
+}
+
+/// A finished, successful transfer.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub name: String,
+    pub already_had: bool,
+}
+
+struct Shared {
+    opts: RecvOpts,
+    progress: Progress,
+    transfers: AtomicUsize,
+    connections: AtomicUsize,
+    /// Bytes promised to transfers in flight, so concurrent offers cannot overbook free space.
+    reserved: Mutex<u64>,
+}
+
+/// A bound listener, ready to serve.
+pub struct Receiver {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+/// Releases a counted slot when dropped.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn take_slot(counter: &AtomicUsize, max: usize) -> Option<Slot<'_>> {
+    counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1)).ok()?;
+    Some(Slot(counter))
+}
+
+/// Returns reserved bytes when dropped.
+struct Reservation<'a>(&'a Mutex<u64>, u64);
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) -= self.1;
+    }
+}
+
+impl Receiver {
+    pub fn bind(opts: RecvOpts) -> Result<Receiver, Error> {
+        let listener = TcpListener::bind(&opts.listen)
+            .map_err(|e| Error::Connect { addr: format!("{} (listening)", opts.listen), source: e })?;
+        let progress = Progress::new(opts.quiet);
+        let shared = Shared {
+            opts,
+            progress,
+            transfers: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            reserved: Mutex::new(0),
+        };
+        Ok(Receiver { listener, shared: Arc::new(shared) })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Handles exactly one connection and returns its outcome.
+    pub fn serve_once(self) -> Result<Stored, Error> {
+        let (stream, peer) = self.listener.accept().map_err(|e| Error::io("accepting a connection", e))?;
+        let _conn = take_slot(&self.shared.connections, usize::MAX);
+        handle_logged(&self.shared, stream, peer)
+    }
+
+    /// Serves forever, one thread per connection.
+    pub fn serve(self) -> Result<(), Error> {
+        let max_conns = self.shared.opts.max_transfers * CONNECTIONS_PER_TRANSFER;
+        for conn in self.listener.incoming() {
+            let stream = match conn {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of descriptors or a connection reset before accept: note it, back off
+                    // briefly, keep serving.
+                    self.shared.progress.line(&format!("xfer: accept failed: {e}"), true);
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            let peer = stream.peer_addr().map_or_else(|_| "unknown".to_string(), |a| a.to_string());
+            if take_slot(&self.shared.connections, max_conns).map(std::mem::forget).is_none() {
+                self.shared.progress.line(&format!("{peer}: refused: {max_conns} connections open"), true);
+                continue;
+            }
+            let shared = Arc::clone(&self.shared);
+            let spawned = std::thread::Builder::new().name(format!("xfer {peer}")).spawn(move || {
+                let _conn = Slot(&shared.connections);
+                let addr = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                let _ = handle_logged(&shared, stream, addr);
+            });
+            if let Err(e) = spawned {
+                self.shared.connections.fetch_sub(1, Ordering::SeqCst);
+                self.shared.progress.line(&format!("{peer}: cannot start a thread: {e}"), true);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What is known about a transfer so far, for its log line.
+#[derive(Default)]
+struct Seen {
+    name: Option<String>,
+    size: Option<u64>,
+    received: u64,
+}
+
+/// Handles one connection and logs one line about it.
+fn handle_logged(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Result<Stored, Error> {
+    let start = Instant::now();
+    let mut seen = Seen::default();
+    let result = handle(shared, &stream, &peer.to_string(), &mut seen);
+    let elapsed = start.elapsed();
+    let what = match (&seen.name, seen.size) {
+        (Some(n), Some(s)) => format!("\"{}\" {}", escape(n), human_bytes(s)),
+        _ => "(no offer)".to_string(),
+    };
+    let outcome = match &result {
+        Ok(s) if s.already_had => format!("already have it as \"{}\"", escape(&s.name)),
+        Ok(s) => format!("verified, stored as \"{}\"", escape(&s.name)),
+        Err(e) => format!("failed: {e}"),
+    };
+    let line = format!(
+        "{peer} {what} in {:.2} s ({}): {outcome}",
+        elapsed.as_secs_f64(),
+        human_rate(seen.received, elapsed)
+    );
+    shared.progress.line(&line, true);
+    result
+}
+
+fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> Result<Stored, Error> {
+    let opts = &shared.opts;
+    let idle = opts.timeout.map_or(0, |t| t.as_secs());
+    let wire = |what: &'static str, secs: u64| move |e: WireError| Error::wire(peer, what, secs, e);
+    let setup = |e| Error::io("configuring the socket", e);
+    // Until the offer is in, the short handshake timeout applies: a silent connection costs a
+    // thread for seconds, not for the idle timeout.
+    stream.set_read_timeout(Some(opts.handshake_timeout)).map_err(setup)?;
+    stream.set_write_timeout(opts.timeout).map_err(setup)?;
+    let _ = stream.set_nodelay(true);
+    let mut reader = BufReader::with_capacity(RECV_BUF, stream);
+    let mut writer = BufWriter::new(stream);
+    let hs = opts.handshake_timeout.as_secs();
+
+    // Hello out first, so a peer with another version learns ours even though we hang up.
+    protocol::write_hello(&mut writer)
+        .and_then(|()| writer.flush())
+        .map_err(|e| wire("greeting", hs)(e.into()))?;
+    protocol::read_hello(&mut reader).map_err(wire("waiting for the hello", hs))?;
+    let offer = match read_message(&mut reader).map_err(wire("waiting for the offer", hs))? {
+        Message::Offer(o) => o,
+        other => {
+            return Err(Error::Protocol {
+                peer: peer.to_string(),
+                source: ProtocolError::UnexpectedMessage { expected: "offer", got: other.name() },
+            });
+        }
+    };
+    seen.name = Some(offer.name.clone());
+    seen.size = Some(offer.size);
+    let mut reply = |r: Reply| -> Result<(), Error> {
+        write_message(&mut writer, &Message::Reply(r))
+            .and_then(|()| writer.flush())
+            .map_err(|e| wire("replying to the offer", idle)(e.into()))
+    };
+    let reject = |reply: &mut dyn FnMut(Reply) -> Result<(), Error>, code: RejectCode, reason: String| {
+        // The sender may already be gone; the refusal is logged either way.
+        let _ = reply(Reply::Reject { code, reason: bounded_reason(reason.clone()) });
+        Err(Error::Rejected { name: escape(&offer.name), code, reason })
+    };
+
+    if let Err(e) = validate_name(&offer.name) {
+        return reject(&mut reply, RejectCode::InvalidName, e.to_string());
+    }
+    let Some(_slot) = take_slot(&shared.transfers, opts.max_transfers) else {
+        let reason = format!("receiver busy: {} transfers in progress, try again later", opts.max_transfers);
+        return reject(&mut reply, RejectCode::Busy, reason);
+    };
+    match store::find_existing(&opts.dir, &offer.name, offer.size, &offer.digest, opts.overwrite) {
+        Ok(Some(name)) => {
+            reply(Reply::AlreadyHave { name: name.clone() })?;
+            return Ok(Stored { name, already_had: true });
+        }
+        Ok(None) => {}
+        Err(e) => return reject(&mut reply, RejectCode::Failed, format!("cannot check existing files: {e}")),
+    }
+    let _reservation = {
+        let mut reserved = shared.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        let free = match store::free_space(&opts.dir) {
+            Ok(f) => f,
+            Err(e) => return reject(&mut reply, RejectCode::Failed, format!("cannot read free space: {e}")),
+        };
+        let available = free.saturating_sub(*reserved);
+        if offer.size > available {
+            let reason = format!(
+                "file is {} ({} bytes) but the receiver has {} free",
+                human_bytes(offer.size),
+                offer.size,
+                human_bytes(available)
+            );
+            drop(reserved);
+            return reject(&mut reply, RejectCode::InsufficientSpace, reason);
+        }
+        *reserved += offer.size;
+        Reservation(&shared.reserved, offer.size)
+    };
+    let incoming = match Incoming::create(&opts.dir) {
+        Ok(i) => i,
+        Err(e) => {
+            return reject(&mut reply, RejectCode::Failed, format!("cannot create a temporary file: {e}"));
+        }
+    };
+    reply(Reply::Accept { offset: 0 })?;
+
+    stream.set_read_timeout(opts.timeout).map_err(setup)?;
+    let bar = shared.progress.bytes("receiving", &escape(&offer.name), offer.size);
+    let body = receive_body(&mut reader, &incoming, &offer, seen, &bar);
+    bar.finish_and_clear();
+    let verdict = |writer: &mut BufWriter<&TcpStream>, v: Verdict| {
+        write_message(writer, &Message::Verdict(v)).and_then(|()| writer.flush())
+    };
+    let digest = match body {
+        Ok(d) => d,
+        Err(BodyError::Wire(e)) => {
+            let err = wire("receiving the body", idle)(e);
+            // The peer may have closed only its writing half; tell it what we saw.
+            let v = match &err {
+                Error::Protocol { .. } => Verdict::Failed { reason: bounded_reason(err.to_string()) },
+                _ => Verdict::SizeMismatch { expected: offer.size, received: seen.received },
+            };
+            let _ = verdict(&mut writer, v);
+            return Err(err);
+        }
+        Err(BodyError::TooLong(len)) => {
+            let received = seen.received + u64::from(len);
+            let _ = verdict(&mut writer, Verdict::SizeMismatch { expected: offer.size, received });
+            return Err(Error::Integrity(format!(
+                "body longer than offered: a {len}-byte chunk at byte {} of {}",
+                seen.received, offer.size
+            )));
+        }
+        Err(BodyError::Local(e)) => {
+            let _ = verdict(
+                &mut writer,
+                Verdict::Failed { reason: bounded_reason(format!("writing the file: {e}")) },
+            );
+            return Err(Error::io("writing the received file", e));
+        }
+    };
+    if digest != offer.digest {
+        let _ = verdict(&mut writer, Verdict::HashMismatch { expected: offer.digest, actual: digest });
+        return Err(Error::Integrity(format!("content hashed to {digest}, offer said {}", offer.digest)));
+    }
+    let stored = match incoming.commit(&offer.name, opts.overwrite) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = verdict(
+                &mut writer,
+                Verdict::Failed { reason: bounded_reason(format!("storing the file: {e}")) },
+            );
+            return Err(Error::io("storing the received file", e));
+        }
+    };
+    // The file is durable under its final name; only now is it acknowledged. If the sender is
+    // gone by now the file still stays: it is verified.
+    verdict(&mut writer, Verdict::Verified { name: stored.clone() })
+        .map_err(|e| wire("sending the verdict", idle)(e.into()))?;
+    Ok(Stored { name: stored, already_had: false })
+}
+
+enum BodyError {
+    /// The connection failed or the peer broke framing.
+    Wire(WireError),
+    /// A data frame would run past the offered size.
+    TooLong(u32),
+    /// Writing the temporary file failed.
+    Local(io::Error),
+}
+
+/// Reads exactly `offer.size` body bytes into the temporary file, hashing as they arrive.
+fn receive_body(
+    r: &mut BufReader<&TcpStream>,
+    incoming: &Incoming,
+    offer: &Offer,
+    seen: &mut Seen,
+    bar: &indicatif::ProgressBar,
+) -> Result<protocol::Digest, BodyError> {
+    let mut hasher = Hasher::new();
+    let mut out = BufWriter::with_capacity(RECV_BUF, incoming.file());
+    let mut buf = vec![0u8; RECV_BUF];
+    while seen.received < offer.size {
+        let h = read_frame_header(r).map_err(BodyError::Wire)?;
+        if h.kind != FrameKind::Data {
+            let e = ProtocolError::UnexpectedFrame { expected: FrameKind::Data, got: h.kind };
+            return Err(BodyError::Wire(e.into()));
+        }
+        if u64::from(h.len) > offer.size - seen.received {
+            return Err(BodyError::TooLong(h.len));
+        }
+        let mut left = h.len as usize;
+        while left > 0 {
+            let n = left.min(buf.len());
+            r.read_exact(&mut buf[..n]).map_err(|e| BodyError::Wire(e.into()))?;
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(BodyError::Local)?;
+            left -= n;
+            seen.received += n as u64;
+            bar.inc(n as u64);
+        }
+    }
+    out.flush().map_err(BodyError::Local)?;
+    Ok(hasher.finish())
+}

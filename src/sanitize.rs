@@ -1,0 +1,212 @@
+//! Names from the wire made safe: validated as a single path component before they touch the file
+//! system, and escaped before they reach a terminal.
+//!
+//! The rules follow the bugs this kind of tool keeps having (scp CVE-2019-6111, croc
+//! CVE-2023-43619/43620, magic-wormhole's lost `basename()`): a name from the peer is one
+//! component, never a path; it is portable (what a Windows or macOS receiver could also store);
+//! and it cannot hide from a human reading the log.
+
+use std::fmt::Write as _;
+
+use crate::protocol::MAX_NAME_LEN;
+
+/// Why a name was refused. The message is sent to the peer as the rejection reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("name is empty")]
+    Empty,
+    #[error("name is {0} bytes long, the limit is {MAX_NAME_LEN}")]
+    TooLong(usize),
+    #[error("name is `.` or `..`")]
+    DotOrDotDot,
+    #[error("name contains a path separator ({0:?}); only a single file name is allowed")]
+    Separator(char),
+    #[error("name contains `:` (drive letter or alternate data stream)")]
+    Colon,
+    #[error("name contains control or invisible character U+{0:04X}")]
+    ControlChar(u32),
+    #[error("name ends with a dot or a space")]
+    TrailingDotOrSpace,
+    #[error("name is a reserved device name on Windows ({0})")]
+    ReservedDevice(String),
+}
+
+/// Windows device names, reserved with any extension (`CON.txt` too).
+const RESERVED: &[&str] = &[
+    "CON", "PRN", "AUX", "NUL", "COM0", "COM1", "COM2", "COM3", "COM4", "COM5", "COM6", "COM7", "COM8",
+    "COM9", "LPT0", "LPT1", "LPT2", "LPT3", "LPT4", "LPT5", "LPT6", "LPT7", "LPT8", "LPT9", "CONIN$",
+    "CONOUT$",
+];
+
+/// True for characters that must never be in a stored name or reach a terminal raw: C0 and C1
+/// controls, DEL, and the Unicode format characters that reorder or hide text (bidi overrides and
+/// isolates, zero-width characters, BOM) — croc CVE-2023-43620 hid a file name behind escapes.
+fn is_hidden_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{200B}'..='\u{200F}' // zero-width space/joiners, LRM, RLM
+            | '\u{202A}'..='\u{202E}' // bidi embeddings and overrides
+            | '\u{2060}'..='\u{2064}' // word joiner, invisible operators
+            | '\u{2066}'..='\u{2069}' // bidi isolates
+            | '\u{FEFF}' // BOM / zero-width no-break space
+            | '\u{FFF9}'..='\u{FFFB}' // interlinear annotations
+        )
+}
+
+/// Checks that `name` is a single, portable file name. Returns the first rule it breaks.
+pub fn validate_name(name: &str) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong(name.len()));
+    }
+    if name == "." || name == ".." {
+        return Err(NameError::DotOrDotDot);
+    }
+    for c in name.chars() {
+        match c {
+            '/' | '\\' => return Err(NameError::Separator(c)),
+            ':' => return Err(NameError::Colon),
+            c if is_hidden_char(c) => return Err(NameError::ControlChar(c as u32)),
+            _ => {}
+        }
+    }
+    if name.ends_with('.') || name.ends_with(' ') {
+        return Err(NameError::TrailingDotOrSpace);
+    }
+    let stem = name.split('.').next().unwrap_or(name).trim_end();
+    if let Some(r) = RESERVED.iter().find(|r| r.eq_ignore_ascii_case(stem)) {
+        return Err(NameError::ReservedDevice((*r).to_string()));
+    }
+    Ok(())
+}
+
+/// Escapes a string for a terminal or log: printable characters pass, backslash and the
+/// characters [`validate_name`] refuses become `\u{..}` escapes. Used for every name printed,
+/// valid or not, because a rejected name is still logged.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c == '\\' {
+            out.push_str("\\\\");
+        } else if is_hidden_char(c) {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The `n`th keep-both alternative of a valid name: `img.jpg` → `img (1).jpg`,
+/// `data.tar.gz` → `data (1).tar.gz`, `.bashrc` → `.bashrc (1)`. The stem is shortened if the
+/// suffix would push the name past [`MAX_NAME_LEN`].
+pub fn numbered_name(name: &str, n: u32) -> String {
+    if n == 0 {
+        return name.to_string();
+    }
+    // Split at the last dot that is not the first character, treating `.tar.*` as one extension.
+    let split = match name[1..].rfind('.').map(|i| i + 1) {
+        Some(i) => match name[..i].strip_suffix(".tar") {
+            Some(stem) if !stem.is_empty() => i - 4,
+            _ => i,
+        },
+        None => name.len(),
+    };
+    let (stem, ext) = name.split_at(split);
+    let suffix = format!(" ({n})");
+    let mut stem_len = stem.len().min(MAX_NAME_LEN.saturating_sub(suffix.len() + ext.len()));
+    while !stem.is_char_boundary(stem_len) {
+        stem_len -= 1;
+    }
+    format!("{}{}{}", &stem[..stem_len], suffix, ext)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_names() {
+        for name in [
+            "img.jpg",
+            "a",
+            "...x",
+            ".bashrc",
+            "-leading-dash",
+            "#hash#",
+            "with space.txt",
+            "résumé.pdf",
+            "日本語.txt",
+            "emoji 🎉.png",
+            "CONSOLE.txt",
+            &"x".repeat(MAX_NAME_LEN),
+        ] {
+            assert_eq!(validate_name(name), Ok(()), "{name:?} should be accepted");
+        }
+    }
+
+    #[test]
+    fn rejected_names() {
+        let long = "x".repeat(MAX_NAME_LEN + 1);
+        let cases: &[(&str, NameError)] = &[
+            ("", NameError::Empty),
+            (".", NameError::DotOrDotDot),
+            ("..", NameError::DotOrDotDot),
+            ("../x", NameError::Separator('/')),
+            ("/etc/x", NameError::Separator('/')),
+            ("a/b", NameError::Separator('/')),
+            ("C:\\x", NameError::Colon),
+            ("C:x", NameError::Colon),
+            ("\\\\srv\\x", NameError::Separator('\\')),
+            ("..\\x", NameError::Separator('\\')),
+            ("file.txt:stream", NameError::Colon),
+            ("a\0b", NameError::ControlChar(0)),
+            ("a\x1b[2Jb", NameError::ControlChar(0x1b)),
+            ("a\nb", NameError::ControlChar(0x0a)),
+            ("a\x7fb", NameError::ControlChar(0x7f)),
+            ("a\u{85}b", NameError::ControlChar(0x85)),
+            ("evil\u{202E}gpj.exe", NameError::ControlChar(0x202e)),
+            ("zero\u{200B}width", NameError::ControlChar(0x200b)),
+            ("trailing.", NameError::TrailingDotOrSpace),
+            ("trailing ", NameError::TrailingDotOrSpace),
+            ("CON", NameError::ReservedDevice("CON".into())),
+            ("nul.txt", NameError::ReservedDevice("NUL".into())),
+            ("com1.tar.gz", NameError::ReservedDevice("COM1".into())),
+            (&long, NameError::TooLong(MAX_NAME_LEN + 1)),
+        ];
+        for (name, want) in cases {
+            assert_eq!(validate_name(name).as_ref(), Err(want), "{name:?}");
+        }
+    }
+
+    #[test]
+    fn multibyte_name_limit_counts_bytes() {
+        let name = "é".repeat(MAX_NAME_LEN / 2 + 1); // 2 bytes each
+        assert_eq!(validate_name(&name), Err(NameError::TooLong(name.len())));
+    }
+
+    #[test]
+    fn escape_makes_names_inert() {
+        assert_eq!(escape("plain.txt"), "plain.txt");
+        assert_eq!(escape("a\x1b[31mb"), "a\\u{1b}[31mb");
+        assert_eq!(escape("evil\u{202E}gpj.exe"), "evil\\u{202e}gpj.exe");
+        assert_eq!(escape("back\\slash"), "back\\\\slash");
+        assert!(!escape("\0\r\n\x07").chars().any(|c| c.is_control()));
+    }
+
+    #[test]
+    fn numbered_names() {
+        assert_eq!(numbered_name("img.jpg", 0), "img.jpg");
+        assert_eq!(numbered_name("img.jpg", 1), "img (1).jpg");
+        assert_eq!(numbered_name("data.tar.gz", 2), "data (2).tar.gz");
+        assert_eq!(numbered_name(".bashrc", 1), ".bashrc (1)");
+        assert_eq!(numbered_name("README", 3), "README (3)");
+        assert_eq!(numbered_name(".tar.gz", 1), ".tar (1).gz");
+        let long = format!("{}.txt", "é".repeat(200));
+        let n = numbered_name(&long, 12);
+        assert!(n.len() <= MAX_NAME_LEN && n.ends_with(" (12).txt"), "{n}");
+        assert_eq!(validate_name(&n), Ok(()));
+    }
+}

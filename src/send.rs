@@ -1,0 +1,246 @@
+//! The sender side: hash the file, connect, offer, stream the body, wait for the verdict.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::error::Error;
+use crate::hash::hash_reader;
+use crate::progress::Progress;
+use crate::protocol::{
+    self, FrameKind, HashAlg, Message, Offer, Reply, Verdict, WireError, read_message, write_frame_header,
+    write_message,
+};
+use crate::sanitize::{escape, validate_name};
+
+/// Default body chunk size. The benchmark in README (bench/run.py --chunk-sizes) shows 1024-byte
+/// chunks cost far more than 5% against larger ones; 256 KiB is within noise of the best.
+pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
+
+/// Capacity of the socket write buffer: small frames (down to 1-byte chunks) are coalesced into
+/// writes of this size; frames at least this large bypass it.
+const SOCKET_BUF: usize = 256 * 1024;
+
+/// What to send where, validated by `cli`.
+#[derive(Debug, Clone)]
+pub struct SendOpts {
+    pub file: PathBuf,
+    /// `HOST:PORT`, ready for `ToSocketAddrs`.
+    pub to: String,
+    /// Name to offer instead of the file's own.
+    pub name: Option<String>,
+    pub chunk_size: u32,
+    /// Idle timeout on the connection; `None` waits forever.
+    pub timeout: Option<Duration>,
+    pub connect_timeout: Duration,
+    pub quiet: bool,
+}
+
+/// How a send ended well.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The receiver verified and stored the file under this name.
+    Verified(String),
+    /// The receiver already had this exact file, under this name.
+    AlreadyHad(String),
+}
+
+/// The result of a successful send, for the summary line.
+#[derive(Debug, Clone)]
+pub struct SendReport {
+    pub name: String,
+    pub size: u64,
+    pub digest: protocol::Digest,
+    pub elapsed: Duration,
+    pub outcome: Outcome,
+}
+
+/// Sends one file. Returns only when the receiver said "verified" or "already have it".
+pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
+    let start = Instant::now();
+    let path = opts.file.display().to_string();
+    let mut file = File::open(&opts.file).map_err(|e| Error::io(format!("cannot open {path}"), e))?;
+    let meta = file.metadata().map_err(|e| Error::io(format!("cannot stat {path}"), e))?;
+    if !meta.is_file() {
+        return Err(Error::Usage(format!("{path} is not a regular file")));
+    }
+    let name = match &opts.name {
+        Some(n) => n.clone(),
+        None => opts
+            .file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| Error::Usage(format!("{path} has no UTF-8 file name; pick one with --as")))?
+            .to_string(),
+    };
+    validate_name(&name).map_err(|e| {
+        Error::Usage(format!("cannot send as \"{}\": {e} (pick another with --as)", escape(&name)))
+    })?;
+    let size = meta.len();
+
+    let bar = progress.bytes("hashing", &name, size);
+    let (digest, hashed) =
+        hash_reader(&mut file, &bar).map_err(|e| Error::io(format!("cannot read {path}"), e))?;
+    bar.finish_and_clear();
+    if hashed != size {
+        return Err(Error::io(
+            format!("{path} changed while being hashed"),
+            std::io::Error::other(format!("expected {size} bytes, read {hashed}")),
+        ));
+    }
+
+    let stream = connect(&opts.to, opts.connect_timeout)?;
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| opts.to.clone());
+    let secs = opts.timeout.map_or(0, |t| t.as_secs());
+    let wire = |what: &'static str| {
+        let peer = peer.clone();
+        move |e: WireError| Error::wire(&peer, what, secs, e)
+    };
+    stream.set_read_timeout(opts.timeout).map_err(|e| Error::io("setting socket timeout", e))?;
+    stream.set_write_timeout(opts.timeout).map_err(|e| Error::io("setting socket timeout", e))?;
+    // Frames are flushed explicitly at the end of each phase; no reason to delay the last segment.
+    let _ = stream.set_nodelay(true);
+
+    let mut reader = BufReader::new(&stream);
+    let mut writer = BufWriter::with_capacity(SOCKET_BUF, &stream);
+    let offer = Offer { name: name.clone(), size, hash: HashAlg::Sha256, digest };
+    let greet = (|| {
+        protocol::write_hello(&mut writer)?;
+        write_message(&mut writer, &Message::Offer(offer))?;
+        writer.flush()
+    })();
+    // A failed write here is reported after reading the peer's hello, which says more.
+    let hello = protocol::read_hello(&mut reader);
+    hello.map_err(wire("exchanging hellos"))?;
+    greet.map_err(|e| wire("sending the offer")(e.into()))?;
+
+    let reply = match read_message(&mut reader).map_err(wire("waiting for the reply to the offer"))? {
+        Message::Reply(r) => r,
+        other => return Err(unexpected(&peer, "reply", &other)),
+    };
+    let offset = match reply {
+        Reply::Accept { offset } if offset <= size => offset,
+        Reply::Accept { offset } => {
+            return Err(Error::Protocol {
+                peer,
+                source: protocol::ProtocolError::Malformed(format!(
+                    "receiver asked to resume at byte {offset} of a {size}-byte file"
+                )),
+            });
+        }
+        Reply::AlreadyHave { name: stored } => {
+            return Ok(SendReport {
+                name,
+                size,
+                digest,
+                elapsed: start.elapsed(),
+                outcome: Outcome::AlreadyHad(stored),
+            });
+        }
+        Reply::Reject { code, reason } => return Err(Error::Rejected { name: escape(&name), code, reason }),
+    };
+
+    let bar = progress.bytes("sending", &name, size);
+    bar.set_position(offset);
+    let body = send_body(
+        &mut file,
+        &mut writer,
+        (offset, size),
+        opts.chunk_size,
+        &bar,
+        &path,
+        wire("sending the body"),
+    );
+    bar.finish_and_clear();
+    drop(writer);
+    if let Err(e) = body {
+        // A receiver that fails mid-body (disk full) says why in a verdict before it hangs up;
+        // prefer its reason to our broken pipe.
+        if matches!(e, Error::Connection { .. } | Error::Timeout { .. })
+            && let Ok(Message::Verdict(v)) = read_message(&mut reader)
+        {
+            verdict_result(v, &name, &digest)?;
+        }
+        return Err(e);
+    }
+
+    let verdict = match read_message(&mut reader).map_err(wire("waiting for the verdict"))? {
+        Message::Verdict(v) => v,
+        other => return Err(unexpected(&peer, "verdict", &other)),
+    };
+    let stored = verdict_result(verdict, &name, &digest)?;
+    Ok(SendReport { name, size, digest, elapsed: start.elapsed(), outcome: Outcome::Verified(stored) })
+}
+
+fn unexpected(peer: &str, expected: &'static str, got: &Message) -> Error {
+    Error::Protocol {
+        peer: peer.to_string(),
+        source: protocol::ProtocolError::UnexpectedMessage { expected, got: got.name() },
+    }
+}
+
+/// Turns the receiver's verdict into the stored name or the matching error.
+fn verdict_result(v: Verdict, name: &str, digest: &protocol::Digest) -> Result<String, Error> {
+    match v {
+        Verdict::Verified { name } => Ok(name),
+        Verdict::HashMismatch { expected, actual } => Err(Error::Integrity(format!(
+            "receiver rejected \"{}\": content hashed to {actual} on arrival, expected {expected}{}",
+            escape(name),
+            if &expected == digest { "" } else { " (not the digest we sent)" }
+        ))),
+        Verdict::SizeMismatch { expected, received } => Err(Error::Integrity(format!(
+            "receiver rejected \"{}\": got {received} bytes, expected {expected}",
+            escape(name)
+        ))),
+        Verdict::Failed { reason } => Err(Error::RemoteFailed(reason)),
+    }
+}
+
+/// Resolves `to` and connects to the first address that answers within `timeout`.
+fn connect(to: &str, timeout: Duration) -> Result<TcpStream, Error> {
+    let addrs = to
+        .to_socket_addrs()
+        .map_err(|e| Error::Connect { addr: to.to_string(), source: e })?
+        .collect::<Vec<_>>();
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address found");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(Error::Connect { addr: to.to_string(), source: last })
+}
+
+/// Writes the body from `offset` as data frames of at most `chunk` bytes.
+fn send_body(
+    file: &mut File,
+    w: &mut BufWriter<&TcpStream>,
+    (offset, size): (u64, u64),
+    chunk: u32,
+    bar: &indicatif::ProgressBar,
+    path: &str,
+    wire: impl Fn(WireError) -> Error,
+) -> Result<(), Error> {
+    let net = |e: std::io::Error| wire(e.into());
+    file.seek(SeekFrom::Start(offset)).map_err(|e| Error::io(format!("cannot seek in {path}"), e))?;
+    // Reads come from the file in large blocks whatever the chunk size, so a 1-byte chunk size
+    // costs framing, not a syscall per byte.
+    let block = (chunk as usize).max(SOCKET_BUF);
+    let mut buf = vec![0u8; block];
+    let mut remaining = size - offset;
+    while remaining > 0 {
+        let want = (block as u64).min(remaining) as usize;
+        file.read_exact(&mut buf[..want])
+            .map_err(|e| Error::io(format!("cannot read {path} (did it shrink while being sent?)"), e))?;
+        for piece in buf[..want].chunks(chunk as usize) {
+            write_frame_header(w, FrameKind::Data, piece.len() as u32).map_err(net)?;
+            w.write_all(piece).map_err(net)?;
+        }
+        remaining -= want as u64;
+        bar.inc(want as u64);
+    }
+    w.flush().map_err(net)
+}
