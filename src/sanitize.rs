@@ -107,7 +107,7 @@ pub fn numbered_name(name: &str, n: u32) -> String {
         return name.to_string();
     }
     // Split at the last dot that is not the first character, treating `.tar.*` as one extension.
-    let split = match name[1..].rfind('.').map(|i| i + 1) {
+    let split = match name.rfind('.').filter(|&i| i > 0) {
         Some(i) => match name[..i].strip_suffix(".tar") {
             Some(stem) if !stem.is_empty() => i - 4,
             _ => i,

@@ -1,1 +1,217 @@
+//! Wire-format tests: golden vectors from fixtures/wire, frame round trips and every limit.
 
+use std::path::Path;
+
+use proptest::prelude::*;
+
+use super::frame::FRAME_HEADER_LEN;
+use super::*;
+
+/// Reads an annotated hex fixture: hex byte pairs, `#` to end of line is a comment.
+fn fixture(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/wire").join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .flat_map(|l| l.split('#').next().unwrap().split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .map(|b| u8::from_str_radix(&b, 16).unwrap_or_else(|_| panic!("{name}: bad hex byte {b:?}")))
+        .collect()
+}
+
+fn sha(data: &[u8]) -> Digest {
+    use sha2::Digest as _;
+    Digest(sha2::Sha256::digest(data).into())
+}
+
+fn frame_of(msg: &Message) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_message(&mut out, msg).unwrap();
+    out
+}
+
+fn golden() -> Vec<(&'static str, Message)> {
+    vec![
+        (
+            "offer.hex",
+            Message::Offer(Offer {
+                name: "img.jpg".into(),
+                size: 3,
+                hash: HashAlg::Sha256,
+                digest: sha(b"abc"),
+            }),
+        ),
+        ("reply-accept.hex", Message::Reply(Reply::Accept { offset: 0 })),
+        ("reply-already-have.hex", Message::Reply(Reply::AlreadyHave { name: "img.jpg".into() })),
+        (
+            "reply-reject.hex",
+            Message::Reply(Reply::Reject { code: RejectCode::InvalidName, reason: "name is empty".into() }),
+        ),
+        ("verdict-verified.hex", Message::Verdict(Verdict::Verified { name: "img (1).jpg".into() })),
+        (
+            "verdict-hash-mismatch.hex",
+            Message::Verdict(Verdict::HashMismatch { expected: sha(b"abc"), actual: sha(b"") }),
+        ),
+        ("verdict-size-mismatch.hex", Message::Verdict(Verdict::SizeMismatch { expected: 3, received: 2 })),
+        ("verdict-failed.hex", Message::Verdict(Verdict::Failed { reason: "disk full".into() })),
+    ]
+}
+
+#[test]
+fn golden_vectors_encode_and_decode() {
+    for (file, msg) in golden() {
+        let want = fixture(file);
+        assert_eq!(frame_of(&msg), want, "encode({msg:?}) differs from {file}");
+        assert_eq!(read_message(&mut &want[..]).unwrap(), msg, "decode({file})");
+    }
+}
+
+#[test]
+fn golden_hello() {
+    let want = fixture("hello.hex");
+    assert_eq!(hello().to_vec(), want);
+    read_hello(&mut &want[..]).unwrap();
+}
+
+#[test]
+fn golden_data_frame() {
+    let want = fixture("data.hex");
+    let mut out = Vec::new();
+    write_frame_header(&mut out, FrameKind::Data, 3).unwrap();
+    out.extend_from_slice(b"abc");
+    assert_eq!(out, want);
+    let h = read_frame_header(&mut &want[..]).unwrap();
+    assert_eq!((h.kind, h.len), (FrameKind::Data, 3));
+    assert_eq!(&want[FRAME_HEADER_LEN..], b"abc");
+}
+
+#[test]
+fn hello_rejects_garbage_and_other_versions() {
+    let mut garbage = *b"GET / HTTP";
+    assert!(matches!(check_hello(&garbage), Err(ProtocolError::BadMagic(_))));
+    garbage = hello();
+    garbage[9] = 2;
+    let err = check_hello(&garbage).unwrap_err();
+    assert!(matches!(err, ProtocolError::VersionMismatch { peer: 2, ours: 1 }));
+    let text = err.to_string();
+    assert!(text.contains("v2") && text.contains("v1"), "names both versions: {text}");
+    assert!(matches!(read_hello(&mut &hello()[..5]), Err(WireError::Io(_))), "short hello is an I/O error");
+}
+
+#[test]
+fn frame_limits_are_checked_before_allocation() {
+    // A 4 GiB message frame must be refused from its 5 header bytes alone.
+    let h = [0xff, 0xff, 0xff, 0xff, FrameKind::Message as u8];
+    let err = read_message(&mut &h[..]).unwrap_err();
+    assert!(matches!(err, WireError::Protocol(ProtocolError::FrameTooLarge { len: u32::MAX, .. })), "{err}");
+    for (kind, limit) in [(FrameKind::Message, MAX_MESSAGE_LEN), (FrameKind::Data, MAX_CHUNK_LEN)] {
+        let ok = FrameHeader { kind, len: limit }.encode();
+        assert_eq!(FrameHeader::decode(ok).unwrap().len, limit);
+        let over = FrameHeader { kind, len: limit + 1 }.encode();
+        assert!(matches!(FrameHeader::decode(over), Err(ProtocolError::FrameTooLarge { .. })));
+    }
+    assert!(matches!(FrameHeader::decode([0, 0, 0, 0, 2]), Err(ProtocolError::EmptyChunk)));
+    assert!(matches!(FrameHeader::decode([0, 0, 0, 1, 9]), Err(ProtocolError::UnknownFrameKind(9))));
+    assert_eq!(
+        FrameHeader::decode([0, 0, 0, 0, 1]).unwrap().len,
+        0,
+        "empty message frames parse (then fail decode)"
+    );
+}
+
+#[test]
+fn data_frame_where_message_expected_is_refused() {
+    let bytes = fixture("data.hex");
+    let err = read_message(&mut &bytes[..]).unwrap_err();
+    assert!(matches!(err, WireError::Protocol(ProtocolError::UnexpectedFrame { .. })), "{err}");
+}
+
+#[test]
+fn malformed_payloads_are_refused() {
+    let offer = frame_of(&golden()[0].1);
+    let payload = &offer[FRAME_HEADER_LEN..];
+    // Every strict prefix is incomplete.
+    for cut in 0..payload.len() {
+        assert!(decode_message(&payload[..cut]).is_err(), "prefix of {cut} bytes decoded");
+    }
+    // Trailing bytes give a second meaning to a payload: refused.
+    let mut long = payload.to_vec();
+    long.push(0);
+    assert!(matches!(decode_message(&long), Err(ProtocolError::Malformed(m)) if m.contains("trailing")));
+    // Unknown variants.
+    assert!(decode_message(&[0, 0, 0, 9]).is_err(), "unknown message variant");
+    let mut bad_alg = payload.to_vec();
+    bad_alg[4 + 8 + 7 + 8 + 3] = 7; // HashAlg variant 7
+    assert!(decode_message(&bad_alg).is_err(), "unknown hash algorithm");
+    // A string length far beyond the payload (and the limit) must fail, not allocate.
+    let mut huge = vec![0, 0, 0, 0];
+    huge.extend_from_slice(&u64::MAX.to_be_bytes());
+    assert!(decode_message(&huge).is_err());
+    // Invalid UTF-8 in a name.
+    let mut bad_utf8 = vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff];
+    bad_utf8.extend_from_slice(&[0; 8 + 4 + 32]);
+    assert!(decode_message(&bad_utf8).is_err());
+}
+
+#[test]
+fn largest_legal_messages_fit_the_frame_limit() {
+    let name = "n".repeat(MAX_NAME_LEN);
+    let offer =
+        Message::Offer(Offer { name, size: u64::MAX, hash: HashAlg::Sha256, digest: Digest([0xff; 32]) });
+    assert!(encode_message(&offer).len() < MAX_MESSAGE_LEN as usize);
+    let reason = bounded_reason("é".repeat(MAX_REASON_LEN));
+    assert!(reason.len() <= MAX_REASON_LEN && reason.len() > MAX_REASON_LEN - 2);
+    let reject = Message::Reply(Reply::Reject { code: RejectCode::Failed, reason });
+    assert!(encode_message(&reject).len() < MAX_MESSAGE_LEN as usize);
+}
+
+fn arb_digest() -> impl Strategy<Value = Digest> {
+    any::<[u8; 32]>().prop_map(Digest)
+}
+
+fn arb_message() -> impl Strategy<Value = Message> {
+    let code = prop_oneof![
+        Just(RejectCode::InvalidName),
+        Just(RejectCode::InsufficientSpace),
+        Just(RejectCode::Busy),
+        Just(RejectCode::UnsupportedHash),
+        Just(RejectCode::Failed),
+    ];
+    prop_oneof![
+        (".{0,64}", any::<u64>(), arb_digest()).prop_map(|(name, size, digest)| Message::Offer(Offer {
+            name,
+            size,
+            hash: HashAlg::Sha256,
+            digest
+        })),
+        any::<u64>().prop_map(|offset| Message::Reply(Reply::Accept { offset })),
+        ".{0,64}".prop_map(|name| Message::Reply(Reply::AlreadyHave { name })),
+        (code, ".{0,64}").prop_map(|(code, reason)| Message::Reply(Reply::Reject { code, reason })),
+        ".{0,64}".prop_map(|name| Message::Verdict(Verdict::Verified { name })),
+        (arb_digest(), arb_digest())
+            .prop_map(|(expected, actual)| Message::Verdict(Verdict::HashMismatch { expected, actual })),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(expected, received)| Message::Verdict(Verdict::SizeMismatch { expected, received })),
+        ".{0,64}".prop_map(|reason| Message::Verdict(Verdict::Failed { reason })),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn messages_round_trip(msg in arb_message()) {
+        let bytes = frame_of(&msg);
+        prop_assert_eq!(read_message(&mut &bytes[..]).unwrap(), msg);
+    }
+
+    #[test]
+    fn frame_headers_round_trip(len in 1..=MAX_CHUNK_LEN, data in any::<bool>()) {
+        let kind = if data { FrameKind::Data } else { FrameKind::Message };
+        let len = len.min(kind.limit());
+        let h = FrameHeader { kind, len };
+        prop_assert_eq!(FrameHeader::decode(h.encode()).unwrap(), h);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_the_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = decode_message(&bytes);
+        let _ = read_message(&mut &bytes[..]);
+    }
+}
