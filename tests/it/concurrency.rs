@@ -1,0 +1,58 @@
+//! Many senders at once into one receiver; a stalled sender holds up no one; the busy limit.
+
+use std::time::{Duration, Instant};
+
+use xfer::protocol::{Message, Reply};
+
+use crate::util::{RawPeer, Receiver, random_bytes, send, sha256, source_file};
+
+#[test]
+fn eight_senders_at_once_and_a_stalled_one() {
+    let rx = Receiver::start(&["--quiet", "--timeout", "3"]);
+    // A sender that offers a file, sends part of it, then goes silent.
+    let mut stalled = RawPeer::greet(rx.addr);
+    stalled.offer("stalled", 1 << 20, sha256(b"never completed"));
+    assert_eq!(stalled.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
+    stalled.data(&random_bytes(1000, 0));
+
+    let start = Instant::now();
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let target = rx.target();
+            std::thread::spawn(move || {
+                let name = format!("file-{i}");
+                let data = random_bytes(2 * 1024 * 1024 + i * 1000, i as u64 + 10);
+                let (_src, path) = source_file(&name, &data);
+                send(&path, &target, &["--quiet", "--chunk-size", "64K"]).expect(0);
+                (name, data)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (name, data) = h.join().unwrap();
+        assert!(std::fs::read(rx.dir.join(&name)).unwrap() == data, "{name} differs");
+    }
+    // All eight finished while the stalled sender still held its connection.
+    assert!(start.elapsed() < Duration::from_secs(3), "senders waited on the stalled one");
+    // The stalled transfer times out and leaves nothing.
+    rx.wait_log("\"stalled\"");
+    let want: Vec<String> = (0..8).map(|i| format!("file-{i}")).collect();
+    rx.assert_files(&want.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(rx.stderr().contains("silent for 3 s"), "{}", rx.stderr());
+}
+
+#[test]
+fn past_the_transfer_limit_senders_are_refused_as_busy() {
+    let rx = Receiver::start(&["--quiet", "--max-transfers", "1"]);
+    let mut holder = RawPeer::greet(rx.addr);
+    holder.offer("holder", 100, sha256(b"x"));
+    assert_eq!(holder.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
+    let (_src, path) = source_file("second", b"second");
+    let run = send(&path, &rx.target(), &[]).expect(4);
+    assert!(run.stderr().contains("receiver busy"), "{}", run.report());
+    drop(holder);
+    rx.wait_log("\"holder\"");
+    // The slot is free again.
+    send(&path, &rx.target(), &[]).expect(0);
+    rx.assert_files(&["second"]);
+}

@@ -1,0 +1,184 @@
+//! A hostile peer on a raw TcpStream. For every attack: a clear rejection, nothing written outside
+//! DIR, no file under a final name, no temporary file left, and the receiver still serves the
+//! next honest sender.
+
+use std::net::Shutdown;
+
+use xfer::protocol::{Message, RejectCode, Reply, Verdict, hello};
+
+use crate::util::{RawPeer, Receiver, random_bytes, send, sha256, source_file};
+
+/// After an attack: the folder is empty again and an honest sender still gets through.
+fn still_serves(rx: &Receiver, round: usize) {
+    rx.assert_files(&[]);
+    let name = format!("honest-{round}");
+    let data = random_bytes(100_000, round as u64);
+    let (_src, path) = source_file(&name, &data);
+    send(&path, &rx.target(), &["--quiet"]).expect(0);
+    assert!(std::fs::read(rx.dir.join(&name)).unwrap() == data);
+    std::fs::remove_file(rx.dir.join(&name)).unwrap();
+}
+
+#[test]
+fn hostile_names_are_rejected_with_a_reason() {
+    let rx = Receiver::start(&["--quiet"]);
+    let long = "x".repeat(10 * 1024);
+    let names = ["../x", "/etc/x", "a/b", "..", ".", "", "C:\\x", "\\\\srv\\x", "a\0b", "a\x1b[2Jb", &long];
+    for (i, name) in names.iter().enumerate() {
+        let mut p = RawPeer::greet(rx.addr);
+        p.offer(name, 4, sha256(b"evil"));
+        match p.read().unwrap() {
+            Message::Reply(Reply::Reject { code: RejectCode::InvalidName, reason }) => {
+                assert!(reason.starts_with("name "), "{name:?}: reason {reason:?}");
+            }
+            other => panic!("{name:?}: expected an InvalidName rejection, got {other:?}"),
+        }
+        // Sending a body anyway must not create anything either.
+        p.data(b"evil");
+        assert!(p.closed_by_peer(), "{name:?}: receiver kept the connection open");
+        still_serves(&rx, i);
+    }
+    assert!(!std::path::Path::new("/etc/x").exists());
+    // Log lines show names escaped: no raw ESC or NUL reaches the terminal.
+    let log = rx.wait_log("\\u{1b}[2Jb");
+    assert!(!log.contains('\x1b') && !log.contains('\0'), "raw control bytes in the log:\n{log:?}");
+}
+
+#[test]
+fn four_gib_frame_is_refused_without_allocating() {
+    let rx = Receiver::start(&["--quiet"]);
+    let mut p = RawPeer::greet(rx.addr);
+    p.send_raw(&[0xff, 0xff, 0xff, 0xff, 0x01]);
+    assert!(p.closed_by_peer());
+    rx.wait_log("frame of 4294967295 bytes exceeds the message limit");
+    still_serves(&rx, 0);
+}
+
+#[test]
+fn four_gib_data_frame_in_the_body_is_refused() {
+    let rx = Receiver::start(&["--quiet"]);
+    let mut p = RawPeer::greet(rx.addr);
+    p.offer("body", 10, sha256(&[0; 10]));
+    assert_eq!(p.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
+    p.send_raw(&[0xff, 0xff, 0xff, 0xff, 0x02]);
+    match p.read().unwrap() {
+        Message::Verdict(Verdict::Failed { reason }) => assert!(reason.contains("exceeds the data limit"), "{reason}"),
+        other => panic!("expected a failed verdict, got {other:?}"),
+    }
+    still_serves(&rx, 0);
+}
+
+#[test]
+fn truncated_body_then_close_is_a_size_mismatch() {
+    let rx = Receiver::start(&["--quiet"]);
+    let data = random_bytes(1000, 1);
+    let mut p = RawPeer::greet(rx.addr);
+    p.offer("short", 1000, sha256(&data));
+    assert_eq!(p.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
+    p.data(&data[..500]);
+    p.stream.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(p.read().unwrap(), Message::Verdict(Verdict::SizeMismatch { expected: 1000, received: 500 }));
+    rx.wait_log("closed early");
+    still_serves(&rx, 0);
+}
+
+#[test]
+fn truncated_body_then_reset_leaves_nothing() {
+    let rx = Receiver::start(&["--quiet"]);
+    let data = random_bytes(1 << 20, 1);
+    let mut p = RawPeer::greet(rx.addr);
+    p.offer("cut", 4 << 20, sha256(&data));
+    assert_eq!(p.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
+    p.data(&data);
+    drop(p);
+    rx.wait_log("\"cut\"");
+    still_serves(&rx, 0);
+}
+
+#[test]
+fn body_longer_than_offered_is_refused() {
+    let rx = Receiver::start(&["--quiet"]);
+    let data = random_bytes(20, 2);
+    let mut p = RawPeer::greet(rx.addr);
+    p.offer("long", 10, sha256(&data[..10]));
+    assert_eq!(p.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
+    p.data(&data);
+    assert_eq!(p.read().unwrap(), Message::Verdict(Verdict::SizeMismatch { expected: 10, received: 20 }));
+    rx.wait_log("body longer than offered");
+    still_serves(&rx, 0);
+}
+
+#[test]
+fn wrong_digest_is_a_hash_mismatch() {
+    let rx = Receiver::start(&["--quiet"]);
+    let data = random_bytes(5000, 3);
+    let mut p = RawPeer::greet(rx.addr);
+    p.offer("forged", 5000, sha256(b"something else"));
+    assert_eq!(p.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
+    p.data(&data);
+    let want = Verdict::HashMismatch { expected: sha256(b"something else"), actual: sha256(&data) };
+    assert_eq!(p.read().unwrap(), Message::Verdict(want));
+    rx.wait_log("content hashed to");
+    still_serves(&rx, 0);
+}
+
+#[test]
+fn message_in_place_of_data_is_refused() {
+    let rx = Receiver::start(&["--quiet"]);
+    let mut p = RawPeer::greet(rx.addr);
+    p.offer("mixed", 10, sha256(&[0; 10]));
+    assert_eq!(p.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
+    p.offer("again", 10, sha256(&[0; 10]));
+    assert!(matches!(p.read().unwrap(), Message::Verdict(Verdict::Failed { .. })));
+    still_serves(&rx, 0);
+}
+
+#[test]
+fn garbage_instead_of_magic() {
+    let rx = Receiver::start(&["--quiet"]);
+    let mut p = RawPeer::connect(rx.addr);
+    p.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(p.closed_by_peer());
+    rx.wait_log("not an xfer peer");
+    still_serves(&rx, 0);
+}
+
+#[test]
+fn wrong_version_names_both_versions() {
+    let rx = Receiver::start(&["--quiet"]);
+    let mut p = RawPeer::connect(rx.addr);
+    let mut h = hello();
+    h[8..].copy_from_slice(&99u16.to_be_bytes());
+    p.send_raw(&h);
+    // The receiver's own hello tells the peer which version it speaks.
+    let mut theirs = [0u8; 10];
+    std::io::Read::read_exact(&mut p.stream, &mut theirs).unwrap();
+    assert_eq!(theirs, hello());
+    assert!(p.closed_by_peer());
+    rx.wait_log("peer speaks xfer protocol v99, this xfer speaks v1");
+    still_serves(&rx, 0);
+}
+
+#[test]
+fn file_larger_than_free_space_is_refused_before_the_body() {
+    let rx = Receiver::start(&["--quiet"]);
+    let mut p = RawPeer::greet(rx.addr);
+    p.offer("huge", u64::MAX / 2, sha256(b""));
+    match p.read().unwrap() {
+        Message::Reply(Reply::Reject { code: RejectCode::InsufficientSpace, reason }) => {
+            assert!(reason.contains("free"), "{reason}");
+        }
+        other => panic!("expected an InsufficientSpace rejection, got {other:?}"),
+    }
+    still_serves(&rx, 0);
+}
+
+#[test]
+fn data_before_any_offer_is_refused() {
+    let rx = Receiver::start(&["--quiet"]);
+    let mut p = RawPeer::greet(rx.addr);
+    p.data(b"surprise");
+    assert!(p.closed_by_peer());
+    rx.wait_log("expected a message frame, got a data frame");
+    still_serves(&rx, 0);
+}

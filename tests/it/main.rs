@@ -1,0 +1,11 @@
+//! Integration tests: the real `xfer` binary over loopback TCP, real files in temporary folders.
+//! One test binary, so the crate and the binary are built once.
+
+mod util; // harness: spawn receivers, run senders, raw wire peers, random data, failure reports
+
+mod concurrency; // many senders at once; a stalled sender holds up no one; the busy limit
+mod existing; // identical file → already have it; different → keep both; --overwrite replaces
+mod exit_codes; // every documented exit code, provoked for real
+mod hostile; // a raw peer speaking the wire format attacks the receiver
+mod timeouts; // silent peers on either side
+mod transfer; // byte-for-byte equality across sizes and chunk sizes

@@ -1,0 +1,268 @@
+//! Test harness: a receiver child killed on drop, a sender runner that reports everything on
+//! failure, a raw wire peer, and deterministic random data.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::Digest as _;
+use xfer::protocol::{self, Digest, HashAlg, Message, Offer};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_xfer");
+
+/// A running `xfer recv` on 127.0.0.1 with a fresh target folder. Killed when dropped.
+pub struct Receiver {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// The temporary root; `dir` is a folder inside it, so writes outside `dir` can be detected.
+    pub root: tempfile::TempDir,
+    pub dir: PathBuf,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Receiver {
+    pub fn start(args: &[&str]) -> Receiver {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("dir");
+        std::fs::create_dir(&dir).unwrap();
+        Receiver::start_in(root, dir, args)
+    }
+
+    pub fn start_in(root: tempfile::TempDir, dir: PathBuf, args: &[&str]) -> Receiver {
+        let mut child = Command::new(BIN)
+            .args(["recv", "--listen", "127.0.0.1:0", "--dir"])
+            .arg(&dir)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn xfer recv");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&stderr);
+        let mut err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        let addr = first
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("first stdout line was {first:?}; stderr: {}", stderr.lock().unwrap()))
+            .trim()
+            .parse()
+            .unwrap();
+        Receiver { child, addr, root, dir, stderr }
+    }
+
+    pub fn target(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until the receiver's stderr contains `needle` (log lines come after the sender's
+    /// verdict, so a test may need to wait for them).
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.stderr();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "receiver never logged {needle:?}; stderr:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sorted names in the target folder.
+    pub fn files(&self) -> Vec<String> {
+        list(&self.dir)
+    }
+
+    /// Waits for temporary files to be cleaned up, then asserts the folder holds exactly `want`
+    /// and nothing appeared next to it in the temporary root.
+    pub fn assert_files(&self, want: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        loop {
+            let got = self.files();
+            if got == want {
+                break;
+            }
+            assert!(Instant::now() < deadline, "folder holds {got:?}, want {want:?}; stderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(list(self.root.path()), vec!["dir".to_string()], "something was written outside DIR");
+    }
+
+    /// Waits for the child to exit (for --once) and returns its status code.
+    pub fn wait_exit(&mut self) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "receiver did not exit; stderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn list(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+/// The result of running the binary, with a report of everything for failure messages.
+pub struct Run {
+    pub out: Output,
+    pub cmd: String,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.out.status.code().unwrap_or(-1)
+    }
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.out.stderr).into_owned()
+    }
+    pub fn report(&self) -> String {
+        format!(
+            "command: {}\nstatus: {}\nstdout:\n{}\nstderr:\n{}",
+            self.cmd,
+            self.out.status,
+            self.stdout(),
+            self.stderr()
+        )
+    }
+    /// Asserts the exit code, printing the whole run if it differs.
+    pub fn expect(self, code: i32) -> Run {
+        assert_eq!(self.code(), code, "unexpected exit code\n{}", self.report());
+        self
+    }
+}
+
+/// Runs `xfer` with `args` to completion.
+pub fn xfer<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Run {
+    let cmd = format!(
+        "xfer {}",
+        args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+    );
+    let start = Instant::now();
+    let out = Command::new(BIN).args(args).stdin(Stdio::null()).output().expect("run xfer");
+    Run { out, cmd, elapsed: start.elapsed() }
+}
+
+/// `xfer send FILE ADDR EXTRA...`
+pub fn send(file: &Path, to: &str, extra: &[&str]) -> Run {
+    let mut args: Vec<std::ffi::OsString> = vec!["send".into(), file.into(), to.into()];
+    args.extend(extra.iter().map(Into::into));
+    xfer(&args)
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so failures reproduce.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256(data: &[u8]) -> Digest {
+    Digest(sha2::Sha256::digest(data).into())
+}
+
+/// Writes `data` to a new file `name` in a fresh temporary folder.
+pub fn source_file(name: &str, data: &[u8]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, data).unwrap();
+    (dir, path)
+}
+
+/// A hand-driven peer on a raw TcpStream, for saying what the real sender never would.
+pub struct RawPeer {
+    pub stream: TcpStream,
+}
+
+impl RawPeer {
+    /// Connects without saying anything.
+    pub fn connect(addr: SocketAddr) -> RawPeer {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        RawPeer { stream }
+    }
+
+    /// Connects and exchanges valid hellos.
+    pub fn greet(addr: SocketAddr) -> RawPeer {
+        let mut p = RawPeer::connect(addr);
+        protocol::write_hello(&mut p.stream).unwrap();
+        protocol::read_hello(&mut p.stream).unwrap();
+        p
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        // The receiver may already have hung up; the test checks what it said instead.
+        let _ = self.stream.write_all(bytes);
+    }
+
+    pub fn offer(&mut self, name: &str, size: u64, digest: Digest) {
+        let msg = Message::Offer(Offer { name: name.into(), size, hash: HashAlg::Sha256, digest });
+        protocol::write_message(&mut self.stream, &msg).unwrap();
+    }
+
+    pub fn data(&mut self, bytes: &[u8]) {
+        let mut frame = Vec::new();
+        protocol::write_frame_header(&mut frame, protocol::FrameKind::Data, bytes.len() as u32).unwrap();
+        frame.extend_from_slice(bytes);
+        self.send_raw(&frame);
+    }
+
+    pub fn read(&mut self) -> Result<Message, protocol::WireError> {
+        protocol::read_message(&mut self.stream)
+    }
+
+    /// Reads until the receiver closes the connection; true if it did (rather than time out).
+    pub fn closed_by_peer(&mut self) -> bool {
+        let mut buf = [0u8; 1024];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
