@@ -62,7 +62,11 @@ fn nothing_listening_exits_3_quickly() {
     let run = send(&path, &format!("127.0.0.1:{port}"), &[]).expect(3);
     assert_eq!(run.stdout(), "", "nothing for scripts on failure");
     let err = run.stderr();
-    assert!(err.starts_with(&format!("xfer: error: cannot connect to 127.0.0.1:{port}: ")), "{}", run.report());
+    assert!(
+        err.starts_with(&format!("xfer: error: cannot connect to 127.0.0.1:{port}: ")),
+        "{}",
+        run.report()
+    );
     assert!(err.to_lowercase().contains("refused"), "{}", run.report());
     assert_eq!(err.lines().count(), 1, "one line\n{}", run.report());
     assert!(run.elapsed < Duration::from_secs(3), "took {:?}", run.elapsed);
@@ -83,7 +87,10 @@ fn rejected_exits_4() {
 
 #[test]
 fn hash_mismatch_exits_5() {
-    let addr = fake_receiver(protocol::hello(), Some(Verdict::HashMismatch { expected: sha256(b"x"), actual: sha256(b"y") }));
+    let addr = fake_receiver(
+        protocol::hello(),
+        Some(Verdict::HashMismatch { expected: sha256(b"x"), actual: sha256(b"y") }),
+    );
     let (_src, path) = source_file("f", b"x");
     let run = send(&path, &addr, &[]).expect(5);
     assert!(run.stderr().contains("hashed to"), "{}", run.report());

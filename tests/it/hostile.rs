@@ -62,7 +62,9 @@ fn four_gib_data_frame_in_the_body_is_refused() {
     assert_eq!(p.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
     p.send_raw(&[0xff, 0xff, 0xff, 0xff, 0x02]);
     match p.read().unwrap() {
-        Message::Verdict(Verdict::Failed { reason }) => assert!(reason.contains("exceeds the data limit"), "{reason}"),
+        Message::Verdict(Verdict::Failed { reason }) => {
+            assert!(reason.contains("exceeds the data limit"), "{reason}")
+        }
         other => panic!("expected a failed verdict, got {other:?}"),
     }
     still_serves(&rx, 0);

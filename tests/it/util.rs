@@ -101,7 +101,11 @@ impl Receiver {
             if got == want {
                 break;
             }
-            assert!(Instant::now() < deadline, "folder holds {got:?}, want {want:?}; stderr:\n{}", self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "folder holds {got:?}, want {want:?}; stderr:\n{}",
+                self.stderr()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(list(self.root.path()), vec!["dir".to_string()], "something was written outside DIR");
@@ -128,8 +132,10 @@ impl Drop for Receiver {
 }
 
 pub fn list(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     v.sort();
     v
 }

@@ -1,0 +1,29 @@
+//! Progress bars appear on a terminal and nowhere else. A pseudo-terminal comes from util-linux
+//! `script`, which is on every Debian machine.
+
+use std::process::Command;
+
+use crate::util::{BIN, Receiver, random_bytes, source_file};
+
+fn send_under_pty(extra: &str) -> String {
+    let rx = Receiver::start(&["--quiet"]);
+    let (_src, path) = source_file("big.bin", &random_bytes(48 * 1024 * 1024, 5));
+    let cmd = format!("{BIN} send {} {} {extra} 2>&1", path.display(), rx.target());
+    let out = Command::new("script").args(["-qec", &cmd, "/dev/null"]).output().expect("run script(1)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn bars_show_on_a_terminal() {
+    let tty = send_under_pty("");
+    assert!(tty.contains("hashing"), "no hashing bar on a terminal:\n{tty}");
+    assert!(tty.contains("verified"), "{tty}");
+}
+
+#[test]
+fn quiet_hides_bars_on_a_terminal() {
+    let tty = send_under_pty("--quiet");
+    assert!(!tty.contains("hashing") && !tty.contains("sending"), "bars despite --quiet:\n{tty}");
+    assert!(tty.contains("verified"), "the summary stays:\n{tty}");
+}
