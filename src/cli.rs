@@ -76,7 +76,7 @@ pub struct SendArgs {
     content is not sent again; a different one is kept and the new file stored as `name (1).ext` \
     unless --overwrite.")]
 pub struct RecvArgs {
-    /// Folder to store received files in.
+    /// Folder to store received files in (created if missing).
     #[arg(short, long, value_name = "DIR", default_value = ".")]
     pub dir: PathBuf,
     /// Address to listen on, IP:PORT (port 0 picks a free port).
@@ -163,6 +163,11 @@ impl SendArgs {
 
 impl RecvArgs {
     pub fn into_opts(self) -> Result<RecvOpts, Error> {
+        // Like `mkdir -p`: `xfer recv --dir ./downloads` works in a fresh folder.
+        if !self.dir.exists() {
+            std::fs::create_dir_all(&self.dir)
+                .map_err(|e| Error::io(format!("cannot create --dir {}", self.dir.display()), e))?;
+        }
         let meta = std::fs::metadata(&self.dir)
             .map_err(|e| Error::io(format!("cannot use --dir {}", self.dir.display()), e))?;
         if !meta.is_dir() {

@@ -78,3 +78,13 @@ fn send_as_another_name_and_log_line() {
     let log = rx.wait_log("renamed.txt");
     assert!(log.contains("127.0.0.1:") && log.contains("5 B") && log.contains("verified"), "{log}");
 }
+
+#[test]
+fn missing_dir_is_created() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("downloads");
+    let rx = Receiver::start_in(root, dir.clone(), &["--quiet"]);
+    let (_src, path) = source_file("f", b"x");
+    send(&path, &rx.target(), &[]).expect(0);
+    assert_eq!(std::fs::read(dir.join("f")).unwrap(), b"x");
+}
