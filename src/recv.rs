@@ -9,7 +9,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
@@ -331,7 +331,13 @@ enum BodyError {
     Local(io::Error),
 }
 
-/// Reads exactly `offer.size` body bytes into the temporary file, hashing as they arrive.
+/// Buffers in flight between the socket reader and the hashing thread. Four 256 KiB buffers keep
+/// both busy; more only adds memory.
+const PIPELINE_BUFFERS: usize = 4;
+
+/// Reads exactly `offer.size` body bytes into the temporary file. Hashing runs on its own thread
+/// (SHA-256 is the slowest stage by far), fed full buffers after they are written, so socket reads
+/// and file writes overlap with it. Small data frames are gathered into full buffers first.
 fn receive_body(
     r: &mut BufReader<&TcpStream>,
     incoming: &Incoming,
@@ -339,29 +345,61 @@ fn receive_body(
     seen: &mut Seen,
     bar: &indicatif::ProgressBar,
 ) -> Result<protocol::Digest, BodyError> {
-    let mut hasher = Hasher::new();
-    let mut out = BufWriter::with_capacity(RECV_BUF, incoming.file());
-    let mut buf = vec![0u8; RECV_BUF];
-    while seen.received < offer.size {
-        let h = read_frame_header(r).map_err(BodyError::Wire)?;
-        if h.kind != FrameKind::Data {
-            let e = ProtocolError::UnexpectedFrame { expected: FrameKind::Data, got: h.kind };
-            return Err(BodyError::Wire(e.into()));
-        }
-        if u64::from(h.len) > offer.size - seen.received {
-            return Err(BodyError::TooLong(h.len));
-        }
-        let mut left = h.len as usize;
-        while left > 0 {
-            let n = left.min(buf.len());
-            r.read_exact(&mut buf[..n]).map_err(|e| BodyError::Wire(e.into()))?;
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(BodyError::Local)?;
-            left -= n;
-            seen.received += n as u64;
-            bar.inc(n as u64);
-        }
+    let (full_tx, full_rx) = mpsc::channel::<(Vec<u8>, usize)>();
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..PIPELINE_BUFFERS {
+        empty_tx.send(vec![0u8; RECV_BUF]).expect("receiver is alive");
     }
-    out.flush().map_err(BodyError::Local)?;
-    Ok(hasher.finish())
+    std::thread::scope(|scope| {
+        let hashing = scope.spawn(move || {
+            let mut hasher = Hasher::new();
+            for (buf, len) in full_rx {
+                hasher.update(&buf[..len]);
+                // The reader may have stopped early; then nobody wants the buffer back.
+                let _ = empty_tx.send(buf);
+            }
+            hasher.finish()
+        });
+        let mut file = incoming.file();
+        let mut pass_on = |buf: Vec<u8>, len: usize| -> Result<(), BodyError> {
+            file.write_all(&buf[..len]).map_err(BodyError::Local)?;
+            full_tx.send((buf, len)).expect("hashing thread is alive");
+            Ok(())
+        };
+        let read = (|| {
+            let mut buf = empty_rx.recv().expect("hashing thread returns buffers");
+            let mut filled = 0;
+            while seen.received < offer.size {
+                let h = read_frame_header(r).map_err(BodyError::Wire)?;
+                if h.kind != FrameKind::Data {
+                    let e = ProtocolError::UnexpectedFrame { expected: FrameKind::Data, got: h.kind };
+                    return Err(BodyError::Wire(e.into()));
+                }
+                if u64::from(h.len) > offer.size - seen.received {
+                    return Err(BodyError::TooLong(h.len));
+                }
+                let mut left = h.len as usize;
+                while left > 0 {
+                    let n = left.min(RECV_BUF - filled);
+                    r.read_exact(&mut buf[filled..filled + n]).map_err(|e| BodyError::Wire(e.into()))?;
+                    filled += n;
+                    left -= n;
+                    seen.received += n as u64;
+                    bar.inc(n as u64);
+                    if filled == RECV_BUF {
+                        pass_on(buf, filled)?;
+                        buf = empty_rx.recv().expect("hashing thread returns buffers");
+                        filled = 0;
+                    }
+                }
+            }
+            if filled > 0 {
+                pass_on(buf, filled)?;
+            }
+            Ok(())
+        })();
+        drop(full_tx);
+        let digest = hashing.join().expect("hashing thread does not panic");
+        read.map(|()| digest)
+    })
 }
