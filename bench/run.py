@@ -1,0 +1,429 @@
+#!/usr/bin/env python3
+"""Loopback benchmark: xfer vs. OpenBSD netcat vs. an rsync daemon (see bench/README.md).
+
+Stdlib only, Python 3.11+, meant to run as root on Debian from a fresh clone.
+"""
+import argparse, ctypes, datetime, hashlib, json, os, platform, re, shutil, signal
+import socket, statistics, subprocess, sys, tempfile, threading, time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+LIVE = set()      # pids of our children not yet reaped; killed on timeout and on exit
+TEMP_DIRS = []    # removed on exit, including Ctrl-C / SIGTERM
+
+
+class RunError(Exception):
+    """One run of one case went wrong; the case is dropped, the others go on."""
+
+
+def parse_size(text):
+    """'1024', '256M', '1G', '64MiB' -> bytes (binary units)."""
+    m = re.fullmatch(r"(\d+)([kmgt]?)(i?b)?", text.strip(), re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size: {text!r}")
+    return int(m[1]) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m[2].lower()]
+
+
+def machine_info():
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    field = lambda name: (re.search(rf"^{name}\s*:\s*(.*)$", cpuinfo, re.M) or [None, ""])[1]
+    return {"host": socket.gethostname(), "nproc": len(os.sched_getaffinity(0)),
+            "cpu": field("model name"), "kernel": platform.release(),
+            "sha_ni": "sha_ni" in field("flags").split(), "python": platform.python_version(),
+            "loadavg_at_start": os.getloadavg()}  # a busy machine makes every number suspect
+
+
+def nc_binary():
+    # Only OpenBSD netcat has -N (half-close after EOF); /bin/nc may be another variant.
+    for name in ("nc.openbsd", "nc"):
+        path = shutil.which(name)
+        if path and "OpenBSD" in subprocess.run([path, "-h"], capture_output=True, text=True).stderr:
+            return path
+    return None
+
+
+def ensure_peers(tools):
+    need = [pkg for tool, pkg, ok in (("nc", "netcat-openbsd", nc_binary),
+                                      ("rsync", "rsync", lambda: shutil.which("rsync")))
+            if tool in tools and not ok()]
+    if not need:
+        return
+    print(f"installing {' '.join(need)} ...", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update"], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(["apt-get", "install", "-y", *need], check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def version(cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO).stdout.strip().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+
+
+# ---------------------------------------------------------------- processes
+#
+# Why not Popen + wait4 directly: exec keeps the pre-exec image's high-water RSS in the
+# child's ru_maxrss, and a child forked (or vforked) from Python starts with Python's
+# RSS, so every tool would "peak" at >= this script's size. Instead we are a child
+# subreaper, and a throw-away sh starts the tool as a background job and exits: the tool
+# is forked from a ~1 MiB dash, re-parented to us, and os.wait4() gives its true rusage.
+# The job holds at `read` until we close its stdin pipe (the gate), which we do only
+# after sh has exited, so even a tool that exits at once is our child, not sh's.
+# Costs: ~1-2 ms of sh start-up inside each timed sender start, an RSS floor of ~1 MiB,
+# and the tools ignore SIGINT (sh does that to background jobs): cleanup() SIGKILLs them.
+PR_SET_CHILD_SUBREAPER = 36
+LAUNCH = """exec 3<&0; i=$1 o=$2; shift 2
+{ read -r x <&3; exec "$@" <"$i" >"$o" 3<&-; } &
+echo $!"""
+
+
+def spawn(ctx, cmd, stdin="/dev/null", stdout="/dev/null"):
+    """Start cmd (stdin/stdout are paths) as our direct child; returns its pid.
+    stderr goes to the run's log, so a failure can be explained."""
+    sh = subprocess.Popen(["sh", "-c", LAUNCH, "sh", str(stdin), str(stdout), *map(str, cmd)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=ctx.log)
+    with sh.stdin, sh.stdout:  # leaving this block closes the gate
+        line = sh.stdout.readline()  # not read(): the job holds this pipe until its exec
+        if sh.wait():
+            raise RunError(f"could not start {cmd[0]}")
+        pid = int(line)
+        LIVE.add(pid)
+    return pid
+
+
+def reap(pid):
+    """Wait for pid; returns (exit code, CPU s user+sys, peak RSS KiB). The rusage also covers
+    descendants the process reaped itself (the rsync daemon's per-connection forks)."""
+    _, status, ru = os.wait4(pid, 0)
+    LIVE.discard(pid)
+    return os.waitstatus_to_exitcode(status), ru.ru_utime + ru.ru_stime, ru.ru_maxrss
+
+
+def exited(pid):
+    if pid in LIVE and os.wait4(pid, os.WNOHANG)[0] == pid:
+        LIVE.discard(pid)
+    return pid not in LIVE
+
+
+def kill_live():
+    # A pid in LIVE is our unreaped child, so it cannot have been recycled.
+    for pid in list(LIVE):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # reaped by the main thread meanwhile (timer thread)
+            pass
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port, pid, timeout=10.0):
+    # Watch /proc/net/tcp for the LISTEN socket (state 0A): a probing connect would eat nc's one accept.
+    want = f"0100007F:{port:04X}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(f[1] == want and f[3] == "0A" for f in
+               (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])):
+            return
+        if exited(pid):
+            raise RunError(f"receiver exited before listening on {port}")
+        time.sleep(0.002)
+    raise RunError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def children_of(task_dir):
+    try:
+        return Path(task_dir, "children").read_text().split()
+    except FileNotFoundError:
+        return []
+
+
+def children(pid):
+    return children_of(f"/proc/{pid}/task/{pid}")
+
+
+def result(wall, cpu_s, cpu_r, rss_s, rss_r):
+    return {"wall": wall, "cpu": cpu_s + cpu_r, "cpu_send": cpu_s, "cpu_recv": cpu_r,
+            "rss_send_kib": rss_s, "rss_recv_kib": rss_r}
+
+
+def finish(t0, send, recv):
+    """Wall time ends when both sides have exited; CPU is both sides added up."""
+    rc_s, cpu_s, rss_s = reap(send)
+    if rc_s:  # don't sit out the timeout waiting for a receiver that will never get data
+        raise RunError(f"sender exit code {rc_s}")
+    rc_r, cpu_r, rss_r = reap(recv)
+    wall = time.perf_counter() - t0
+    if rc_r:
+        raise RunError(f"receiver exit code {rc_r}")
+    return result(wall, cpu_s, cpu_r, rss_s, rss_r)
+
+
+# ---------------------------------------------------------------- cases
+
+def run_nc(ctx):
+    port = free_port()
+    # -d: never read stdin. With stdin at EOF, "-q 0" would quit after the first 16 KiB.
+    recv = spawn(ctx, [ctx.nc, "-l", "-d", "127.0.0.1", port], stdout=ctx.dest_file)
+    wait_listening(port, recv)
+    t0 = time.perf_counter()
+    # -N: shutdown(SHUT_WR) at EOF, so the receiver sees the end of the stream.
+    send = spawn(ctx, [ctx.nc, "-N", "127.0.0.1", port], stdin=ctx.src)
+    return finish(t0, send, recv)
+
+
+def run_rsync(ctx):
+    # A daemon per run (started before the clock): when it is stopped, wait4 hands us the
+    # rusage of the children it forked for the connection, i.e. the real receiver side.
+    port = free_port()
+    daemon = spawn(ctx, ["rsync", "--daemon", "--no-detach", f"--config={ctx.rsyncd_conf}",
+                         "--address=127.0.0.1", f"--port={port}"])
+    wait_listening(port, daemon)
+    t0 = time.perf_counter()
+    send = spawn(ctx, ["rsync", "-a", "--whole-file", ctx.src, f"rsync://127.0.0.1:{port}/bench/"])
+    rc_s, cpu_s, rss_s = reap(send)
+    while children(daemon) and time.perf_counter() - t0 < ctx.timeout:
+        time.sleep(0.001)  # the daemon's per-connection child (the receiver) is still finishing
+    wall = time.perf_counter() - t0
+    os.kill(daemon, signal.SIGTERM)
+    _, cpu_r, rss_r = reap(daemon)  # exit code of a SIGTERMed daemon means nothing
+    if rc_s:
+        raise RunError(f"rsync client exit code {rc_s}")
+    return result(wall, cpu_s, cpu_r, rss_s, rss_r)
+
+
+def read_port(pid, path, timeout=30.0):
+    # Contract: the first stdout line is "listening on 127.0.0.1:PORT". stdout is a file
+    # (see spawn), so poll it; a receiver that never says it is listening fails the run.
+    deadline = time.monotonic() + timeout
+    while b"\n" not in (text := path.read_bytes()):
+        if exited(pid) or time.monotonic() > deadline:
+            raise RunError(f"xfer recv printed no 'listening on' line: {text!r}")
+        time.sleep(0.002)
+    m = re.fullmatch(r"listening on 127\.0\.0\.1:(\d+)", text.split(b"\n")[0].decode().strip())
+    if not m:
+        raise RunError(f"unexpected first line from xfer recv: {text!r}")
+    return int(m[1])
+
+
+def run_xfer(ctx, chunk=None):
+    out = ctx.work / "xfer-recv.out"
+    out.write_bytes(b"")
+    recv = spawn(ctx, [ctx.xfer, "recv", "--dir", ctx.dest, "--listen", "127.0.0.1:0",
+                       "--once", "--quiet"], stdout=out)
+    port = read_port(recv, out)
+    t0 = time.perf_counter()
+    extra = ["--chunk-size", chunk] if chunk else []
+    send = spawn(ctx, [ctx.xfer, "send", ctx.src, f"127.0.0.1:{port}", "--quiet", *extra])
+    return finish(t0, send, recv)
+
+
+def run_sha256sum(ctx):
+    out = ctx.work / "sha256sum.out"
+    t0 = time.perf_counter()
+    pid = spawn(ctx, ["sha256sum", ctx.src], stdout=out)
+    rc, cpu, rss = reap(pid)
+    wall = time.perf_counter() - t0
+    if rc or out.read_text().split()[:1] != [ctx.sha]:
+        raise RunError(f"sha256sum exit {rc}, output {out.read_text()!r}")
+    return result(wall, cpu, 0.0, rss, 0)
+
+
+def verify(ctx, full):
+    """Size after every run, content once per case: a broken run must not count as a fast one."""
+    try:
+        size = ctx.dest_file.stat().st_size
+    except FileNotFoundError:
+        raise RunError(f"no {ctx.dest_file.name} in destination; found {os.listdir(ctx.dest)}") from None
+    if size != ctx.size:
+        raise RunError(f"received {size} bytes, expected {ctx.size}")
+    if full and sha256_file(ctx.dest_file) != ctx.sha:
+        raise RunError("SHA-256 of the received file differs from the source")
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(4 * MIB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def clear_dir(path):
+    for entry in os.scandir(path):
+        shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
+
+
+# ---------------------------------------------------------------- main
+
+def prepare(args, ctx):
+    ctx.src_dir = Path(tempfile.mkdtemp(prefix="xfer-bench-src-", dir="/dev/shm"))
+    TEMP_DIRS.append(ctx.src_dir)
+    ctx.dest = Path(tempfile.mkdtemp(prefix="xfer-bench-dst-", dir=args.dest_dir))  # never clear a user dir
+    TEMP_DIRS.append(ctx.dest)
+    ctx.work = Path(tempfile.mkdtemp(prefix="xfer-bench-work-"))
+    TEMP_DIRS.append(ctx.work)
+    ctx.src = ctx.src_dir / "bench.bin"
+    ctx.dest_file = ctx.dest / ctx.src.name
+    for d, need in ((ctx.src_dir, ctx.size), (ctx.dest, ctx.size * 2)):  # rsync may keep a temp copy
+        if shutil.disk_usage(d).free < need:
+            sys.exit(f"not enough free space in {d} for {need / MIB:.0f} MiB")
+    print(f"writing {ctx.size / MIB:.0f} MiB of random bytes to {ctx.src} ...", flush=True)
+    h = hashlib.sha256()
+    with open(ctx.src, "wb") as f:
+        for left in range(ctx.size, 0, -16 * MIB):
+            block = os.urandom(min(left, 16 * MIB))
+            h.update(block)
+            f.write(block)
+    ctx.sha = h.hexdigest()
+    ctx.rsyncd_conf = ctx.work / "rsyncd.conf"
+    ctx.rsyncd_conf.write_text(
+        f"pid file = {ctx.work}/rsyncd.pid\nlog file = {ctx.work}/rsyncd.log\nuse chroot = no\n"
+        f"[bench]\npath = {ctx.dest}\nread only = no\nuid = root\ngid = root\n")
+
+
+def summarize(runs, size):
+    walls = [r["wall"] for r in runs]
+    med = statistics.median(walls)
+    return {"n": len(runs), "median_s": med, "min_s": min(walls), "max_s": max(walls),
+            "mb_per_s": size / med / 1e6, "median_cpu_s": statistics.median(r["cpu"] for r in runs),
+            "max_rss_send_mib": max(r["rss_send_kib"] for r in runs) / 1024,
+            "max_rss_recv_mib": max(r["rss_recv_kib"] for r in runs) / 1024}
+
+
+def print_table(summaries, errors):
+    ratio = lambda s, ref: f"{s['median_s'] / summaries[ref]['median_s']:.2f}" if ref in summaries else "-"
+    head = f"{'case':<22}{'median s':>9}{'min':>8}{'max':>8}{'MB/s':>8}{'CPU s':>7}{'RSS snd':>9}{'RSS rcv':>9}{'x nc':>7}{'x rsync':>8}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for name, s in summaries.items():
+        print(f"{name:<22}{s['median_s']:>9.3f}{s['min_s']:>8.3f}{s['max_s']:>8.3f}{s['mb_per_s']:>8.0f}"
+              f"{s['median_cpu_s']:>7.2f}{s['max_rss_send_mib']:>9.1f}{s['max_rss_recv_mib']:>9.1f}"
+              f"{ratio(s, 'nc'):>7}{ratio(s, 'rsync'):>8}")
+    for name, err in errors.items():
+        print(f"{name:<22}FAILED: {err}")
+    print("MB = 10^6 bytes; RSS in MiB (peak over runs); CPU = user+sys of sender+receiver, median.\n"
+          "rsync receiver = the daemon incl. its per-connection forks (a fresh daemon per run).\n"
+          "sha256sum = one local read+hash of the source, for hashing-speed reference.")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--size", type=parse_size, help="test file size, e.g. 256M, 1G (default 1G)")
+    ap.add_argument("--reps", type=int, help="repetitions per case (default 5)")
+    ap.add_argument("--quick", action="store_true", help="256 MiB and 3 reps unless given")
+    ap.add_argument("--tools", default="xfer,nc,rsync", help="subset of xfer,nc,rsync")
+    ap.add_argument("--chunk-sizes", default="", help="extra xfer cases, e.g. 1024,65536,1M")
+    ap.add_argument("--dest-dir", default="/dev/shm", help="where received files land (a temp dir inside)")
+    ap.add_argument("--out", help="JSON output (default bench/results/<date>-<host>.json)")
+    ap.add_argument("--no-build", action="store_true", help="skip cargo build --release")
+    args = ap.parse_args()
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    if bad := set(tools) - {"xfer", "nc", "rsync"}:
+        ap.error(f"unknown tools: {bad}")
+    chunks = [parse_size(c) for c in args.chunk_sizes.split(",") if c.strip()]
+    ctx = argparse.Namespace(size=args.size or (256 * MIB if args.quick else 1 << 30))
+    reps = args.reps or (3 if args.quick else 5)
+    ctx.timeout = 60 + ctx.size / (10 * MIB)  # generous: 10 MiB/s is far below any sane tool
+
+    info = machine_info()
+    print(f"host {info['host']}: {info['nproc']} CPUs, {info['cpu']}, kernel {info['kernel']}, "
+          f"sha_ni {'yes' if info['sha_ni'] else 'no'}, load {info['loadavg_at_start'][0]:.2f}", flush=True)
+    ensure_peers(tools)
+    ctx.nc = nc_binary()
+    cases = []
+    for t in tools:
+        cases.append((t, {"nc": run_nc, "rsync": run_rsync, "xfer": run_xfer}[t]))
+        if t == "xfer":
+            cases += [(f"xfer-chunk-{n}", lambda c, n=n: run_xfer(c, n)) for n in chunks]
+    if "xfer" in tools:
+        if not args.no_build and subprocess.run(["cargo", "build", "--release"], cwd=REPO).returncode:
+            sys.exit("cargo build --release failed")
+        ctx.xfer = str(Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"), "release", "xfer"))
+        if not os.access(ctx.xfer, os.X_OK):
+            sys.exit(f"{ctx.xfer} not found; build it or drop xfer from --tools")
+    cases.append(("sha256sum", run_sha256sum))
+    prepare(args, ctx)
+    print(f"{len(cases)} cases x {reps} reps, file {ctx.size / MIB:.0f} MiB, received into {ctx.dest}", flush=True)
+
+    runs = {name: [] for name, _ in cases}
+    errors = {}
+    for rep in range(1, reps + 1):  # round-robin, so drift (thermal, noisy neighbours) hits all cases alike
+        for name, fn in cases:
+            if name in errors:
+                continue
+            clear_dir(ctx.dest)
+            ctx.log = open(ctx.work / f"{name}-{rep}.log", "w+b")
+            timer = threading.Timer(ctx.timeout, kill_live)  # a hung run is killed, then reported
+            timer.start()
+            try:
+                r = fn(ctx)
+                if name != "sha256sum":
+                    verify(ctx, full=not runs[name])
+            except RunError as e:
+                kill_live()
+                why = f"timed out after {ctx.timeout:.0f} s; " if timer.finished.is_set() else ""
+                ctx.log.seek(0)
+                errors[name] = f"rep {rep}: {why}{e} {ctx.log.read()[-500:].decode(errors='replace').strip()}"
+                print(f"  rep {rep} {name:<22} FAILED: {errors[name]}", flush=True)
+                continue
+            finally:
+                timer.cancel()
+                ctx.log.close()
+            runs[name].append({"rep": rep, **r})
+            print(f"  rep {rep} {name:<22} {r['wall']:7.3f} s  cpu {r['cpu']:6.2f} s  "
+                  f"rss {r['rss_send_kib'] / 1024:6.1f}/{r['rss_recv_kib'] / 1024:6.1f} MiB", flush=True)
+    clear_dir(ctx.dest)
+
+    summaries = {n: summarize(r, ctx.size) for n, r in runs.items() if r and n not in errors}
+    print_table(summaries, errors)
+    now = datetime.datetime.now()
+    out = Path(args.out or REPO / "bench" / "results" / f"{now:%Y-%m-%dT%H%M%S}-{info['host']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "date": now.isoformat(timespec="seconds"), "machine": info,
+        "config": {"size": ctx.size, "reps": reps, "tools": tools, "chunk_sizes": chunks,
+                   "dest_dir": args.dest_dir, "source_sha256": ctx.sha},
+        "versions": {"xfer_git": version(["git", "describe", "--always", "--dirty"]),
+                     "netcat": version(["dpkg-query", "-W", "-f=${Version}\n", "netcat-openbsd"]),
+                     "rsync": version(["rsync", "--version"])},
+        "cases": {n: {"runs": r, "summary": summaries.get(n), "error": errors.get(n)} for n, r in runs.items()},
+    }, indent=2) + "\n")
+    print(f"raw results: {out}")
+    return 1 if errors else 0
+
+
+def cleanup():
+    # Kill every child we have: the tools, and anything re-parented to us as subreaper
+    # (e.g. an rsync daemon's fork if the daemon was killed first). Then remove temp dirs.
+    for _ in range(5):
+        kids = [int(p) for t in Path("/proc/self/task").iterdir() for p in children_of(t)]
+        if not kids:
+            break
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+    for d in TEMP_DIRS:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    # SIGTERM/SIGHUP become SystemExit so the finally below still removes daemons and temp files.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        sys.exit("prctl(PR_SET_CHILD_SUBREAPER) failed; Linux is required")
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        cleanup()
