@@ -166,6 +166,11 @@ impl RecvArgs {
         // Like `mkdir -p`: `xfer recv --dir ./downloads` works in a fresh folder.
         if !self.dir.exists() {
             std::fs::create_dir_all(&self.dir)
+                .and_then(|()| {
+                    // The new folder must survive a power cut with the files acknowledged in it.
+                    let parent = self.dir.parent().filter(|p| !p.as_os_str().is_empty());
+                    crate::store::sync_dir(parent.unwrap_or(std::path::Path::new(".")))
+                })
                 .map_err(|e| Error::io(format!("cannot create --dir {}", self.dir.display()), e))?;
         }
         let meta = std::fs::metadata(&self.dir)

@@ -44,8 +44,8 @@ pub enum Error {
     Connect { addr: String, source: io::Error },
     #[error("connection to {peer} {what}: {source}")]
     Connection { peer: String, what: &'static str, source: io::Error },
-    #[error("peer {peer} was silent for {secs} s ({what}); giving up (see --timeout)")]
-    Timeout { peer: String, secs: u64, what: &'static str },
+    #[error("peer {peer} timed out while {what} (nothing within {} s, see {})", limit.secs, limit.option)]
+    Timeout { peer: String, what: &'static str, limit: Limit },
     #[error("receiver rejected {name}: {reason} ({code:?})")]
     Rejected { name: String, code: RejectCode, reason: String },
     #[error("{0}")]
@@ -78,12 +78,13 @@ impl Error {
     }
 
     /// Maps an error on the connection to a peer: a timeout, a drop, or a protocol violation.
-    /// `what` says what this side was doing ("sending the body", "waiting for the verdict").
-    pub fn wire(peer: &str, what: &'static str, timeout_secs: u64, e: WireError) -> Error {
+    /// `what` says what this side was doing ("sending the body", "waiting for the verdict");
+    /// `limit` is the timeout that applied, for the message.
+    pub fn wire(peer: &str, what: &'static str, limit: Limit, e: WireError) -> Error {
         match e {
             WireError::Protocol(source) => Error::Protocol { peer: peer.to_string(), source },
             WireError::Io(source) if is_timeout(&source) => {
-                Error::Timeout { peer: peer.to_string(), secs: timeout_secs, what }
+                Error::Timeout { peer: peer.to_string(), what, limit }
             }
             WireError::Io(source) if source.kind() == io::ErrorKind::UnexpectedEof => Error::Connection {
                 peer: peer.to_string(),
@@ -93,6 +94,13 @@ impl Error {
             WireError::Io(source) => Error::Connection { peer: peer.to_string(), what: "failed", source },
         }
     }
+}
+
+/// A timeout that was in force, and the option that sets it, for error messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Limit {
+    pub secs: u64,
+    pub option: &'static str,
 }
 
 /// True for the errors a socket read or write timeout produces on the platforms we run on.

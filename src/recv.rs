@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use crate::error::Error;
+use crate::error::{Error, Limit};
 use crate::hash::Hasher;
 use crate::progress::{Progress, human_bytes, human_rate};
 use crate::protocol::{
@@ -81,12 +81,45 @@ fn take_slot(counter: &AtomicUsize, max: usize) -> Option<Slot<'_>> {
     Some(Slot(counter))
 }
 
-/// Returns reserved bytes when dropped.
-struct Reservation<'a>(&'a Mutex<u64>, u64);
+/// Bytes a transfer still has to write, counted in the shared pool. Shrinks as data lands (the
+/// file system's free space shrinks by the same amount) and returns the rest when dropped.
+struct Reservation<'a> {
+    pool: &'a Mutex<u64>,
+    left: u64,
+}
+
+impl Reservation<'_> {
+    fn consume(&mut self, n: u64) {
+        let n = n.min(self.left);
+        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) -= n;
+        self.left -= n;
+    }
+}
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) -= self.1;
+        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) -= self.left;
+    }
+}
+
+/// A socket reader with an overall deadline: before each read the socket's timeout is set to the
+/// time left, so a peer trickling one byte at a time cannot stretch the handshake. Without a
+/// deadline it reads with whatever idle timeout the socket has.
+struct DeadlineReader<'a> {
+    stream: &'a TcpStream,
+    until: Option<Instant>,
+}
+
+impl Read for DeadlineReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(until) = self.until {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake deadline passed"));
+            }
+            self.stream.set_read_timeout(Some(left))?;
+        }
+        (&mut &*self.stream).read(buf)
     }
 }
 
@@ -109,11 +142,17 @@ impl Receiver {
         self.listener.local_addr()
     }
 
-    /// Handles exactly one connection and returns its outcome.
+    /// Handles exactly one transfer and returns its outcome. Connections that never make an
+    /// offer (a port scan, a health check, a stray HTTP client) are logged and do not count.
     pub fn serve_once(self) -> Result<Stored, Error> {
-        let (stream, peer) = self.listener.accept().map_err(|e| Error::io("accepting a connection", e))?;
-        let _conn = take_slot(&self.shared.connections, usize::MAX);
-        handle_logged(&self.shared, stream, peer)
+        loop {
+            let (stream, peer) =
+                self.listener.accept().map_err(|e| Error::io("accepting a connection", e))?;
+            let (result, offered) = handle_logged(&self.shared, stream, peer);
+            if offered {
+                return result;
+            }
+        }
     }
 
     /// Serves forever, one thread per connection.
@@ -158,8 +197,8 @@ struct Seen {
     received: u64,
 }
 
-/// Handles one connection and logs one line about it.
-fn handle_logged(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Result<Stored, Error> {
+/// Handles one connection and logs one line about it. Also says whether an offer was read.
+fn handle_logged(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> (Result<Stored, Error>, bool) {
     let start = Instant::now();
     let mut seen = Seen::default();
     let result = handle(shared, &stream, &peer.to_string(), &mut seen);
@@ -179,22 +218,22 @@ fn handle_logged(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Result
         human_rate(seen.received, elapsed)
     );
     shared.progress.line(&line, true);
-    result
+    (result, seen.name.is_some())
 }
 
 fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> Result<Stored, Error> {
     let opts = &shared.opts;
-    let idle = opts.timeout.map_or(0, |t| t.as_secs());
-    let wire = |what: &'static str, secs: u64| move |e: WireError| Error::wire(peer, what, secs, e);
+    let idle = Limit { secs: opts.timeout.map_or(0, |t| t.as_secs()), option: "--timeout" };
+    let hs = Limit { secs: opts.handshake_timeout.as_secs(), option: "--handshake-timeout" };
+    let wire = |what: &'static str, limit: Limit| move |e: WireError| Error::wire(peer, what, limit, e);
     let setup = |e| Error::io("configuring the socket", e);
-    // Until the offer is in, the short handshake timeout applies: a silent connection costs a
-    // thread for seconds, not for the idle timeout.
-    stream.set_read_timeout(Some(opts.handshake_timeout)).map_err(setup)?;
     stream.set_write_timeout(opts.timeout).map_err(setup)?;
     let _ = stream.set_nodelay(true);
-    let mut reader = BufReader::with_capacity(RECV_BUF, stream);
+    // Until the offer is in, one deadline from accept applies: a silent or trickling connection
+    // costs a thread for seconds, not for the idle timeout.
+    let deadline = DeadlineReader { stream, until: Some(Instant::now() + opts.handshake_timeout) };
+    let mut reader = BufReader::with_capacity(RECV_BUF, deadline);
     let mut writer = BufWriter::new(stream);
-    let hs = opts.handshake_timeout.as_secs();
 
     // Hello out first, so a peer with another version learns ours even though we hang up.
     protocol::write_hello(&mut writer)
@@ -217,18 +256,22 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
             .and_then(|()| writer.flush())
             .map_err(|e| wire("replying to the offer", idle)(e.into()))
     };
-    let reject = |reply: &mut dyn FnMut(Reply) -> Result<(), Error>, code: RejectCode, reason: String| {
-        // The sender may already be gone; the refusal is logged either way.
+    // Refuses the offer (the sender may already be gone; the refusal is logged either way).
+    // A refusal for our own failure (code Failed) is a local I/O error on this side.
+    let mut refuse = |code: RejectCode, reason: String, local: Option<io::Error>| -> Result<Stored, Error> {
         let _ = reply(Reply::Reject { code, reason: bounded_reason(reason.clone()) });
-        Err(Error::Rejected { name: escape(&offer.name), code, reason })
+        Err(match local {
+            Some(e) => Error::io(reason, e),
+            None => Error::Rejected { name: escape(&offer.name), code, reason },
+        })
     };
 
     if let Err(e) = validate_name(&offer.name) {
-        return reject(&mut reply, RejectCode::InvalidName, e.to_string());
+        return refuse(RejectCode::InvalidName, e.to_string(), None);
     }
     let Some(_slot) = take_slot(&shared.transfers, opts.max_transfers) else {
         let reason = format!("receiver busy: {} transfers in progress, try again later", opts.max_transfers);
-        return reject(&mut reply, RejectCode::Busy, reason);
+        return refuse(RejectCode::Busy, reason, None);
     };
     match store::find_existing(&opts.dir, &offer.name, offer.size, &offer.digest, opts.overwrite) {
         Ok(Some(name)) => {
@@ -236,13 +279,16 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
             return Ok(Stored { name, already_had: true });
         }
         Ok(None) => {}
-        Err(e) => return reject(&mut reply, RejectCode::Failed, format!("cannot check existing files: {e}")),
+        Err(e) => return refuse(RejectCode::Failed, "cannot check existing files".into(), Some(e)),
     }
-    let _reservation = {
+    let mut reservation = {
         let mut reserved = shared.reserved.lock().unwrap_or_else(|e| e.into_inner());
         let free = match store::free_space(&opts.dir) {
             Ok(f) => f,
-            Err(e) => return reject(&mut reply, RejectCode::Failed, format!("cannot read free space: {e}")),
+            Err(e) => {
+                drop(reserved);
+                return refuse(RejectCode::Failed, "cannot read free space".into(), Some(e));
+            }
         };
         let available = free.saturating_sub(*reserved);
         if offer.size > available {
@@ -253,22 +299,22 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
                 human_bytes(available)
             );
             drop(reserved);
-            return reject(&mut reply, RejectCode::InsufficientSpace, reason);
+            return refuse(RejectCode::InsufficientSpace, reason, None);
         }
         *reserved += offer.size;
-        Reservation(&shared.reserved, offer.size)
+        Reservation { pool: &shared.reserved, left: offer.size }
     };
     let incoming = match Incoming::create(&opts.dir) {
         Ok(i) => i,
-        Err(e) => {
-            return reject(&mut reply, RejectCode::Failed, format!("cannot create a temporary file: {e}"));
-        }
+        Err(e) => return refuse(RejectCode::Failed, "cannot create a temporary file".into(), Some(e)),
     };
     reply(Reply::Accept { offset: 0 })?;
 
+    // From here the idle timeout applies to each read.
+    reader.get_mut().until = None;
     stream.set_read_timeout(opts.timeout).map_err(setup)?;
     let bar = shared.progress.bytes("receiving", &escape(&offer.name), offer.size);
-    let body = receive_body(&mut reader, &incoming, &offer, seen, &bar);
+    let body = receive_body(&mut reader, &incoming, &offer, seen, &mut reservation, &bar);
     bar.finish_and_clear();
     let verdict = |writer: &mut BufWriter<&TcpStream>, v: Verdict| {
         write_message(writer, &Message::Verdict(v)).and_then(|()| writer.flush())
@@ -277,10 +323,13 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
         Ok(d) => d,
         Err(BodyError::Wire(e)) => {
             let err = wire("receiving the body", idle)(e);
-            // The peer may have closed only its writing half; tell it what we saw.
+            // The peer may have closed only its writing half; tell it what we saw. Only a body
+            // that ended early is a size mismatch; a timeout or broken framing is a failure.
             let v = match &err {
-                Error::Protocol { .. } => Verdict::Failed { reason: bounded_reason(err.to_string()) },
-                _ => Verdict::SizeMismatch { expected: offer.size, received: seen.received },
+                Error::Connection { .. } => {
+                    Verdict::SizeMismatch { expected: offer.size, received: seen.received }
+                }
+                _ => Verdict::Failed { reason: bounded_reason(format!("receiver: {err}")) },
             };
             let _ = verdict(&mut writer, v);
             return Err(err);
@@ -339,10 +388,11 @@ const PIPELINE_BUFFERS: usize = 4;
 /// (SHA-256 is the slowest stage by far), fed full buffers after they are written, so socket reads
 /// and file writes overlap with it. Small data frames are gathered into full buffers first.
 fn receive_body(
-    r: &mut BufReader<&TcpStream>,
+    r: &mut BufReader<DeadlineReader<'_>>,
     incoming: &Incoming,
     offer: &Offer,
     seen: &mut Seen,
+    reservation: &mut Reservation<'_>,
     bar: &indicatif::ProgressBar,
 ) -> Result<protocol::Digest, BodyError> {
     let (full_tx, full_rx) = mpsc::channel::<(Vec<u8>, usize)>();
@@ -363,6 +413,7 @@ fn receive_body(
         let mut file = incoming.file();
         let mut pass_on = |buf: Vec<u8>, len: usize| -> Result<(), BodyError> {
             file.write_all(&buf[..len]).map_err(BodyError::Local)?;
+            reservation.consume(len as u64);
             full_tx.send((buf, len)).expect("hashing thread is alive");
             Ok(())
         };

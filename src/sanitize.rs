@@ -3,12 +3,13 @@
 //!
 //! The rules follow the bugs this kind of tool keeps having (scp CVE-2019-6111, croc
 //! CVE-2023-43619/43620, magic-wormhole's lost `basename()`): a name from the peer is one
-//! component, never a path; it is portable (what a Windows or macOS receiver could also store);
-//! and it cannot hide from a human reading the log.
+//! component, never a path; it avoids what Windows would alter or treat as a device; and it cannot
+//! hide from a human reading the log.
 
 use std::fmt::Write as _;
 
 use crate::protocol::MAX_NAME_LEN;
+use crate::store::TEMP_PREFIX;
 
 /// Why a name was refused. The message is sent to the peer as the rejection reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,6 +30,8 @@ pub enum NameError {
     TrailingDotOrSpace,
     #[error("name is a reserved device name on Windows ({0})")]
     ReservedDevice(String),
+    #[error("name starts with `{TEMP_PREFIX}`, reserved for xfer's temporary files")]
+    ReservedPrefix,
 }
 
 /// Windows device names, reserved with any extension (`CON.txt` too).
@@ -38,22 +41,34 @@ const RESERVED: &[&str] = &[
     "CONOUT$",
 ];
 
-/// True for characters that must never be in a stored name or reach a terminal raw: C0 and C1
-/// controls, DEL, and the Unicode format characters that reorder or hide text (bidi overrides and
-/// isolates, zero-width characters, BOM) — croc CVE-2023-43620 hid a file name behind escapes.
+/// True for characters that must never be in a stored name or reach a terminal raw: controls
+/// (C0, DEL, C1), line and paragraph separators, and every default-ignorable code point — the
+/// characters that render as nothing or reorder text (bidi marks, overrides and isolates,
+/// zero-width joiners, fillers, variation selectors, tags). croc CVE-2023-43620 hid a file name
+/// behind such characters.
 fn is_hidden_char(c: char) -> bool {
     c.is_control()
         || matches!(c,
-            '\u{200B}'..='\u{200F}' // zero-width space/joiners, LRM, RLM
+            '\u{00AD}' // soft hyphen
+            | '\u{034F}' // combining grapheme joiner
+            | '\u{061C}' // Arabic letter mark
+            | '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' // Hangul fillers
+            | '\u{17B4}' | '\u{17B5}' // Khmer inherent vowels
+            | '\u{180B}'..='\u{180F}' // Mongolian selectors, vowel separator
+            | '\u{200B}'..='\u{200F}' // zero-width space/joiners, LRM, RLM
+            | '\u{2028}' | '\u{2029}' // line and paragraph separators
             | '\u{202A}'..='\u{202E}' // bidi embeddings and overrides
-            | '\u{2060}'..='\u{2064}' // word joiner, invisible operators
-            | '\u{2066}'..='\u{2069}' // bidi isolates
+            | '\u{2060}'..='\u{206F}' // word joiner, invisible operators, bidi isolates
+            | '\u{FE00}'..='\u{FE0F}' // variation selectors
             | '\u{FEFF}' // BOM / zero-width no-break space
-            | '\u{FFF9}'..='\u{FFFB}' // interlinear annotations
+            | '\u{FFF0}'..='\u{FFFB}' // unassigned specials, interlinear annotations
+            | '\u{1BCA0}'..='\u{1BCA3}' // shorthand format controls
+            | '\u{1D173}'..='\u{1D17A}' // musical format controls
+            | '\u{E0000}'..='\u{E0FFF}' // tags, variation selectors supplement
         )
 }
 
-/// Checks that `name` is a single, portable file name. Returns the first rule it breaks.
+/// Checks that `name` is a single, safe file name. Returns the first rule it breaks.
 pub fn validate_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() {
         return Err(NameError::Empty);
@@ -72,6 +87,9 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
             _ => {}
         }
     }
+    if name.starts_with(TEMP_PREFIX) {
+        return Err(NameError::ReservedPrefix);
+    }
     if name.ends_with('.') || name.ends_with(' ') {
         return Err(NameError::TrailingDotOrSpace);
     }
@@ -82,14 +100,16 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     Ok(())
 }
 
-/// Escapes a string for a terminal or log: printable characters pass, backslash and the
-/// characters [`validate_name`] refuses become `\u{..}` escapes. Used for every name printed,
-/// valid or not, because a rejected name is still logged.
+/// Escapes a string for a terminal or log: printable characters pass; backslash and `"` get a
+/// backslash (log lines quote names, so a name cannot forge the fields after it); the characters
+/// [`validate_name`] refuses as hidden become `\u{..}` escapes. Used for every name or peer
+/// message printed, valid or not, because a rejected name is still logged.
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
-        if c == '\\' {
-            out.push_str("\\\\");
+        if c == '\\' || c == '"' {
+            out.push('\\');
+            out.push(c);
         } else if is_hidden_char(c) {
             let _ = write!(out, "\\u{{{:x}}}", c as u32);
         } else {
@@ -114,8 +134,10 @@ pub fn numbered_name(name: &str, n: u32) -> String {
         },
         None => name.len(),
     };
-    let (stem, ext) = name.split_at(split);
     let suffix = format!(" ({n})");
+    // An extension too long to keep beside the suffix is treated as part of the stem.
+    let split = if suffix.len() + (name.len() - split) >= MAX_NAME_LEN { name.len() } else { split };
+    let (stem, ext) = name.split_at(split);
     let mut stem_len = stem.len().min(MAX_NAME_LEN.saturating_sub(suffix.len() + ext.len()));
     while !stem.is_char_boundary(stem_len) {
         stem_len -= 1;
@@ -171,6 +193,13 @@ mod tests {
             ("zero\u{200B}width", NameError::ControlChar(0x200b)),
             ("trailing.", NameError::TrailingDotOrSpace),
             ("trailing ", NameError::TrailingDotOrSpace),
+            ("a\u{2028}b", NameError::ControlChar(0x2028)),
+            ("a\u{061C}b", NameError::ControlChar(0x061c)),
+            ("a\u{00AD}b", NameError::ControlChar(0xad)),
+            ("blank\u{3164}", NameError::ControlChar(0x3164)),
+            ("tag\u{E0041}", NameError::ControlChar(0xe0041)),
+            ("vs\u{FE0F}", NameError::ControlChar(0xfe0f)),
+            (".xfer-abc123.part", NameError::ReservedPrefix),
             ("CON", NameError::ReservedDevice("CON".into())),
             ("nul.txt", NameError::ReservedDevice("NUL".into())),
             ("com1.tar.gz", NameError::ReservedDevice("COM1".into())),
@@ -193,6 +222,8 @@ mod tests {
         assert_eq!(escape("a\x1b[31mb"), "a\\u{1b}[31mb");
         assert_eq!(escape("evil\u{202E}gpj.exe"), "evil\\u{202e}gpj.exe");
         assert_eq!(escape("back\\slash"), "back\\\\slash");
+        assert_eq!(escape("a\" 1 B: verified"), "a\\\" 1 B: verified");
+        assert_eq!(escape("line\u{2028}break"), "line\\u{2028}break");
         assert!(!escape("\0\r\n\x07").chars().any(|c| c.is_control()));
     }
 
@@ -208,5 +239,9 @@ mod tests {
         let n = numbered_name(&long, 12);
         assert!(n.len() <= MAX_NAME_LEN && n.ends_with(" (12).txt"), "{n}");
         assert_eq!(validate_name(&n), Ok(()));
+        // An extension too long to keep: the whole name is shortened instead.
+        let long_ext = format!("a.{}", "x".repeat(MAX_NAME_LEN - 2));
+        let n = numbered_name(&long_ext, 1);
+        assert!(n.len() <= MAX_NAME_LEN && n.ends_with(" (1)"), "{n}");
     }
 }

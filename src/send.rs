@@ -6,12 +6,12 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::error::Error;
+use crate::error::{Error, Limit};
 use crate::hash::hash_reader;
 use crate::progress::Progress;
 use crate::protocol::{
-    self, FrameKind, HashAlg, Message, Offer, Reply, Verdict, WireError, read_message, write_frame_header,
-    write_message,
+    self, FrameKind, HashAlg, Message, Offer, RejectCode, Reply, Verdict, WireError, bounded_reason,
+    read_message, write_frame_header, write_message,
 };
 use crate::sanitize::{escape, validate_name};
 
@@ -95,10 +95,10 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
 
     let stream = connect(&opts.to, opts.connect_timeout)?;
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| opts.to.clone());
-    let secs = opts.timeout.map_or(0, |t| t.as_secs());
+    let limit = Limit { secs: opts.timeout.map_or(0, |t| t.as_secs()), option: "--timeout" };
     let wire = |what: &'static str| {
         let peer = peer.clone();
-        move |e: WireError| Error::wire(&peer, what, secs, e)
+        move |e: WireError| Error::wire(&peer, what, limit, e)
     };
     stream.set_read_timeout(opts.timeout).map_err(|e| Error::io("setting socket timeout", e))?;
     stream.set_write_timeout(opts.timeout).map_err(|e| Error::io("setting socket timeout", e))?;
@@ -141,7 +141,17 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
                 outcome: Outcome::AlreadyHad(stored),
             });
         }
-        Reply::Reject { code, reason } => return Err(Error::Rejected { name: escape(&name), code, reason }),
+        // The receiver's words reach our terminal: bounded and escaped like any peer input.
+        Reply::Reject { code: RejectCode::Failed, reason } => {
+            return Err(Error::RemoteFailed(escape(&bounded_reason(reason))));
+        }
+        Reply::Reject { code, reason } => {
+            return Err(Error::Rejected {
+                name: escape(&name),
+                code,
+                reason: escape(&bounded_reason(reason)),
+            });
+        }
     };
 
     let bar = progress.bytes("sending", &name, size);
@@ -196,7 +206,7 @@ fn verdict_result(v: Verdict, name: &str, digest: &protocol::Digest) -> Result<S
             "receiver rejected \"{}\": got {received} bytes, expected {expected}",
             escape(name)
         ))),
-        Verdict::Failed { reason } => Err(Error::RemoteFailed(reason)),
+        Verdict::Failed { reason } => Err(Error::RemoteFailed(escape(&bounded_reason(reason)))),
     }
 }
 

@@ -121,8 +121,17 @@ impl Incoming {
                 format!("{MAX_KEEP_BOTH} files named like this exist"),
             )
         })?;
-        // The rename is durable only once the folder's entry is on disk.
-        OpenOptions::new().read(true).open(&self.dir)?.sync_all()?;
+        // The rename is durable only once the folder's entry is on disk. If that cannot be
+        // promised, the file is taken back out: "failed" must mean nothing was stored.
+        if let Err(e) = sync_dir(&self.dir) {
+            let _ = fs::remove_file(self.dir.join(&stored));
+            return Err(e);
+        }
         Ok(stored)
     }
+}
+
+/// Flushes a folder's entries (new names, renames) to stable storage.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    OpenOptions::new().read(true).open(dir)?.sync_all()
 }

@@ -74,8 +74,7 @@ fn nothing_listening_exits_3_quickly() {
 
 #[test]
 fn rejected_exits_4() {
-    // A real receiver refuses the offer: the name is fine locally but another sender holds the
-    // only slot (see concurrency.rs for the busy case); here the receiver has no room.
+    // A real receiver refuses the offer: another sender holds its only transfer slot.
     let rx = Receiver::start(&["--quiet", "--max-transfers", "1"]);
     let mut holder = crate::util::RawPeer::greet(rx.addr);
     holder.offer("holder", 10, sha256(b""));
@@ -109,6 +108,38 @@ fn receiver_failure_exits_1() {
     let (_src, path) = source_file("f", b"x");
     let run = send(&path, &addr, &[]).expect(1);
     assert!(run.stderr().contains("disk full"), "{}", run.report());
+}
+
+#[test]
+fn real_receiver_failure_exits_1_on_both_sides() {
+    // The receiver's folder vanishes under it: it cannot prepare the file and says so.
+    let mut rx = Receiver::start(&["--quiet", "--once"]);
+    std::fs::remove_dir(&rx.dir).unwrap();
+    let (_src, path) = source_file("f", b"x");
+    let run = send(&path, &rx.target(), &[]).expect(1);
+    assert!(run.stderr().starts_with("xfer: error: receiver failed to store the file: "), "{}", run.report());
+    assert_eq!(rx.wait_exit(), 6, "local I/O on the receiver's side\n{}", rx.stderr());
+}
+
+#[test]
+fn peer_text_is_escaped_on_the_sender() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        protocol::write_hello(&mut s).unwrap();
+        protocol::read_hello(&mut s).unwrap();
+        let _ = protocol::read_message(&mut s).unwrap();
+        let reason = "evil\x1b]0;owned\x07\r\nxfer: verified\u{202e}".to_string();
+        let reply = Reply::Reject { code: protocol::RejectCode::InvalidName, reason };
+        protocol::write_message(&mut s, &Message::Reply(reply)).unwrap();
+    });
+    let (_src, path) = source_file("f", b"x");
+    let run = send(&path, &addr, &[]).expect(4);
+    let err = run.stderr();
+    assert!(!err.contains('\x1b') && !err.contains('\x07') && !err.contains('\u{202e}'), "{err:?}");
+    assert_eq!(err.lines().count(), 1, "one line\n{}", run.report());
+    assert!(err.contains("evil\\u{1b}]0;owned"), "{err:?}");
 }
 
 #[test]

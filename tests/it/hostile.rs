@@ -92,6 +92,8 @@ fn truncated_body_then_reset_leaves_nothing() {
     p.offer("cut", 4 << 20, sha256(&data));
     assert_eq!(p.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
     p.data(&data);
+    // SO_LINGER 0: close sends a reset, not an orderly end of stream.
+    rustix::net::sockopt::set_socket_linger(&p.stream, Some(std::time::Duration::ZERO)).unwrap();
     drop(p);
     rx.wait_log("\"cut\"");
     still_serves(&rx, 0);

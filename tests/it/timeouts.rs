@@ -1,7 +1,8 @@
 //! Silent peers on either side are given up on with a clear error.
 
+use std::io::Write;
 use std::net::TcpListener;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::util::{RawPeer, Receiver, send, source_file};
 
@@ -13,7 +14,8 @@ fn sender_gives_up_on_a_silent_receiver() {
     let (_src, path) = source_file("f", b"data");
     let run = send(&path, &addr, &["--timeout", "1"]).expect(3);
     assert!(run.stderr().starts_with("xfer: error: "), "{}", run.report());
-    assert!(run.stderr().contains("silent for 1 s"), "{}", run.report());
+    assert!(run.stderr().contains("timed out while exchanging hellos"), "{}", run.report());
+    assert!(run.stderr().contains("(nothing within 1 s, see --timeout)"), "{}", run.report());
     assert!(run.elapsed < Duration::from_secs(10), "took {:?}", run.elapsed);
     drop(listener);
 }
@@ -23,17 +25,45 @@ fn receiver_drops_a_silent_sender_and_keeps_serving() {
     let rx = Receiver::start(&["--quiet", "--handshake-timeout", "1"]);
     let mut silent = RawPeer::connect(rx.addr);
     assert!(silent.closed_by_peer(), "receiver never hung up on a silent peer");
-    rx.wait_log("silent for 1 s");
+    rx.wait_log("(nothing within 1 s, see --handshake-timeout)");
     let (_src, path) = source_file("after", b"after");
     send(&path, &rx.target(), &[]).expect(0);
     rx.assert_files(&["after"]);
 }
 
 #[test]
+fn trickling_peer_cannot_stretch_the_handshake() {
+    let rx = Receiver::start(&["--quiet", "--handshake-timeout", "1"]);
+    let mut slow = RawPeer::connect(rx.addr);
+    let start = Instant::now();
+    // One byte of a valid hello every 200 ms: each read succeeds, the deadline still passes.
+    let hello = xfer::protocol::hello();
+    let mut closed = false;
+    for b in hello.iter().cycle().take(100) {
+        if slow.stream.write_all(&[*b]).is_err() {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(closed || slow.closed_by_peer(), "receiver kept a trickling peer");
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    rx.wait_log("see --handshake-timeout");
+}
+
+#[test]
 fn once_exits_with_the_status_of_its_transfer() {
+    // A connection that never offers anything (a port scan) does not end --once.
     let mut rx = Receiver::start(&["--quiet", "--once", "--handshake-timeout", "1"]);
+    drop(RawPeer::connect(rx.addr));
     let _silent = RawPeer::connect(rx.addr);
-    assert_eq!(rx.wait_exit(), 3, "{}", rx.stderr());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(rx.child.try_wait().unwrap().is_none(), "--once ended without a transfer\n{}", rx.stderr());
+    // A refused offer is a transfer: exit 4.
+    let mut p = RawPeer::greet(rx.addr);
+    p.offer("../escape", 1, crate::util::sha256(b"x"));
+    assert!(p.read().is_ok());
+    assert_eq!(rx.wait_exit(), 4, "{}", rx.stderr());
     assert!(rx.stderr().contains("xfer: error: "), "{}", rx.stderr());
 
     let mut rx = Receiver::start(&["--quiet", "--once"]);

@@ -88,3 +88,34 @@ fn missing_dir_is_created() {
     send(&path, &rx.target(), &[]).expect(0);
     assert_eq!(std::fs::read(dir.join("f")).unwrap(), b"x");
 }
+
+#[test]
+fn chunk_size_sets_the_frame_sizes_on_the_wire() {
+    use std::io::Read;
+    use xfer::protocol::{self, FrameKind, Message, Reply, Verdict};
+    // A recording receiver: accepts, notes every data frame's length, verifies nothing.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let recorder = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        protocol::write_hello(&mut s).unwrap();
+        protocol::read_hello(&mut s).unwrap();
+        let Message::Offer(offer) = protocol::read_message(&mut s).unwrap() else { panic!("no offer") };
+        protocol::write_message(&mut s, &Message::Reply(Reply::Accept { offset: 0 })).unwrap();
+        let (mut lens, mut got) = (Vec::new(), 0u64);
+        while got < offer.size {
+            let h = protocol::read_frame_header(&mut s).unwrap();
+            assert_eq!(h.kind, FrameKind::Data);
+            let mut buf = vec![0; h.len as usize];
+            s.read_exact(&mut buf).unwrap();
+            lens.push(h.len);
+            got += u64::from(h.len);
+        }
+        let v = Verdict::Verified { name: offer.name };
+        protocol::write_message(&mut s, &Message::Verdict(v)).unwrap();
+        lens
+    });
+    let (_src, path) = source_file("framed", &random_bytes(2500, 4));
+    send(&path, &addr, &["--chunk-size", "1000"]).expect(0);
+    assert_eq!(recorder.join().unwrap(), vec![1000, 1000, 500]);
+}
