@@ -43,7 +43,16 @@ impl Hasher {
 
 /// Hashes everything `r` yields, advancing `bar`. Returns the digest and the byte count, so the
 /// caller can tell whether the file changed size under it.
-pub fn hash_reader<R: Read>(mut r: R, bar: &ProgressBar) -> io::Result<(Digest, u64)> {
+pub fn hash_reader<R: Read>(r: R, bar: &ProgressBar) -> io::Result<(Digest, u64)> {
+    Ok(hash_reader_until(r, bar, None)?.expect("no deadline"))
+}
+
+/// Like [`hash_reader`], but gives up (returns `None`) once `deadline` has passed.
+pub fn hash_reader_until<R: Read>(
+    mut r: R,
+    bar: &ProgressBar,
+    deadline: Option<std::time::Instant>,
+) -> io::Result<Option<(Digest, u64)>> {
     let mut h = Hasher::new();
     let mut buf = vec![0u8; HASH_BUF];
     let mut total = 0u64;
@@ -57,8 +66,11 @@ pub fn hash_reader<R: Read>(mut r: R, bar: &ProgressBar) -> io::Result<(Digest, 
         h.update(&buf[..n]);
         total += n as u64;
         bar.inc(n as u64);
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return Ok(None);
+        }
     }
-    Ok((h.finish(), total))
+    Ok(Some((h.finish(), total)))
 }
 
 /// "sha-ni" when the CPU has the SHA extensions (both ring and sha2 then use them), "no sha-ni"

@@ -273,7 +273,15 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
         let reason = format!("receiver busy: {} transfers in progress, try again later", opts.max_transfers);
         return refuse(RejectCode::Busy, reason, None);
     };
-    match store::find_existing(&opts.dir, &offer.name, offer.size, &offer.digest, opts.overwrite) {
+    // Half the sender's idle timeout (as far as we know it: ours) for comparing with old files.
+    let check_until = Instant::now() + opts.timeout.map_or(Duration::from_secs(60), |t| t / 2);
+    match store::find_existing(
+        &opts.dir,
+        &offer.name,
+        (offer.size, &offer.digest),
+        opts.overwrite,
+        check_until,
+    ) {
         Ok(Some(name)) => {
             reply(Reply::AlreadyHave { name: name.clone() })?;
             return Ok(Stored { name, already_had: true });

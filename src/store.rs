@@ -9,11 +9,12 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use indicatif::ProgressBar;
 use tempfile::NamedTempFile;
 
-use crate::hash::hash_reader;
+use crate::hash::hash_reader_until;
 use crate::protocol::Digest;
 use crate::sanitize::numbered_name;
 
@@ -30,13 +31,16 @@ pub const TEMP_SUFFIX: &str = ".part";
 const FILE_MODE: u32 = 0o644;
 
 /// If a file with this exact content is already stored as `name` or one of its keep-both
-/// variants, returns the name it is stored under. Only same-size regular files are hashed.
+/// variants, returns the name it is stored under. Only same-size regular files are hashed, and
+/// only until `deadline`: the sender is waiting for the reply, and a peer must not be able to make
+/// the receiver read huge files for nothing. Past the deadline the answer is "not found", which
+/// costs a resend (stored beside the old file), never a wrong "already have it".
 pub fn find_existing(
     dir: &Path,
     name: &str,
-    size: u64,
-    digest: &Digest,
+    (size, digest): (u64, &Digest),
     overwrite: bool,
+    deadline: Instant,
 ) -> io::Result<Option<String>> {
     let last = if overwrite { 0 } else { MAX_KEEP_BOTH };
     for n in 0..=last {
@@ -48,9 +52,11 @@ pub fn find_existing(
         };
         // Never follow a symlink, and never read a fifo or device the folder happens to contain.
         if meta.file_type().is_file() && meta.len() == size {
-            let (d, _) = hash_reader(File::open(dir.join(&candidate))?, &ProgressBar::hidden())?;
-            if &d == digest {
-                return Ok(Some(candidate));
+            let file = File::open(dir.join(&candidate))?;
+            match hash_reader_until(file, &ProgressBar::hidden(), Some(deadline))? {
+                Some((d, _)) if &d == digest => return Ok(Some(candidate)),
+                Some(_) => {}
+                None => return Ok(None),
             }
         }
     }

@@ -186,3 +186,18 @@ fn data_before_any_offer_is_refused() {
     rx.wait_log("expected a message frame, got a data frame");
     still_serves(&rx, 0);
 }
+
+#[test]
+fn offer_naming_a_huge_existing_file_is_answered_quickly() {
+    // An 8 GiB sparse file already in DIR, and an offer of the same name and size: the receiver
+    // may compare contents only for half its idle timeout, not for the ~25 s a full read takes.
+    let rx = Receiver::start(&["--quiet", "--timeout", "2"]);
+    let big = std::fs::File::create(rx.dir.join("big.img")).unwrap();
+    big.set_len(8 << 30).unwrap();
+    let mut p = RawPeer::greet(rx.addr);
+    let start = std::time::Instant::now();
+    p.offer("big.img", 8 << 30, sha256(b"not the content"));
+    let reply = p.read().unwrap();
+    assert!(start.elapsed() < std::time::Duration::from_secs(5), "reply took {:?}", start.elapsed());
+    assert!(!matches!(reply, Message::Reply(Reply::AlreadyHave { .. })), "{reply:?}");
+}
