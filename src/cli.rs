@@ -63,6 +63,9 @@ pub struct SendArgs {
     /// Give up connecting after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub connect_timeout: u64,
+    /// Do not use or update the digest cache: always read the file to hash it.
+    #[arg(long)]
+    pub no_cache: bool,
     /// No progress bars or notes on stderr (the summary on stdout and errors remain).
     #[arg(short, long)]
     pub quiet: bool,
@@ -157,6 +160,7 @@ impl SendArgs {
             timeout: secs(self.timeout),
             connect_timeout: Duration::from_secs(self.connect_timeout.max(1)),
             quiet: self.quiet,
+            cache: !self.no_cache,
         })
     }
 }

@@ -3,6 +3,7 @@
 //! The binary is a thin shell over this library, so tests and benchmarks can drive a sender or a
 //! receiver in-process and speak the wire format directly.
 
+pub mod cache;
 pub mod cli;
 pub mod error;
 pub mod hash;

@@ -6,6 +6,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::cache::{DigestCache, Stamp};
 use crate::error::{Error, Limit};
 use crate::hash::hash_reader;
 use crate::progress::Progress;
@@ -38,6 +39,8 @@ pub struct SendOpts {
     pub timeout: Option<Duration>,
     pub connect_timeout: Duration,
     pub quiet: bool,
+    /// Use and update the digest cache (`--no-cache` turns it off).
+    pub cache: bool,
 }
 
 /// How a send ended well.
@@ -57,6 +60,8 @@ pub struct SendReport {
     pub digest: protocol::Digest,
     pub elapsed: Duration,
     pub outcome: Outcome,
+    /// The digest came from the cache: the file was not read before sending.
+    pub cached: bool,
 }
 
 /// Sends one file. Returns only when the receiver said "verified" or "already have it".
@@ -81,17 +86,8 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
         Error::Usage(format!("cannot send as \"{}\": {e} (pick another with --as)", escape(&name)))
     })?;
     let size = meta.len();
-
-    let bar = progress.bytes("hashing", &name, size);
-    let (digest, hashed) =
-        hash_reader(&mut file, &bar).map_err(|e| Error::io(format!("cannot read {path}"), e))?;
-    bar.finish_and_clear();
-    if hashed != size {
-        return Err(Error::io(
-            format!("{path} changed while being hashed"),
-            std::io::Error::other(format!("expected {size} bytes, read {hashed}")),
-        ));
-    }
+    let stamp = Stamp::of(&meta);
+    let (digest, cached) = digest_of(&mut file, stamp, opts.cache, progress, (&name, &path))?;
 
     let stream = connect(&opts.to, opts.connect_timeout)?;
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| opts.to.clone());
@@ -139,6 +135,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
                 digest,
                 elapsed: start.elapsed(),
                 outcome: Outcome::AlreadyHad(stored),
+                cached,
             });
         }
         // The receiver's words reach our terminal: bounded and escaped like any peer input.
@@ -182,8 +179,46 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
         Message::Verdict(v) => v,
         other => return Err(unexpected(&peer, "verdict", &other)),
     };
+    // A file written to while it was read is never reported as sent, whatever the receiver says:
+    // what arrived is not what is on disk now.
+    let now =
+        file.metadata().map(|m| Stamp::of(&m)).map_err(|e| Error::io(format!("cannot stat {path}"), e))?;
+    if now != stamp {
+        return Err(Error::Integrity(format!(
+            "{path} changed while it was being sent; nothing is known to match it, send it again"
+        )));
+    }
     let stored = verdict_result(verdict, &name, &digest)?;
-    Ok(SendReport { name, size, digest, elapsed: start.elapsed(), outcome: Outcome::Verified(stored) })
+    let outcome = Outcome::Verified(stored);
+    Ok(SendReport { name, size, digest, elapsed: start.elapsed(), outcome, cached })
+}
+
+/// The file's digest: from the cache when its stamp is known, otherwise by reading it (with a
+/// bar), checking it did not change meanwhile, and remembering the result.
+fn digest_of(
+    file: &mut File,
+    stamp: Stamp,
+    use_cache: bool,
+    progress: &Progress,
+    (name, path): (&str, &str),
+) -> Result<(protocol::Digest, bool), Error> {
+    let mut cache = use_cache.then(DigestCache::open_default);
+    if let Some(d) = cache.as_ref().and_then(|c| c.get(&stamp)) {
+        return Ok((d, true));
+    }
+    let bar = progress.bytes("hashing", name, stamp.size);
+    let (digest, hashed) =
+        hash_reader(&mut *file, &bar).map_err(|e| Error::io(format!("cannot read {path}"), e))?;
+    bar.finish_and_clear();
+    let after =
+        file.metadata().map(|m| Stamp::of(&m)).map_err(|e| Error::io(format!("cannot stat {path}"), e))?;
+    if hashed != stamp.size || after != stamp {
+        return Err(Error::Integrity(format!("{path} changed while it was being hashed; send it again")));
+    }
+    if let Some(c) = &mut cache {
+        c.put(stamp, digest);
+    }
+    Ok((digest, false))
 }
 
 fn unexpected(peer: &str, expected: &'static str, got: &Message) -> Error {

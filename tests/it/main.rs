@@ -3,6 +3,7 @@
 
 mod util; // harness: spawn receivers, run senders, raw wire peers, random data, failure reports
 
+mod cache; // the sender's digest cache: repeat sends skip hashing, changes never slip through
 mod concurrency; // many senders at once; a stalled sender holds up no one; the busy limit
 mod existing; // identical file → already have it; different → keep both; --overwrite replaces
 mod exit_codes; // every documented exit code, provoked for real

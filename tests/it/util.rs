@@ -173,14 +173,30 @@ impl Run {
     }
 }
 
+/// A cache folder for this test process, so senders never touch the user's real digest cache.
+pub fn test_cache_home() -> &'static Path {
+    static HOME: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    HOME.get_or_init(|| tempfile::tempdir().unwrap()).path()
+}
+
 /// Runs `xfer` with `args` to completion.
 pub fn xfer<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Run {
+    xfer_in(args, test_cache_home())
+}
+
+/// Runs `xfer` with `args` and `XDG_CACHE_HOME` set to `cache_home`.
+pub fn xfer_in<S: AsRef<std::ffi::OsStr>>(args: &[S], cache_home: &Path) -> Run {
     let cmd = format!(
         "xfer {}",
         args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
     );
     let start = Instant::now();
-    let out = Command::new(BIN).args(args).stdin(Stdio::null()).output().expect("run xfer");
+    let out = Command::new(BIN)
+        .args(args)
+        .env("XDG_CACHE_HOME", cache_home)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run xfer");
     Run { out, cmd, elapsed: start.elapsed() }
 }
 
