@@ -29,8 +29,10 @@ fn run(cli: Cli) -> Result<(), Error> {
             let opts = args.into_opts()?;
             let progress = Progress::new(opts.quiet);
             let r = send(&opts, &progress)?;
+            let resumed =
+                if r.resumed_at > 0 { format!(", resumed at {} bytes", r.resumed_at) } else { String::new() };
             let outcome = match &r.outcome {
-                Outcome::Verified(n) => format!("verified, stored as \"{}\"", escape(n)),
+                Outcome::Verified(n) => format!("verified, stored as \"{}\"{resumed}", escape(n)),
                 Outcome::AlreadyHad(n) => format!("receiver already has it as \"{}\"", escape(n)),
             };
             println!(

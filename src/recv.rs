@@ -14,13 +14,14 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Limit};
 use crate::hash::Hasher;
+use crate::partial::{Opened, Partial};
 use crate::progress::{Progress, human_bytes, human_rate};
 use crate::protocol::{
     self, FrameKind, Message, Offer, ProtocolError, RejectCode, Reply, Verdict, WireError, bounded_reason,
     read_frame_header, read_message, write_message,
 };
 use crate::sanitize::{escape, validate_name};
-use crate::store::{self, Incoming};
+use crate::store;
 
 /// Read size from the socket into the file: one buffer per transfer, whatever the chunk size, so
 /// memory stays flat however large the file or the sender's chunks.
@@ -194,6 +195,9 @@ impl Receiver {
 struct Seen {
     name: Option<String>,
     size: Option<u64>,
+    /// Offset the body resumed from (0 for a fresh transfer).
+    resumed: u64,
+    /// Body bytes received on this connection.
     received: u64,
 }
 
@@ -207,9 +211,11 @@ fn handle_logged(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> (Resul
         (Some(n), Some(s)) => format!("\"{}\" {}", escape(n), human_bytes(s)),
         _ => "(no offer)".to_string(),
     };
+    let resumed =
+        if seen.resumed > 0 { format!(" (resumed at {} bytes)", seen.resumed) } else { String::new() };
     let outcome = match &result {
         Ok(s) if s.already_had => format!("already have it as \"{}\"", escape(&s.name)),
-        Ok(s) => format!("verified, stored as \"{}\"", escape(&s.name)),
+        Ok(s) => format!("verified, stored as \"{}\"{resumed}", escape(&s.name)),
         Err(e) => format!("failed: {e}"),
     };
     let line = format!(
@@ -289,40 +295,51 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
         Ok(None) => {}
         Err(e) => return refuse(RejectCode::Failed, "cannot check existing files".into(), Some(e)),
     }
+    let (partial, offset, hasher) =
+        match Partial::open(&opts.dir, &offer.name, (offer.size, &offer.digest), check_until) {
+            Ok(Opened::Ready { partial, offset, hasher }) => (partial, offset, hasher),
+            Ok(Opened::Busy) => {
+                let reason = "another transfer of this name is in progress, try again later".to_string();
+                return refuse(RejectCode::Busy, reason, None);
+            }
+            Err(e) => return refuse(RejectCode::Failed, "cannot open the partial file".into(), Some(e)),
+        };
+    seen.resumed = offset;
+    let need = offer.size - offset;
     let mut reservation = {
         let mut reserved = shared.reserved.lock().unwrap_or_else(|e| e.into_inner());
         let free = match store::free_space(&opts.dir) {
             Ok(f) => f,
             Err(e) => {
                 drop(reserved);
+                partial.keep();
                 return refuse(RejectCode::Failed, "cannot read free space".into(), Some(e));
             }
         };
         let available = free.saturating_sub(*reserved);
-        if offer.size > available {
+        if need > available {
             let reason = format!(
-                "file is {} ({} bytes) but the receiver has {} free",
-                human_bytes(offer.size),
-                offer.size,
+                "file needs {} ({need} bytes) more but the receiver has {} free",
+                human_bytes(need),
                 human_bytes(available)
             );
             drop(reserved);
+            partial.keep();
             return refuse(RejectCode::InsufficientSpace, reason, None);
         }
-        *reserved += offer.size;
-        Reservation { pool: &shared.reserved, left: offer.size }
+        *reserved += need;
+        Reservation { pool: &shared.reserved, left: need }
     };
-    let incoming = match Incoming::create(&opts.dir) {
-        Ok(i) => i,
-        Err(e) => return refuse(RejectCode::Failed, "cannot create a temporary file".into(), Some(e)),
-    };
-    reply(Reply::Accept { offset: 0 })?;
+    if let Err(e) = reply(Reply::Accept { offset }) {
+        partial.keep();
+        return Err(e);
+    }
 
     // From here the idle timeout applies to each read.
     reader.get_mut().until = None;
     stream.set_read_timeout(opts.timeout).map_err(setup)?;
     let bar = shared.progress.bytes("receiving", &escape(&offer.name), offer.size);
-    let body = receive_body(&mut reader, &incoming, &offer, seen, &mut reservation, &bar);
+    let body = receive_body(&mut reader, &partial, (&offer, offset, hasher), seen, &mut reservation, &bar);
     bar.finish_and_clear();
     let verdict = |writer: &mut BufWriter<&TcpStream>, v: Verdict| {
         write_message(writer, &Message::Verdict(v)).and_then(|()| writer.flush())
@@ -335,22 +352,31 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
             // that ended early is a size mismatch; a timeout or broken framing is a failure.
             let v = match &err {
                 Error::Connection { .. } => {
-                    Verdict::SizeMismatch { expected: offer.size, received: seen.received }
+                    Verdict::SizeMismatch { expected: offer.size, received: offset + seen.received }
                 }
                 _ => Verdict::Failed { reason: bounded_reason(format!("receiver: {err}")) },
             };
             let _ = verdict(&mut writer, v);
+            // An interruption keeps what arrived for a resume; broken framing does not.
+            if matches!(err, Error::Protocol { .. }) {
+                partial.discard();
+            } else {
+                partial.keep();
+            }
             return Err(err);
         }
         Err(BodyError::TooLong(len)) => {
-            let received = seen.received + u64::from(len);
+            partial.discard();
+            let received = offset + seen.received + u64::from(len);
             let _ = verdict(&mut writer, Verdict::SizeMismatch { expected: offer.size, received });
             return Err(Error::Integrity(format!(
                 "body longer than offered: a {len}-byte chunk at byte {} of {}",
-                seen.received, offer.size
+                offset + seen.received,
+                offer.size
             )));
         }
         Err(BodyError::Local(e)) => {
+            partial.discard();
             let _ = verdict(
                 &mut writer,
                 Verdict::Failed { reason: bounded_reason(format!("writing the file: {e}")) },
@@ -359,10 +385,11 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
         }
     };
     if digest != offer.digest {
+        partial.discard();
         let _ = verdict(&mut writer, Verdict::HashMismatch { expected: offer.digest, actual: digest });
         return Err(Error::Integrity(format!("content hashed to {digest}, offer said {}", offer.digest)));
     }
-    let stored = match incoming.commit(&offer.name, opts.overwrite) {
+    let stored = match partial.commit(&offer.name, opts.overwrite) {
         Ok(s) => s,
         Err(e) => {
             let _ = verdict(
@@ -397,8 +424,8 @@ const PIPELINE_BUFFERS: usize = 4;
 /// and file writes overlap with it. Small data frames are gathered into full buffers first.
 fn receive_body(
     r: &mut BufReader<DeadlineReader<'_>>,
-    incoming: &Incoming,
-    offer: &Offer,
+    partial: &Partial,
+    (offer, offset, hasher): (&Offer, u64, Hasher),
     seen: &mut Seen,
     reservation: &mut Reservation<'_>,
     bar: &indicatif::ProgressBar,
@@ -410,7 +437,7 @@ fn receive_body(
     }
     std::thread::scope(|scope| {
         let hashing = scope.spawn(move || {
-            let mut hasher = Hasher::new();
+            let mut hasher = hasher;
             for (buf, len) in full_rx {
                 hasher.update(&buf[..len]);
                 // The reader may have stopped early; then nobody wants the buffer back.
@@ -418,7 +445,7 @@ fn receive_body(
             }
             hasher.finish()
         });
-        let mut file = incoming.file();
+        let mut file = partial.file();
         let mut pass_on = |buf: Vec<u8>, len: usize| -> Result<(), BodyError> {
             file.write_all(&buf[..len]).map_err(BodyError::Local)?;
             reservation.consume(len as u64);
@@ -428,19 +455,27 @@ fn receive_body(
         let read = (|| {
             let mut buf = empty_rx.recv().expect("hashing thread returns buffers");
             let mut filled = 0;
-            while seen.received < offer.size {
-                let h = read_frame_header(r).map_err(BodyError::Wire)?;
+            let outcome = 'body: loop {
+                if offset + seen.received >= offer.size {
+                    break 'body Ok(());
+                }
+                let h = match read_frame_header(r) {
+                    Ok(h) => h,
+                    Err(e) => break 'body Err(BodyError::Wire(e)),
+                };
                 if h.kind != FrameKind::Data {
                     let e = ProtocolError::UnexpectedFrame { expected: FrameKind::Data, got: h.kind };
-                    return Err(BodyError::Wire(e.into()));
+                    break 'body Err(BodyError::Wire(e.into()));
                 }
-                if u64::from(h.len) > offer.size - seen.received {
-                    return Err(BodyError::TooLong(h.len));
+                if u64::from(h.len) > offer.size - offset - seen.received {
+                    break 'body Err(BodyError::TooLong(h.len));
                 }
                 let mut left = h.len as usize;
                 while left > 0 {
                     let n = left.min(RECV_BUF - filled);
-                    r.read_exact(&mut buf[filled..filled + n]).map_err(|e| BodyError::Wire(e.into()))?;
+                    if let Err(e) = r.read_exact(&mut buf[filled..filled + n]) {
+                        break 'body Err(BodyError::Wire(e.into()));
+                    }
                     filled += n;
                     left -= n;
                     seen.received += n as u64;
@@ -451,11 +486,13 @@ fn receive_body(
                         filled = 0;
                     }
                 }
-            }
-            if filled > 0 {
+            };
+            // Bytes that arrived intact are written even when the connection then failed: a
+            // resume starts after them. (After broken framing the partial is discarded anyway.)
+            if filled > 0 && matches!(outcome, Ok(()) | Err(BodyError::Wire(WireError::Io(_)))) {
                 pass_on(buf, filled)?;
             }
-            Ok(())
+            outcome
         })();
         drop(full_tx);
         let digest = hashing.join().expect("hashing thread does not panic");

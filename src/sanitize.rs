@@ -8,8 +8,8 @@
 
 use std::fmt::Write as _;
 
+use crate::partial::TEMP_PREFIX;
 use crate::protocol::MAX_NAME_LEN;
-use crate::store::TEMP_PREFIX;
 
 /// Why a name was refused. The message is sent to the peer as the rejection reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

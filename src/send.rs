@@ -62,6 +62,9 @@ pub struct SendReport {
     pub outcome: Outcome,
     /// The digest came from the cache: the file was not read before sending.
     pub cached: bool,
+    /// The receiver already held this many bytes from an interrupted transfer; only the rest was
+    /// sent.
+    pub resumed_at: u64,
 }
 
 /// Sends one file. Returns only when the receiver said "verified" or "already have it".
@@ -136,6 +139,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
                 elapsed: start.elapsed(),
                 outcome: Outcome::AlreadyHad(stored),
                 cached,
+                resumed_at: 0,
             });
         }
         // The receiver's words reach our terminal: bounded and escaped like any peer input.
@@ -151,6 +155,9 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
         }
     };
 
+    if offset > 0 {
+        progress.line(&format!("xfer: resuming \"{}\" at byte {offset} of {size}", escape(&name)), false);
+    }
     let bar = progress.bytes("sending", &name, size);
     bar.set_position(offset);
     let body = send_body(
@@ -190,7 +197,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
     }
     let stored = verdict_result(verdict, &name, &digest)?;
     let outcome = Outcome::Verified(stored);
-    Ok(SendReport { name, size, digest, elapsed: start.elapsed(), outcome, cached })
+    Ok(SendReport { name, size, digest, elapsed: start.elapsed(), outcome, cached, resumed_at: offset })
 }
 
 /// The file's digest: from the cache when its stamp is known, otherwise by reading it (with a

@@ -71,7 +71,7 @@ fn four_gib_data_frame_in_the_body_is_refused() {
 }
 
 #[test]
-fn truncated_body_then_close_is_a_size_mismatch() {
+fn truncated_body_then_close_is_a_size_mismatch_and_kept_for_resume() {
     let rx = Receiver::start(&["--quiet"]);
     let data = random_bytes(1000, 1);
     let mut p = RawPeer::greet(rx.addr);
@@ -81,22 +81,34 @@ fn truncated_body_then_close_is_a_size_mismatch() {
     p.stream.shutdown(Shutdown::Write).unwrap();
     assert_eq!(p.read().unwrap(), Message::Verdict(Verdict::SizeMismatch { expected: 1000, received: 500 }));
     rx.wait_log("closed early");
-    still_serves(&rx, 0);
+    // No final name; the 500 bytes wait, hidden, for the rest.
+    assert_eq!(rx.assert_files_and_partial(&[], "short"), 500);
+    let (_src, path) = source_file("short", &data);
+    let run = send(&path, &rx.target(), &[]).expect(0);
+    assert!(run.stdout().contains("resumed at 500 bytes"), "{}", run.report());
+    rx.assert_files(&["short"]);
+    assert!(std::fs::read(rx.dir.join("short")).unwrap() == data);
 }
 
 #[test]
-fn truncated_body_then_reset_leaves_nothing() {
+fn truncated_body_then_reset_leaves_no_final_name() {
     let rx = Receiver::start(&["--quiet"]);
-    let data = random_bytes(1 << 20, 1);
+    let data = random_bytes(4 << 20, 1);
     let mut p = RawPeer::greet(rx.addr);
     p.offer("cut", 4 << 20, sha256(&data));
     assert_eq!(p.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
-    p.data(&data);
+    p.data(&data[..1 << 20]);
     // SO_LINGER 0: close sends a reset, not an orderly end of stream.
     rustix::net::sockopt::set_socket_linger(&p.stream, Some(std::time::Duration::ZERO)).unwrap();
     drop(p);
     rx.wait_log("\"cut\"");
-    still_serves(&rx, 0);
+    let kept = rx.assert_files_and_partial(&[], "cut");
+    assert!(kept <= 1 << 20, "kept {kept} bytes of 1 MiB sent");
+    // Resending completes from what was kept.
+    let (_src, path) = source_file("cut", &data);
+    send(&path, &rx.target(), &[]).expect(0);
+    rx.assert_files(&["cut"]);
+    assert!(std::fs::read(rx.dir.join("cut")).unwrap() == data);
 }
 
 #[test]

@@ -111,6 +111,26 @@ impl Receiver {
         assert_eq!(list(self.root.path()), vec!["dir".to_string()], "something was written outside DIR");
     }
 
+    /// The partial file kept for `name` (after an interruption), and its length.
+    pub fn partial(&self, name: &str) -> (String, u64) {
+        let stem = xfer::partial::stem_for(name);
+        let part = format!("{stem}.part");
+        let len = std::fs::metadata(self.dir.join(&part)).map(|m| m.len()).unwrap_or_else(|e| {
+            panic!("no partial for {name:?} ({part}): {e}; folder holds {:?}", self.files())
+        });
+        (stem, len)
+    }
+
+    /// Like `assert_files`, plus the partial and record kept for `name`.
+    pub fn assert_files_and_partial(&self, want: &[&str], name: &str) -> u64 {
+        let (stem, len) = self.partial(name);
+        let (part, meta) = (format!("{stem}.part"), format!("{stem}.meta"));
+        let mut all: Vec<&str> = want.to_vec();
+        all.extend([part.as_str(), meta.as_str()]);
+        self.assert_files(&all);
+        len
+    }
+
     /// Waits for the child to exit (for --once) and returns its status code.
     pub fn wait_exit(&mut self) -> i32 {
         let deadline = Instant::now() + Duration::from_secs(20);
