@@ -9,5 +9,6 @@ mod existing; // identical file → already have it; different → keep both; --
 mod exit_codes; // every documented exit code, provoked for real
 mod hostile; // a raw peer speaking the wire format attacks the receiver
 mod progress; // bars on a terminal (a pty from script(1)), none with --quiet or in a pipe
+mod resume; // interrupted three ways, then resumed; other versions not reused
 mod timeouts; // silent peers on either side
 mod transfer; // byte-for-byte equality across sizes and chunk sizes

@@ -131,6 +131,14 @@ impl Receiver {
         len
     }
 
+    /// Kills the receiver and hands back its folder, for a new receiver on the same folder.
+    pub fn kill_and_keep_dir(mut self) -> (tempfile::TempDir, PathBuf) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let root = std::mem::replace(&mut self.root, tempfile::tempdir().unwrap());
+        (root, self.dir.clone())
+    }
+
     /// Waits for the child to exit (for --once) and returns its status code.
     pub fn wait_exit(&mut self) -> i32 {
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -1,0 +1,172 @@
+//! Resume after an interruption, three ways, on a 64 MiB file cut at half: the sender killed, the
+//! receiver killed, the connection dropped by a proxy. Sending again moves only the rest, and
+//! the file verifies. A partial of another version is not reused.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use crate::util::{BIN, Receiver, random_bytes, send, source_file, test_cache_home};
+
+const SIZE: usize = 64 << 20;
+const CUT: u64 = 32 << 20;
+
+/// A one-connection TCP proxy that counts the bytes it forwards from sender to receiver. With
+/// `cut_at`, it forwards exactly that many, reports it is paused, waits to be released, then
+/// drops both connections.
+struct Proxy {
+    addr: SocketAddr,
+    forwarded: Arc<AtomicU64>,
+    paused: mpsc::Receiver<()>,
+    release: mpsc::Sender<()>,
+}
+
+impl Proxy {
+    fn start(target: SocketAddr, cut_at: Option<u64>) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let (paused_tx, paused) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let count = Arc::clone(&forwarded);
+        std::thread::spawn(move || {
+            let (mut client, _) = listener.accept().unwrap();
+            let mut server = TcpStream::connect(target).unwrap();
+            let (mut client_r, mut server_w) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut server, &mut client);
+                let _ = client.shutdown(Shutdown::Write);
+            });
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match client_r.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let done = count.load(Ordering::SeqCst);
+                let n = cut_at.map_or(n, |c| n.min((c - done) as usize));
+                if server_w.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                count.fetch_add(n as u64, Ordering::SeqCst);
+                if cut_at == Some(done + n as u64) {
+                    let _ = paused_tx.send(());
+                    let _ = release_rx.recv_timeout(Duration::from_secs(30));
+                    break;
+                }
+            }
+            let _ = server_w.shutdown(Shutdown::Both);
+            let _ = client_r.shutdown(Shutdown::Both);
+        });
+        Proxy { addr, forwarded, paused, release }
+    }
+
+    fn wait_paused(&self) {
+        self.paused.recv_timeout(Duration::from_secs(60)).expect("proxy never reached the cut");
+    }
+}
+
+/// `xfer send` started in the background, through `to`.
+fn spawn_sender(path: &std::path::Path, to: SocketAddr) -> std::process::Child {
+    Command::new(BIN)
+        .args(["send", "--quiet"])
+        .arg(path)
+        .arg(to.to_string())
+        .env("XDG_CACHE_HOME", test_cache_home())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Sends `path` again through a counting proxy; checks it resumed past most of the cut, moved
+/// only the rest, and stored the right bytes.
+fn resend_and_check(rx: &Receiver, path: &std::path::Path, data: &[u8]) {
+    let counter = Proxy::start(rx.addr, None);
+    let run = send(path, &counter.addr.to_string(), &[]).expect(0);
+    let out = run.stdout();
+    let offset: u64 = out
+        .split("resumed at ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("did not resume\n{}", run.report()));
+    // At most one receive buffer (256 KiB) of what crossed the wire is lost in an interruption.
+    assert!(offset > CUT - (1 << 20) && offset <= CUT, "resumed at {offset}, cut at {CUT}");
+    let moved = counter.forwarded.load(Ordering::SeqCst);
+    assert!(moved < SIZE as u64 - offset + (64 << 10), "moved {moved} bytes after resuming at {offset}");
+    rx.assert_files(&["big.bin"]);
+    assert!(std::fs::read(rx.dir.join("big.bin")).unwrap() == data, "resumed file differs");
+}
+
+#[test]
+fn resume_after_the_sender_is_killed() {
+    let rx = Receiver::start(&["--quiet"]);
+    let data = random_bytes(SIZE, 21);
+    let (_src, path) = source_file("big.bin", &data);
+    let proxy = Proxy::start(rx.addr, Some(CUT));
+    let mut sender = spawn_sender(&path, proxy.addr);
+    proxy.wait_paused();
+    sender.kill().unwrap();
+    sender.wait().unwrap();
+    proxy.release.send(()).unwrap();
+    rx.wait_log("\"big.bin\"");
+    rx.assert_files_and_partial(&[], "big.bin");
+    resend_and_check(&rx, &path, &data);
+}
+
+#[test]
+fn resume_after_the_receiver_is_killed() {
+    let rx = Receiver::start(&["--quiet"]);
+    let data = random_bytes(SIZE, 22);
+    let (_src, path) = source_file("big.bin", &data);
+    let proxy = Proxy::start(rx.addr, Some(CUT));
+    let mut sender = spawn_sender(&path, proxy.addr);
+    proxy.wait_paused();
+    // Let the receiver write what it has, then kill it mid-transfer.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rx.partial("big.bin").1 < CUT - (1 << 20) {
+        assert!(Instant::now() < deadline, "receiver never wrote the first half");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (root, dir) = rx.kill_and_keep_dir();
+    proxy.release.send(()).unwrap();
+    assert_eq!(sender.wait().unwrap().code(), Some(3), "the sender reports the lost connection");
+    let rx = Receiver::start_in(root, dir, &["--quiet"]);
+    resend_and_check(&rx, &path, &data);
+}
+
+#[test]
+fn resume_after_the_connection_drops() {
+    let rx = Receiver::start(&["--quiet"]);
+    let data = random_bytes(SIZE, 23);
+    let (_src, path) = source_file("big.bin", &data);
+    let proxy = Proxy::start(rx.addr, Some(CUT));
+    proxy.release.send(()).unwrap(); // drop as soon as the cut is reached
+    let run = send(&path, &proxy.addr.to_string(), &[]).expect(3);
+    assert!(run.stderr().starts_with("xfer: error: "), "{}", run.report());
+    rx.wait_log("\"big.bin\"");
+    rx.assert_files_and_partial(&[], "big.bin");
+    resend_and_check(&rx, &path, &data);
+}
+
+#[test]
+fn a_partial_of_another_version_is_not_reused() {
+    let rx = Receiver::start(&["--quiet"]);
+    let (_src, path) = source_file("big.bin", &random_bytes(SIZE, 24));
+    let proxy = Proxy::start(rx.addr, Some(CUT));
+    proxy.release.send(()).unwrap();
+    send(&path, &proxy.addr.to_string(), &[]).expect(3);
+    rx.wait_log("\"big.bin\"");
+    rx.assert_files_and_partial(&[], "big.bin");
+    // Same name and size, other content: starts from zero and stores the new version.
+    let newer = random_bytes(SIZE, 25);
+    std::fs::write(&path, &newer).unwrap();
+    let run = send(&path, &rx.target(), &[]).expect(0);
+    assert!(!run.stdout().contains("resumed"), "{}", run.report());
+    rx.assert_files(&["big.bin"]);
+    assert!(std::fs::read(rx.dir.join("big.bin")).unwrap() == newer);
+}
