@@ -75,7 +75,8 @@ pub struct SendArgs {
 #[command(after_help = "Example:\n  xfer recv --dir ./downloads --listen 0.0.0.0:8888\n\n\
     The first line on stdout is `listening on IP:PORT` (with the real port when PORT is 0). \
     Each finished transfer logs one line on stderr. Files arrive as hidden `.xfer-*.part` files \
-    and get their final name only once verified and synced. An existing file with the same \
+    and get their final name only once verified and synced; an interrupted transfer keeps its \
+    partial, and sending the same file again resumes it. An existing file with the same \
     content is not sent again; a different one is kept and the new file stored as `name (1).ext` \
     unless --overwrite.")]
 pub struct RecvArgs {
@@ -100,6 +101,10 @@ pub struct RecvArgs {
     /// Drop a connection that has not offered a file within this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub handshake_timeout: u64,
+    /// Remove partial files of interrupted transfers not touched for this many hours (checked at
+    /// start and hourly). Until then, sending the same file again resumes it.
+    #[arg(long, value_name = "HOURS", default_value_t = 168)]
+    pub keep_partials: u64,
     /// No progress bars on stderr (per-transfer log lines and errors remain).
     #[arg(short, long)]
     pub quiet: bool,
@@ -190,6 +195,7 @@ impl RecvArgs {
             max_transfers: self.max_transfers as usize,
             timeout: secs(self.timeout),
             handshake_timeout: Duration::from_secs(self.handshake_timeout),
+            keep_partials: Duration::from_secs(self.keep_partials.saturating_mul(3600)),
             quiet: self.quiet,
         })
     }

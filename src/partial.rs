@@ -110,8 +110,12 @@ impl Partial {
             if have == want && len <= size { hash_prefix(&file, len, deadline)? } else { (Hasher::new(), 0) };
         // Drop whatever is not covered by the hash (or everything, for another version).
         file.set_len(offset)?;
-        if offset == 0 {
-            open_nofollow(&record_path, true)?.write_all(want.as_bytes())?;
+        if offset == 0
+            && let Err(e) = open_nofollow(&record_path, true).and_then(|mut r| r.write_all(want.as_bytes()))
+        {
+            // No record, no resume: take the empty partial back out too.
+            let _ = fs::remove_file(dir.join(format!("{stem}{PART_SUFFIX}")));
+            return Err(e);
         }
         let mut partial = Partial { file, dir: dir.to_path_buf(), stem };
         partial.file.seek(SeekFrom::Start(offset))?;

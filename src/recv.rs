@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Limit};
 use crate::hash::Hasher;
-use crate::partial::{Opened, Partial};
+use crate::partial::{self, Opened, Partial};
 use crate::progress::{Progress, human_bytes, human_rate};
 use crate::protocol::{
     self, FrameKind, Message, Offer, ProtocolError, RejectCode, Reply, Verdict, WireError, bounded_reason,
@@ -31,6 +31,9 @@ const RECV_BUF: usize = 256 * 1024;
 /// offer and refuse it as busy, while a flood of idle connections is closed at once.
 const CONNECTIONS_PER_TRANSFER: usize = 4;
 
+/// How often old partial files are looked for while the receiver runs.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
 /// How the receiver runs, validated by `cli`.
 #[derive(Debug, Clone)]
 pub struct RecvOpts {
@@ -43,6 +46,8 @@ pub struct RecvOpts {
     pub timeout: Option<Duration>,
     /// Time allowed from accept to a complete offer.
     pub handshake_timeout: Duration,
+    /// Age after which unused partial files are removed.
+    pub keep_partials: Duration,
     pub quiet: bool,
 }
 
@@ -143,9 +148,29 @@ impl Receiver {
         self.listener.local_addr()
     }
 
+    /// Removes partials older than `--keep-partials` now, and then every hour in the background.
+    fn start_sweeping(&self) {
+        let shared = Arc::clone(&self.shared);
+        let sweep = move || match partial::sweep(&shared.opts.dir, shared.opts.keep_partials) {
+            Ok(0) => {}
+            Ok(n) => {
+                shared.progress.line(&format!("removed {n} partial file(s) older than --keep-partials"), true)
+            }
+            Err(e) => shared.progress.line(&format!("xfer: cannot sweep old partial files: {e}"), true),
+        };
+        sweep();
+        let _ = std::thread::Builder::new().name("xfer sweep".into()).spawn(move || {
+            loop {
+                std::thread::sleep(SWEEP_EVERY);
+                sweep();
+            }
+        });
+    }
+
     /// Handles exactly one transfer and returns its outcome. Connections that never make an
     /// offer (a port scan, a health check, a stray HTTP client) are logged and do not count.
     pub fn serve_once(self) -> Result<Stored, Error> {
+        self.start_sweeping();
         loop {
             let (stream, peer) =
                 self.listener.accept().map_err(|e| Error::io("accepting a connection", e))?;
@@ -158,6 +183,7 @@ impl Receiver {
 
     /// Serves forever, one thread per connection.
     pub fn serve(self) -> Result<(), Error> {
+        self.start_sweeping();
         let max_conns = self.shared.opts.max_transfers * CONNECTIONS_PER_TRANSFER;
         for conn in self.listener.incoming() {
             let stream = match conn {

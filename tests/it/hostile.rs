@@ -213,3 +213,22 @@ fn offer_naming_a_huge_existing_file_is_answered_quickly() {
     assert!(start.elapsed() < std::time::Duration::from_secs(5), "reply took {:?}", start.elapsed());
     assert!(!matches!(reply, Message::Reply(Reply::AlreadyHave { .. })), "{reply:?}");
 }
+
+#[test]
+fn symlinks_planted_at_partial_names_are_not_followed() {
+    let rx = Receiver::start(&["--quiet"]);
+    let stem = xfer::partial::stem_for("victim");
+    let outside = rx.root.path().join("outside");
+    for suffix in [".part", ".meta"] {
+        let link = rx.dir.join(format!("{stem}{suffix}"));
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        let (_src, path) = source_file("victim", b"payload");
+        let run = send(&path, &rx.target(), &[]).expect(1);
+        assert!(run.stderr().contains("partial"), "{}", run.report());
+        assert!(!outside.exists(), "wrote through a symlink planted at {suffix}");
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        std::fs::remove_file(&link).unwrap();
+        rx.assert_files(&[]);
+    }
+    still_serves(&rx, 0);
+}

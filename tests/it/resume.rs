@@ -170,3 +170,24 @@ fn a_partial_of_another_version_is_not_reused() {
     rx.assert_files(&["big.bin"]);
     assert!(std::fs::read(rx.dir.join("big.bin")).unwrap() == newer);
 }
+
+#[test]
+fn old_partials_are_swept_and_fresh_ones_kept() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("dir");
+    std::fs::create_dir(&dir).unwrap();
+    let week_ago = std::time::SystemTime::now() - Duration::from_secs(8 * 24 * 3600);
+    for (name, old) in [("old.bin", true), ("fresh.bin", false)] {
+        let stem = xfer::partial::stem_for(name);
+        for suffix in [".part", ".meta"] {
+            let f = std::fs::File::create(dir.join(format!("{stem}{suffix}"))).unwrap();
+            f.set_len(10).unwrap();
+            if old {
+                f.set_modified(week_ago).unwrap();
+            }
+        }
+    }
+    let rx = Receiver::start_in(root, dir, &[]);
+    rx.wait_log("removed 1 partial file(s) older than --keep-partials");
+    rx.assert_files_and_partial(&[], "fresh.bin");
+}
