@@ -11,6 +11,7 @@ pub mod partial;
 pub mod progress;
 pub mod protocol;
 pub mod recv;
+pub mod safedir;
 pub mod sanitize;
 pub mod send;
 pub mod store;

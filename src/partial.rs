@@ -14,16 +14,18 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use rustix::fs::{FlockOperation, RenameFlags};
+use rustix::fs::FlockOperation;
 
 use crate::hash::Hasher;
 use crate::protocol::Digest;
+use crate::safedir::{SafeDir, set_mode_and_mtime};
 use crate::sanitize::numbered_name;
-use crate::store::{MAX_KEEP_BOTH, sync_dir};
+use crate::store::MAX_KEEP_BOTH;
 
 /// Prefix of every file xfer keeps in the target folder; names from the wire may not use it.
 pub const TEMP_PREFIX: &str = ".xfer-";
@@ -36,13 +38,22 @@ pub const RECORD_SUFFIX: &str = ".meta";
 /// files get the usual default for a user's documents. Partials stay private (0600) until then.
 const FILE_MODE: u32 = 0o644;
 
+/// When a committed file reaches stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync of the file and its folder before `commit` returns.
+    Fsync,
+    /// Left to the caller's `syncfs` for a group of files.
+    Deferred,
+}
+
 /// Read size when hashing a partial's prefix again.
 const PREFIX_BUF: usize = 1024 * 1024;
 
 /// A body being received, in its partial file, locked for this transfer.
 pub struct Partial {
     file: File,
-    dir: PathBuf,
+    dir: SafeDir,
     stem: String,
 }
 
@@ -67,42 +78,30 @@ fn record_text(name: &str, size: u64, digest: &Digest) -> String {
     format!("size {size}\nsha256 {digest}\nname {}\n", name.escape_debug())
 }
 
-/// Opens (without following symlinks) a file in the target folder for reading and writing.
-fn open_nofollow(path: &Path, truncate: bool) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(truncate)
-        .mode(0o600)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
-}
-
 impl Partial {
-    /// Opens the partial for `name` for an offer of `size` bytes with `digest`, resuming from
-    /// what it holds if it belongs to exactly that file. The prefix is re-hashed until
+    /// Opens the partial for `name` in `dir` for an offer of `size` bytes with `digest`, resuming
+    /// from what it holds if it belongs to exactly that file. The prefix is re-hashed until
     /// `deadline` at most.
     pub fn open(
-        dir: &Path,
+        dir: SafeDir,
         name: &str,
         (size, digest): (u64, &Digest),
         deadline: Instant,
     ) -> io::Result<Opened> {
         let stem = stem_for(name);
-        let file = open_nofollow(&dir.join(format!("{stem}{PART_SUFFIX}")), false)?;
+        let (part_name, record_name) = (format!("{stem}{PART_SUFFIX}"), format!("{stem}{RECORD_SUFFIX}"));
+        let file = dir.open_rw(&part_name, false)?;
         if !file.metadata()?.is_file() {
-            return Err(io::Error::other(format!("{stem}{PART_SUFFIX} is not a regular file")));
+            return Err(io::Error::other(format!("{part_name} is not a regular file")));
         }
         match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
             Err(e) if e == rustix::io::Errno::WOULDBLOCK => return Ok(Opened::Busy),
             Err(e) => return Err(e.into()),
         }
-        let record_path = dir.join(format!("{stem}{RECORD_SUFFIX}"));
         let want = record_text(name, size, digest);
         let mut have = String::new();
-        if let Ok(mut r) = open_nofollow(&record_path, false) {
+        if let Ok(mut r) = dir.open_read(&record_name) {
             let _ = r.read_to_string(&mut have);
         }
         let len = file.metadata()?.len();
@@ -111,13 +110,13 @@ impl Partial {
         // Drop whatever is not covered by the hash (or everything, for another version).
         file.set_len(offset)?;
         if offset == 0
-            && let Err(e) = open_nofollow(&record_path, true).and_then(|mut r| r.write_all(want.as_bytes()))
+            && let Err(e) = dir.open_rw(&record_name, true).and_then(|mut r| r.write_all(want.as_bytes()))
         {
             // No record, no resume: take the empty partial back out too.
-            let _ = fs::remove_file(dir.join(format!("{stem}{PART_SUFFIX}")));
+            let _ = dir.remove_file(&part_name);
             return Err(e);
         }
-        let mut partial = Partial { file, dir: dir.to_path_buf(), stem };
+        let mut partial = Partial { file, dir, stem };
         partial.file.seek(SeekFrom::Start(offset))?;
         Ok(Opened::Ready { partial, offset, hasher })
     }
@@ -127,14 +126,14 @@ impl Partial {
         &self.file
     }
 
-    fn path(&self, suffix: &str) -> PathBuf {
-        self.dir.join(format!("{}{suffix}", self.stem))
+    fn name(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.stem)
     }
 
     /// Removes the partial and its record: its content is wrong, or cannot be used.
     pub fn discard(self) {
-        let _ = fs::remove_file(self.path(PART_SUFFIX));
-        let _ = fs::remove_file(self.path(RECORD_SUFFIX));
+        let _ = self.dir.remove_file(&self.name(PART_SUFFIX));
+        let _ = self.dir.remove_file(&self.name(RECORD_SUFFIX));
     }
 
     /// Leaves the partial for a later resume (an empty one is removed: nothing to resume).
@@ -152,26 +151,32 @@ impl Partial {
     /// (`renameat2(RENAME_NOREPLACE)`), so two transfers cannot clobber each other. With
     /// `overwrite` the rename replaces the old file atomically. Returns the stored name.
     pub fn commit(self, name: &str, overwrite: bool) -> io::Result<String> {
-        self.file.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
-        self.file.sync_all()?;
-        let from = self.path(PART_SUFFIX);
+        self.commit_with(name, overwrite, FILE_MODE, None, Durability::Fsync)
+    }
+
+    /// [`Partial::commit`] with the entry's own mode and mtime, and a choice of durability:
+    /// `Fsync` flushes this file and its folder now; `Deferred` leaves both to one `syncfs` for a
+    /// whole group of files, which the caller must do before acknowledging any of them.
+    pub fn commit_with(
+        self,
+        name: &str,
+        overwrite: bool,
+        mode: u32,
+        mtime: Option<(i64, u32)>,
+        durability: Durability,
+    ) -> io::Result<String> {
+        match mtime {
+            Some(t) => set_mode_and_mtime(self.file.as_fd(), mode, t)?,
+            None => self.file.set_permissions(fs::Permissions::from_mode(mode & 0o777))?,
+        }
+        if durability == Durability::Fsync {
+            self.file.sync_all()?;
+        }
+        let from = self.name(PART_SUFFIX);
         let mut stored = None;
         for n in 0..=MAX_KEEP_BOTH {
             let candidate = numbered_name(name, n);
-            let to = self.dir.join(&candidate);
-            let result = if overwrite && n == 0 {
-                fs::rename(&from, &to)
-            } else {
-                rustix::fs::renameat_with(
-                    rustix::fs::CWD,
-                    &from,
-                    rustix::fs::CWD,
-                    &to,
-                    RenameFlags::NOREPLACE,
-                )
-                .map_err(io::Error::from)
-            };
-            match result {
+            match self.dir.rename(&from, &candidate, overwrite && n == 0) {
                 Ok(()) => {
                     stored = Some(candidate);
                     break;
@@ -189,11 +194,13 @@ impl Partial {
                 format!("{MAX_KEEP_BOTH} files named like this exist"),
             )
         })?;
-        let _ = fs::remove_file(self.path(RECORD_SUFFIX));
+        let _ = self.dir.remove_file(&self.name(RECORD_SUFFIX));
         // The rename is durable only once the folder's entry is on disk. If that cannot be
         // promised, the file is taken back out: "failed" must mean nothing was stored.
-        if let Err(e) = sync_dir(&self.dir) {
-            let _ = fs::remove_file(self.dir.join(&stored));
+        if durability == Durability::Fsync
+            && let Err(e) = self.dir.sync()
+        {
+            let _ = self.dir.remove_file(&stored);
             return Err(e);
         }
         Ok(stored)

@@ -2,7 +2,7 @@
 //! Bodies in progress live in `partial`. Names given here are already validated single
 //! components, so every path is `dir.join(name)` and stays inside `dir`.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io;
 use std::path::Path;
 use std::time::Instant;
@@ -11,6 +11,7 @@ use indicatif::ProgressBar;
 
 use crate::hash::hash_reader_until;
 use crate::protocol::Digest;
+use crate::safedir::SafeDir;
 use crate::sanitize::numbered_name;
 
 /// How many keep-both names (`img (1).jpg` ... ) are tried before giving up.
@@ -22,7 +23,7 @@ pub const MAX_KEEP_BOTH: u32 = 9999;
 /// the receiver read huge files for nothing. Past the deadline the answer is "not found", which
 /// costs a resend (stored beside the old file), never a wrong "already have it".
 pub fn find_existing(
-    dir: &Path,
+    dir: &SafeDir,
     name: &str,
     (size, digest): (u64, &Digest),
     overwrite: bool,
@@ -31,19 +32,19 @@ pub fn find_existing(
     let last = if overwrite { 0 } else { MAX_KEEP_BOTH };
     for n in 0..=last {
         let candidate = numbered_name(name, n);
-        let meta = match fs::symlink_metadata(dir.join(&candidate)) {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
         // Never follow a symlink, and never read a fifo or device the folder happens to contain.
-        if meta.file_type().is_file() && meta.len() == size {
-            let file = File::open(dir.join(&candidate))?;
-            match hash_reader_until(file, &ProgressBar::hidden(), Some(deadline))? {
-                Some((d, _)) if &d == digest => return Ok(Some(candidate)),
-                Some(_) => {}
-                None => return Ok(None),
+        match dir.is_file(&candidate)? {
+            Some(len) if len == size => {
+                let file = dir.open_read(&candidate)?;
+                match hash_reader_until(file, &ProgressBar::hidden(), Some(deadline))? {
+                    Some((d, _)) if &d == digest => return Ok(Some(candidate)),
+                    Some(_) => {}
+                    None => return Ok(None),
+                }
             }
+            Some(_) => {}
+            None if dir.stat(&candidate).is_err() => return Ok(None),
+            None => {}
         }
     }
     Ok(None)

@@ -10,6 +10,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use super::batch::{AnswersPart, FileVerdict, ManifestPart};
 use super::{MAX_MESSAGE_LEN, MAX_REASON_LEN, ProtocolError};
 
 /// The bincode configuration of protocol v1. Changing it changes the wire format.
@@ -115,6 +116,9 @@ pub enum Message {
     Offer(Offer),
     Reply(Reply),
     Verdict(Verdict),
+    Manifest(ManifestPart),
+    Answers(AnswersPart),
+    FileVerdict(FileVerdict),
 }
 
 impl Message {
@@ -124,6 +128,9 @@ impl Message {
             Message::Offer(_) => "offer",
             Message::Reply(_) => "reply",
             Message::Verdict(_) => "verdict",
+            Message::Manifest(_) => "manifest",
+            Message::Answers(_) => "answers",
+            Message::FileVerdict(_) => "file verdict",
         }
     }
 }

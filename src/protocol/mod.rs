@@ -20,9 +20,11 @@
 //! it can be tested and fuzzed on byte slices. bincode is used here and only here, so it can be
 //! swapped without touching the rest of the crate.
 
+mod batch;
 mod frame;
 mod messages;
 
+pub use batch::{Answer, AnswersPart, Entry, EntryKind, FileVerdict, ManifestPart};
 pub use frame::{FrameHeader, FrameKind, read_frame_header, read_message, write_frame_header, write_message};
 pub use messages::{
     Digest, HashAlg, Message, Offer, RejectCode, Reply, Verdict, bounded_reason, decode_message,
@@ -56,6 +58,19 @@ pub const MAX_NAME_LEN: usize = 255;
 
 /// Longest human-readable reason in a reply or verdict, in bytes. Longer reasons are cut.
 pub const MAX_REASON_LEN: usize = 1024;
+
+/// Most entries in one batch manifest. The receiver holds the whole manifest while it validates
+/// it (a few hundred bytes per entry), so this bounds its memory per batch to tens of MiB.
+pub const MAX_ENTRIES: usize = 250_000;
+
+/// Deepest path in a batch, in components.
+pub const MAX_DEPTH: usize = 64;
+
+/// Longest path in a batch, in bytes with `/` separators: PATH_MAX on Linux.
+pub const MAX_PATH_LEN: usize = 4096;
+
+/// Largest total size of a batch's files, so sums cannot overflow whatever the peer claims.
+pub const MAX_TOTAL_SIZE: u64 = 1 << 50;
 
 /// The hello this side sends.
 pub fn hello() -> [u8; HELLO_LEN] {

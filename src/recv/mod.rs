@@ -5,27 +5,27 @@
 //! connections past a larger bound are closed at once. Every connection ends with one log line on
 //! stderr, and no failure of one transfer stops the receiver.
 
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Limit};
-use crate::hash::Hasher;
 use crate::partial::{self, Opened, Partial};
 use crate::progress::{Progress, human_bytes, human_rate};
 use crate::protocol::{
-    self, FrameKind, Message, Offer, ProtocolError, RejectCode, Reply, Verdict, WireError, bounded_reason,
-    read_frame_header, read_message, write_message,
+    self, Message, ProtocolError, RejectCode, Reply, Verdict, WireError, bounded_reason, read_message,
+    write_message,
 };
+use crate::safedir::SafeDir;
 use crate::sanitize::{escape, validate_name};
 use crate::store;
 
-/// Read size from the socket into the file: one buffer per transfer, whatever the chunk size, so
-/// memory stays flat however large the file or the sender's chunks.
-const RECV_BUF: usize = 256 * 1024;
+mod body;
+
+use body::{BodyError, DeadlineReader, RECV_BUF, Reservation, receive_body};
 
 /// Connections (not transfers) held at once, as a multiple of `--max-transfers`: room to read an
 /// offer and refuse it as busy, while a flood of idle connections is closed at once.
@@ -85,48 +85,6 @@ impl Drop for Slot<'_> {
 fn take_slot(counter: &AtomicUsize, max: usize) -> Option<Slot<'_>> {
     counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1)).ok()?;
     Some(Slot(counter))
-}
-
-/// Bytes a transfer still has to write, counted in the shared pool. Shrinks as data lands (the
-/// file system's free space shrinks by the same amount) and returns the rest when dropped.
-struct Reservation<'a> {
-    pool: &'a Mutex<u64>,
-    left: u64,
-}
-
-impl Reservation<'_> {
-    fn consume(&mut self, n: u64) {
-        let n = n.min(self.left);
-        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) -= n;
-        self.left -= n;
-    }
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) -= self.left;
-    }
-}
-
-/// A socket reader with an overall deadline: before each read the socket's timeout is set to the
-/// time left, so a peer trickling one byte at a time cannot stretch the handshake. Without a
-/// deadline it reads with whatever idle timeout the socket has.
-struct DeadlineReader<'a> {
-    stream: &'a TcpStream,
-    until: Option<Instant>,
-}
-
-impl Read for DeadlineReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if let Some(until) = self.until {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake deadline passed"));
-            }
-            self.stream.set_read_timeout(Some(left))?;
-        }
-        (&mut &*self.stream).read(buf)
-    }
 }
 
 impl Receiver {
@@ -307,13 +265,11 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
     };
     // Half the sender's idle timeout (as far as we know it: ours) for comparing with old files.
     let check_until = Instant::now() + opts.timeout.map_or(Duration::from_secs(60), |t| t / 2);
-    match store::find_existing(
-        &opts.dir,
-        &offer.name,
-        (offer.size, &offer.digest),
-        opts.overwrite,
-        check_until,
-    ) {
+    let root = match SafeDir::open_root(&opts.dir) {
+        Ok(d) => d,
+        Err(e) => return refuse(RejectCode::Failed, "cannot open the target folder".into(), Some(e)),
+    };
+    match store::find_existing(&root, &offer.name, (offer.size, &offer.digest), opts.overwrite, check_until) {
         Ok(Some(name)) => {
             reply(Reply::AlreadyHave { name: name.clone() })?;
             return Ok(Stored { name, already_had: true });
@@ -322,7 +278,7 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
         Err(e) => return refuse(RejectCode::Failed, "cannot check existing files".into(), Some(e)),
     }
     let (partial, offset, hasher) =
-        match Partial::open(&opts.dir, &offer.name, (offer.size, &offer.digest), check_until) {
+        match Partial::open(root, &offer.name, (offer.size, &offer.digest), check_until) {
             Ok(Opened::Ready { partial, offset, hasher }) => (partial, offset, hasher),
             Ok(Opened::Busy) => {
                 let reason = "another transfer of this name is in progress, try again later".to_string();
@@ -365,7 +321,14 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
     reader.get_mut().until = None;
     stream.set_read_timeout(opts.timeout).map_err(setup)?;
     let bar = shared.progress.bytes("receiving", &escape(&offer.name), offer.size);
-    let body = receive_body(&mut reader, &partial, (&offer, offset, hasher), seen, &mut reservation, &bar);
+    let body = receive_body(
+        &mut reader,
+        &partial,
+        (offer.size, offset, hasher),
+        &mut seen.received,
+        &mut reservation,
+        &bar,
+    );
     bar.finish_and_clear();
     let verdict = |writer: &mut BufWriter<&TcpStream>, v: Verdict| {
         write_message(writer, &Message::Verdict(v)).and_then(|()| writer.flush())
@@ -430,98 +393,4 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
     verdict(&mut writer, Verdict::Verified { name: stored.clone() })
         .map_err(|e| wire("sending the verdict", idle)(e.into()))?;
     Ok(Stored { name: stored, already_had: false })
-}
-
-enum BodyError {
-    /// The connection failed or the peer broke framing.
-    Wire(WireError),
-    /// A data frame would run past the offered size.
-    TooLong(u32),
-    /// Writing the temporary file failed.
-    Local(io::Error),
-}
-
-/// Buffers in flight between the socket reader and the hashing thread. Four 256 KiB buffers keep
-/// both busy; more only adds memory.
-const PIPELINE_BUFFERS: usize = 4;
-
-/// Reads exactly `offer.size` body bytes into the temporary file. Hashing runs on its own thread
-/// (SHA-256 is the slowest stage by far), fed full buffers after they are written, so socket reads
-/// and file writes overlap with it. Small data frames are gathered into full buffers first.
-fn receive_body(
-    r: &mut BufReader<DeadlineReader<'_>>,
-    partial: &Partial,
-    (offer, offset, hasher): (&Offer, u64, Hasher),
-    seen: &mut Seen,
-    reservation: &mut Reservation<'_>,
-    bar: &indicatif::ProgressBar,
-) -> Result<protocol::Digest, BodyError> {
-    let (full_tx, full_rx) = mpsc::channel::<(Vec<u8>, usize)>();
-    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
-    for _ in 0..PIPELINE_BUFFERS {
-        empty_tx.send(vec![0u8; RECV_BUF]).expect("receiver is alive");
-    }
-    std::thread::scope(|scope| {
-        let hashing = scope.spawn(move || {
-            let mut hasher = hasher;
-            for (buf, len) in full_rx {
-                hasher.update(&buf[..len]);
-                // The reader may have stopped early; then nobody wants the buffer back.
-                let _ = empty_tx.send(buf);
-            }
-            hasher.finish()
-        });
-        let mut file = partial.file();
-        let mut pass_on = |buf: Vec<u8>, len: usize| -> Result<(), BodyError> {
-            file.write_all(&buf[..len]).map_err(BodyError::Local)?;
-            reservation.consume(len as u64);
-            full_tx.send((buf, len)).expect("hashing thread is alive");
-            Ok(())
-        };
-        let read = (|| {
-            let mut buf = empty_rx.recv().expect("hashing thread returns buffers");
-            let mut filled = 0;
-            let outcome = 'body: loop {
-                if offset + seen.received >= offer.size {
-                    break 'body Ok(());
-                }
-                let h = match read_frame_header(r) {
-                    Ok(h) => h,
-                    Err(e) => break 'body Err(BodyError::Wire(e)),
-                };
-                if h.kind != FrameKind::Data {
-                    let e = ProtocolError::UnexpectedFrame { expected: FrameKind::Data, got: h.kind };
-                    break 'body Err(BodyError::Wire(e.into()));
-                }
-                if u64::from(h.len) > offer.size - offset - seen.received {
-                    break 'body Err(BodyError::TooLong(h.len));
-                }
-                let mut left = h.len as usize;
-                while left > 0 {
-                    let n = left.min(RECV_BUF - filled);
-                    if let Err(e) = r.read_exact(&mut buf[filled..filled + n]) {
-                        break 'body Err(BodyError::Wire(e.into()));
-                    }
-                    filled += n;
-                    left -= n;
-                    seen.received += n as u64;
-                    bar.inc(n as u64);
-                    if filled == RECV_BUF {
-                        pass_on(buf, filled)?;
-                        buf = empty_rx.recv().expect("hashing thread returns buffers");
-                        filled = 0;
-                    }
-                }
-            };
-            // Bytes that arrived intact are written even when the connection then failed: a
-            // resume starts after them. (After broken framing the partial is discarded anyway.)
-            if filled > 0 && matches!(outcome, Ok(()) | Err(BodyError::Wire(WireError::Io(_)))) {
-                pass_on(buf, filled)?;
-            }
-            outcome
-        })();
-        drop(full_tx);
-        let digest = hashing.join().expect("hashing thread does not panic");
-        read.map(|()| digest)
-    })
 }

@@ -1,0 +1,150 @@
+//! Receiving one body: frames from the socket into a partial file, hashed on the way.
+
+use std::io::{self, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::{Mutex, mpsc};
+use std::time::Instant;
+
+use crate::hash::Hasher;
+use crate::partial::Partial;
+use crate::protocol::{self, FrameKind, ProtocolError, WireError, read_frame_header};
+
+/// Read size from the socket into the file: one buffer per transfer, whatever the chunk size, so
+/// memory stays flat however large the file or the sender's chunks.
+pub(super) const RECV_BUF: usize = 256 * 1024;
+
+/// Bytes a transfer still has to write, counted in the shared pool. Shrinks as data lands (the
+/// file system's free space shrinks by the same amount) and returns the rest when dropped.
+pub(super) struct Reservation<'a> {
+    pub(super) pool: &'a Mutex<u64>,
+    pub(super) left: u64,
+}
+
+impl Reservation<'_> {
+    fn consume(&mut self, n: u64) {
+        let n = n.min(self.left);
+        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) -= n;
+        self.left -= n;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) -= self.left;
+    }
+}
+
+/// A socket reader with an overall deadline: before each read the socket's timeout is set to the
+/// time left, so a peer trickling one byte at a time cannot stretch the handshake. Without a
+/// deadline it reads with whatever idle timeout the socket has.
+pub(super) struct DeadlineReader<'a> {
+    pub(super) stream: &'a TcpStream,
+    pub(super) until: Option<Instant>,
+}
+
+impl Read for DeadlineReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(until) = self.until {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake deadline passed"));
+            }
+            self.stream.set_read_timeout(Some(left))?;
+        }
+        (&mut &*self.stream).read(buf)
+    }
+}
+
+pub(super) enum BodyError {
+    /// The connection failed or the peer broke framing.
+    Wire(WireError),
+    /// A data frame would run past the offered size.
+    TooLong(u32),
+    /// Writing the temporary file failed.
+    Local(io::Error),
+}
+
+/// Buffers in flight between the socket reader and the hashing thread. Four 256 KiB buffers keep
+/// both busy; more only adds memory.
+const PIPELINE_BUFFERS: usize = 4;
+
+/// Reads exactly `size - offset` body bytes into the partial file. Hashing runs on its own thread
+/// (SHA-256 is the slowest stage by far), fed full buffers after they are written, so socket reads
+/// and file writes overlap with it. Small data frames are gathered into full buffers first.
+pub(super) fn receive_body(
+    r: &mut BufReader<DeadlineReader<'_>>,
+    partial: &Partial,
+    (size, offset, hasher): (u64, u64, Hasher),
+    received: &mut u64,
+    reservation: &mut Reservation<'_>,
+    bar: &indicatif::ProgressBar,
+) -> Result<protocol::Digest, BodyError> {
+    let (full_tx, full_rx) = mpsc::channel::<(Vec<u8>, usize)>();
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..PIPELINE_BUFFERS {
+        empty_tx.send(vec![0u8; RECV_BUF]).expect("receiver is alive");
+    }
+    std::thread::scope(|scope| {
+        let hashing = scope.spawn(move || {
+            let mut hasher = hasher;
+            for (buf, len) in full_rx {
+                hasher.update(&buf[..len]);
+                // The reader may have stopped early; then nobody wants the buffer back.
+                let _ = empty_tx.send(buf);
+            }
+            hasher.finish()
+        });
+        let mut file = partial.file();
+        let mut pass_on = |buf: Vec<u8>, len: usize| -> Result<(), BodyError> {
+            file.write_all(&buf[..len]).map_err(BodyError::Local)?;
+            reservation.consume(len as u64);
+            full_tx.send((buf, len)).expect("hashing thread is alive");
+            Ok(())
+        };
+        let read = (|| {
+            let mut buf = empty_rx.recv().expect("hashing thread returns buffers");
+            let mut filled = 0;
+            let outcome = 'body: loop {
+                if offset + *received >= size {
+                    break 'body Ok(());
+                }
+                let h = match read_frame_header(r) {
+                    Ok(h) => h,
+                    Err(e) => break 'body Err(BodyError::Wire(e)),
+                };
+                if h.kind != FrameKind::Data {
+                    let e = ProtocolError::UnexpectedFrame { expected: FrameKind::Data, got: h.kind };
+                    break 'body Err(BodyError::Wire(e.into()));
+                }
+                if u64::from(h.len) > size - offset - *received {
+                    break 'body Err(BodyError::TooLong(h.len));
+                }
+                let mut left = h.len as usize;
+                while left > 0 {
+                    let n = left.min(RECV_BUF - filled);
+                    if let Err(e) = r.read_exact(&mut buf[filled..filled + n]) {
+                        break 'body Err(BodyError::Wire(e.into()));
+                    }
+                    filled += n;
+                    left -= n;
+                    *received += n as u64;
+                    bar.inc(n as u64);
+                    if filled == RECV_BUF {
+                        pass_on(buf, filled)?;
+                        buf = empty_rx.recv().expect("hashing thread returns buffers");
+                        filled = 0;
+                    }
+                }
+            };
+            // Bytes that arrived intact are written even when the connection then failed: a
+            // resume starts after them. (After broken framing the partial is discarded anyway.)
+            if filled > 0 && matches!(outcome, Ok(()) | Err(BodyError::Wire(WireError::Io(_)))) {
+                pass_on(buf, filled)?;
+            }
+            outcome
+        })();
+        drop(full_tx);
+        let digest = hashing.join().expect("hashing thread does not panic");
+        read.map(|()| digest)
+    })
+}
