@@ -7,6 +7,7 @@ pub mod cache;
 pub mod cli;
 pub mod error;
 pub mod hash;
+pub mod manifest;
 pub mod partial;
 pub mod progress;
 pub mod protocol;
