@@ -47,10 +47,18 @@ pub enum Command {
     errors go to stderr. Exit codes: 0 verified or already there, 2 usage, 3 connection, \
     4 rejected, 5 integrity, 6 local I/O, 7 protocol, 1 receiver failed.")]
 pub struct SendArgs {
-    /// The file to send.
-    pub file: PathBuf,
+    /// Files and folders to send (folders with everything in them).
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
     /// Where the receiver listens: HOST:PORT, HOST (port 8888), or [IPv6]:PORT.
+    #[arg(required = true, value_name = "HOST:PORT")]
     pub to: String,
+    /// Follow symlinks and send what they point to (default: skip them and say so).
+    #[arg(long)]
+    pub follow: bool,
+    /// Print one line per file and folder on stdout, not just the total.
+    #[arg(short, long)]
+    pub verbose: bool,
     /// Body chunk size: bytes, or with a K/M suffix (binary), from 1 to 16M.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub chunk_size: Option<u32>,
@@ -157,9 +165,17 @@ fn secs(n: u64) -> Option<Duration> {
 
 impl SendArgs {
     pub fn into_opts(self) -> Result<SendOpts, Error> {
+        if self.name.is_some() && self.paths.len() > 1 {
+            return Err(Error::Usage(
+                "--as names a single file; it cannot be used with several paths".into(),
+            ));
+        }
         Ok(SendOpts {
             to: parse_target(&self.to)?,
-            file: self.file,
+            file: self.paths[0].clone(),
+            paths: self.paths,
+            follow: self.follow,
+            verbose: self.verbose,
             name: self.name,
             chunk_size: self.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
             timeout: secs(self.timeout),

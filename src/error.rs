@@ -56,6 +56,8 @@ pub enum Error {
     Io { context: String, source: io::Error },
     #[error("{peer}: {source}")]
     Protocol { peer: String, source: ProtocolError },
+    #[error("{failed} of {total} entries failed; the first: {first}")]
+    Batch { failed: usize, total: usize, first: String, code: Exit },
 }
 
 impl Error {
@@ -69,6 +71,7 @@ impl Error {
             Error::RemoteFailed(_) => Exit::Failed,
             Error::Io { .. } => Exit::Io,
             Error::Protocol { .. } => Exit::Protocol,
+            Error::Batch { code, .. } => *code,
         }
     }
 

@@ -15,4 +15,6 @@ pub mod recv;
 pub mod safedir;
 pub mod sanitize;
 pub mod send;
+pub mod send_batch;
 pub mod store;
+pub mod tree;

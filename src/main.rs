@@ -11,6 +11,7 @@ use xfer::progress::{Progress, human_bytes, human_rate};
 use xfer::recv::Receiver;
 use xfer::sanitize::escape;
 use xfer::send::{Outcome, send};
+use xfer::send_batch::{BatchReport, EntryOutcome, send_batch};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -28,6 +29,10 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Send(args) => {
             let opts = args.into_opts()?;
             let progress = Progress::new(opts.quiet);
+            if !opts.is_single_file() {
+                let r = send_batch(&opts, &opts.paths, opts.follow, &progress)?;
+                return report_batch(&r, opts.verbose);
+            }
             let r = send(&opts, &progress)?;
             let resumed =
                 if r.resumed_at > 0 { format!(", resumed at {} bytes", r.resumed_at) } else { String::new() };
@@ -58,5 +63,50 @@ fn run(cli: Cli) -> Result<(), Error> {
             drop(out);
             if once { receiver.serve_once().map(drop) } else { receiver.serve() }
         }
+    }
+}
+
+/// Prints a batch's outcome on stdout (per entry with `--verbose`, then one total line) and turns
+/// failures into the error that sets the exit code.
+fn report_batch(r: &BatchReport, verbose: bool) -> Result<(), Error> {
+    let mut failed = 0;
+    let (mut verified, mut there) = (0, 0);
+    for (path, is_dir, outcome) in &r.entries {
+        let shown = if *is_dir { format!("{}/", escape(path)) } else { escape(path) };
+        let line = match outcome {
+            EntryOutcome::Verified(stored) if stored != path && !is_dir => {
+                verified += 1;
+                format!("verified \"{shown}\" as \"{}\"", escape(stored))
+            }
+            EntryOutcome::Verified(_) => {
+                verified += 1;
+                format!("verified \"{shown}\"")
+            }
+            EntryOutcome::AlreadyThere => {
+                there += 1;
+                format!("already there \"{shown}\"")
+            }
+            EntryOutcome::Failed(e) => {
+                failed += 1;
+                format!("failed \"{shown}\": {e}")
+            }
+        };
+        if verbose {
+            println!("{line}");
+        }
+    }
+    println!(
+        "{} entries ({} files, {}) in {:.2} s, {} sent ({}): {verified} verified, {there} already there, {failed} failed, {} skipped",
+        r.entries.len(),
+        r.files,
+        human_bytes(r.bytes),
+        r.elapsed.as_secs_f64(),
+        human_bytes(r.sent),
+        human_rate(r.sent, r.elapsed),
+        r.skipped.len()
+    );
+    match r.worst() {
+        Some(e) => Err(Error::Batch { failed, total: r.entries.len(), first: e.to_string(), code: e.exit() }),
+        None => Ok(()),
     }
 }

@@ -121,6 +121,23 @@ impl Partial {
         Ok(Opened::Ready { partial, offset, hasher })
     }
 
+    /// Reopens the partial for `name` to continue at `offset`, as an earlier [`Partial::open`]
+    /// promised (a batch answers every entry first and unlocks in between). `None` if another
+    /// transfer holds it now or it no longer has `offset` bytes.
+    pub fn reopen(dir: SafeDir, name: &str, offset: u64) -> io::Result<Option<Partial>> {
+        let stem = stem_for(name);
+        let file = dir.open_rw(&format!("{stem}{PART_SUFFIX}"), false)?;
+        if rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).is_err()
+            || file.metadata()?.len() < offset
+        {
+            return Ok(None);
+        }
+        file.set_len(offset)?;
+        let mut partial = Partial { file, dir, stem };
+        partial.file.seek(SeekFrom::Start(offset))?;
+        Ok(Some(partial))
+    }
+
     /// The open file, positioned at the resume offset, for writing the body.
     pub fn file(&self) -> &File {
         &self.file

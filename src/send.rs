@@ -24,12 +24,19 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
 
 /// Capacity of the socket write buffer: small frames (down to 1-byte chunks) are coalesced into
 /// writes of this size; frames at least this large bypass it.
-const SOCKET_BUF: usize = 256 * 1024;
+pub(crate) const SOCKET_BUF: usize = 256 * 1024;
 
 /// What to send where, validated by `cli`.
 #[derive(Debug, Clone)]
 pub struct SendOpts {
+    /// The file, when a single regular file is sent (the first of `paths`).
     pub file: PathBuf,
+    /// Everything given on the command line.
+    pub paths: Vec<PathBuf>,
+    /// Follow symlinks in a batch.
+    pub follow: bool,
+    /// Per-entry lines for a batch.
+    pub verbose: bool,
     /// `HOST:PORT`, ready for `ToSocketAddrs`.
     pub to: String,
     /// Name to offer instead of the file's own.
@@ -67,10 +74,22 @@ pub struct SendReport {
     pub resumed_at: u64,
 }
 
+impl SendOpts {
+    /// One path that is not a folder goes the single-file way (which explains what is wrong with
+    /// it, if anything); several paths or a folder make a batch.
+    pub fn is_single_file(&self) -> bool {
+        self.paths.len() == 1 && !std::fs::metadata(&self.paths[0]).is_ok_and(|m| m.is_dir())
+    }
+}
+
 /// Sends one file. Returns only when the receiver said "verified" or "already have it".
 pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
     let start = Instant::now();
     let path = opts.file.display().to_string();
+    // Opening a fifo would block until someone writes to it: look before opening.
+    if std::fs::metadata(&opts.file).is_ok_and(|m| !m.is_file()) {
+        return Err(Error::Usage(format!("{path} is not a regular file")));
+    }
     let mut file = File::open(&opts.file).map_err(|e| Error::io(format!("cannot open {path}"), e))?;
     let meta = file.metadata().map_err(|e| Error::io(format!("cannot stat {path}"), e))?;
     if !meta.is_file() {
@@ -90,7 +109,11 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
     })?;
     let size = meta.len();
     let stamp = Stamp::of(&meta);
-    let (digest, cached) = digest_of(&mut file, stamp, opts.cache, progress, (&name, &path))?;
+    let mut cache = opts.cache.then(DigestCache::open_default);
+    let bar = progress.bytes("hashing", &name, size);
+    let hashed = digest_of(&mut file, stamp, cache.as_mut(), &bar, &path);
+    bar.finish_and_clear();
+    let (digest, cached) = hashed?;
 
     let stream = connect(&opts.to, opts.connect_timeout)?;
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| opts.to.clone());
@@ -168,7 +191,8 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
         &bar,
         &path,
         wire("sending the body"),
-    );
+    )
+    .and_then(|()| writer.flush().map_err(|e| wire("sending the body")(e.into())));
     bar.finish_and_clear();
     drop(writer);
     if let Err(e) = body {
@@ -200,35 +224,33 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
     Ok(SendReport { name, size, digest, elapsed: start.elapsed(), outcome, cached, resumed_at: offset })
 }
 
-/// The file's digest: from the cache when its stamp is known, otherwise by reading it (with a
-/// bar), checking it did not change meanwhile, and remembering the result.
-fn digest_of(
+/// The file's digest: from the cache when its stamp is known, otherwise by reading it (advancing
+/// `bar`), checking it did not change meanwhile, and remembering the result.
+pub(crate) fn digest_of(
     file: &mut File,
     stamp: Stamp,
-    use_cache: bool,
-    progress: &Progress,
-    (name, path): (&str, &str),
+    cache: Option<&mut DigestCache>,
+    bar: &indicatif::ProgressBar,
+    path: &str,
 ) -> Result<(protocol::Digest, bool), Error> {
-    let mut cache = use_cache.then(DigestCache::open_default);
     if let Some(d) = cache.as_ref().and_then(|c| c.get(&stamp)) {
+        bar.inc(stamp.size);
         return Ok((d, true));
     }
-    let bar = progress.bytes("hashing", name, stamp.size);
     let (digest, hashed) =
-        hash_reader(&mut *file, &bar).map_err(|e| Error::io(format!("cannot read {path}"), e))?;
-    bar.finish_and_clear();
+        hash_reader(&mut *file, bar).map_err(|e| Error::io(format!("cannot read {path}"), e))?;
     let after =
         file.metadata().map(|m| Stamp::of(&m)).map_err(|e| Error::io(format!("cannot stat {path}"), e))?;
     if hashed != stamp.size || after != stamp {
         return Err(Error::Integrity(format!("{path} changed while it was being hashed; send it again")));
     }
-    if let Some(c) = &mut cache {
+    if let Some(c) = cache {
         c.put(stamp, digest);
     }
     Ok((digest, false))
 }
 
-fn unexpected(peer: &str, expected: &'static str, got: &Message) -> Error {
+pub(crate) fn unexpected(peer: &str, expected: &'static str, got: &Message) -> Error {
     Error::Protocol {
         peer: peer.to_string(),
         source: protocol::ProtocolError::UnexpectedMessage { expected, got: got.name() },
@@ -236,7 +258,7 @@ fn unexpected(peer: &str, expected: &'static str, got: &Message) -> Error {
 }
 
 /// Turns the receiver's verdict into the stored name or the matching error.
-fn verdict_result(v: Verdict, name: &str, digest: &protocol::Digest) -> Result<String, Error> {
+pub(crate) fn verdict_result(v: Verdict, name: &str, digest: &protocol::Digest) -> Result<String, Error> {
     match v {
         Verdict::Verified { name } => Ok(name),
         Verdict::HashMismatch { expected, actual } => Err(Error::Integrity(format!(
@@ -253,7 +275,7 @@ fn verdict_result(v: Verdict, name: &str, digest: &protocol::Digest) -> Result<S
 }
 
 /// Resolves `to` and connects to the first address that answers within `timeout`.
-fn connect(to: &str, timeout: Duration) -> Result<TcpStream, Error> {
+pub(crate) fn connect(to: &str, timeout: Duration) -> Result<TcpStream, Error> {
     let addrs = to
         .to_socket_addrs()
         .map_err(|e| Error::Connect { addr: to.to_string(), source: e })?
@@ -268,8 +290,9 @@ fn connect(to: &str, timeout: Duration) -> Result<TcpStream, Error> {
     Err(Error::Connect { addr: to.to_string(), source: last })
 }
 
-/// Writes the body from `offset` as data frames of at most `chunk` bytes.
-fn send_body(
+/// Writes the body from `offset` as data frames of at most `chunk` bytes. Does not flush: a batch
+/// streams many bodies through one buffer.
+pub(crate) fn send_body(
     file: &mut File,
     w: &mut BufWriter<&TcpStream>,
     (offset, size): (u64, u64),
@@ -296,5 +319,5 @@ fn send_body(
         remaining -= want as u64;
         bar.inc(want as u64);
     }
-    w.flush().map_err(net)
+    Ok(())
 }

@@ -84,6 +84,8 @@ pub enum RejectCode {
     UnsupportedHash,
     /// The receiver could not prepare the file, e.g. a local I/O error (variant 4).
     Failed,
+    /// A batch manifest breaks a rule as a whole: a bad path, a collision, a limit (variant 5).
+    InvalidManifest,
 }
 
 /// Receiver → sender: the answer to an offer.

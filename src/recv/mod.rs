@@ -23,6 +23,7 @@ use crate::safedir::SafeDir;
 use crate::sanitize::{escape, validate_name};
 use crate::store;
 
+mod batch;
 mod body;
 
 use body::{BodyError, DeadlineReader, RECV_BUF, Reservation, receive_body};
@@ -54,11 +55,13 @@ pub struct RecvOpts {
 /// A finished, successful transfer.
 #[derive(Debug, Clone)]
 pub struct Stored {
+    /// The stored name, or for a batch a summary of it.
     pub name: String,
     pub already_had: bool,
+    pub batch: bool,
 }
 
-struct Shared {
+pub(super) struct Shared {
     opts: RecvOpts,
     progress: Progress,
     transfers: AtomicUsize,
@@ -198,6 +201,7 @@ fn handle_logged(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> (Resul
     let resumed =
         if seen.resumed > 0 { format!(" (resumed at {} bytes)", seen.resumed) } else { String::new() };
     let outcome = match &result {
+        Ok(s) if s.batch => s.name.clone(),
         Ok(s) if s.already_had => format!("already have it as \"{}\"", escape(&s.name)),
         Ok(s) => format!("verified, stored as \"{}\"{resumed}", escape(&s.name)),
         Err(e) => format!("failed: {e}"),
@@ -232,6 +236,12 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
     protocol::read_hello(&mut reader).map_err(wire("waiting for the hello", hs))?;
     let offer = match read_message(&mut reader).map_err(wire("waiting for the offer", hs))? {
         Message::Offer(o) => o,
+        Message::Manifest(first) => {
+            // A batch: the rest of the manifest may be long; the idle timeout applies from here.
+            reader.get_mut().until = None;
+            stream.set_read_timeout(opts.timeout).map_err(setup)?;
+            return batch::handle(shared, (&mut reader, &mut writer), peer, first, seen);
+        }
         other => {
             return Err(Error::Protocol {
                 peer: peer.to_string(),
@@ -272,7 +282,7 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
     match store::find_existing(&root, &offer.name, (offer.size, &offer.digest), opts.overwrite, check_until) {
         Ok(Some(name)) => {
             reply(Reply::AlreadyHave { name: name.clone() })?;
-            return Ok(Stored { name, already_had: true });
+            return Ok(Stored { name, already_had: true, batch: false });
         }
         Ok(None) => {}
         Err(e) => return refuse(RejectCode::Failed, "cannot check existing files".into(), Some(e)),
@@ -392,5 +402,5 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
     // gone by now the file still stays: it is verified.
     verdict(&mut writer, Verdict::Verified { name: stored.clone() })
         .map_err(|e| wire("sending the verdict", idle)(e.into()))?;
-    Ok(Stored { name: stored, already_had: false })
+    Ok(Stored { name: stored, already_had: false, batch: false })
 }

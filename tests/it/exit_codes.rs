@@ -49,8 +49,13 @@ fn usage_errors_exit_2() {
     let run = send(&path, "127.0.0.1:1", &["--as", "../escape"]).expect(2);
     assert!(run.stderr().contains("path separator"), "{}", run.report());
     let dir = tempfile::tempdir().unwrap();
-    let run = send(dir.path(), "127.0.0.1:1", &[]).expect(2);
+    let fifo = dir.path().join("fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let run = send(&fifo, "127.0.0.1:1", &[]).expect(2);
     assert!(run.stderr().contains("not a regular file"), "{}", run.report());
+    let p = path.to_string_lossy();
+    let run = xfer(&["send", &p, &p, "127.0.0.1:1", "--as", "x"]).expect(2);
+    assert!(run.stderr().contains("--as names a single file"), "{}", run.report());
     let run = xfer(&["recv", "--dir", &path.to_string_lossy()]).expect(2);
     assert!(run.stderr().contains("is not a folder"), "{}", run.report());
 }
