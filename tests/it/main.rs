@@ -11,4 +11,5 @@ mod hostile; // a raw peer speaking the wire format attacks the receiver
 mod progress; // bars on a terminal (a pty from script(1)), none with --quiet or in a pipe
 mod resume; // interrupted three ways, then resumed; other versions not reused
 mod timeouts; // silent peers on either side
-mod transfer; // byte-for-byte equality across sizes and chunk sizes
+mod transfer;
+mod tree; // folders and many files: identical trees, repeats send nothing, hostile manifests // byte-for-byte equality across sizes and chunk sizes

@@ -1,0 +1,223 @@
+//! Batches: folders and many files in one conversation, trees recreated exactly, repeats that send
+//! nothing, and hostile manifests refused before anything is written.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use xfer::protocol::{self, Entry, EntryKind, HashAlg, Message, RejectCode, Reply};
+
+use crate::util::{RawPeer, Receiver, random_bytes, send, sha256};
+
+/// Every path below `root` with its kind, permission bits, mtime and content, for comparing trees.
+fn snapshot(root: &Path) -> Vec<(String, bool, u32, SystemTime, Vec<u8>)> {
+    let mut out = Vec::new();
+    fn visit(base: &Path, dir: &Path, out: &mut Vec<(String, bool, u32, SystemTime, Vec<u8>)>) {
+        let mut kids: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        kids.sort();
+        for p in kids {
+            let m = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(base).unwrap().to_string_lossy().into_owned();
+            let content = if m.is_file() { fs::read(&p).unwrap() } else { Vec::new() };
+            out.push((rel, m.is_dir(), m.permissions().mode() & 0o7777, m.modified().unwrap(), content));
+            if m.is_dir() {
+                visit(base, &p, out);
+            }
+        }
+    }
+    visit(root, root, &mut out);
+    out
+}
+
+fn set_mtime(path: &Path, t: SystemTime) {
+    fs::File::open(path).unwrap().set_modified(t).unwrap();
+}
+
+/// A tree of 1,040 files in nested folders, with empty folders, zero-length files, odd names,
+/// varied modes (one with setuid) and old mtimes.
+fn build_tree(root: &Path) {
+    let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    let odd = ["with space.txt", "ünïcödé.txt", "日本語.txt", "-leading-dash", "#hash#", "a'quote"];
+    for d in 0..20 {
+        let dir = root.join(format!("d{d:02}")).join(format!("sub {d}"));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..52 {
+            let name = if f < odd.len() { format!("{}-{f}", odd[f]) } else { format!("f{f:03}.bin") };
+            let p = dir.join(name);
+            let len = if f % 13 == 0 { 0 } else { (d * 52 + f) * 37 % 5000 };
+            fs::write(&p, random_bytes(len, (d * 100 + f) as u64)).unwrap();
+            let mode = [0o644, 0o600, 0o755, 0o640][f % 4];
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+            set_mtime(&p, t0 + Duration::from_secs((d * 52 + f) as u64));
+        }
+        set_mtime(&dir, t0 + Duration::from_secs(d as u64));
+        set_mtime(dir.parent().unwrap(), t0 + Duration::from_secs(100 + d as u64));
+    }
+    fs::create_dir_all(root.join("empty/nested-empty")).unwrap();
+    fs::write(root.join("setuid-tool"), b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(root.join("setuid-tool"), fs::Permissions::from_mode(0o4755)).unwrap();
+    fs::set_permissions(root.join("empty"), fs::Permissions::from_mode(0o750)).unwrap();
+    set_mtime(&root.join("empty/nested-empty"), t0);
+    set_mtime(&root.join("empty"), t0);
+    set_mtime(root, t0);
+}
+
+#[test]
+fn a_tree_of_a_thousand_files_arrives_identical_and_again_sends_nothing() {
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("project");
+    build_tree(&tree);
+    let rx = Receiver::start(&["--quiet"]);
+    let run = send(&tree, &rx.target(), &["--quiet"]).expect(0);
+    assert!(run.stdout().contains("1041 files"), "{}", run.report());
+    assert!(run.stdout().contains(" 0 failed"), "{}", run.report());
+
+    let want = snapshot(&tree);
+    let got = snapshot(&rx.dir.join("project"));
+    assert_eq!(want.len(), got.len(), "entry count");
+    for (w, g) in want.iter().zip(&got) {
+        assert_eq!((&w.0, w.1), (&g.0, g.1), "path or kind");
+        assert!(w.4 == g.4, "{}: content differs", w.0);
+        assert_eq!(w.3, g.3, "{}: mtime differs", w.0);
+        // Modes travel, but never setuid, setgid or sticky.
+        assert_eq!(w.2 & 0o777, g.2, "{}: mode differs", w.0);
+    }
+    let top = fs::metadata(rx.dir.join("project")).unwrap();
+    assert_eq!(top.modified().unwrap(), fs::metadata(&tree).unwrap().modified().unwrap());
+    rx.assert_files(&["project"]);
+
+    // The same tree again: one exchange, no bodies.
+    let again = send(&tree, &rx.target(), &["--quiet", "--verbose"]).expect(0);
+    let out = again.stdout();
+    assert!(out.contains(", 0 B sent"), "{}", again.report());
+    assert!(out.contains(": 0 verified,"), "{}", again.report());
+    assert!(out.lines().filter(|l| l.starts_with("already there ")).count() > 1000, "{}", again.report());
+}
+
+#[test]
+fn several_paths_and_skipped_entries() {
+    let src = tempfile::tempdir().unwrap();
+    fs::create_dir(src.path().join("docs")).unwrap();
+    fs::write(src.path().join("docs/a.txt"), b"a").unwrap();
+    fs::write(src.path().join("notes.txt"), b"notes").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", src.path().join("docs/link")).unwrap();
+    let rx = Receiver::start(&["--quiet"]);
+    let args = [
+        "send".to_string(),
+        src.path().join("docs").to_string_lossy().into_owned(),
+        src.path().join("notes.txt").to_string_lossy().into_owned(),
+        rx.target(),
+    ];
+    let run = crate::util::xfer(&args).expect(0);
+    assert!(run.stdout().contains("1 skipped"), "{}", run.report());
+    assert!(run.stderr().contains("symlink (not followed; see --follow)"), "{}", run.report());
+    rx.assert_files(&["docs", "notes.txt"]);
+    assert_eq!(fs::read(rx.dir.join("docs/a.txt")).unwrap(), b"a");
+    assert!(!rx.dir.join("docs/link").exists());
+}
+
+fn file(path: &[&str], data: &[u8]) -> Entry {
+    Entry {
+        path: path.iter().map(|s| s.to_string()).collect(),
+        kind: EntryKind::File { size: data.len() as u64, hash: HashAlg::Sha256, digest: sha256(data) },
+        mode: 0o644,
+        mtime: (0, 0),
+    }
+}
+
+fn dir(path: &[&str]) -> Entry {
+    Entry {
+        path: path.iter().map(|s| s.to_string()).collect(),
+        kind: EntryKind::Dir,
+        mode: 0o755,
+        mtime: (0, 0),
+    }
+}
+
+/// Offers `entries` as one manifest and returns the receiver's first answer.
+fn offer_manifest(rx: &Receiver, entries: Vec<Entry>) -> Message {
+    let mut p = RawPeer::greet(rx.addr);
+    protocol::write_message(
+        &mut p.stream,
+        &Message::Manifest(protocol::ManifestPart { entries, last: true }),
+    )
+    .unwrap();
+    p.read().unwrap()
+}
+
+fn assert_refused(msg: Message, code: RejectCode, needle: &str) {
+    match msg {
+        Message::Reply(Reply::Reject { code: c, reason }) => {
+            assert_eq!(c, code, "{reason}");
+            assert!(reason.contains(needle), "reason {reason:?} lacks {needle:?}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn hostile_manifests_are_refused_before_any_write() {
+    let rx = Receiver::start(&["--quiet"]);
+    let cases: Vec<(Vec<Entry>, &str)> = vec![
+        (vec![dir(&["a"]), file(&["a", "..", "b"], b"x")], "`.` or `..`"),
+        (vec![file(&["..", "etc", "passwd"], b"x")], "`.` or `..`"),
+        (vec![file(&["a/b"], b"x")], "path separator"),
+        (vec![file(&["ok"], b"x"), file(&["ok", "deeper"], b"y")], "below"),
+        (vec![file(&["x"], b"x"), dir(&["x"])], "x"),
+        (vec![file(&["\u{c9}t\u{e9}.txt"], b"1"), file(&["E\u{301}te\u{301}.txt"], b"2")], "t"),
+        (vec![file(&["Readme"], b"1"), file(&["README"], b"2")], "README"),
+        (vec![], "empty"),
+    ];
+    for (entries, needle) in cases {
+        let reply = offer_manifest(&rx, entries);
+        assert_refused(reply, RejectCode::InvalidManifest, needle);
+        rx.assert_files(&[]);
+    }
+    // A total beyond free space.
+    let free = xfer::store::free_space(&rx.dir).unwrap();
+    let mut huge = file(&["huge"], b"");
+    huge.kind = EntryKind::File { size: free + (1 << 30), hash: HashAlg::Sha256, digest: sha256(b"") };
+    assert_refused(offer_manifest(&rx, vec![dir(&["t"]), huge]), RejectCode::InsufficientSpace, "free");
+    rx.assert_files(&[]);
+}
+
+#[test]
+fn a_million_entries_are_refused_without_storing_them() {
+    let rx = Receiver::start(&["--quiet"]);
+    let mut p = RawPeer::greet(rx.addr);
+    let mut writer = p.stream.try_clone().unwrap();
+    let flood = std::thread::spawn(move || {
+        let mut n = 0u32;
+        while n < 1_000_000 {
+            let entries: Vec<Entry> = (n..n + 500).map(|i| file(&[&format!("f{i}")], b"")).collect();
+            let part = protocol::ManifestPart { entries, last: n + 500 >= 1_000_000 };
+            if protocol::write_message(&mut writer, &Message::Manifest(part)).is_err() {
+                break; // the receiver stopped listening: good
+            }
+            n += 500;
+        }
+    });
+    // Either the refusal arrives, or the receiver hangs up; its log says why either way.
+    let _ = p.read();
+    flood.join().unwrap();
+    rx.wait_log("manifest refused: ");
+    assert!(rx.stderr().contains("entries"), "{}", rx.stderr());
+    rx.assert_files(&[]);
+}
+
+#[test]
+fn a_symlink_planted_in_dir_is_not_written_through() {
+    let rx = Receiver::start(&["--quiet"]);
+    let outside = rx.root.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, rx.dir.join("tree")).unwrap();
+    let src = tempfile::tempdir().unwrap();
+    fs::create_dir_all(src.path().join("tree/sub")).unwrap();
+    fs::write(src.path().join("tree/sub/evil.txt"), b"payload").unwrap();
+    let run = send(&src.path().join("tree"), &rx.target(), &["--verbose"]);
+    assert_ne!(run.code(), 0, "{}", run.report());
+    assert!(run.stdout().contains("failed"), "{}", run.report());
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "something was written through the symlink");
+    assert!(fs::symlink_metadata(rx.dir.join("tree")).unwrap().file_type().is_symlink());
+}
