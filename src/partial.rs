@@ -47,6 +47,10 @@ pub enum Durability {
     Deferred,
 }
 
+/// In a batch, files up to this size keep no record while they arrive, so they never resume: for
+/// them a record costs more than resending does.
+pub const RESUME_MIN: u64 = 1 << 20;
+
 /// Read size when hashing a partial's prefix again.
 const PREFIX_BUF: usize = 1024 * 1024;
 
@@ -55,6 +59,8 @@ pub struct Partial {
     file: File,
     dir: SafeDir,
     stem: String,
+    /// A record exists beside the partial (and must go when it does).
+    record: bool,
 }
 
 /// What opening a partial for an offer gave.
@@ -82,11 +88,13 @@ impl Partial {
     /// Opens the partial for `name` in `dir` for an offer of `size` bytes with `digest`, resuming
     /// from what it holds if it belongs to exactly that file. The prefix is re-hashed until
     /// `deadline` at most.
+    /// Without `resumable` no record is written, so an interruption leaves nothing to resume.
     pub fn open(
         dir: SafeDir,
         name: &str,
         (size, digest): (u64, &Digest),
         deadline: Instant,
+        resumable: bool,
     ) -> io::Result<Opened> {
         let stem = stem_for(name);
         let (part_name, record_name) = (format!("{stem}{PART_SUFFIX}"), format!("{stem}{RECORD_SUFFIX}"));
@@ -108,33 +116,53 @@ impl Partial {
         let (hasher, offset) =
             if have == want && len <= size { hash_prefix(&file, len, deadline)? } else { (Hasher::new(), 0) };
         // Drop whatever is not covered by the hash (or everything, for another version).
-        file.set_len(offset)?;
+        if len != offset {
+            file.set_len(offset)?;
+        }
         if offset == 0
+            && resumable
             && let Err(e) = dir.open_rw(&record_name, true).and_then(|mut r| r.write_all(want.as_bytes()))
         {
             // No record, no resume: take the empty partial back out too.
             let _ = dir.remove_file(&part_name);
             return Err(e);
         }
-        let mut partial = Partial { file, dir, stem };
-        partial.file.seek(SeekFrom::Start(offset))?;
+        let record = resumable || !have.is_empty();
+        let mut partial = Partial { file, dir, stem, record };
+        if offset > 0 {
+            partial.file.seek(SeekFrom::Start(offset))?;
+        }
         Ok(Opened::Ready { partial, offset, hasher })
     }
 
-    /// Reopens the partial for `name` to continue at `offset`, as an earlier [`Partial::open`]
-    /// promised (a batch answers every entry first and unlocks in between). `None` if another
-    /// transfer holds it now or it no longer has `offset` bytes.
-    pub fn reopen(dir: SafeDir, name: &str, offset: u64) -> io::Result<Option<Partial>> {
+    /// True if `name` has no partial in `dir`: a fresh, unresumable file can then be answered
+    /// without creating anything, and [`Partial::reopen`] creates it when its body comes.
+    pub fn absent(dir: &SafeDir, name: &str) -> bool {
+        dir.stat(&format!("{}{PART_SUFFIX}", stem_for(name)))
+            .is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
+    }
+
+    /// Reopens (or creates, for offset 0) the partial for `name` to continue at `offset`, as an
+    /// earlier answer promised (a batch answers every entry first and unlocks in between). `None`
+    /// if another transfer holds it now or it no longer has `offset` bytes. `record` says whether
+    /// a record was written for it.
+    pub fn reopen(dir: SafeDir, name: &str, offset: u64, record: bool) -> io::Result<Option<Partial>> {
         let stem = stem_for(name);
         let file = dir.open_rw(&format!("{stem}{PART_SUFFIX}"), false)?;
-        if rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).is_err()
-            || file.metadata()?.len() < offset
-        {
+        if rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
             return Ok(None);
         }
-        file.set_len(offset)?;
-        let mut partial = Partial { file, dir, stem };
-        partial.file.seek(SeekFrom::Start(offset))?;
+        let len = file.metadata()?.len();
+        if len < offset {
+            return Ok(None);
+        }
+        if len != offset {
+            file.set_len(offset)?;
+        }
+        let mut partial = Partial { file, dir, stem, record };
+        if offset > 0 {
+            partial.file.seek(SeekFrom::Start(offset))?;
+        }
         Ok(Some(partial))
     }
 
@@ -150,7 +178,9 @@ impl Partial {
     /// Removes the partial and its record: its content is wrong, or cannot be used.
     pub fn discard(self) {
         let _ = self.dir.remove_file(&self.name(PART_SUFFIX));
-        let _ = self.dir.remove_file(&self.name(RECORD_SUFFIX));
+        if self.record {
+            let _ = self.dir.remove_file(&self.name(RECORD_SUFFIX));
+        }
     }
 
     /// Leaves the partial for a later resume (an empty one is removed: nothing to resume).
@@ -211,7 +241,9 @@ impl Partial {
                 format!("{MAX_KEEP_BOTH} files named like this exist"),
             )
         })?;
-        let _ = self.dir.remove_file(&self.name(RECORD_SUFFIX));
+        if self.record {
+            let _ = self.dir.remove_file(&self.name(RECORD_SUFFIX));
+        }
         // The rename is durable only once the folder's entry is on disk. If that cannot be
         // promised, the file is taken back out: "failed" must mean nothing was stored.
         if durability == Durability::Fsync

@@ -17,7 +17,7 @@ use super::{Seen, Shared, Stored, take_slot};
 use crate::error::{Error, Limit};
 use crate::hash::Hasher;
 use crate::manifest;
-use crate::partial::{Durability, Opened, Partial};
+use crate::partial::{Durability, Opened, Partial, RESUME_MIN};
 use crate::progress::human_bytes;
 use crate::protocol::{
     Answer, AnswersPart, Entry, EntryKind, FileVerdict, MAX_ENTRIES, MAX_MESSAGE_LEN, ManifestPart, Message,
@@ -158,8 +158,10 @@ pub(super) fn handle(
         let EntryKind::File { size, digest, .. } = &entry.kind else { unreachable!("plans hold files") };
         let (parent, name) = entry.path.split_at(entry.path.len() - 1);
         let name = &name[0];
-        let opened =
-            dirs.get(parent).and_then(|d| d.try_clone()).and_then(|d| Partial::reopen(d, name, plan.offset));
+        let opened = dirs
+            .get(parent)
+            .and_then(|d| d.try_clone())
+            .and_then(|d| Partial::reopen(d, name, plan.offset, *size > RESUME_MIN));
         let Ok(Some(partial)) = opened else {
             // The sender sends the body anyway: it was promised. Without a partial we cannot
             // take it, so the batch ends here and the sender learns why.
@@ -302,7 +304,12 @@ fn answer(dirs: &mut Dirs<'_>, entry: &Entry, overwrite: bool, until: Instant) -
             if store::find_existing(parent, name, (*size, digest), overwrite, until)?.is_some() {
                 return Ok(Answer::Have);
             }
-            match Partial::open(parent.try_clone()?, name, (*size, digest), until)? {
+            let resumable = *size > RESUME_MIN;
+            // Nothing to resume and nothing worth a record: answer without touching the disk.
+            if !resumable && Partial::absent(parent, name) {
+                return Ok(Answer::Send { offset: 0 });
+            }
+            match Partial::open(parent.try_clone()?, name, (*size, digest), until, resumable)? {
                 Opened::Ready { partial, offset, hasher } => {
                     // Unlocked until its body comes; `reopen` checks it is still there.
                     drop(partial);

@@ -288,7 +288,7 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
         Err(e) => return refuse(RejectCode::Failed, "cannot check existing files".into(), Some(e)),
     }
     let (partial, offset, hasher) =
-        match Partial::open(root, &offer.name, (offer.size, &offer.digest), check_until) {
+        match Partial::open(root, &offer.name, (offer.size, &offer.digest), check_until, true) {
             Ok(Opened::Ready { partial, offset, hasher }) => (partial, offset, hasher),
             Ok(Opened::Busy) => {
                 let reason = "another transfer of this name is in progress, try again later".to_string();
