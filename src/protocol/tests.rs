@@ -52,6 +52,44 @@ fn golden() -> Vec<(&'static str, Message)> {
         ),
         ("verdict-size-mismatch.hex", Message::Verdict(Verdict::SizeMismatch { expected: 3, received: 2 })),
         ("verdict-failed.hex", Message::Verdict(Verdict::Failed { reason: "disk full".into() })),
+        (
+            "manifest-part.hex",
+            Message::Manifest(ManifestPart {
+                entries: vec![
+                    Entry {
+                        path: vec!["docs".into()],
+                        kind: EntryKind::Dir,
+                        mode: 0o755,
+                        mtime: (1_600_000_000, 0),
+                    },
+                    Entry {
+                        path: vec!["docs".into(), "a.txt".into()],
+                        kind: EntryKind::File { size: 3, hash: HashAlg::Sha256, digest: sha(b"abc") },
+                        mode: 0o644,
+                        mtime: (1_600_000_000, 500),
+                    },
+                ],
+                last: true,
+            }),
+        ),
+        (
+            "answers-part.hex",
+            Message::Answers(AnswersPart {
+                answers: vec![
+                    Answer::Send { offset: 0 },
+                    Answer::Have,
+                    Answer::Reject { code: RejectCode::Busy, reason: "busy".into() },
+                ],
+                last: true,
+            }),
+        ),
+        (
+            "file-verdict.hex",
+            Message::FileVerdict(FileVerdict {
+                index: 1,
+                verdict: Verdict::Verified { name: "a.txt".into() },
+            }),
+        ),
     ]
 }
 
@@ -174,6 +212,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
         Just(RejectCode::Busy),
         Just(RejectCode::UnsupportedHash),
         Just(RejectCode::Failed),
+        Just(RejectCode::InvalidManifest),
     ];
     prop_oneof![
         (".{0,64}", any::<u64>(), arb_digest()).prop_map(|(name, size, digest)| Message::Offer(Offer {
