@@ -95,8 +95,9 @@ fn report_batch(r: &BatchReport, verbose: bool) -> Result<(), Error> {
             println!("{line}");
         }
     }
+    let resumed = if r.resumed > 0 { format!(", resumed past {} bytes", r.resumed) } else { String::new() };
     println!(
-        "{} entries ({} files, {}) in {:.2} s, {} sent ({}): {verified} verified, {there} already there, {failed} failed, {} skipped",
+        "{} entries ({} files, {}) in {:.2} s, {} sent ({}{resumed}): {verified} verified, {there} already there, {failed} failed, {} skipped",
         r.entries.len(),
         r.files,
         human_bytes(r.bytes),

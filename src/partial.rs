@@ -12,17 +12,17 @@
 //! Paths are single validated components joined to the target folder, and the partial and its
 //! record are opened with `O_NOFOLLOW`, so a symlink planted under those names is not followed.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use rustix::fs::FlockOperation;
 
 use crate::hash::Hasher;
-use crate::protocol::Digest;
+use crate::protocol::{Digest, MAX_DEPTH};
 use crate::safedir::{SafeDir, set_mode_and_mtime};
 use crate::sanitize::numbered_name;
 use crate::store::MAX_KEEP_BOTH;
@@ -271,38 +271,47 @@ fn hash_prefix(file: &File, len: u64, deadline: Instant) -> io::Result<(Hasher, 
     Ok((hasher, done))
 }
 
-/// Removes partials (and records) in `dir` not modified for `max_age` and not in use. Returns
-/// how many partials were removed.
+/// Removes partials (and records) in `dir` and its subfolders not modified for `max_age` and not
+/// in use. Returns how many partials were removed. Folders are entered with `O_NOFOLLOW` and files
+/// removed relative to their folder's descriptor, so a symlink cannot lead the sweep elsewhere.
 pub fn sweep(dir: &Path, max_age: Duration) -> io::Result<usize> {
+    let root = SafeDir::open_root(dir)?;
+    sweep_in(&root, dir, max_age, 0)
+}
+
+fn sweep_in(dir: &SafeDir, listing: &Path, max_age: Duration, depth: usize) -> io::Result<usize> {
     let now = SystemTime::now();
     let mut removed = 0;
-    for entry in fs::read_dir(dir)? {
+    for entry in fs::read_dir(listing)? {
         let entry = entry?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if !name.starts_with(TEMP_PREFIX) || !(name.ends_with(PART_SUFFIX) || name.ends_with(RECORD_SUFFIX)) {
+        let Ok(st) = dir.stat(name) else { continue };
+        let kind = rustix::fs::FileType::from_raw_mode(st.st_mode);
+        if kind == rustix::fs::FileType::Directory {
+            if depth < MAX_DEPTH
+                && let Ok((sub, _)) = dir.subdir(name, false)
+            {
+                removed += sweep_in(&sub, &listing.join(name), max_age, depth + 1)?;
+            }
             continue;
         }
-        let meta = entry.metadata()?;
-        let age = meta.modified().ok().and_then(|m| now.duration_since(m).ok()).unwrap_or_default();
-        if !meta.is_file() || age < max_age {
+        let ours =
+            name.starts_with(TEMP_PREFIX) && (name.ends_with(PART_SUFFIX) || name.ends_with(RECORD_SUFFIX));
+        let modified = SystemTime::UNIX_EPOCH + Duration::from_secs(st.st_mtime.max(0) as u64);
+        let age = now.duration_since(modified).unwrap_or_default();
+        if !ours || kind != rustix::fs::FileType::RegularFile || age < max_age {
             continue;
         }
         if name.ends_with(PART_SUFFIX) {
             // In use by a transfer right now: leave it.
-            let Ok(f) = OpenOptions::new()
-                .read(true)
-                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-                .open(entry.path())
-            else {
-                continue;
-            };
+            let Ok(f) = dir.open_read(name) else { continue };
             if rustix::fs::flock(&f, FlockOperation::NonBlockingLockExclusive).is_err() {
                 continue;
             }
             removed += 1;
         }
-        let _ = fs::remove_file(entry.path());
+        let _ = dir.remove_file(name);
     }
     Ok(removed)
 }

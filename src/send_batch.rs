@@ -37,6 +37,8 @@ pub struct BatchReport {
     pub bytes: u64,
     /// Body bytes actually sent (less than `bytes` when files were already there or resumed).
     pub sent: u64,
+    /// Bytes the receiver already held from interrupted transfers, summed over resumed files.
+    pub resumed: u64,
     pub elapsed: Duration,
 }
 
@@ -256,12 +258,15 @@ pub fn send_batch(
         };
         entries_out.push((entries[i].path.join("/"), matches!(entries[i].kind, EntryKind::Dir), outcome));
     }
+    let resumed =
+        expected.iter().map(|&i| if let Answer::Send { offset } = answers[i] { offset } else { 0 }).sum();
     Ok(BatchReport {
         entries: entries_out,
         skipped: walked.skipped,
         files,
         bytes,
         sent,
+        resumed,
         elapsed: start.elapsed(),
     })
 }

@@ -175,7 +175,7 @@ fn a_partial_of_another_version_is_not_reused() {
 fn old_partials_are_swept_and_fresh_ones_kept() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("dir");
-    std::fs::create_dir(&dir).unwrap();
+    std::fs::create_dir_all(dir.join("sub/deeper")).unwrap();
     let week_ago = std::time::SystemTime::now() - Duration::from_secs(8 * 24 * 3600);
     for (name, old) in [("old.bin", true), ("fresh.bin", false)] {
         let stem = xfer::partial::stem_for(name);
@@ -187,7 +187,43 @@ fn old_partials_are_swept_and_fresh_ones_kept() {
             }
         }
     }
+    // An old partial of a batch, in a subfolder.
+    let deep = dir.join("sub/deeper").join(format!("{}.part", xfer::partial::stem_for("deep.bin")));
+    std::fs::File::create(&deep).unwrap().set_modified(week_ago).unwrap();
     let rx = Receiver::start_in(root, dir, &[]);
-    rx.wait_log("removed 1 partial file(s) older than --keep-partials");
-    rx.assert_files_and_partial(&[], "fresh.bin");
+    rx.wait_log("removed 2 partial file(s) older than --keep-partials");
+    rx.assert_files_and_partial(&["sub"], "fresh.bin");
+    assert!(!deep.exists());
+}
+
+#[test]
+fn a_batch_resumes_its_large_file() {
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("batch");
+    std::fs::create_dir_all(tree.join("small")).unwrap();
+    let big = random_bytes(16 << 20, 26);
+    std::fs::write(tree.join("big.bin"), &big).unwrap();
+    for i in 0..50 {
+        std::fs::write(tree.join("small").join(format!("s{i:02}")), random_bytes(100 + i, i as u64)).unwrap();
+    }
+    let rx = Receiver::start(&["--quiet"]);
+    // Cut inside big.bin, the first body of the batch.
+    let proxy = Proxy::start(rx.addr, Some(8 << 20));
+    proxy.release.send(()).unwrap();
+    let cut = send(&tree, &proxy.addr.to_string(), &[]);
+    assert_ne!(cut.code(), 0, "{}", cut.report());
+    rx.wait_log("batch of");
+    assert!(!rx.dir.join("batch/big.bin").exists(), "no final name for an unfinished file");
+
+    let run = send(&tree, &rx.target(), &[]).expect(0);
+    let out = run.stdout();
+    let resumed: u64 = out
+        .split("resumed past ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the batch did not resume\n{}", run.report()));
+    assert!(resumed > 6 << 20, "resumed past only {resumed} bytes");
+    assert!(std::fs::read(rx.dir.join("batch/big.bin")).unwrap() == big);
+    assert_eq!(std::fs::read_dir(rx.dir.join("batch/small")).unwrap().count(), 50);
 }
