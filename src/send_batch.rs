@@ -80,8 +80,9 @@ pub fn send_batch(
 
     // Digests first (the cache makes a repeat free), then one manifest.
     let mut cache = opts.cache.then(DigestCache::open_default);
-    let bar = progress.bytes("hashing", &format!("{files} files"), bytes);
+    let bar = progress.bytes("hashing", &format!("0/{files} files"), bytes);
     let mut entries = Vec::with_capacity(items.len());
+    let mut hashed = 0usize;
     for item in &items {
         let kind = match item.file {
             None => EntryKind::Dir,
@@ -89,6 +90,8 @@ pub fn send_batch(
                 let path = item.source.display().to_string();
                 let mut f = open_unchanged(item, stamp)?;
                 let (digest, _) = digest_of(&mut f, stamp, cache.as_mut(), &bar, &path)?;
+                hashed += 1;
+                bar.set_message(format!("{hashed}/{files} files"));
                 EntryKind::File { size: stamp.size, hash: HashAlg::Sha256, digest }
             }
         };
@@ -192,6 +195,7 @@ pub fn send_batch(
         });
         let bar = progress.bytes("sending", &format!("{} files", expected.len()), to_send);
         let mut sent = 0u64;
+        let mut done = 0usize;
         let mut local_failures = Vec::new();
         let streamed = (|| {
             for &i in &expected {
@@ -213,6 +217,8 @@ pub fn send_batch(
                     wire("sending bodies"),
                 )?;
                 sent += size - offset;
+                done += 1;
+                bar.set_message(format!("{done}/{} files", expected.len()));
                 if f.metadata().map(|m| Stamp::of(&m)).ok() != Some(stamp) {
                     local_failures.push(i);
                 }
