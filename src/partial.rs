@@ -15,7 +15,7 @@
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -99,9 +99,7 @@ impl Partial {
         let stem = stem_for(name);
         let (part_name, record_name) = (format!("{stem}{PART_SUFFIX}"), format!("{stem}{RECORD_SUFFIX}"));
         let file = dir.open_rw(&part_name, false)?;
-        if !file.metadata()?.is_file() {
-            return Err(io::Error::other(format!("{part_name} is not a regular file")));
-        }
+        check_own(&file, &part_name)?;
         match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
             Err(e) if e == rustix::io::Errno::WOULDBLOCK => return Ok(Opened::Busy),
@@ -127,6 +125,11 @@ impl Partial {
             let _ = dir.remove_file(&part_name);
             return Err(e);
         }
+        if offset == 0 && !resumable && !have.is_empty() {
+            // Another version's record must not outlive the bytes it described.
+            let _ = dir.remove_file(&record_name);
+            have.clear();
+        }
         let record = resumable || !have.is_empty();
         let mut partial = Partial { file, dir, stem, record };
         if offset > 0 {
@@ -149,6 +152,7 @@ impl Partial {
     pub fn reopen(dir: SafeDir, name: &str, offset: u64, record: bool) -> io::Result<Option<Partial>> {
         let stem = stem_for(name);
         let file = dir.open_rw(&format!("{stem}{PART_SUFFIX}"), false)?;
+        check_own(&file, &stem)?;
         if rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
             return Ok(None);
         }
@@ -164,6 +168,11 @@ impl Partial {
             partial.file.seek(SeekFrom::Start(offset))?;
         }
         Ok(Some(partial))
+    }
+
+    /// Whether a record sits beside this partial.
+    pub fn has_record(&self) -> bool {
+        self.record
     }
 
     /// The open file, positioned at the resume offset, for writing the body.
@@ -198,23 +207,26 @@ impl Partial {
     /// (`renameat2(RENAME_NOREPLACE)`), so two transfers cannot clobber each other. With
     /// `overwrite` the rename replaces the old file atomically. Returns the stored name.
     pub fn commit(self, name: &str, overwrite: bool) -> io::Result<String> {
-        self.commit_with(name, overwrite, FILE_MODE, None, Durability::Fsync)
+        self.commit_with(name, overwrite, Some(FILE_MODE), Durability::Fsync)
     }
 
-    /// [`Partial::commit`] with the entry's own mode and mtime, and a choice of durability:
-    /// `Fsync` flushes this file and its folder now; `Deferred` leaves both to one `syncfs` for a
-    /// whole group of files, which the caller must do before acknowledging any of them.
+    /// Sets the file's permission bits (only 0o777) and modification time before it is stored.
+    pub fn set_attributes(&self, mode: u32, mtime: (i64, u32)) -> io::Result<()> {
+        set_mode_and_mtime(self.file.as_fd(), mode, mtime)
+    }
+
+    /// [`Partial::commit`] with a choice of durability. `Fsync` flushes the file before the rename
+    /// and its folder after. `Deferred` does neither: the caller has already synced the data
+    /// (one `syncfs` for a group) and syncs the renames before acknowledging any of them.
     pub fn commit_with(
         self,
         name: &str,
         overwrite: bool,
-        mode: u32,
-        mtime: Option<(i64, u32)>,
+        mode: Option<u32>,
         durability: Durability,
     ) -> io::Result<String> {
-        match mtime {
-            Some(t) => set_mode_and_mtime(self.file.as_fd(), mode, t)?,
-            None => self.file.set_permissions(fs::Permissions::from_mode(mode & 0o777))?,
+        if let Some(mode) = mode {
+            self.file.set_permissions(fs::Permissions::from_mode(mode & 0o777))?;
         }
         if durability == Durability::Fsync {
             self.file.sync_all()?;
@@ -256,6 +268,16 @@ impl Partial {
     }
 }
 
+/// A partial must be a regular file with no other names: a hard link planted under a partial's
+/// name by someone with access to the folder would otherwise receive the writes.
+fn check_own(file: &File, what: &str) -> io::Result<()> {
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.nlink() > 1 {
+        return Err(io::Error::other(format!("{what}: not a plain regular file (type or hard links)")));
+    }
+    Ok(())
+}
+
 /// Hashes the first `len` bytes of `file`, stopping early at `deadline` on a block boundary.
 /// Returns the hash state and how many bytes it covers.
 fn hash_prefix(file: &File, len: u64, deadline: Instant) -> io::Result<(Hasher, u64)> {
@@ -292,7 +314,8 @@ fn sweep_in(dir: &SafeDir, listing: &Path, max_age: Duration, depth: usize) -> i
             if depth < MAX_DEPTH
                 && let Ok((sub, _)) = dir.subdir(name, false)
             {
-                removed += sweep_in(&sub, &listing.join(name), max_age, depth + 1)?;
+                // A folder that cannot be read is skipped, not a reason to stop sweeping.
+                removed += sweep_in(&sub, &listing.join(name), max_age, depth + 1).unwrap_or(0);
             }
             continue;
         }

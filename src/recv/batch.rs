@@ -20,18 +20,28 @@ use crate::manifest;
 use crate::partial::{Durability, Opened, Partial, RESUME_MIN};
 use crate::progress::human_bytes;
 use crate::protocol::{
-    Answer, AnswersPart, Entry, EntryKind, FileVerdict, MAX_ENTRIES, MAX_MESSAGE_LEN, ManifestPart, Message,
-    ProtocolError, RejectCode, Reply, Verdict, WireError, bounded_reason, encode_message, read_message,
-    write_message,
+    Answer, AnswersPart, Entry, EntryKind, FileVerdict, FrameKind, MAX_ENTRIES, MAX_MESSAGE_LEN,
+    ManifestPart, Message, ProtocolError, RejectCode, Reply, Verdict, WireError, bounded_reason,
+    encode_message, read_frame_header, read_message, write_message,
 };
 use crate::safedir::SafeDir;
 use crate::sanitize::escape;
 use crate::store;
 
-/// Files acknowledged together after one `syncfs`.
-const GROUP_FILES: usize = 1024;
-/// Bytes acknowledged together after one `syncfs`: bounds how much an interruption can cost.
+/// Files made durable and acknowledged together. Each is held open (locked) until its group is
+/// flushed, so this also bounds the descriptors a batch holds.
+const GROUP_FILES: usize = 128;
+/// Bytes acknowledged together: bounds how much an interruption can cost.
 const GROUP_BYTES: u64 = 256 << 20;
+/// Resumed partials kept locked from their answer to their body, so nothing can change them in
+/// between; past this many, further partials are answered from offset 0.
+const MAX_HELD: usize = 64;
+/// Time allowed for the whole manifest to arrive, however it trickles.
+const MANIFEST_DEADLINE: Duration = Duration::from_secs(120);
+/// Largest manifest, in bytes of path text plus a fixed cost per entry.
+const MAX_MANIFEST_BYTES: usize = 64 << 20;
+/// An answers part goes out at least this often, so the sender's idle timeout is fed.
+const ANSWER_FLUSH: Duration = Duration::from_secs(1);
 
 type Reader<'a> = BufReader<DeadlineReader<'a>>;
 type Writer<'a> = BufWriter<&'a TcpStream>;
@@ -41,6 +51,16 @@ struct Plan {
     index: usize,
     offset: u64,
     hasher: Hasher,
+    record: bool,
+    /// The partial, still locked, for a resumed file.
+    held: Option<Partial>,
+}
+
+/// A verified file waiting for its group's sync before it gets its final name.
+struct Pending {
+    index: u32,
+    partial: Partial,
+    name: String,
 }
 
 pub(super) fn handle(
@@ -63,15 +83,19 @@ pub(super) fn handle(
         Err(Error::Rejected { name: "the batch".into(), code, reason })
     };
 
-    // The whole manifest first, bounded by entry count before it is stored.
+    // The whole manifest first: one deadline, bounded by entries and bytes before it is stored.
+    reader.get_mut().until = Some(Instant::now() + MANIFEST_DEADLINE);
+    let mut bytes = manifest_bytes(&first);
     let mut entries = first.entries;
     let mut last = first.last;
-    while !last {
-        if entries.len() > MAX_ENTRIES {
-            break;
-        }
+    while !last && entries.len() <= MAX_ENTRIES && bytes <= MAX_MANIFEST_BYTES {
         match read_message(reader).map_err(wire("reading the manifest"))? {
+            Message::Manifest(part) if part.entries.is_empty() && !part.last => {
+                let source = ProtocolError::Malformed("empty manifest part".into());
+                return Err(Error::Protocol { peer: peer.to_string(), source });
+            }
             Message::Manifest(part) => {
+                bytes += manifest_bytes(&part);
                 entries.extend(part.entries);
                 last = part.last;
             }
@@ -81,7 +105,12 @@ pub(super) fn handle(
             }
         }
     }
+    reader.get_mut().until = None;
     seen.name = Some(format!("batch of {} entries", entries.len()));
+    if bytes > MAX_MANIFEST_BYTES {
+        let reason = format!("manifest refused: more than {MAX_MANIFEST_BYTES} bytes of paths");
+        return refuse(writer, RejectCode::InvalidManifest, reason);
+    }
     let summary = match manifest::validate(&entries) {
         Ok(s) => s,
         Err(e) => return refuse(writer, RejectCode::InvalidManifest, format!("manifest refused: {e}")),
@@ -112,64 +141,94 @@ pub(super) fn handle(
         Reservation { pool: &shared.reserved, left: summary.total_bytes }
     };
 
-    // Answer every entry, in order, in parts: the sender's read timeout keeps being fed.
-    let check_until = Instant::now() + opts.timeout.map_or(Duration::from_secs(60), |t| t / 2);
+    // Answer every entry, in order, in parts sent by size or by time.
+    let compare_for = opts.timeout.map_or(Duration::from_secs(60), |t| t / 2);
     let mut dirs = Dirs::new(&root);
     let mut plans = Vec::new();
     let mut created_dirs = Vec::new();
+    let mut refused = 0usize;
+    let mut there = 0usize;
     let mut part = Vec::new();
     let mut part_len = 0;
+    let mut last_flush = Instant::now();
     for (index, entry) in entries.iter().enumerate() {
-        let answer =
-            answer(&mut dirs, entry, opts.overwrite, check_until).unwrap_or_else(|e| Answer::Reject {
-                code: RejectCode::Failed,
-                reason: bounded_reason(format!("{}: {e}", display(&entry.path))),
-            });
-        match (&answer, &entry.kind) {
-            (Answer::Send { offset }, EntryKind::File { .. }) => {
-                let hasher = dirs.take_hasher();
-                plans.push(Plan { index, offset: *offset, hasher });
+        let until = Instant::now() + compare_for;
+        let hold = plans.iter().filter(|p: &&Plan| p.held.is_some()).count() < MAX_HELD;
+        let (answer, plan) = answer(&mut dirs, entry, opts.overwrite, until, hold).unwrap_or_else(|e| {
+            let reason = bounded_reason(format!("{}: {e}", display(&entry.path)));
+            (Answer::Reject { code: RejectCode::Failed, reason }, None)
+        });
+        match (&answer, plan) {
+            (Answer::Send { .. }, Some(mut p)) => {
+                p.index = index;
+                plans.push(p);
             }
-            (Answer::Send { .. }, EntryKind::Dir) => created_dirs.push(index),
+            (Answer::Send { .. }, None) => created_dirs.push(index),
+            (Answer::Reject { .. }, _) => refused += 1,
+            (Answer::Have, _) if matches!(entry.kind, EntryKind::File { .. }) => there += 1,
             _ => {}
         }
         part_len +=
             encode_message(&Message::Answers(AnswersPart { answers: vec![answer.clone()], last: false }))
                 .len();
         part.push(answer);
-        if part_len > MAX_MESSAGE_LEN as usize / 2 {
+        if part_len > MAX_MESSAGE_LEN as usize / 2 || last_flush.elapsed() > ANSWER_FLUSH {
             send(writer, &Message::Answers(AnswersPart { answers: std::mem::take(&mut part), last: false }))?;
             part_len = 0;
+            last_flush = Instant::now();
         }
     }
     send(writer, &Message::Answers(AnswersPart { answers: part, last: true }))?;
     drop(dirs);
 
     // Bodies, back to back, in manifest order.
-    let mut pending: Vec<(u32, String)> = Vec::new();
+    let mut pending: Vec<Pending> = Vec::new();
     let mut pending_bytes = 0u64;
     let mut verified = 0usize;
     let mut failed = 0usize;
     let total_plans = plans.len();
     let bar = shared.progress.bytes("receiving", &format!("{total_plans} files"), summary.total_bytes);
     let mut dirs = Dirs::new(&root);
-    for (n, plan) in plans.into_iter().enumerate() {
+    let flush =
+        |writer: &mut Writer<'_>, pending: &mut Vec<Pending>, verified: &mut usize, failed: &mut usize| {
+            let (v, f) = flush_group(&root, writer, pending, opts.overwrite).map_err(|e| match e {
+                GroupError::Local(e) => Error::io("making received files durable", e),
+                GroupError::Wire(e) => wire("acknowledging files")(e.into()),
+            })?;
+            *verified += v;
+            *failed += f;
+            Ok::<(), Error>(())
+        };
+    for plan in plans {
         let entry = &entries[plan.index];
         let EntryKind::File { size, digest, .. } = &entry.kind else { unreachable!("plans hold files") };
         let (parent, name) = entry.path.split_at(entry.path.len() - 1);
         let name = &name[0];
-        let opened = dirs
-            .get(parent)
-            .and_then(|d| d.try_clone())
-            .and_then(|d| Partial::reopen(d, name, plan.offset, *size > RESUME_MIN));
-        let Ok(Some(partial)) = opened else {
-            // The sender sends the body anyway: it was promised. Without a partial we cannot
-            // take it, so the batch ends here and the sender learns why.
-            let reason = format!("{}: partial file no longer available", display(&entry.path));
-            let v =
-                FileVerdict { index: plan.index as u32, verdict: Verdict::Failed { reason: reason.clone() } };
-            let _ = send(writer, &Message::FileVerdict(v));
-            return Err(Error::io(reason, std::io::Error::other("lost the partial file")));
+        let partial = match plan.held {
+            Some(p) => Some(p),
+            None => dirs
+                .get(parent)
+                .and_then(SafeDir::try_clone)
+                .and_then(|d| Partial::reopen(d, name, plan.offset, plan.record))
+                .ok()
+                .flatten(),
+        };
+        let fail = |writer: &mut Writer<'_>, reason: String| {
+            let v = FileVerdict {
+                index: plan.index as u32,
+                verdict: Verdict::Failed { reason: bounded_reason(reason) },
+            };
+            send(writer, &Message::FileVerdict(v))
+        };
+        let Some(partial) = partial else {
+            // The body comes anyway (it was promised): take it off the wire and say why.
+            if let Err(e) = drain(reader, size - plan.offset) {
+                let _ = flush(writer, &mut pending, &mut verified, &mut failed);
+                return Err(wire("receiving a body")(e));
+            }
+            failed += 1;
+            fail(writer, format!("{}: the partial file is in use or gone", display(&entry.path)))?;
+            continue;
         };
         let mut received = 0u64;
         let body = receive_body(
@@ -181,28 +240,25 @@ pub(super) fn handle(
             &bar,
         );
         seen.received += received;
-        let verdict = match body {
+        match body {
             Ok(d) if &d == digest => {
-                match partial.commit_with(
-                    name,
-                    opts.overwrite,
-                    entry.mode,
-                    Some(entry.mtime),
-                    Durability::Deferred,
-                ) {
-                    Ok(stored) => {
-                        pending.push((plan.index as u32, stored));
-                        pending_bytes += size;
-                        None
-                    }
-                    Err(e) => {
-                        Some(Verdict::Failed { reason: bounded_reason(format!("storing the file: {e}")) })
-                    }
+                if let Err(e) = partial.set_attributes(entry.mode, entry.mtime) {
+                    partial.discard();
+                    failed += 1;
+                    fail(writer, format!("storing the file: {e}"))?;
+                } else {
+                    pending.push(Pending { index: plan.index as u32, partial, name: name.clone() });
+                    pending_bytes += size;
                 }
             }
             Ok(actual) => {
                 partial.discard();
-                Some(Verdict::HashMismatch { expected: *digest, actual })
+                failed += 1;
+                let v = FileVerdict {
+                    index: plan.index as u32,
+                    verdict: Verdict::HashMismatch { expected: *digest, actual },
+                };
+                send(writer, &Message::FileVerdict(v))?;
             }
             Err(BodyError::Wire(e)) => {
                 let err = wire("receiving a body")(e);
@@ -212,38 +268,33 @@ pub(super) fn handle(
                     partial.keep();
                 }
                 // Whatever was verified so far is made durable and acknowledged.
-                let _ = flush_group(&root, writer, &mut pending);
+                let _ = flush(writer, &mut pending, &mut verified, &mut failed);
                 return Err(err);
             }
             Err(BodyError::TooLong(_)) => {
                 partial.discard();
-                let err = Error::Protocol {
-                    peer: peer.to_string(),
-                    source: ProtocolError::Malformed(format!(
-                        "body of {} runs past its size",
-                        display(&entry.path)
-                    )),
-                };
-                let _ = flush_group(&root, writer, &mut pending);
-                return Err(err);
+                let _ = flush(writer, &mut pending, &mut verified, &mut failed);
+                let source =
+                    ProtocolError::Malformed(format!("body of {} runs past its size", display(&entry.path)));
+                return Err(Error::Protocol { peer: peer.to_string(), source });
             }
             Err(BodyError::Local(e)) => {
                 partial.discard();
-                Some(Verdict::Failed { reason: bounded_reason(format!("writing the file: {e}")) })
+                // The rest of this body is still on the wire: skip it to stay in step.
+                if let Err(w) = drain(reader, size - plan.offset - received) {
+                    let _ = flush(writer, &mut pending, &mut verified, &mut failed);
+                    return Err(wire("receiving a body")(w));
+                }
+                failed += 1;
+                fail(writer, format!("writing the file: {e}"))?;
             }
-        };
-        if let Some(v) = verdict {
-            failed += 1;
-            send(writer, &Message::FileVerdict(FileVerdict { index: plan.index as u32, verdict: v }))?;
         }
-        if pending.len() >= GROUP_FILES || pending_bytes >= GROUP_BYTES || n + 1 == total_plans {
-            verified += flush_group(&root, writer, &mut pending).map_err(|e| match e {
-                GroupError::Local(e) => Error::io("making received files durable", e),
-                GroupError::Wire(e) => wire("acknowledging files")(e.into()),
-            })?;
+        if pending.len() >= GROUP_FILES || pending_bytes >= GROUP_BYTES {
+            flush(writer, &mut pending, &mut verified, &mut failed)?;
             pending_bytes = 0;
         }
     }
+    flush(writer, &mut pending, &mut verified, &mut failed)?;
     bar.finish_and_clear();
 
     // Folders last, deepest first: writing files into them changed their mtimes.
@@ -255,15 +306,39 @@ pub(super) fn handle(
     }
     let _ = root.sync_filesystem();
     let name = format!(
-        "{} files, {} folders: {verified} received, {} already there, {failed} failed",
+        "{} files, {} folders: {verified} received, {there} already there, {} failed",
         summary.files,
         summary.dirs,
-        summary.files - total_plans
+        failed + refused
     );
-    if failed > 0 {
-        return Err(Error::Integrity(format!("{failed} of {total_plans} files failed")));
+    if failed + refused > 0 {
+        return Err(Error::Integrity(name));
     }
     Ok(Stored { name, already_had: total_plans == 0, batch: true })
+}
+
+/// Bytes a manifest part costs to hold: its path text plus a fixed amount per entry.
+fn manifest_bytes(part: &ManifestPart) -> usize {
+    part.entries.iter().map(|e| 96 + e.path.iter().map(|c| c.len() + 24).sum::<usize>()).sum()
+}
+
+/// Reads and discards `n` body bytes (data frames only).
+fn drain(reader: &mut Reader<'_>, mut n: u64) -> Result<(), WireError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    while n > 0 {
+        let h = read_frame_header(reader)?;
+        if h.kind != FrameKind::Data || u64::from(h.len) > n {
+            return Err(ProtocolError::Malformed("body frames do not match the announced size".into()).into());
+        }
+        let mut left = h.len as usize;
+        while left > 0 {
+            let k = left.min(buf.len());
+            std::io::Read::read_exact(reader, &mut buf[..k])?;
+            left -= k;
+        }
+        n -= u64::from(h.len);
+    }
+    Ok(())
 }
 
 enum GroupError {
@@ -271,55 +346,85 @@ enum GroupError {
     Wire(std::io::Error),
 }
 
-/// Makes the pending files durable with one `syncfs`, then acknowledges them. Returns how many.
+/// Makes a group of verified files durable, then gives them their final names, makes the names
+/// durable, and only then acknowledges them: a crash at any point leaves each file either under
+/// its hidden partial name or, complete and synced, under its final name. Returns (stored, failed).
 fn flush_group(
     root: &SafeDir,
     writer: &mut Writer<'_>,
-    pending: &mut Vec<(u32, String)>,
-) -> Result<usize, GroupError> {
+    pending: &mut Vec<Pending>,
+    overwrite: bool,
+) -> Result<(usize, usize), GroupError> {
     if pending.is_empty() {
-        return Ok(0);
+        return Ok((0, 0));
     }
     root.sync_filesystem().map_err(GroupError::Local)?;
-    let n = pending.len();
-    for (index, name) in pending.drain(..) {
-        let v = FileVerdict { index, verdict: Verdict::Verified { name } };
+    let mut verdicts = Vec::with_capacity(pending.len());
+    for p in pending.drain(..) {
+        verdicts.push(match p.partial.commit_with(&p.name, overwrite, None, Durability::Deferred) {
+            Ok(stored) => (p.index, Verdict::Verified { name: stored }),
+            Err(e) => (p.index, Verdict::Failed { reason: bounded_reason(format!("storing the file: {e}")) }),
+        });
+    }
+    root.sync_filesystem().map_err(GroupError::Local)?;
+    let mut stored = 0;
+    for (index, verdict) in &verdicts {
+        stored += usize::from(matches!(verdict, Verdict::Verified { .. }));
+        let v = FileVerdict { index: *index, verdict: verdict.clone() };
         write_message(writer, &Message::FileVerdict(v)).map_err(GroupError::Wire)?;
     }
     writer.flush().map_err(GroupError::Wire)?;
-    Ok(n)
+    Ok((stored, verdicts.len() - stored))
 }
 
-/// The answer for one entry. Creates folders (validation is done: writing may start).
-fn answer(dirs: &mut Dirs<'_>, entry: &Entry, overwrite: bool, until: Instant) -> std::io::Result<Answer> {
+/// The answer for one entry, and for a file to be sent its plan. Creates folders (validation is
+/// done: writing may start).
+fn answer(
+    dirs: &mut Dirs<'_>,
+    entry: &Entry,
+    overwrite: bool,
+    until: Instant,
+    hold: bool,
+) -> std::io::Result<(Answer, Option<Plan>)> {
     let (parent_path, name) = entry.path.split_at(entry.path.len() - 1);
     let name = &name[0];
     let parent = dirs.get(parent_path)?;
     match &entry.kind {
         EntryKind::Dir => {
             let (_, created) = parent.subdir(name, true)?;
-            Ok(if created { Answer::Send { offset: 0 } } else { Answer::Have })
+            Ok((if created { Answer::Send { offset: 0 } } else { Answer::Have }, None))
         }
         EntryKind::File { size, digest, .. } => {
             if store::find_existing(parent, name, (*size, digest), overwrite, until)?.is_some() {
-                return Ok(Answer::Have);
+                return Ok((Answer::Have, None));
             }
             let resumable = *size > RESUME_MIN;
+            let plan = |offset, hasher, record, held| Plan { index: 0, offset, hasher, record, held };
             // Nothing to resume and nothing worth a record: answer without touching the disk.
             if !resumable && Partial::absent(parent, name) {
-                return Ok(Answer::Send { offset: 0 });
+                return Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(), false, None))));
             }
             match Partial::open(parent.try_clone()?, name, (*size, digest), until, resumable)? {
                 Opened::Ready { partial, offset, hasher } => {
-                    // Unlocked until its body comes; `reopen` checks it is still there.
+                    let record = partial.has_record();
+                    // A resumed partial stays locked until its body: its prefix was hashed and
+                    // nothing may change it in between. Past MAX_HELD it starts over instead.
+                    if offset > 0 && hold {
+                        return Ok((
+                            Answer::Send { offset },
+                            Some(plan(offset, hasher, record, Some(partial))),
+                        ));
+                    }
                     drop(partial);
-                    dirs.hasher = Some(hasher);
-                    Ok(Answer::Send { offset })
+                    Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(), record, None))))
                 }
-                Opened::Busy => Ok(Answer::Reject {
-                    code: RejectCode::Busy,
-                    reason: "another transfer of this file is in progress".into(),
-                }),
+                Opened::Busy => Ok((
+                    Answer::Reject {
+                        code: RejectCode::Busy,
+                        reason: "another transfer of this file is in progress".into(),
+                    },
+                    None,
+                )),
             }
         }
     }
@@ -331,12 +436,11 @@ struct Dirs<'a> {
     root: &'a SafeDir,
     path: Option<Vec<String>>,
     dir: Option<SafeDir>,
-    hasher: Option<Hasher>,
 }
 
 impl<'a> Dirs<'a> {
     fn new(root: &'a SafeDir) -> Dirs<'a> {
-        Dirs { root, path: None, dir: None, hasher: None }
+        Dirs { root, path: None, dir: None }
     }
 
     fn get(&mut self, path: &[String]) -> std::io::Result<&SafeDir> {
@@ -345,10 +449,6 @@ impl<'a> Dirs<'a> {
             self.path = Some(path.to_vec());
         }
         Ok(self.dir.as_ref().expect("just set"))
-    }
-
-    fn take_hasher(&mut self) -> Hasher {
-        self.hasher.take().unwrap_or_default()
     }
 }
 
