@@ -96,7 +96,7 @@ fn resend_and_check(rx: &Receiver, path: &std::path::Path, data: &[u8]) {
         .unwrap_or_else(|| panic!("did not resume\n{}", run.report()));
     // What crossed the wire but was still in the receiver's pipeline (at most 4 + 1 buffers of
     // 256 KiB) when it was interrupted or killed is sent again; everything else is not.
-    assert!(offset >= CUT - (2 << 20) && offset <= CUT, "resumed at {offset}, cut at {CUT}");
+    assert!((CUT - (2 << 20)..=CUT).contains(&offset), "resumed at {offset}, cut at {CUT}");
     let moved = counter.forwarded.load(Ordering::SeqCst);
     assert!(moved < SIZE as u64 - offset + (64 << 10), "moved {moved} bytes after resuming at {offset}");
     rx.assert_files(&["big.bin"]);
