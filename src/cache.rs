@@ -74,7 +74,9 @@ impl Stamp {
 /// The loaded cache. `path` is `None` when there is no cache folder to use.
 pub struct DigestCache {
     path: Option<PathBuf>,
-    map: HashMap<Stamp, Digest>,
+    /// Latest known version of each file, by (device, inode): a file that keeps changing holds
+    /// one entry, not one per version.
+    map: HashMap<(u64, u64), (Stamp, Digest)>,
 }
 
 impl DigestCache {
@@ -96,7 +98,7 @@ impl DigestCache {
         let mut map = HashMap::new();
         let mut lines = 0;
         for (stamp, digest) in text.lines().filter_map(|l| Stamp::parse(l.trim_end())) {
-            map.insert(stamp, digest);
+            map.insert((stamp.dev, stamp.ino), (stamp, digest));
             lines += 1;
         }
         let cache = DigestCache { path: Some(path.to_path_buf()), map };
@@ -107,12 +109,12 @@ impl DigestCache {
     }
 
     pub fn get(&self, stamp: &Stamp) -> Option<Digest> {
-        self.map.get(stamp).copied()
+        self.map.get(&(stamp.dev, stamp.ino)).filter(|(s, _)| s == stamp).map(|(_, d)| *d)
     }
 
     /// Remembers a digest: in memory, and appended to the file if there is one.
     pub fn put(&mut self, stamp: Stamp, digest: Digest) {
-        self.map.insert(stamp, digest);
+        self.map.insert((stamp.dev, stamp.ino), (stamp, digest));
         let Some(path) = &self.path else { return };
         let append = || -> std::io::Result<()> {
             if let Some(dir) = path.parent() {
@@ -127,7 +129,7 @@ impl DigestCache {
     /// Rewrites the file with live entries only (temporary file, then rename).
     fn compact(&self) {
         let Some(path) = &self.path else { return };
-        let text: String = self.map.iter().map(|(s, d)| s.line(d)).collect();
+        let text: String = self.map.values().map(|(s, d)| s.line(d)).collect();
         let tmp = path.with_extension("tmp");
         if fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, path)).is_err() {
             let _ = fs::remove_file(&tmp);

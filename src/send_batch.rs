@@ -4,12 +4,13 @@
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::cache::{DigestCache, Stamp};
-use crate::error::{Error, Exit, Limit};
+use crate::error::{Error, Exit, Limit, is_timeout};
 use crate::progress::Progress;
 use crate::protocol::{
     self, Answer, Entry, EntryKind, HashAlg, MAX_MESSAGE_LEN, ManifestPart, Message, Reply, WireError,
@@ -71,6 +72,9 @@ pub fn send_batch(
     for (p, why) in &walked.skipped {
         progress.line(&format!("xfer: skipping {}: {why}", escape(&p.display().to_string())), false);
     }
+    for (p, why) in &walked.refused {
+        progress.line(&format!("xfer: cannot send {}: {why}", escape(&p.display().to_string())), true);
+    }
     let items = walked.items;
     let files = items.iter().filter(|i| i.file.is_some()).count();
     let bytes: u64 = items.iter().filter_map(|i| i.file.map(|s| s.size)).sum();
@@ -124,6 +128,9 @@ pub fn send_batch(
         match read_message(&mut reader).map_err(wire("waiting for the answers"))? {
             Message::Answers(part) => {
                 answers.extend(part.answers);
+                if answers.len() > entries.len() {
+                    break;
+                }
                 if part.last {
                     break;
                 }
@@ -134,6 +141,15 @@ pub fn send_batch(
             }
             other => return Err(unexpected(&peer, "answers", &other)),
         }
+    }
+    let bad_offset = answers.iter().zip(&entries).any(|(a, e)| match (a, &e.kind) {
+        (Answer::Send { offset }, EntryKind::File { size, .. }) => offset > size,
+        (Answer::Send { offset }, EntryKind::Dir) => *offset > 0,
+        _ => false,
+    });
+    if bad_offset {
+        let source = protocol::ProtocolError::Malformed("an answer's offset lies past its file's end".into());
+        return Err(Error::Protocol { peer, source });
     }
     if answers.len() != entries.len() {
         let source = protocol::ProtocolError::Malformed(format!(
@@ -180,14 +196,19 @@ pub fn send_batch(
         })
         .sum();
     let peer_ref = &peer;
+    let writing = AtomicBool::new(true);
     let verdicts = std::thread::scope(|scope| {
         let n = expected.len();
+        let writing = &writing;
         let acks = scope.spawn(move || {
             let mut got = Vec::with_capacity(n);
             while got.len() < n {
                 match read_message(&mut reader) {
                     Ok(Message::FileVerdict(v)) => got.push(v),
                     Ok(other) => return (got, Some(unexpected(peer_ref, "file verdict", &other))),
+                    // Verdicts come per group: while bodies are still going out, a quiet
+                    // stretch longer than the idle timeout is normal, not a dead peer.
+                    Err(WireError::Io(e)) if is_timeout(&e) && writing.load(Ordering::SeqCst) => continue,
                     Err(e) => return (got, Some(wire("waiting for file verdicts")(e))),
                 }
             }
@@ -225,6 +246,13 @@ pub fn send_batch(
             }
             writer.flush().map_err(|e| wire("sending bodies")(e.into()))
         })();
+        writing.store(false, Ordering::SeqCst);
+        if streamed.is_err() {
+            // Stop here cleanly: what is buffered goes out, then the receiver sees the end and
+            // acknowledges what it verified; the verdict reader then sees the end too.
+            let _ = writer.flush();
+            let _ = stream.shutdown(Shutdown::Write);
+        }
         bar.finish_and_clear();
         let (got, ack_error) = acks.join().expect("verdict reader does not panic");
         (streamed, got, ack_error, sent, local_failures)
@@ -232,7 +260,7 @@ pub fn send_batch(
     let (streamed, got, ack_error, sent, local_failures) = verdicts;
     for v in got {
         let i = v.index as usize;
-        if i >= entries.len() || !expected.contains(&i) {
+        if expected.binary_search(&i).is_err() {
             let source =
                 protocol::ProtocolError::Malformed(format!("verdict for entry {i}, which was not sent"));
             return Err(Error::Protocol { peer: opts.to.clone(), source });
@@ -263,6 +291,13 @@ pub fn send_batch(
             (None, None) => EntryOutcome::Failed(Error::RemoteFailed("no verdict arrived".into())),
         };
         entries_out.push((entries[i].path.join("/"), matches!(entries[i].kind, EntryKind::Dir), outcome));
+    }
+    // Names the receiver would refuse were never offered: they count as failed, so a script
+    // that deletes what it sent does not delete them.
+    for (p, why) in walked.refused {
+        let shown = p.display().to_string();
+        let e = Error::Usage(format!("cannot send {}: {why}", escape(&shown)));
+        entries_out.push((shown, false, EntryOutcome::Failed(e)));
     }
     let resumed =
         expected.iter().map(|&i| if let Answer::Send { offset } = answers[i] { offset } else { 0 }).sum();

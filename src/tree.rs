@@ -29,11 +29,13 @@ pub struct Item {
     pub mtime: (i64, u32),
 }
 
-/// The walk's result: what to send, and what was left out and why.
+/// The walk's result: what to send, what was left out by policy (symlinks, special files) and
+/// what could not be sent (names the receiver would refuse), each with the reason.
 #[derive(Debug, Default)]
 pub struct Walk {
     pub items: Vec<Item>,
     pub skipped: Vec<(PathBuf, String)>,
+    pub refused: Vec<(PathBuf, String)>,
 }
 
 /// Walks `paths` (files and folders) in a stable order (names sorted within each folder).
@@ -56,17 +58,19 @@ pub fn walk(paths: &[PathBuf], follow: bool) -> Result<Walk, Error> {
         if let Err(e) = validate_name(&name) {
             return Err(Error::Usage(format!("cannot send {}: \"{}\": {e}", p.display(), escape(&name))));
         }
-        visit(&mut w, p, vec![name], meta, follow)?;
+        visit(&mut w, p, vec![name], meta, follow, &mut Vec::new())?;
     }
     Ok(w)
 }
 
+/// `ancestors` holds the (device, inode) of the folders above, so `--follow` cannot loop.
 fn visit(
     w: &mut Walk,
     source: &Path,
     path: Vec<String>,
     meta: fs::Metadata,
     follow: bool,
+    ancestors: &mut Vec<(u64, u64)>,
 ) -> Result<(), Error> {
     let ft = meta.file_type();
     let mtime = (meta.mtime(), meta.mtime_nsec().clamp(0, 999_999_999) as u32);
@@ -77,9 +81,15 @@ fn visit(
         w.items.push(Item { path, source: source.to_path_buf(), file: Some(Stamp::of(&meta)), mode, mtime });
     } else if ft.is_dir() {
         if path.len() >= MAX_DEPTH {
-            w.skipped.push((source.to_path_buf(), format!("deeper than {MAX_DEPTH} levels")));
+            w.refused.push((source.to_path_buf(), format!("deeper than {MAX_DEPTH} levels")));
             return Ok(());
         }
+        let id = (meta.dev(), meta.ino());
+        if ancestors.contains(&id) {
+            w.skipped.push((source.to_path_buf(), "symlink loop (a folder inside itself)".into()));
+            return Ok(());
+        }
+        ancestors.push(id);
         w.items.push(Item { path: path.clone(), source: source.to_path_buf(), file: None, mode, mtime });
         let mut children: Vec<_> = fs::read_dir(source)
             .map_err(|e| Error::io(format!("cannot list {}", source.display()), e))?
@@ -89,19 +99,20 @@ fn visit(
         for child in children {
             let child_path = child.path();
             let Some(name) = child.file_name().to_str().map(str::to_owned) else {
-                w.skipped.push((child_path, "name is not UTF-8".into()));
+                w.refused.push((child_path, "name is not UTF-8".into()));
                 continue;
             };
             if let Err(e) = validate_name(&name) {
-                w.skipped.push((child_path, e.to_string()));
+                w.refused.push((child_path, e.to_string()));
                 continue;
             }
             let meta = if follow { fs::metadata(&child_path) } else { fs::symlink_metadata(&child_path) };
             let meta = meta.map_err(|e| Error::io(format!("cannot read {}", child_path.display()), e))?;
             let mut p = path.clone();
             p.push(name);
-            visit(w, &child_path, p, meta, follow)?;
+            visit(w, &child_path, p, meta, follow, ancestors)?;
         }
+        ancestors.pop();
     } else {
         w.skipped
             .push((source.to_path_buf(), "not a regular file or folder (device, socket or fifo)".into()));
