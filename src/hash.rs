@@ -53,24 +53,31 @@ pub fn hash_reader_until<R: Read>(
     bar: &ProgressBar,
     deadline: Option<std::time::Instant>,
 ) -> io::Result<Option<(Digest, u64)>> {
-    let mut h = Hasher::new();
-    let mut buf = vec![0u8; HASH_BUF];
-    let mut total = 0u64;
-    loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        h.update(&buf[..n]);
-        total += n as u64;
-        bar.inc(n as u64);
-        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-            return Ok(None);
-        }
+    // One buffer per thread, reused: a batch hashes thousands of small files, and a fresh
+    // zeroed megabyte for each would cost more than hashing them.
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    Ok(Some((h.finish(), total)))
+    BUF.with_borrow_mut(|buf| {
+        buf.resize(HASH_BUF, 0);
+        let mut h = Hasher::new();
+        let mut total = 0u64;
+        loop {
+            let n = match r.read(buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            h.update(&buf[..n]);
+            total += n as u64;
+            bar.inc(n as u64);
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return Ok(None);
+            }
+        }
+        Ok(Some((h.finish(), total)))
+    })
 }
 
 /// "sha-ni" when the CPU has the SHA extensions (both ring and sha2 then use them), "no sha-ni"

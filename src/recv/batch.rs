@@ -148,12 +148,13 @@ pub(super) fn handle(
     let mut created_dirs = Vec::new();
     let mut refused = 0usize;
     let mut there = 0usize;
+    let mut held = 0usize;
     let mut part = Vec::new();
     let mut part_len = 0;
     let mut last_flush = Instant::now();
     for (index, entry) in entries.iter().enumerate() {
         let until = Instant::now() + compare_for;
-        let hold = plans.iter().filter(|p: &&Plan| p.held.is_some()).count() < MAX_HELD;
+        let hold = held < MAX_HELD;
         let (answer, plan) = answer(&mut dirs, entry, opts.overwrite, until, hold).unwrap_or_else(|e| {
             let reason = bounded_reason(format!("{}: {e}", display(&entry.path)));
             (Answer::Reject { code: RejectCode::Failed, reason }, None)
@@ -161,6 +162,7 @@ pub(super) fn handle(
         match (&answer, plan) {
             (Answer::Send { .. }, Some(mut p)) => {
                 p.index = index;
+                held += usize::from(p.held.is_some());
                 plans.push(p);
             }
             (Answer::Send { .. }, None) => created_dirs.push(index),
