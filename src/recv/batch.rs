@@ -124,21 +124,25 @@ pub(super) fn handle(
         Ok(d) => d,
         Err(e) => return refuse(writer, RejectCode::Failed, format!("cannot open the target folder: {e}")),
     };
+    // Space for what will probably be sent: files with a same-size file already at their path
+    // are most likely there (re-sending a tree must not need its size twice). If one turns out to
+    // differ, writing it may meet a full disk, which fails that file cleanly.
+    let need = likely_needed(&root, &entries);
     let mut reservation = {
         let mut reserved = shared.reserved.lock().unwrap_or_else(|e| e.into_inner());
         let free = store::free_space(&opts.dir).unwrap_or(0);
         let available = free.saturating_sub(*reserved);
-        if summary.total_bytes > available {
+        if need > available {
             let reason = format!(
-                "batch is {} but the receiver has {} free",
-                human_bytes(summary.total_bytes),
+                "batch needs {} but the receiver has {} free",
+                human_bytes(need),
                 human_bytes(available)
             );
             drop(reserved);
             return refuse(writer, RejectCode::InsufficientSpace, reason);
         }
-        *reserved += summary.total_bytes;
-        Reservation { pool: &shared.reserved, left: summary.total_bytes }
+        *reserved += need;
+        Reservation { pool: &shared.reserved, left: need }
     };
 
     // Answer every entry, in order, in parts sent by size or by time.
@@ -201,7 +205,8 @@ pub(super) fn handle(
             *failed += f;
             Ok::<(), Error>(())
         };
-    for plan in plans {
+    let mut plans = plans.into_iter();
+    while let Some(plan) = plans.next() {
         let entry = &entries[plan.index];
         let EntryKind::File { size, digest, .. } = &entry.kind else { unreachable!("plans hold files") };
         let (parent, name) = entry.path.split_at(entry.path.len() - 1);
@@ -226,6 +231,7 @@ pub(super) fn handle(
             // The body comes anyway (it was promised): take it off the wire and say why.
             if let Err(e) = drain(reader, size - plan.offset) {
                 let _ = flush(writer, &mut pending, &mut verified, &mut failed);
+                abandon(&root, &entries, plans.by_ref());
                 return Err(wire("receiving a body")(e));
             }
             failed += 1;
@@ -271,11 +277,13 @@ pub(super) fn handle(
                 }
                 // Whatever was verified so far is made durable and acknowledged.
                 let _ = flush(writer, &mut pending, &mut verified, &mut failed);
+                abandon(&root, &entries, plans.by_ref());
                 return Err(err);
             }
             Err(BodyError::TooLong(_)) => {
                 partial.discard();
                 let _ = flush(writer, &mut pending, &mut verified, &mut failed);
+                abandon(&root, &entries, plans.by_ref());
                 let source =
                     ProtocolError::Malformed(format!("body of {} runs past its size", display(&entry.path)));
                 return Err(Error::Protocol { peer: peer.to_string(), source });
@@ -285,6 +293,7 @@ pub(super) fn handle(
                 // The rest of this body is still on the wire: skip it to stay in step.
                 if let Err(w) = drain(reader, size - plan.offset - received) {
                     let _ = flush(writer, &mut pending, &mut verified, &mut failed);
+                    abandon(&root, &entries, plans.by_ref());
                     return Err(wire("receiving a body")(w));
                 }
                 failed += 1;
@@ -317,6 +326,39 @@ pub(super) fn handle(
         return Err(Error::Integrity(name));
     }
     Ok(Stored { name, already_had: total_plans == 0, batch: true })
+}
+
+/// Bytes the batch will probably need: files without a same-size regular file at their path.
+fn likely_needed(root: &SafeDir, entries: &[Entry]) -> u64 {
+    let mut dirs = Dirs::new(root);
+    entries
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EntryKind::File { size, .. } => {
+                let (parent, name) = e.path.split_at(e.path.len() - 1);
+                let there = dirs.peek(parent).and_then(|d| d.is_file(&name[0])).ok().flatten();
+                (there != Some(*size)).then_some(*size)
+            }
+            EntryKind::Dir => None,
+        })
+        .sum()
+}
+
+/// After a batch broke off: partials that were created while answering but never got a byte
+/// are removed (resumed ones keep their data for next time).
+fn abandon(root: &SafeDir, entries: &[Entry], rest: impl Iterator<Item = Plan>) {
+    for plan in rest {
+        if plan.offset > 0 || !plan.record {
+            continue;
+        }
+        let path = &entries[plan.index].path;
+        let (parent, name) = path.split_at(path.len() - 1);
+        if let Ok(dir) = root.walk(parent, false)
+            && let Ok(Some(p)) = Partial::reopen(dir, &name[0], 0, true)
+        {
+            p.discard();
+        }
+    }
 }
 
 /// Bytes a manifest part costs to hold: its path text plus a fixed amount per entry.
@@ -446,8 +488,18 @@ impl<'a> Dirs<'a> {
     }
 
     fn get(&mut self, path: &[String]) -> std::io::Result<&SafeDir> {
+        self.open(path, true)
+    }
+
+    /// Like `get`, without creating folders.
+    fn peek(&mut self, path: &[String]) -> std::io::Result<&SafeDir> {
+        self.open(path, false)
+    }
+
+    fn open(&mut self, path: &[String], create: bool) -> std::io::Result<&SafeDir> {
         if self.path.as_deref() != Some(path) || self.dir.is_none() {
-            self.dir = Some(self.root.walk(path, true)?);
+            self.dir = None;
+            self.dir = Some(self.root.walk(path, create)?);
             self.path = Some(path.to_vec());
         }
         Ok(self.dir.as_ref().expect("just set"))

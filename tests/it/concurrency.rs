@@ -39,8 +39,7 @@ fn eight_senders_at_once_and_a_stalled_one() {
     let want: Vec<String> = (0..8).map(|i| format!("file-{i}")).collect();
     let kept = rx.assert_files_and_partial(&want.iter().map(String::as_str).collect::<Vec<_>>(), "stalled");
     assert_eq!(kept, 1000);
-    let log = rx.stderr();
-    assert!(log.contains("timed out while receiving the body (nothing within 8 s, see --timeout)"), "{log}");
+    rx.wait_log("timed out while receiving the body (nothing within 8 s, see --timeout)");
 }
 
 #[test]
