@@ -115,17 +115,11 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
     bar.finish_and_clear();
     let (digest, cached) = hashed?;
 
-    let stream = connect(&opts.to, opts.connect_timeout)?;
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| opts.to.clone());
-    let limit = Limit { secs: opts.timeout.map_or(0, |t| t.as_secs()), option: "--timeout" };
+    let (stream, peer, limit) = open_connection(opts)?;
     let wire = |what: &'static str| {
         let peer = peer.clone();
         move |e: WireError| Error::wire(&peer, what, limit, e)
     };
-    stream.set_read_timeout(opts.timeout).map_err(|e| Error::io("setting socket timeout", e))?;
-    stream.set_write_timeout(opts.timeout).map_err(|e| Error::io("setting socket timeout", e))?;
-    // Frames are flushed explicitly at the end of each phase; no reason to delay the last segment.
-    let _ = stream.set_nodelay(true);
 
     let mut reader = BufReader::new(&stream);
     let mut writer = BufWriter::with_capacity(SOCKET_BUF, &stream);
@@ -272,6 +266,19 @@ pub(crate) fn verdict_result(v: Verdict, name: &str, digest: &protocol::Digest) 
         ))),
         Verdict::Failed { reason } => Err(Error::RemoteFailed(escape(&bounded_reason(reason)))),
     }
+}
+
+/// Connects to the receiver and sets the socket up for a transfer: the idle timeout both ways,
+/// and no Nagle delay (frames are flushed explicitly at the end of each phase). Returns the
+/// stream, the peer's address for messages, and the timeout in force.
+pub(crate) fn open_connection(opts: &SendOpts) -> Result<(TcpStream, String, Limit), Error> {
+    let stream = connect(&opts.to, opts.connect_timeout)?;
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| opts.to.clone());
+    let limit = Limit { secs: opts.timeout.map_or(0, |t| t.as_secs()), option: "--timeout" };
+    stream.set_read_timeout(opts.timeout).map_err(|e| Error::io("setting socket timeout", e))?;
+    stream.set_write_timeout(opts.timeout).map_err(|e| Error::io("setting socket timeout", e))?;
+    let _ = stream.set_nodelay(true);
+    Ok((stream, peer, limit))
 }
 
 /// Resolves `to` and connects to the first address that answers within `timeout`.

@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::cache::{DigestCache, Stamp};
-use crate::error::{Error, Exit, Limit, is_timeout};
+use crate::error::{Error, Exit, is_timeout};
 use crate::progress::Progress;
 use crate::protocol::{
     self, Answer, Entry, EntryKind, HashAlg, MAX_MESSAGE_LEN, ManifestPart, Message, Reply, WireError,
     bounded_reason, encode_message, read_message, write_message,
 };
 use crate::sanitize::escape;
-use crate::send::{SOCKET_BUF, SendOpts, connect, digest_of, send_body, unexpected, verdict_result};
+use crate::send::{SOCKET_BUF, SendOpts, digest_of, open_connection, send_body, unexpected, verdict_result};
 use crate::tree::{Item, walk};
 
 /// What happened to one entry.
@@ -103,16 +103,11 @@ pub fn send_batch(
     }
     bar.finish_and_clear();
 
-    let stream = connect(&opts.to, opts.connect_timeout)?;
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| opts.to.clone());
-    let limit = Limit { secs: opts.timeout.map_or(0, |t| t.as_secs()), option: "--timeout" };
+    let (stream, peer, limit) = open_connection(opts)?;
     let wire = |what: &'static str| {
         let peer = peer.clone();
         move |e: WireError| Error::wire(&peer, what, limit, e)
     };
-    stream.set_read_timeout(opts.timeout).map_err(|e| Error::io("setting socket timeout", e))?;
-    stream.set_write_timeout(opts.timeout).map_err(|e| Error::io("setting socket timeout", e))?;
-    let _ = stream.set_nodelay(true);
     let mut reader = BufReader::new(&stream);
     let mut writer = BufWriter::with_capacity(SOCKET_BUF, &stream);
     let greet = (|| {

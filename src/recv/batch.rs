@@ -12,7 +12,7 @@ use std::io::{BufReader, BufWriter, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use super::body::{BodyError, DeadlineReader, Reservation, receive_body};
+use super::body::{BodyError, DeadlineReader, receive_body};
 use super::{Seen, Shared, Stored, take_slot};
 use crate::error::{Error, Limit};
 use crate::hash::Hasher;
@@ -128,21 +128,17 @@ pub(super) fn handle(
     // are most likely there (re-sending a tree must not need its size twice). If one turns out to
     // differ, writing it may meet a full disk, which fails that file cleanly.
     let need = likely_needed(&root, &entries);
-    let mut reservation = {
-        let mut reserved = shared.reserved.lock().unwrap_or_else(|e| e.into_inner());
-        let free = store::free_space(&opts.dir).unwrap_or(0);
-        let available = free.saturating_sub(*reserved);
-        if need > available {
+    let mut reservation = match shared.reserve(need) {
+        Ok(Ok(r)) => r,
+        Ok(Err(available)) => {
             let reason = format!(
                 "batch needs {} but the receiver has {} free",
                 human_bytes(need),
                 human_bytes(available)
             );
-            drop(reserved);
             return refuse(writer, RejectCode::InsufficientSpace, reason);
         }
-        *reserved += need;
-        Reservation { pool: &shared.reserved, left: need }
+        Err(e) => return refuse(writer, RejectCode::Failed, format!("cannot read free space: {e}")),
     };
 
     // Answer every entry, in order, in parts sent by size or by time.

@@ -70,6 +70,20 @@ pub(super) struct Shared {
     reserved: Mutex<u64>,
 }
 
+impl Shared {
+    /// Reserves `need` bytes of the target folder's free space for one transfer, counting what
+    /// transfers in flight have reserved as used; or says how much is available.
+    fn reserve(&self, need: u64) -> io::Result<Result<Reservation<'_>, u64>> {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        let available = store::free_space(&self.opts.dir)?.saturating_sub(*reserved);
+        if need > available {
+            return Ok(Err(available));
+        }
+        *reserved += need;
+        Ok(Ok(Reservation { pool: &self.reserved, left: need }))
+    }
+}
+
 /// A bound listener, ready to serve.
 pub struct Receiver {
     listener: TcpListener,
@@ -298,29 +312,21 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
         };
     seen.resumed = offset;
     let need = offer.size - offset;
-    let mut reservation = {
-        let mut reserved = shared.reserved.lock().unwrap_or_else(|e| e.into_inner());
-        let free = match store::free_space(&opts.dir) {
-            Ok(f) => f,
-            Err(e) => {
-                drop(reserved);
-                partial.keep();
-                return refuse(RejectCode::Failed, "cannot read free space".into(), Some(e));
-            }
-        };
-        let available = free.saturating_sub(*reserved);
-        if need > available {
+    let mut reservation = match shared.reserve(need) {
+        Ok(Ok(r)) => r,
+        Ok(Err(available)) => {
+            partial.keep();
             let reason = format!(
                 "file needs {} ({need} bytes) more but the receiver has {} free",
                 human_bytes(need),
                 human_bytes(available)
             );
-            drop(reserved);
-            partial.keep();
             return refuse(RejectCode::InsufficientSpace, reason, None);
         }
-        *reserved += need;
-        Reservation { pool: &shared.reserved, left: need }
+        Err(e) => {
+            partial.keep();
+            return refuse(RejectCode::Failed, "cannot read free space".into(), Some(e));
+        }
     };
     if let Err(e) = reply(Reply::Accept { offset }) {
         partial.keep();
