@@ -92,8 +92,15 @@ pub fn send_batch(
             None => EntryKind::Dir,
             Some(stamp) => {
                 let path = item.source.display().to_string();
-                let mut f = open_unchanged(item, stamp)?;
-                let (digest, _) = digest_of(&mut f, stamp, cache.as_mut(), &bar, &path)?;
+                // A cached digest for the stamp the walk saw needs no open here; the file is
+                // checked against that stamp again when its body is sent.
+                let digest = match cache.as_ref().and_then(|c| c.get(&stamp)) {
+                    Some(d) => {
+                        bar.inc(stamp.size);
+                        d
+                    }
+                    None => digest_of(&mut open_unchanged(item, stamp)?, stamp, cache.as_mut(), &bar, &path)?.0,
+                };
                 hashed += 1;
                 bar.set_message(format!("{hashed}/{files} files"));
                 EntryKind::File { size: stamp.size, hash: HashAlg::Sha256, digest }

@@ -432,14 +432,23 @@ fn answer(
     match &entry.kind {
         EntryKind::Dir => {
             let (_, created) = parent.subdir(name, true)?;
+            if created {
+                dirs.created.insert(entry.path.clone());
+            }
             Ok((if created { Answer::Send { offset: 0 } } else { Answer::Have }, None))
         }
         EntryKind::File { size, digest, .. } => {
+            let resumable = *size > RESUME_MIN;
+            let plan = |offset, hasher, record, held| Plan { index: 0, offset, hasher, record, held };
+            // In a folder this batch just created there is nothing to compare with or resume:
+            // no lookups at all (the renames stay no-replace, whatever appears meanwhile).
+            if !resumable && dirs.created.contains(parent_path) {
+                return Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(), false, None))));
+            }
+            let parent = dirs.get(parent_path)?;
             if store::find_existing(parent, name, (*size, digest), overwrite, until)?.is_some() {
                 return Ok((Answer::Have, None));
             }
-            let resumable = *size > RESUME_MIN;
-            let plan = |offset, hasher, record, held| Plan { index: 0, offset, hasher, record, held };
             // Nothing to resume and nothing worth a record: answer without touching the disk.
             if !resumable && Partial::absent(parent, name) {
                 return Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(), false, None))));
@@ -476,11 +485,13 @@ struct Dirs<'a> {
     root: &'a SafeDir,
     path: Option<Vec<String>>,
     dir: Option<SafeDir>,
+    /// Folders this batch created (answer phase only).
+    created: std::collections::HashSet<Vec<String>>,
 }
 
 impl<'a> Dirs<'a> {
     fn new(root: &'a SafeDir) -> Dirs<'a> {
-        Dirs { root, path: None, dir: None }
+        Dirs { root, path: None, dir: None, created: Default::default() }
     }
 
     fn get(&mut self, path: &[String]) -> std::io::Result<&SafeDir> {
