@@ -99,7 +99,9 @@ pub fn send_batch(
                         bar.inc(stamp.size);
                         d
                     }
-                    None => digest_of(&mut open_unchanged(item, stamp)?, stamp, cache.as_mut(), &bar, &path)?.0,
+                    None => {
+                        digest_of(&mut open_unchanged(item, stamp)?, stamp, cache.as_mut(), &bar, &path)?.0
+                    }
                 };
                 hashed += 1;
                 bar.set_message(format!("{hashed}/{files} files"));
