@@ -35,16 +35,18 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Send a file to a running `xfer recv`.
+    /// Send files and folders to a running `xfer recv`.
     Send(SendArgs),
     /// Listen for senders and store what they send into a folder.
     Recv(RecvArgs),
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  xfer send img.jpg 192.168.1.20:8888\n\n\
-    Prints one summary line on stdout (name, size, time, rate, SHA-256, outcome); progress and \
-    errors go to stderr. Exit codes: 0 verified or already there, 2 usage, 3 connection, \
+#[command(after_help = "Examples:\n  xfer send img.jpg 192.168.1.20:8888\n  \
+    xfer send photos/ notes.txt 192.168.1.20     (one batch; port 8888)\n\n\
+    Prints one summary line on stdout (for one file: name, size, time, rate, SHA-256, outcome; \
+    for a batch: totals, and with --verbose a line per entry first); progress and \
+    errors go to stderr. Sending the same file again after an interruption resumes it. Exit codes: 0 verified or already there, 2 usage, 3 connection, \
     4 rejected, 5 integrity, 6 local I/O, 7 protocol, 1 receiver failed.")]
 pub struct SendArgs {
     /// Files and folders to send (folders with everything in them).
