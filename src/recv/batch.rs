@@ -12,7 +12,7 @@ use std::io::{BufReader, BufWriter, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use super::body::{BodyError, DeadlineReader, receive_body};
+use super::body::{BodyError, DeadlineReader, receive_body, skip_body};
 use super::{Seen, Shared, Stored, take_slot};
 use crate::error::{Error, Limit};
 use crate::hash::Hasher;
@@ -20,9 +20,9 @@ use crate::manifest;
 use crate::partial::{Durability, Opened, Partial, RESUME_MIN};
 use crate::progress::human_bytes;
 use crate::protocol::{
-    Answer, AnswersPart, Entry, EntryKind, FileVerdict, FrameKind, MAX_ENTRIES, MAX_MESSAGE_LEN,
-    ManifestPart, Message, ProtocolError, RejectCode, Reply, Verdict, WireError, bounded_reason,
-    encode_message, read_frame_header, read_message, write_message,
+    Answer, AnswersPart, Entry, EntryKind, FileVerdict, MAX_ENTRIES, MAX_MESSAGE_LEN, ManifestPart, Message,
+    ProtocolError, RejectCode, Reply, Verdict, WireError, bounded_reason, encode_message, read_message,
+    write_message,
 };
 use crate::safedir::SafeDir;
 use crate::sanitize::escape;
@@ -225,7 +225,7 @@ pub(super) fn handle(
         };
         let Some(partial) = partial else {
             // The body comes anyway (it was promised): take it off the wire and say why.
-            if let Err(e) = drain(reader, size - plan.offset) {
+            if let Err(e) = skip_body(reader, 0, size - plan.offset) {
                 let _ = flush(writer, &mut pending, &mut verified, &mut failed);
                 abandon(&root, &entries, plans.by_ref());
                 return Err(wire("receiving a body")(e));
@@ -284,10 +284,10 @@ pub(super) fn handle(
                     ProtocolError::Malformed(format!("body of {} runs past its size", display(&entry.path)));
                 return Err(Error::Protocol { peer: peer.to_string(), source });
             }
-            Err(BodyError::Local(e)) => {
+            Err(BodyError::Local(e, frame_left)) => {
                 partial.discard();
                 // The rest of this body is still on the wire: skip it to stay in step.
-                if let Err(w) = drain(reader, size - plan.offset - received) {
+                if let Err(w) = skip_body(reader, frame_left, size - plan.offset - received - frame_left) {
                     let _ = flush(writer, &mut pending, &mut verified, &mut failed);
                     abandon(&root, &entries, plans.by_ref());
                     return Err(wire("receiving a body")(w));
@@ -360,25 +360,6 @@ fn abandon(root: &SafeDir, entries: &[Entry], rest: impl Iterator<Item = Plan>) 
 /// Bytes a manifest part costs to hold: its path text plus a fixed amount per entry.
 fn manifest_bytes(part: &ManifestPart) -> usize {
     part.entries.iter().map(|e| 96 + e.path.iter().map(|c| c.len() + 24).sum::<usize>()).sum()
-}
-
-/// Reads and discards `n` body bytes (data frames only).
-fn drain(reader: &mut Reader<'_>, mut n: u64) -> Result<(), WireError> {
-    let mut buf = vec![0u8; 64 * 1024];
-    while n > 0 {
-        let h = read_frame_header(reader)?;
-        if h.kind != FrameKind::Data || u64::from(h.len) > n {
-            return Err(ProtocolError::Malformed("body frames do not match the announced size".into()).into());
-        }
-        let mut left = h.len as usize;
-        while left > 0 {
-            let k = left.min(buf.len());
-            std::io::Read::read_exact(reader, &mut buf[..k])?;
-            left -= k;
-        }
-        n -= u64::from(h.len);
-    }
-    Ok(())
 }
 
 enum GroupError {

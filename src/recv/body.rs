@@ -60,8 +60,56 @@ pub(super) enum BodyError {
     Wire(WireError),
     /// A data frame would run past the offered size.
     TooLong(u32),
-    /// Writing the temporary file failed.
-    Local(io::Error),
+    /// Writing the partial file failed. The second field is how many bytes of the data frame
+    /// being read were still unread: a caller that wants to stay in step with the stream skips
+    /// those, then the remaining frames (see [`skip_body`]).
+    Local(io::Error, u64),
+}
+
+/// Reads the next frame header of a body with `remaining` bytes still to come, and checks it is
+/// a data frame that does not run past them. Returns its length.
+fn next_data_frame(r: &mut BufReader<DeadlineReader<'_>>, remaining: u64) -> Result<usize, BodyError> {
+    let h = read_frame_header(r).map_err(BodyError::Wire)?;
+    if h.kind != FrameKind::Data {
+        let e = ProtocolError::UnexpectedFrame { expected: FrameKind::Data, got: h.kind };
+        return Err(BodyError::Wire(e.into()));
+    }
+    if u64::from(h.len) > remaining {
+        return Err(BodyError::TooLong(h.len));
+    }
+    Ok(h.len as usize)
+}
+
+/// Reads and discards the rest of a body: `frame_left` bytes of the frame under way, then data
+/// frames carrying `frames` more bytes. Keeps a batch in step when one file cannot be stored.
+pub(super) fn skip_body(
+    r: &mut BufReader<DeadlineReader<'_>>,
+    frame_left: u64,
+    frames: u64,
+) -> Result<(), WireError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut discard = |r: &mut BufReader<DeadlineReader<'_>>, mut n: u64| -> Result<(), WireError> {
+        while n > 0 {
+            let k = n.min(buf.len() as u64) as usize;
+            r.read_exact(&mut buf[..k])?;
+            n -= k as u64;
+        }
+        Ok(())
+    };
+    discard(r, frame_left)?;
+    let mut left = frames;
+    while left > 0 {
+        let len = match next_data_frame(r, left) {
+            Ok(len) => len as u64,
+            Err(BodyError::Wire(e)) => return Err(e),
+            Err(_) => {
+                return Err(ProtocolError::Malformed("body frames run past the announced size".into()).into());
+            }
+        };
+        discard(r, len)?;
+        left -= len;
+    }
+    Ok(())
 }
 
 /// Buffers in flight between the socket reader and the hashing thread. Four 256 KiB buffers keep
@@ -100,8 +148,8 @@ pub(super) fn receive_body(
             hasher.finish()
         });
         let mut file = partial.file();
-        let mut pass_on = |buf: Vec<u8>, len: usize| -> Result<(), BodyError> {
-            file.write_all(&buf[..len]).map_err(BodyError::Local)?;
+        let mut pass_on = |buf: Vec<u8>, len: usize| -> io::Result<()> {
+            file.write_all(&buf[..len])?;
             reservation.consume(len as u64);
             full_tx.send((buf, len)).expect("hashing thread is alive");
             Ok(())
@@ -113,18 +161,10 @@ pub(super) fn receive_body(
                 if offset + *received >= size {
                     break 'body Ok(());
                 }
-                let h = match read_frame_header(r) {
-                    Ok(h) => h,
-                    Err(e) => break 'body Err(BodyError::Wire(e)),
+                let mut left = match next_data_frame(r, size - offset - *received) {
+                    Ok(len) => len,
+                    Err(e) => break 'body Err(e),
                 };
-                if h.kind != FrameKind::Data {
-                    let e = ProtocolError::UnexpectedFrame { expected: FrameKind::Data, got: h.kind };
-                    break 'body Err(BodyError::Wire(e.into()));
-                }
-                if u64::from(h.len) > size - offset - *received {
-                    break 'body Err(BodyError::TooLong(h.len));
-                }
-                let mut left = h.len as usize;
                 while left > 0 {
                     let n = left.min(RECV_BUF - filled);
                     if let Err(e) = r.read_exact(&mut buf[filled..filled + n]) {
@@ -135,7 +175,9 @@ pub(super) fn receive_body(
                     *received += n as u64;
                     bar.inc(n as u64);
                     if filled == RECV_BUF {
-                        pass_on(buf, filled)?;
+                        if let Err(e) = pass_on(buf, filled) {
+                            return Err(BodyError::Local(e, left as u64));
+                        }
                         buf = empty_rx.recv().expect("hashing thread returns buffers");
                         filled = 0;
                     }
@@ -144,7 +186,7 @@ pub(super) fn receive_body(
             // Bytes that arrived intact are written even when the connection then failed: a
             // resume starts after them. (After broken framing the partial is discarded anyway.)
             if filled > 0 && matches!(outcome, Ok(()) | Err(BodyError::Wire(WireError::Io(_)))) {
-                pass_on(buf, filled)?;
+                pass_on(buf, filled).map_err(|e| BodyError::Local(e, 0))?;
             }
             outcome
         })();
@@ -170,18 +212,10 @@ fn receive_small(
         if filled == want {
             break Ok(());
         }
-        let h = match read_frame_header(r) {
-            Ok(h) => h,
-            Err(e) => break Err(BodyError::Wire(e)),
+        let len = match next_data_frame(r, (want - filled) as u64) {
+            Ok(len) => len,
+            Err(e) => break Err(e),
         };
-        if h.kind != FrameKind::Data {
-            let e = ProtocolError::UnexpectedFrame { expected: FrameKind::Data, got: h.kind };
-            break Err(BodyError::Wire(e.into()));
-        }
-        let len = h.len as usize;
-        if len > want - filled {
-            break Err(BodyError::TooLong(h.len));
-        }
         if let Err(e) = r.read_exact(&mut buf[filled..filled + len]) {
             break Err(BodyError::Wire(e.into()));
         }
@@ -191,7 +225,7 @@ fn receive_small(
     };
     // As in the pipeline: bytes that arrived intact are kept for a resume.
     if filled > 0 && matches!(outcome, Ok(()) | Err(BodyError::Wire(WireError::Io(_)))) {
-        partial.file().write_all(&buf[..filled]).map_err(BodyError::Local)?;
+        partial.file().write_all(&buf[..filled]).map_err(|e| BodyError::Local(e, 0))?;
         reservation.consume(filled as u64);
     }
     outcome?;

@@ -380,7 +380,7 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
                 offer.size
             )));
         }
-        Err(BodyError::Local(e)) => {
+        Err(BodyError::Local(e, _)) => {
             partial.discard();
             let _ = verdict(
                 &mut writer,
