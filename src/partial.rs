@@ -23,7 +23,7 @@ use rustix::fs::FlockOperation;
 
 use crate::hash::Hasher;
 use crate::protocol::{Digest, MAX_DEPTH};
-use crate::safedir::{SafeDir, set_mode_and_mtime};
+use crate::safedir::{Kind, SafeDir, set_mode_and_mtime};
 use crate::sanitize::numbered_name;
 use crate::store::MAX_KEEP_BOTH;
 
@@ -141,8 +141,7 @@ impl Partial {
     /// True if `name` has no partial in `dir`: a fresh, unresumable file can then be answered
     /// without creating anything, and [`Partial::reopen`] creates it when its body comes.
     pub fn absent(dir: &SafeDir, name: &str) -> bool {
-        dir.stat(&format!("{}{PART_SUFFIX}", stem_for(name)))
-            .is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
+        matches!(dir.kind(&format!("{}{PART_SUFFIX}", stem_for(name))), Ok(Kind::Missing))
     }
 
     /// Reopens (or creates, for offset 0) the partial for `name` to continue at `offset`, as an

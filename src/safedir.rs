@@ -19,6 +19,16 @@ pub struct SafeDir {
     fd: OwnedFd,
 }
 
+/// What a name in a folder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Missing,
+    /// A regular file of this many bytes.
+    File(u64),
+    /// A folder, symlink, fifo, device or socket.
+    Other,
+}
+
 /// Mode of folders created for a batch before their own mode is applied.
 const NEW_DIR_MODE: u32 = 0o755;
 
@@ -85,16 +95,17 @@ impl SafeDir {
         Ok(rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW)?)
     }
 
-    /// True if `name` exists and is a regular file (not a symlink to one).
-    pub fn is_file(&self, name: &str) -> io::Result<Option<u64>> {
+    /// What `name` is, without following a symlink: one `statat` answers both "is it there" and
+    /// "is it a regular file, of what size".
+    pub fn kind(&self, name: &str) -> io::Result<Kind> {
         match self.stat(name) {
             Ok(st)
                 if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile =>
             {
-                Ok(Some(st.st_size as u64))
+                Ok(Kind::File(st.st_size as u64))
             }
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Ok(_) => Ok(Kind::Other),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Kind::Missing),
             Err(e) => Err(e),
         }
     }

@@ -11,7 +11,7 @@ use indicatif::ProgressBar;
 
 use crate::hash::hash_reader_until;
 use crate::protocol::Digest;
-use crate::safedir::SafeDir;
+use crate::safedir::{Kind, SafeDir};
 use crate::sanitize::numbered_name;
 
 /// How many keep-both names (`img (1).jpg` ... ) are tried before giving up.
@@ -33,8 +33,9 @@ pub fn find_existing(
     for n in 0..=last {
         let candidate = numbered_name(name, n);
         // Never follow a symlink, and never read a fifo or device the folder happens to contain.
-        match dir.is_file(&candidate)? {
-            Some(len) if len == size => {
+        match dir.kind(&candidate)? {
+            Kind::Missing => return Ok(None),
+            Kind::File(len) if len == size => {
                 let file = dir.open_read(&candidate)?;
                 match hash_reader_until(file, &ProgressBar::hidden(), Some(deadline))? {
                     Some((d, _)) if &d == digest => return Ok(Some(candidate)),
@@ -42,9 +43,7 @@ pub fn find_existing(
                     None => return Ok(None),
                 }
             }
-            Some(_) => {}
-            None if dir.stat(&candidate).is_err() => return Ok(None),
-            None => {}
+            Kind::File(_) | Kind::Other => {}
         }
     }
     Ok(None)

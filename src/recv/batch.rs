@@ -24,7 +24,7 @@ use crate::protocol::{
     ProtocolError, RejectCode, Reply, Verdict, WireError, bounded_reason, encode_message, read_message,
     write_message,
 };
-use crate::safedir::SafeDir;
+use crate::safedir::{Kind, SafeDir};
 use crate::sanitize::escape;
 use crate::store;
 
@@ -332,8 +332,8 @@ fn likely_needed(root: &SafeDir, entries: &[Entry]) -> u64 {
         .filter_map(|e| match &e.kind {
             EntryKind::File { size, .. } => {
                 let (parent, name) = e.path.split_at(e.path.len() - 1);
-                let there = dirs.peek(parent).and_then(|d| d.is_file(&name[0])).ok().flatten();
-                (there != Some(*size)).then_some(*size)
+                let there = dirs.peek(parent).and_then(|d| d.kind(&name[0])).ok();
+                (there != Some(Kind::File(*size))).then_some(*size)
             }
             EntryKind::Dir => None,
         })
