@@ -119,6 +119,12 @@ pub fn escape(s: &str) -> String {
     out
 }
 
+/// Text from the peer (a reason, a message) made fit for our terminal: cut to
+/// [`MAX_REASON_LEN`](crate::protocol::MAX_REASON_LEN) bytes and escaped.
+pub fn peer_text(text: String) -> String {
+    escape(&crate::protocol::bounded_reason(text))
+}
+
 /// The `n`th keep-both alternative of a valid name: `img.jpg` → `img (1).jpg`,
 /// `data.tar.gz` → `data (1).tar.gz`, `.bashrc` → `.bashrc (1)`. The stem is shortened if the
 /// suffix would push the name past [`MAX_NAME_LEN`].

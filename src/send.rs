@@ -11,10 +11,10 @@ use crate::error::{Error, Limit};
 use crate::hash::hash_reader;
 use crate::progress::Progress;
 use crate::protocol::{
-    self, FrameKind, HashAlg, Message, Offer, RejectCode, Reply, Verdict, WireError, bounded_reason,
-    read_message, write_frame_header, write_message,
+    self, FrameKind, HashAlg, Message, Offer, RejectCode, Reply, Verdict, WireError, read_message,
+    write_frame_header, write_message,
 };
-use crate::sanitize::{escape, validate_name};
+use crate::sanitize::{escape, peer_text, validate_name};
 
 /// Default body chunk size. Through the framing alone (`--example framing`), 1024-byte chunks
 /// cost 4-15% more time than the best size while 256 KiB stays within 4% of it; whole transfers
@@ -161,14 +161,10 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
         }
         // The receiver's words reach our terminal: bounded and escaped like any peer input.
         Reply::Reject { code: RejectCode::Failed, reason } => {
-            return Err(Error::RemoteFailed(escape(&bounded_reason(reason))));
+            return Err(Error::RemoteFailed(peer_text(reason)));
         }
         Reply::Reject { code, reason } => {
-            return Err(Error::Rejected {
-                name: escape(&name),
-                code,
-                reason: escape(&bounded_reason(reason)),
-            });
+            return Err(Error::Rejected { name: escape(&name), code, reason: peer_text(reason) });
         }
     };
 
@@ -264,7 +260,7 @@ pub(crate) fn verdict_result(v: Verdict, name: &str, digest: &protocol::Digest) 
             "receiver rejected \"{}\": got {received} bytes, expected {expected}",
             escape(name)
         ))),
-        Verdict::Failed { reason } => Err(Error::RemoteFailed(escape(&bounded_reason(reason)))),
+        Verdict::Failed { reason } => Err(Error::RemoteFailed(peer_text(reason))),
     }
 }
 

@@ -14,9 +14,9 @@ use crate::error::{Error, Exit, is_timeout};
 use crate::progress::Progress;
 use crate::protocol::{
     self, Answer, Entry, EntryKind, HashAlg, MAX_MESSAGE_LEN, ManifestPart, Message, Reply, WireError,
-    bounded_reason, encode_message, read_message, write_message,
+    encode_message, read_message, write_message,
 };
-use crate::sanitize::escape;
+use crate::sanitize::{escape, peer_text};
 use crate::send::{SOCKET_BUF, SendOpts, digest_of, open_connection, send_body, unexpected, verdict_result};
 use crate::tree::{Item, walk};
 
@@ -140,7 +140,7 @@ pub fn send_batch(
                 }
             }
             Message::Reply(Reply::Reject { code, reason }) => {
-                let reason = escape(&bounded_reason(reason));
+                let reason = peer_text(reason);
                 return Err(Error::Rejected { name: "the batch".into(), code, reason });
             }
             other => return Err(unexpected(&peer, "answers", &other)),
@@ -182,7 +182,7 @@ pub fn send_batch(
             (Answer::Reject { code, reason }, _) => Some(EntryOutcome::Failed(Error::Rejected {
                 name: escape(&e.path.join("/")),
                 code: *code,
-                reason: escape(&bounded_reason(reason.clone())),
+                reason: peer_text(reason.clone()),
             })),
             (Answer::Send { .. }, EntryKind::File { .. }) => None,
         })
