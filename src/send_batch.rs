@@ -178,7 +178,9 @@ pub fn send_batch(
         .iter()
         .zip(&entries)
         .map(|(a, e)| match (a, &e.kind) {
-            (Answer::Have, _) | (Answer::Send { .. }, EntryKind::Dir) => Some(EntryOutcome::AlreadyThere),
+            (Answer::Have, _) => Some(EntryOutcome::AlreadyThere),
+            // A folder answered Send was created by the receiver.
+            (Answer::Send { .. }, EntryKind::Dir) => Some(EntryOutcome::Verified(e.path.join("/"))),
             (Answer::Reject { code, reason }, _) => Some(EntryOutcome::Failed(Error::Rejected {
                 name: escape(&e.path.join("/")),
                 code: *code,
@@ -187,11 +189,6 @@ pub fn send_batch(
             (Answer::Send { .. }, EntryKind::File { .. }) => None,
         })
         .collect();
-    for (i, e) in entries.iter().enumerate() {
-        if matches!(e.kind, EntryKind::Dir) && matches!(answers[i], Answer::Send { .. }) {
-            outcomes[i] = Some(EntryOutcome::Verified(e.path.join("/")));
-        }
-    }
     let to_send: u64 = expected
         .iter()
         .map(|&i| match (&entries[i].kind, &answers[i]) {
