@@ -30,7 +30,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             let opts = args.into_opts()?;
             let progress = Progress::new(opts.quiet);
             if !opts.is_single_file() {
-                let r = send_batch(&opts, &opts.paths, opts.follow, &progress)?;
+                let r = send_batch(&opts, &progress)?;
                 return report_batch(&r, opts.verbose);
             }
             let r = send(&opts, &progress)?;

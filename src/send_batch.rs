@@ -60,15 +60,10 @@ impl BatchReport {
     }
 }
 
-/// Sends `paths` (files and folders) as one batch.
-pub fn send_batch(
-    opts: &SendOpts,
-    paths: &[PathBuf],
-    follow: bool,
-    progress: &Progress,
-) -> Result<BatchReport, Error> {
+/// Sends `opts.paths` (files and folders) as one batch.
+pub fn send_batch(opts: &SendOpts, progress: &Progress) -> Result<BatchReport, Error> {
     let start = Instant::now();
-    let walked = walk(paths, follow)?;
+    let walked = walk(&opts.paths, opts.follow)?;
     for (p, why) in &walked.skipped {
         progress.line(&format!("xfer: skipping {}: {why}", escape(&p.display().to_string())), false);
     }
