@@ -183,7 +183,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::protocol::{Digest, HashAlg};
+    use crate::protocol::HashAlg;
 
     fn p(path: &str) -> Vec<String> {
         path.split('/').map(String::from).collect()
@@ -194,7 +194,7 @@ mod tests {
     }
 
     fn file(path: &str, size: u64) -> Entry {
-        let kind = EntryKind::File { size, hash: HashAlg::Sha256, digest: Digest([0; 32]) };
+        let kind = EntryKind::File { size, hash: HashAlg::Sha256 };
         Entry { path: p(path), kind, mode: 0o644, mtime: (0, 0) }
     }
 

@@ -1,19 +1,24 @@
-//! The sending side of a batch: files and folders listed once in a manifest, answered once, then
-//! every needed body streamed back to back on the same connection while the receiver's
-//! acknowledgements are read on a second thread.
+//! The sending side of a batch. The tree is walked and its manifest sent at once; a hashing
+//! thread reports digests as it goes, a reader thread reports the receiver's answers and
+//! verdicts, and the main loop sends digests as they come and each answered body in turn: while
+//! file k is on the wire, file k+1 is being hashed.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{Shutdown, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use indicatif::ProgressBar;
+
 use crate::cache::{DigestCache, Stamp};
-use crate::error::{Error, Exit, is_timeout};
+use crate::error::{Error, Exit, Limit, is_timeout};
 use crate::progress::Progress;
 use crate::protocol::{
-    self, Answer, Entry, EntryKind, HashAlg, MAX_MESSAGE_LEN, ManifestPart, Message, Reply, WireError,
+    self, Answer, AnswersPart, Body, Digest, DigestsPart, Entry, EntryKind, FileVerdict, HashAlg,
+    MAX_DIGESTS_PER_PART, MAX_MESSAGE_LEN, ManifestPart, Message, Reply, WireError, Withdraw, bounded_reason,
     encode_message, read_message, write_message,
 };
 use crate::sanitize::{escape, peer_text};
@@ -76,36 +81,24 @@ pub fn send_batch(opts: &SendOpts, progress: &Progress) -> Result<BatchReport, E
     if items.is_empty() {
         return Err(Error::Usage("nothing to send (everything given was skipped)".into()));
     }
+    let entries: Vec<Entry> = items
+        .iter()
+        .map(|item| Entry {
+            path: item.path.clone(),
+            kind: match item.file {
+                None => EntryKind::Dir,
+                Some(stamp) => EntryKind::File { size: stamp.size, hash: HashAlg::Sha256 },
+            },
+            mode: item.mode,
+            mtime: item.mtime,
+        })
+        .collect();
 
-    // Digests first (the cache makes a repeat free), then one manifest.
-    let mut cache = opts.cache.then(DigestCache::open_default);
-    let bar = progress.bytes("hashing", &format!("0/{files} files"), bytes);
-    let mut entries = Vec::with_capacity(items.len());
-    let mut hashed = 0usize;
-    for item in &items {
-        let kind = match item.file {
-            None => EntryKind::Dir,
-            Some(stamp) => {
-                let path = item.source.display().to_string();
-                // A cached digest for the stamp the walk saw needs no open here; the file is
-                // checked against that stamp again when its body is sent.
-                let digest = match cache.as_ref().and_then(|c| c.get(&stamp)) {
-                    Some(d) => {
-                        bar.inc(stamp.size);
-                        d
-                    }
-                    None => {
-                        digest_of(&mut open_unchanged(item, stamp)?, stamp, cache.as_mut(), &bar, &path)?.0
-                    }
-                };
-                hashed += 1;
-                bar.set_message(format!("{hashed}/{files} files"));
-                EntryKind::File { size: stamp.size, hash: HashAlg::Sha256, digest }
-            }
-        };
-        entries.push(Entry { path: item.path.clone(), kind, mode: item.mode, mtime: item.mtime });
-    }
-    bar.finish_and_clear();
+    // Hashing starts at once, on its own thread, while we connect and the receiver validates the
+    // manifest; its digests go out as they come, between bodies.
+    let (events, inbox) = mpsc::channel();
+    let hashing_bar = progress.bytes("hashing", &format!("0/{files} files"), bytes);
+    let hashing = spawn_hashing(&items, opts.cache, hashing_bar.clone(), events.clone());
 
     let (stream, peer, limit) = open_connection(opts)?;
     let wire = |what: &'static str| {
@@ -122,162 +115,55 @@ pub fn send_batch(opts: &SendOpts, progress: &Progress) -> Result<BatchReport, E
     protocol::read_hello(&mut reader).map_err(wire("exchanging hellos"))?;
     greet.map_err(|e| wire("sending the manifest")(e.into()))?;
 
-    let mut answers = Vec::with_capacity(entries.len());
-    loop {
-        match read_message(&mut reader).map_err(wire("waiting for the answers"))? {
-            Message::Answers(part) => {
-                answers.extend(part.answers);
-                if answers.len() > entries.len() {
-                    break;
-                }
-                if part.last {
-                    break;
-                }
-            }
-            Message::Reply(Reply::Reject { code, reason }) => {
-                let reason = peer_text(reason);
-                return Err(Error::Rejected { name: "the batch".into(), code, reason });
-            }
-            other => return Err(unexpected(&peer, "answers", &other)),
+    // The receiver's first word: an empty answers part (the manifest is accepted) or a refusal.
+    // Nothing more is sent before it, so a refusal is never lost to a reset.
+    match read_message(&mut reader).map_err(wire("waiting for the manifest's acceptance"))? {
+        Message::Answers(part) if part.answers.is_empty() => {}
+        Message::Reply(Reply::Reject { code, reason }) => {
+            let reason = peer_text(reason);
+            return Err(Error::Rejected { name: "the batch".into(), code, reason });
         }
-    }
-    let bad_offset = answers.iter().zip(&entries).any(|(a, e)| match (a, &e.kind) {
-        (Answer::Send { offset }, EntryKind::File { size, .. }) => offset > size,
-        (Answer::Send { offset }, EntryKind::Dir) => *offset > 0,
-        _ => false,
-    });
-    if bad_offset {
-        let source = protocol::ProtocolError::Malformed("an answer's offset lies past its file's end".into());
-        return Err(Error::Protocol { peer, source });
-    }
-    if answers.len() != entries.len() {
-        let source = protocol::ProtocolError::Malformed(format!(
-            "{} answers for {} entries",
-            answers.len(),
-            entries.len()
-        ));
-        return Err(Error::Protocol { peer, source });
+        other => return Err(unexpected(&peer, "answers", &other)),
     }
 
-    // Verdicts come back while bodies go out: read them on their own thread, or a receiver
-    // blocked writing acknowledgements and a sender blocked writing bodies would wait forever.
-    let expected: Vec<usize> = answers
-        .iter()
-        .enumerate()
-        .filter(|(i, a)| {
-            matches!(a, Answer::Send { .. }) && matches!(entries[*i].kind, EntryKind::File { .. })
-        })
-        .map(|(i, _)| i)
-        .collect();
-    let mut outcomes: Vec<Option<EntryOutcome>> = answers
-        .iter()
-        .zip(&entries)
-        .map(|(a, e)| match (a, &e.kind) {
-            (Answer::Have, _) => Some(EntryOutcome::AlreadyThere),
-            // A folder answered Send was created by the receiver.
-            (Answer::Send { .. }, EntryKind::Dir) => Some(EntryOutcome::Verified(e.path.join("/"))),
-            (Answer::Reject { code, reason }, _) => Some(EntryOutcome::Failed(Error::Rejected {
-                name: escape(&e.path.join("/")),
-                code: *code,
-                reason: peer_text(reason.clone()),
-            })),
-            (Answer::Send { .. }, EntryKind::File { .. }) => None,
-        })
-        .collect();
-    let to_send: u64 = expected
-        .iter()
-        .map(|&i| match (&entries[i].kind, &answers[i]) {
-            (EntryKind::File { size, .. }, Answer::Send { offset }) => size.saturating_sub(*offset),
-            _ => 0,
-        })
-        .sum();
+    let overall = progress.bytes("sending", &format!("0/{} entries", entries.len()), bytes);
+    let mut run = Run::new(&entries, opts, &overall, Peer(peer.clone(), limit));
     let peer_ref = &peer;
-    let writing = AtomicBool::new(true);
-    let verdicts = std::thread::scope(|scope| {
-        let n = expected.len();
-        let writing = &writing;
-        let acks = scope.spawn(move || {
-            let mut got = Vec::with_capacity(n);
-            while got.len() < n {
-                match read_message(&mut reader) {
-                    Ok(Message::FileVerdict(v)) => got.push(v),
-                    Ok(other) => return (got, Some(unexpected(peer_ref, "file verdict", &other))),
-                    // Verdicts come per group: while bodies are still going out, a quiet
-                    // stretch longer than the idle timeout is normal, not a dead peer.
-                    Err(WireError::Io(e)) if is_timeout(&e) && writing.load(Ordering::SeqCst) => continue,
-                    Err(e) => return (got, Some(wire("waiting for file verdicts")(e))),
-                }
-            }
-            (got, None)
+    let local_busy = AtomicBool::new(true);
+    let cause = std::thread::scope(|scope| {
+        let local_busy = &local_busy;
+        let reader_events = events.clone();
+        scope.spawn(move || {
+            read_events(&mut reader, reader_events, peer_ref, local_busy, wire("waiting for answers"))
         });
-        let bar = progress.bytes("sending", &format!("{} files", expected.len()), to_send);
-        let mut sent = 0u64;
-        let mut done = 0usize;
-        let mut local_failures = Vec::new();
-        let streamed = (|| {
-            for &i in &expected {
-                let item = &items[i];
-                let (EntryKind::File { size, .. }, Answer::Send { offset }) = (&entries[i].kind, &answers[i])
-                else {
-                    continue;
-                };
-                let stamp = item.file.expect("files have stamps");
-                let path = item.source.display().to_string();
-                let mut f = open_unchanged(item, stamp)?;
-                send_body(
-                    &mut f,
-                    &mut writer,
-                    (*offset, *size),
-                    opts.chunk_size,
-                    &bar,
-                    &path,
-                    wire("sending bodies"),
-                )?;
-                sent += size - offset;
-                done += 1;
-                bar.set_message(format!("{done}/{} files", expected.len()));
-                if f.metadata().map(|m| Stamp::of(&m)).ok() != Some(stamp) {
-                    local_failures.push(i);
-                }
-            }
-            writer.flush().map_err(|e| wire("sending bodies")(e.into()))
-        })();
-        writing.store(false, Ordering::SeqCst);
-        if streamed.is_err() {
+        drop(events);
+        let cause = run.drive(&items, &inbox, &mut writer, local_busy);
+        if cause.is_some() {
             // Stop here cleanly: what is buffered goes out, then the receiver sees the end and
-            // acknowledges what it verified; the verdict reader then sees the end too.
+            // acknowledges what it verified.
             let _ = writer.flush();
             let _ = stream.shutdown(Shutdown::Write);
+            run.drain(&inbox);
         }
-        bar.finish_and_clear();
-        let (got, ack_error) = acks.join().expect("verdict reader does not panic");
-        (streamed, got, ack_error, sent, local_failures)
+        // The reader thread ends when the connection does.
+        let _ = stream.shutdown(Shutdown::Both);
+        cause
     });
-    let (streamed, got, ack_error, sent, local_failures) = verdicts;
-    for v in got {
-        let i = v.index as usize;
-        if expected.binary_search(&i).is_err() {
-            let source =
-                protocol::ProtocolError::Malformed(format!("verdict for entry {i}, which was not sent"));
-            return Err(Error::Protocol { peer: opts.to.clone(), source });
-        }
-        let path = &entries[i].path;
-        let name = path.join("/");
-        outcomes[i] = Some(match verdict_result(v.verdict, &name, &digest_for(&entries[i])) {
-            // The receiver names the file it stored in its folder (maybe `name (1).ext`).
-            Ok(stored) => EntryOutcome::Verified([&path[..path.len() - 1], &[stored]].concat().join("/")),
-            Err(e) => EntryOutcome::Failed(e),
-        });
+    overall.finish_and_clear();
+    hashing_bar.finish_and_clear();
+    if run.hashed == files {
+        // Finished: its cache is saved when it ends. (After a failure it may still be reading a
+        // large file; it is not waited for.)
+        let _ = hashing.join();
     }
-    for i in local_failures {
-        let msg = format!("{} changed while it was being sent; send it again", items[i].source.display());
-        outcomes[i] = Some(EntryOutcome::Failed(Error::Integrity(msg)));
+    let mut outcomes = run.outcomes;
+    // A receiver that broke the protocol is the answer, whatever else happened.
+    if let Some(e @ Error::Protocol { .. }) = cause {
+        return Err(e);
     }
-    // A connection that broke before every verdict arrived: the rest are failed with that cause.
-    let cause = streamed.err().or(ack_error);
     let mut entries_out = Vec::with_capacity(entries.len());
-    for (i, outcome) in outcomes.into_iter().enumerate() {
-        let outcome = match (outcome, &cause) {
+    for (i, entry) in entries.iter().enumerate() {
+        let outcome = match (outcomes[i].take(), &cause) {
             (Some(o), _) => o,
             (None, Some(e)) => EntryOutcome::Failed(Error::Connection {
                 peer: opts.to.clone(),
@@ -286,7 +172,7 @@ pub fn send_batch(opts: &SendOpts, progress: &Progress) -> Result<BatchReport, E
             }),
             (None, None) => EntryOutcome::Failed(Error::RemoteFailed("no verdict arrived".into())),
         };
-        entries_out.push((entries[i].path.join("/"), matches!(entries[i].kind, EntryKind::Dir), outcome));
+        entries_out.push((entry.path.join("/"), matches!(entry.kind, EntryKind::Dir), outcome));
     }
     // Names the receiver would refuse were never offered: they count as failed, so a script
     // that deletes what it sent does not delete them.
@@ -295,30 +181,407 @@ pub fn send_batch(opts: &SendOpts, progress: &Progress) -> Result<BatchReport, E
         let e = Error::Usage(format!("cannot send {}: {why}", escape(&shown)));
         entries_out.push((shown, false, EntryOutcome::Failed(e)));
     }
-    let resumed =
-        expected.iter().map(|&i| if let Answer::Send { offset } = answers[i] { offset } else { 0 }).sum();
     Ok(BatchReport {
         entries: entries_out,
         skipped: walked.skipped,
         files,
         bytes,
-        sent,
-        resumed,
+        sent: run.sent,
+        resumed: run.resumed,
         elapsed: start.elapsed(),
     })
 }
 
-fn digest_for(e: &Entry) -> protocol::Digest {
-    match &e.kind {
-        EntryKind::File { digest, .. } => *digest,
-        EntryKind::Dir => protocol::Digest([0; 32]),
+/// What the sender's threads tell its main loop.
+enum Event {
+    /// The hashing thread's result for file `.0` (counting files only, in manifest order).
+    Hashed(usize, Result<Digest, Error>),
+    Answers(AnswersPart),
+    Verdict(FileVerdict),
+    /// No byte from the receiver for a whole idle timeout, ending at this instant.
+    Quiet(Instant),
+    /// The connection ended or the receiver broke the protocol; the reader has stopped.
+    Broken(Error),
+}
+
+/// How long the main loop waits for news before it tells the receiver it is still hashing.
+const KEEPALIVE: Duration = Duration::from_secs(1);
+
+/// Hashes the listed files in order, from the cache where it knows them, and reports each digest.
+fn spawn_hashing(
+    items: &[Item],
+    cache: bool,
+    bar: ProgressBar,
+    events: mpsc::Sender<Event>,
+) -> std::thread::JoinHandle<()> {
+    let files: Vec<(PathBuf, Stamp)> =
+        items.iter().filter_map(|i| i.file.map(|s| (i.source.clone(), s))).collect();
+    std::thread::spawn(move || {
+        let mut cache = cache.then(DigestCache::open_default);
+        let total = files.len();
+        for (n, (source, stamp)) in files.into_iter().enumerate() {
+            let path = source.display().to_string();
+            let digest = open_unchanged(&source, stamp)
+                .and_then(|mut f| digest_of(&mut f, stamp, cache.as_mut(), &bar, &path).map(|(d, _)| d));
+            if digest.is_err() {
+                bar.inc(stamp.size);
+            }
+            bar.set_message(format!("{}/{total} files", n + 1));
+            if events.send(Event::Hashed(n, digest)).is_err() {
+                return;
+            }
+        }
+        bar.finish_and_clear();
+    })
+}
+
+/// Reads answers and verdicts until the connection ends, passing them on. Quiet stretches are
+/// reported, not fatal: only the main loop knows whether the receiver owes it anything.
+fn read_events(
+    reader: &mut BufReader<&TcpStream>,
+    events: mpsc::Sender<Event>,
+    peer: &str,
+    local_busy: &AtomicBool,
+    wire: impl Fn(WireError) -> Error,
+) {
+    loop {
+        let event = match read_message(reader) {
+            Ok(Message::Answers(part)) => Event::Answers(part),
+            Ok(Message::FileVerdict(v)) => Event::Verdict(v),
+            Ok(other) => Event::Broken(unexpected(peer, "answers or file verdicts", &other)),
+            Err(WireError::Io(e)) if is_timeout(&e) => {
+                if local_busy.load(Ordering::SeqCst) {
+                    continue;
+                }
+                Event::Quiet(Instant::now())
+            }
+            Err(e) => Event::Broken(wire(e)),
+        };
+        let stop = matches!(event, Event::Broken(_));
+        if events.send(event).is_err() || stop {
+            return;
+        }
+    }
+}
+
+/// The receiver's address and the idle timeout, for error messages.
+#[derive(Clone)]
+struct Peer(String, Limit);
+
+impl Peer {
+    fn wire(&self, what: &'static str, e: WireError) -> Error {
+        Error::wire(&self.0, what, self.1, e)
+    }
+}
+
+/// The state of a batch once the manifest is accepted.
+struct Run<'a> {
+    entries: &'a [Entry],
+    opts: &'a SendOpts,
+    peer: Peer,
+    /// Each file's digest once hashed, by entry index.
+    digests: Vec<Option<Digest>>,
+    bar: &'a ProgressBar,
+    /// Digests from the hashing thread not yet sent, and how many files that thread has done.
+    unsent: Vec<Option<Digest>>,
+    hashed: usize,
+    /// Files whose digest (or its absence) the receiver has been told.
+    told: usize,
+    answers: Vec<Answer>,
+    /// Entries acted on (body sent, withdrawn, or outcome known from the answer).
+    acted: usize,
+    /// Entries whose body or withdrawal went out and whose verdict has not come.
+    owed: Vec<bool>,
+    owing: usize,
+    outcomes: Vec<Option<EntryOutcome>>,
+    /// Entry index of each file, by file number.
+    file_entry: Vec<usize>,
+    /// Local failures (hashing, reading) that outrank whatever the receiver says.
+    local: Vec<bool>,
+    sent: u64,
+    resumed: u64,
+    done: usize,
+    /// The reader thread has stopped: nothing more will come from the receiver.
+    reader_done: bool,
+}
+
+impl<'a> Run<'a> {
+    fn new(entries: &'a [Entry], opts: &'a SendOpts, bar: &'a ProgressBar, peer: Peer) -> Run<'a> {
+        let file_entry = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e.kind, EntryKind::File { .. }))
+            .map(|(i, _)| i);
+        Run {
+            entries,
+            opts,
+            peer,
+            digests: vec![None; entries.len()],
+            bar,
+            unsent: Vec::new(),
+            hashed: 0,
+            told: 0,
+            answers: Vec::with_capacity(entries.len()),
+            acted: 0,
+            owed: vec![false; entries.len()],
+            owing: 0,
+            outcomes: (0..entries.len()).map(|_| None).collect(),
+            file_entry: file_entry.collect(),
+            local: vec![false; entries.len()],
+            sent: 0,
+            resumed: 0,
+            done: 0,
+            reader_done: false,
+        }
+    }
+
+    /// The main loop: digests out as they are hashed, answers in, one body at a time out, verdicts
+    /// in, until every entry has its outcome. Returns what broke the connection, if anything.
+    fn drive(
+        &mut self,
+        items: &[Item],
+        inbox: &mpsc::Receiver<Event>,
+        writer: &mut BufWriter<&TcpStream>,
+        local_busy: &AtomicBool,
+    ) -> Option<Error> {
+        let peer = self.peer.clone();
+        let net = |e: std::io::Error| peer.wire("sending the batch", e.into());
+        let mut waiting_since = Instant::now();
+        loop {
+            if self.acted == self.entries.len() && self.owing == 0 {
+                return None;
+            }
+            let work = !self.unsent.is_empty() || self.acted < self.answers.len();
+            let files = self.file_entry.len();
+            // Blocking only when there is nothing to write: flush first, so the receiver has it.
+            let event = if work {
+                inbox.try_recv().ok()
+            } else {
+                if let Err(e) = writer.flush() {
+                    return Some(net(e));
+                }
+                let still_hashing = self.hashed < files;
+                local_busy.store(still_hashing, Ordering::SeqCst);
+                match inbox.recv_timeout(KEEPALIVE) {
+                    Ok(e) => Some(e),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if still_hashing {
+                            let keepalive = DigestsPart { first: self.told as u32, digests: Vec::new() };
+                            if let Err(e) = write_message(writer, &Message::Digests(keepalive)) {
+                                return Some(net(e));
+                            }
+                        }
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+                        return Some(self.wire("waiting for answers", eof.into()));
+                    }
+                }
+            };
+            local_busy.store(true, Ordering::SeqCst);
+            match event {
+                None => {}
+                Some(Event::Hashed(n, digest)) => {
+                    debug_assert_eq!(n, self.hashed);
+                    self.hashed += 1;
+                    match digest {
+                        Ok(d) => {
+                            self.digests[self.file_entry[n]] = Some(d);
+                            self.unsent.push(Some(d));
+                        }
+                        Err(e) => {
+                            let i = self.file_entry[n];
+                            self.local[i] = true;
+                            self.outcomes[i] = Some(EntryOutcome::Failed(e));
+                            self.unsent.push(None);
+                        }
+                    }
+                }
+                Some(Event::Answers(part)) => {
+                    if let Err(e) = self.take_answers(part.answers) {
+                        return Some(e);
+                    }
+                }
+                Some(Event::Verdict(v)) => {
+                    if let Err(e) = self.take_verdict(v) {
+                        return Some(e);
+                    }
+                }
+                Some(Event::Quiet(at)) => {
+                    let waiting_on_receiver = self.hashed == files && self.unsent.is_empty();
+                    let quiet_for = self.opts.timeout.unwrap_or(Duration::MAX);
+                    if waiting_on_receiver && at.saturating_duration_since(waiting_since) >= quiet_for {
+                        let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer");
+                        return Some(self.wire("waiting for answers", e.into()));
+                    }
+                }
+                Some(Event::Broken(e)) => {
+                    self.reader_done = true;
+                    return Some(e);
+                }
+            }
+            // Digests out, in parts of at most MAX_DIGESTS_PER_PART.
+            for chunk in std::mem::take(&mut self.unsent).chunks(MAX_DIGESTS_PER_PART) {
+                let part = DigestsPart { first: self.told as u32, digests: chunk.to_vec() };
+                if let Err(e) = write_message(writer, &Message::Digests(part)) {
+                    return Some(net(e));
+                }
+                self.told += chunk.len();
+            }
+            // One answered entry acted on per turn, so digests keep flowing between bodies.
+            if self.acted < self.answers.len() {
+                if let Err(e) = self.act(items, writer) {
+                    return Some(e);
+                }
+                waiting_since = Instant::now();
+            }
+        }
+    }
+
+    fn wire(&self, what: &'static str, e: WireError) -> Error {
+        self.peer.wire(what, e)
+    }
+
+    /// Takes answers for the next entries, checking the receiver could have given them.
+    fn take_answers(&mut self, answers: Vec<Answer>) -> Result<(), Error> {
+        for a in answers {
+            let i = self.answers.len();
+            let malformed = |what: String| Error::Protocol {
+                peer: self.opts.to.clone(),
+                source: protocol::ProtocolError::Malformed(what),
+            };
+            let Some(entry) = self.entries.get(i) else {
+                return Err(malformed(format!("more answers than the {} entries", self.entries.len())));
+            };
+            let bad_offset = match (&a, &entry.kind) {
+                (Answer::Send { offset }, EntryKind::File { size, .. }) => offset > size,
+                (Answer::Send { offset }, EntryKind::Dir) => *offset > 0,
+                _ => false,
+            };
+            if bad_offset {
+                return Err(malformed("an answer's offset lies past its file's end".into()));
+            }
+            if matches!(entry.kind, EntryKind::File { .. })
+                && self.file_entry.binary_search(&i).is_ok_and(|n| n >= self.told)
+            {
+                return Err(malformed(format!("an answer for entry {i} before its digest was sent")));
+            }
+            self.answers.push(a);
+        }
+        Ok(())
+    }
+
+    fn take_verdict(&mut self, v: FileVerdict) -> Result<(), Error> {
+        let i = v.index as usize;
+        if !self.owed.get(i).copied().unwrap_or(false) {
+            let source =
+                protocol::ProtocolError::Malformed(format!("verdict for entry {i}, which was not sent"));
+            return Err(Error::Protocol { peer: self.opts.to.clone(), source });
+        }
+        self.owed[i] = false;
+        self.owing -= 1;
+        if self.local[i] {
+            return Ok(());
+        }
+        let path = &self.entries[i].path;
+        let name = path.join("/");
+        let sent = self.digests[i].unwrap_or(Digest([0; 32]));
+        self.outcomes[i] = Some(match verdict_result(v.verdict, &name, &sent) {
+            // The receiver names the file it stored in its folder (maybe `name (1).ext`).
+            Ok(stored) => EntryOutcome::Verified([&path[..path.len() - 1], &[stored]].concat().join("/")),
+            Err(e) => EntryOutcome::Failed(e),
+        });
+        Ok(())
+    }
+
+    /// Acts on the next answered entry: records the outcome the answer decides, or sends its body.
+    fn act(&mut self, items: &[Item], writer: &mut BufWriter<&TcpStream>) -> Result<(), Error> {
+        let i = self.acted;
+        self.acted += 1;
+        let entry = &self.entries[i];
+        let size = match entry.kind {
+            EntryKind::File { size, .. } => size,
+            EntryKind::Dir => 0,
+        };
+        let outcome = match (&self.answers[i], &entry.kind) {
+            (Answer::Have, _) => Some(EntryOutcome::AlreadyThere),
+            // A folder answered Send was created by the receiver.
+            (Answer::Send { .. }, EntryKind::Dir) => Some(EntryOutcome::Verified(entry.path.join("/"))),
+            (Answer::Reject { code, reason }, _) => Some(EntryOutcome::Failed(Error::Rejected {
+                name: escape(&entry.path.join("/")),
+                code: *code,
+                reason: peer_text(reason.clone()),
+            })),
+            (Answer::Send { .. }, EntryKind::File { .. }) => None,
+        };
+        self.done += 1;
+        self.bar.set_message(format!("{}/{} entries", self.done, self.entries.len()));
+        if let Some(o) = outcome {
+            self.bar.inc(size);
+            if !self.local[i] {
+                self.outcomes[i] = Some(o);
+            }
+            return Ok(());
+        }
+        let Answer::Send { offset } = self.answers[i] else { unreachable!("matched above") };
+        self.owed[i] = true;
+        self.owing += 1;
+        self.bar.inc(offset);
+        let item = &items[i];
+        let stamp = item.file.expect("files have stamps");
+        let opened = if self.local[i] {
+            Err(Error::Usage("it could not be read".into()))
+        } else {
+            open_unchanged(&item.source, stamp)
+        };
+        let peer = self.peer.clone();
+        let net = |e: std::io::Error| peer.wire("sending bodies", e.into());
+        let mut f = match opened {
+            Ok(f) => f,
+            Err(e) => {
+                let reason = bounded_reason(e.to_string());
+                self.local[i] = true;
+                self.outcomes[i].get_or_insert(EntryOutcome::Failed(e));
+                self.bar.inc(size - offset);
+                let w = Withdraw { index: i as u32, reason };
+                return write_message(writer, &Message::Withdraw(w)).map_err(net);
+            }
+        };
+        write_message(writer, &Message::Body(Body { index: i as u32 })).map_err(net)?;
+        let path = item.source.display().to_string();
+        let wire = |e| peer.wire("sending bodies", e);
+        send_body(&mut f, writer, (offset, size), self.opts.chunk_size, self.bar, &path, wire)?;
+        self.sent += size - offset;
+        self.resumed += offset;
+        if f.metadata().map(|m| Stamp::of(&m)).ok() != Some(stamp) {
+            let msg = format!("{path} changed while it was being sent; send it again");
+            self.local[i] = true;
+            self.outcomes[i] = Some(EntryOutcome::Failed(Error::Integrity(msg)));
+        }
+        Ok(())
+    }
+
+    /// After the connection broke on our side: collect the verdicts the receiver still sends.
+    fn drain(&mut self, inbox: &mpsc::Receiver<Event>) {
+        while self.owing > 0 && !self.reader_done {
+            match inbox.recv_timeout(self.opts.timeout.unwrap_or(Duration::from_secs(30))) {
+                Ok(Event::Verdict(v)) => {
+                    if self.take_verdict(v).is_err() {
+                        self.reader_done = true;
+                    }
+                }
+                Ok(Event::Broken(_)) | Err(_) => self.reader_done = true,
+                Ok(_) => {}
+            }
+        }
     }
 }
 
 /// Opens a listed file and checks it is still the one that was listed.
-fn open_unchanged(item: &Item, stamp: Stamp) -> Result<File, Error> {
-    let path = item.source.display().to_string();
-    let f = File::open(&item.source).map_err(|e| Error::io(format!("cannot open {path}"), e))?;
+fn open_unchanged(source: &Path, stamp: Stamp) -> Result<File, Error> {
+    let path = source.display().to_string();
+    let f = File::open(source).map_err(|e| Error::io(format!("cannot open {path}"), e))?;
     let now = f.metadata().map(|m| Stamp::of(&m)).map_err(|e| Error::io(format!("cannot stat {path}"), e))?;
     if now != stamp {
         return Err(Error::Integrity(format!("{path} changed while the batch was prepared; send it again")));

@@ -1,11 +1,15 @@
 //! The messages of a batch: many files and folders in one conversation.
 //!
-//! The sender lists the whole tree in a manifest (one or more `ManifestPart`s, the last marked);
-//! the receiver validates all of it before writing anything and answers every entry, in order, in
-//! one or more `AnswersPart`s (or refuses the whole batch with `Reply::Reject`). The sender then
-//! streams the bodies of the entries answered `Send`, back to back in manifest order, each exactly
-//! `size - offset` bytes of data frames (a frame never spans two files). The receiver sends a
-//! `FileVerdict` for each of those files once it is verified and on stable storage.
+//! The sender lists the whole tree in a manifest (one or more `ManifestPart`s, the last marked):
+//! paths, kinds, sizes, modes and times, but no digests, so it goes out as soon as the tree is
+//! walked. The receiver validates all of it before writing anything and accepts it with an empty
+//! `AnswersPart` (or refuses the whole batch with `Reply::Reject`). Digests follow in
+//! `DigestsPart`s as the sender hashes; the receiver answers every entry, in order, as soon as it
+//! can (folders at once, files once their digest is known). For each file answered `Send` the
+//! sender sends `Body` and then exactly `size - offset` bytes of data frames (a frame never spans
+//! two files), or `Withdraw` if it cannot read the file after all; digests for later files may go
+//! out between bodies, so hashing file k+1 overlaps sending file k. The receiver sends one
+//! `FileVerdict` per file answered `Send`, once it is verified and on stable storage.
 
 use serde::{Deserialize, Serialize};
 
@@ -29,7 +33,8 @@ pub enum EntryKind {
     /// A folder (variant 0). Listed so empty folders arrive too.
     Dir,
     /// A regular file (variant 1).
-    File { size: u64, hash: HashAlg, digest: Digest },
+    /// Its digest comes later, in a [`DigestsPart`].
+    File { size: u64, hash: HashAlg },
 }
 
 /// Sender → receiver: a slice of the manifest.
@@ -64,4 +69,29 @@ pub struct AnswersPart {
 pub struct FileVerdict {
     pub index: u32,
     pub verdict: Verdict,
+}
+
+/// Sender → receiver: digests of the next files of the manifest, in manifest order (folders are
+/// not counted). `first` is the position, among the manifest's files, of the first one here. An
+/// empty part is a keepalive: the sender is still hashing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestsPart {
+    pub first: u32,
+    /// `None`: the sender could not read that file; the receiver answers it `Reject`.
+    pub digests: Vec<Option<Digest>>,
+}
+
+/// Sender → receiver: the body of entry `index` follows, as data frames.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Body {
+    pub index: u32,
+}
+
+/// Sender → receiver: the body of entry `index`, answered `Send`, will not come (the file could
+/// not be opened or changed since it was listed). The receiver answers it with a failed
+/// `FileVerdict` and the batch goes on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Withdraw {
+    pub index: u32,
+    pub reason: String,
 }

@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::batch::{AnswersPart, FileVerdict, ManifestPart};
+use super::batch::{AnswersPart, Body, DigestsPart, FileVerdict, ManifestPart, Withdraw};
 use super::{MAX_MESSAGE_LEN, MAX_REASON_LEN, ProtocolError};
 
 /// The bincode configuration of protocol v1. Changing it changes the wire format.
@@ -121,6 +121,9 @@ pub enum Message {
     Manifest(ManifestPart),
     Answers(AnswersPart),
     FileVerdict(FileVerdict),
+    Digests(DigestsPart),
+    Body(Body),
+    Withdraw(Withdraw),
 }
 
 impl Message {
@@ -133,6 +136,9 @@ impl Message {
             Message::Manifest(_) => "manifest",
             Message::Answers(_) => "answers",
             Message::FileVerdict(_) => "file verdict",
+            Message::Digests(_) => "digests",
+            Message::Body(_) => "body",
+            Message::Withdraw(_) => "withdraw",
         }
     }
 }

@@ -24,7 +24,9 @@ mod batch;
 mod frame;
 mod messages;
 
-pub use batch::{Answer, AnswersPart, Entry, EntryKind, FileVerdict, ManifestPart};
+pub use batch::{
+    Answer, AnswersPart, Body, DigestsPart, Entry, EntryKind, FileVerdict, ManifestPart, Withdraw,
+};
 pub use frame::{FrameHeader, FrameKind, read_frame_header, read_message, write_frame_header, write_message};
 pub use messages::{
     Digest, HashAlg, Message, Offer, RejectCode, Reply, Verdict, bounded_reason, decode_message,
@@ -39,7 +41,10 @@ pub const MAGIC: [u8; 8] = *b"\x89XFR\r\n\x1a\n";
 
 /// The protocol version this build speaks. Bumped for any incompatible change to frames or
 /// messages; message variants are never renumbered within a version.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+
+/// Digests per `DigestsPart` a sender puts in one message (33 bytes each, well within a frame).
+pub const MAX_DIGESTS_PER_PART: usize = 1024;
 
 /// Size of the hello: magic plus version.
 pub const HELLO_LEN: usize = MAGIC.len() + 2;

@@ -64,7 +64,7 @@ fn golden() -> Vec<(&'static str, Message)> {
                     },
                     Entry {
                         path: vec!["docs".into(), "a.txt".into()],
-                        kind: EntryKind::File { size: 3, hash: HashAlg::Sha256, digest: sha(b"abc") },
+                        kind: EntryKind::File { size: 3, hash: HashAlg::Sha256 },
                         mode: 0o644,
                         mtime: (1_600_000_000, 500),
                     },
@@ -83,6 +83,12 @@ fn golden() -> Vec<(&'static str, Message)> {
                 last: true,
             }),
         ),
+        (
+            "digests-part.hex",
+            Message::Digests(DigestsPart { first: 0, digests: vec![Some(sha(b"abc")), None] }),
+        ),
+        ("body.hex", Message::Body(Body { index: 1 })),
+        ("withdraw.hex", Message::Withdraw(Withdraw { index: 1, reason: "changed".into() })),
         (
             "file-verdict.hex",
             Message::FileVerdict(FileVerdict {
@@ -126,11 +132,11 @@ fn hello_rejects_garbage_and_other_versions() {
     let mut garbage = *b"GET / HTTP";
     assert!(matches!(check_hello(&garbage), Err(ProtocolError::BadMagic(_))));
     garbage = hello();
-    garbage[9] = 2;
+    garbage[9] = 9;
     let err = check_hello(&garbage).unwrap_err();
-    assert!(matches!(err, ProtocolError::VersionMismatch { peer: 2, ours: 1 }));
+    assert!(matches!(err, ProtocolError::VersionMismatch { peer: 9, ours: VERSION }));
     let text = err.to_string();
-    assert!(text.contains("v2") && text.contains("v1"), "names both versions: {text}");
+    assert!(text.contains("v9") && text.contains(&format!("v{VERSION}")), "names both versions: {text}");
     assert!(matches!(read_hello(&mut &hello()[..5]), Err(WireError::Io(_))), "short hello is an I/O error");
 }
 
@@ -199,6 +205,11 @@ fn largest_legal_messages_fit_the_frame_limit() {
     assert!(reason.len() <= MAX_REASON_LEN && reason.len() > MAX_REASON_LEN - 2);
     let reject = Message::Reply(Reply::Reject { code: RejectCode::Failed, reason });
     assert!(encode_message(&reject).len() < MAX_MESSAGE_LEN as usize);
+    let digests = Message::Digests(DigestsPart {
+        first: u32::MAX,
+        digests: vec![Some(Digest([0xff; 32])); MAX_DIGESTS_PER_PART],
+    });
+    assert!(encode_message(&digests).len() < MAX_MESSAGE_LEN as usize);
 }
 
 fn arb_digest() -> impl Strategy<Value = Digest> {
@@ -230,6 +241,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
         (any::<u64>(), any::<u64>())
             .prop_map(|(expected, received)| Message::Verdict(Verdict::SizeMismatch { expected, received })),
         ".{0,64}".prop_map(|reason| Message::Verdict(Verdict::Failed { reason })),
+        (any::<u32>(), prop::collection::vec(prop::option::of(arb_digest()), 0..8))
+            .prop_map(|(first, digests)| Message::Digests(DigestsPart { first, digests })),
+        any::<u32>().prop_map(|index| Message::Body(Body { index })),
+        (any::<u32>(), ".{0,64}").prop_map(|(index, reason)| Message::Withdraw(Withdraw { index, reason })),
     ]
 }
 

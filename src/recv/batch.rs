@@ -8,6 +8,7 @@
 //! before that `syncfs` can lose files that were never acknowledged; an acknowledged file is on
 //! disk for good.
 
+use std::collections::VecDeque;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -20,9 +21,9 @@ use crate::manifest;
 use crate::partial::{Durability, Opened, Partial, RESUME_MIN};
 use crate::progress::human_bytes;
 use crate::protocol::{
-    Answer, AnswersPart, Entry, EntryKind, FileVerdict, MAX_ENTRIES, MAX_MESSAGE_LEN, ManifestPart, Message,
-    ProtocolError, RejectCode, Reply, Verdict, WireError, bounded_reason, encode_message, read_message,
-    write_message,
+    Answer, AnswersPart, Body, Digest, Entry, EntryKind, FileVerdict, MAX_ENTRIES, MAX_MESSAGE_LEN,
+    ManifestPart, Message, ProtocolError, RejectCode, Reply, Verdict, WireError, Withdraw, bounded_reason,
+    encode_message, read_message, write_message,
 };
 use crate::safedir::{Kind, SafeDir};
 use crate::sanitize::escape;
@@ -49,6 +50,7 @@ type Writer<'a> = BufWriter<&'a TcpStream>;
 /// What the receiver decided for one file entry before the bodies.
 struct Plan {
     index: usize,
+    digest: Digest,
     offset: u64,
     hasher: Hasher,
     record: bool,
@@ -141,55 +143,26 @@ pub(super) fn handle(
         Err(e) => return refuse(writer, RejectCode::Failed, format!("cannot read free space: {e}")),
     };
 
-    // Answer every entry, in order, in parts sent by size or by time.
+    // Accepted: an empty answers part says so, and the sender starts sending digests. From here
+    // on, every entry is answered in order as soon as it can be (folders at once, files once
+    // their digest is here), and bodies arrive for the files answered `Send`.
+    send(writer, &Message::Answers(AnswersPart { answers: Vec::new(), last: false }))?;
     let compare_for = opts.timeout.map_or(Duration::from_secs(60), |t| t / 2);
-    let mut dirs = Dirs::new(&root);
-    let mut plans = Vec::new();
+    let mut digests: Vec<Option<Digest>> = Vec::new();
+    let mut cursor = 0usize;
+    let mut file_no = 0usize;
+    let mut answer_dirs = Dirs::new(&root);
+    let mut plans: VecDeque<Plan> = VecDeque::new();
     let mut created_dirs = Vec::new();
     let mut refused = 0usize;
     let mut there = 0usize;
     let mut held = 0usize;
-    let mut part = Vec::new();
-    let mut part_len = 0;
-    let mut last_flush = Instant::now();
-    for (index, entry) in entries.iter().enumerate() {
-        let until = Instant::now() + compare_for;
-        let hold = held < MAX_HELD;
-        let (answer, plan) = answer(&mut dirs, entry, opts.overwrite, until, hold).unwrap_or_else(|e| {
-            let reason = bounded_reason(format!("{}: {e}", display(&entry.path)));
-            (Answer::Reject { code: RejectCode::Failed, reason }, None)
-        });
-        match (&answer, plan) {
-            (Answer::Send { .. }, Some(mut p)) => {
-                p.index = index;
-                held += usize::from(p.held.is_some());
-                plans.push(p);
-            }
-            (Answer::Send { .. }, None) => created_dirs.push(index),
-            (Answer::Reject { .. }, _) => refused += 1,
-            (Answer::Have, _) if matches!(entry.kind, EntryKind::File { .. }) => there += 1,
-            _ => {}
-        }
-        part_len +=
-            encode_message(&Message::Answers(AnswersPart { answers: vec![answer.clone()], last: false }))
-                .len();
-        part.push(answer);
-        if part_len > MAX_MESSAGE_LEN as usize / 2 || last_flush.elapsed() > ANSWER_FLUSH {
-            send(writer, &Message::Answers(AnswersPart { answers: std::mem::take(&mut part), last: false }))?;
-            part_len = 0;
-            last_flush = Instant::now();
-        }
-    }
-    send(writer, &Message::Answers(AnswersPart { answers: part, last: true }))?;
-    drop(dirs);
-
-    // Bodies, back to back, in manifest order.
     let mut pending: Vec<Pending> = Vec::new();
     let mut pending_bytes = 0u64;
     let mut verified = 0usize;
     let mut failed = 0usize;
-    let total_plans = plans.len();
-    let bar = shared.progress.bytes("receiving", &format!("{total_plans} files"), summary.total_bytes);
+    let mut bodies = 0usize;
+    let bar = shared.progress.bytes("receiving", &format!("{} files", summary.files), summary.total_bytes);
     let mut dirs = Dirs::new(&root);
     let flush =
         |writer: &mut Writer<'_>, pending: &mut Vec<Pending>, verified: &mut usize, failed: &mut usize| {
@@ -201,10 +174,139 @@ pub(super) fn handle(
             *failed += f;
             Ok::<(), Error>(())
         };
-    let mut plans = plans.into_iter();
-    while let Some(plan) = plans.next() {
+    // Ends the batch early: what was verified is acknowledged, partials that never got a byte go.
+    macro_rules! give_up {
+        ($err:expr) => {{
+            let err = $err;
+            let _ = flush(writer, &mut pending, &mut verified, &mut failed);
+            abandon(&root, &entries, plans.drain(..));
+            return Err(err);
+        }};
+    }
+    let protocol_error =
+        |what: String| Error::Protocol { peer: peer.to_string(), source: ProtocolError::Malformed(what) };
+    loop {
+        // Answer what can be answered, in parts sent by size or by time.
+        let mut part = Vec::new();
+        let mut part_len = 0;
+        let mut last_flush = Instant::now();
+        while cursor < entries.len() {
+            let entry = &entries[cursor];
+            let digest = match entry.kind {
+                EntryKind::Dir => None,
+                EntryKind::File { .. } => match digests.get(file_no) {
+                    Some(d) => Some(*d),
+                    None => break,
+                },
+            };
+            let until = Instant::now() + compare_for;
+            let hold = held < MAX_HELD;
+            let (answer, plan) = match digest {
+                Some(None) => {
+                    let reason = "not sent: the sender could not read it".to_string();
+                    Ok((Answer::Reject { code: RejectCode::Failed, reason }, None))
+                }
+                Some(Some(d)) => answer_file(&mut answer_dirs, entry, &d, opts.overwrite, until, hold),
+                None => answer_dir(&mut answer_dirs, entry),
+            }
+            .unwrap_or_else(|e| {
+                let reason = bounded_reason(format!("{}: {e}", display(&entry.path)));
+                (Answer::Reject { code: RejectCode::Failed, reason }, None)
+            });
+            match (&answer, plan) {
+                (Answer::Send { .. }, Some(mut p)) => {
+                    p.index = cursor;
+                    held += usize::from(p.held.is_some());
+                    plans.push_back(p);
+                }
+                (Answer::Send { .. }, None) => created_dirs.push(cursor),
+                (Answer::Reject { .. }, _) => refused += 1,
+                (Answer::Have, _) if digest.is_some() => there += 1,
+                _ => {}
+            }
+            cursor += 1;
+            file_no += usize::from(digest.is_some());
+            part_len +=
+                encode_message(&Message::Answers(AnswersPart { answers: vec![answer.clone()], last: false }))
+                    .len();
+            part.push(answer);
+            if part_len > MAX_MESSAGE_LEN as usize / 2 || last_flush.elapsed() > ANSWER_FLUSH {
+                let last = cursor == entries.len();
+                send(writer, &Message::Answers(AnswersPart { answers: std::mem::take(&mut part), last }))?;
+                part_len = 0;
+                last_flush = Instant::now();
+            }
+        }
+        if !part.is_empty() {
+            let last = cursor == entries.len();
+            send(writer, &Message::Answers(AnswersPart { answers: part, last }))?;
+        }
+        if cursor == entries.len() && plans.is_empty() {
+            break;
+        }
+
+        let message = match read_message(reader) {
+            Ok(m) => m,
+            Err(e) => give_up!(wire("reading the batch")(e)),
+        };
+        let plan = match message {
+            Message::Digests(part) => {
+                let files_left = summary.files - digests.len();
+                if part.first as usize != digests.len() || part.digests.len() > files_left {
+                    give_up!(protocol_error(format!(
+                        "digests for files {}..{} when {} of {} are known",
+                        part.first,
+                        part.first as usize + part.digests.len(),
+                        digests.len(),
+                        summary.files
+                    )));
+                }
+                // An empty part: the sender is still hashing. A good moment to acknowledge what
+                // is verified, rather than keep it waiting for a group that is not coming soon.
+                if part.digests.is_empty() && !pending.is_empty() {
+                    flush(writer, &mut pending, &mut verified, &mut failed)?;
+                    pending_bytes = 0;
+                }
+                digests.extend(part.digests);
+                continue;
+            }
+            Message::Body(Body { index }) | Message::Withdraw(Withdraw { index, .. })
+                if plans.front().is_some_and(|p| p.index == index as usize) =>
+            {
+                let plan = plans.pop_front().expect("just checked");
+                held -= usize::from(plan.held.is_some());
+                if let Message::Withdraw(w) = message {
+                    abandon(&root, &entries, std::iter::once(plan));
+                    failed += 1;
+                    let v = FileVerdict {
+                        index,
+                        verdict: Verdict::Failed {
+                            reason: bounded_reason(format!(
+                                "not sent: {}",
+                                crate::sanitize::peer_text(w.reason)
+                            )),
+                        },
+                    };
+                    send(writer, &Message::FileVerdict(v))?;
+                    continue;
+                }
+                plan
+            }
+            Message::Body(Body { index }) | Message::Withdraw(Withdraw { index, .. }) => {
+                let want = plans.front().map_or("none".to_string(), |p| p.index.to_string());
+                give_up!(protocol_error(format!("body of entry {index} when entry {want} is due")));
+            }
+            other => {
+                let source =
+                    ProtocolError::UnexpectedMessage { expected: "digests or a body", got: other.name() };
+                give_up!(Error::Protocol { peer: peer.to_string(), source });
+            }
+        };
+
+        bodies += 1;
         let entry = &entries[plan.index];
-        let EntryKind::File { size, digest, .. } = &entry.kind else { unreachable!("plans hold files") };
+        let EntryKind::File { size, .. } = &entry.kind else { unreachable!("plans hold files") };
+        let digest = &plan.digest;
         let (parent, name) = entry.path.split_at(entry.path.len() - 1);
         let name = &name[0];
         let partial = match plan.held {
@@ -226,9 +328,7 @@ pub(super) fn handle(
         let Some(partial) = partial else {
             // The body comes anyway (it was promised): take it off the wire and say why.
             if let Err(e) = skip_body(reader, 0, size - plan.offset) {
-                let _ = flush(writer, &mut pending, &mut verified, &mut failed);
-                abandon(&root, &entries, plans.by_ref());
-                return Err(wire("receiving a body")(e));
+                give_up!(wire("receiving a body")(e));
             }
             failed += 1;
             fail(writer, format!("{}: the partial file is in use or gone", display(&entry.path)))?;
@@ -271,26 +371,17 @@ pub(super) fn handle(
                 } else {
                     partial.keep();
                 }
-                // Whatever was verified so far is made durable and acknowledged.
-                let _ = flush(writer, &mut pending, &mut verified, &mut failed);
-                abandon(&root, &entries, plans.by_ref());
-                return Err(err);
+                give_up!(err);
             }
             Err(BodyError::TooLong(_)) => {
                 partial.discard();
-                let _ = flush(writer, &mut pending, &mut verified, &mut failed);
-                abandon(&root, &entries, plans.by_ref());
-                let source =
-                    ProtocolError::Malformed(format!("body of {} runs past its size", display(&entry.path)));
-                return Err(Error::Protocol { peer: peer.to_string(), source });
+                give_up!(protocol_error(format!("body of {} runs past its size", display(&entry.path))));
             }
             Err(BodyError::Local(e, frame_left)) => {
                 partial.discard();
                 // The rest of this body is still on the wire: skip it to stay in step.
                 if let Err(w) = skip_body(reader, frame_left, size - plan.offset - received - frame_left) {
-                    let _ = flush(writer, &mut pending, &mut verified, &mut failed);
-                    abandon(&root, &entries, plans.by_ref());
-                    return Err(wire("receiving a body")(w));
+                    give_up!(wire("receiving a body")(w));
                 }
                 failed += 1;
                 fail(writer, format!("writing the file: {e}"))?;
@@ -303,6 +394,7 @@ pub(super) fn handle(
     }
     flush(writer, &mut pending, &mut verified, &mut failed)?;
     bar.finish_and_clear();
+    drop(answer_dirs);
 
     // Folders last, deepest first: writing files into them changed their mtimes.
     for &index in created_dirs.iter().rev() {
@@ -321,7 +413,7 @@ pub(super) fn handle(
     if failed + refused > 0 {
         return Err(Error::Integrity(name));
     }
-    Ok(Stored { name, already_had: total_plans == 0, batch: true })
+    Ok(Stored { name, already_had: bodies == 0, batch: true })
 }
 
 /// Bytes the batch will probably need: files without a same-size regular file at their path.
@@ -398,65 +490,62 @@ fn flush_group(
     Ok((stored, verdicts.len() - stored))
 }
 
-/// The answer for one entry, and for a file to be sent its plan. Creates folders (validation is
-/// done: writing may start).
-fn answer(
+/// The answer for a folder: created now (validation is done: writing may start) or already there.
+fn answer_dir(dirs: &mut Dirs<'_>, entry: &Entry) -> std::io::Result<(Answer, Option<Plan>)> {
+    let (parent_path, name) = entry.path.split_at(entry.path.len() - 1);
+    let (_, created) = dirs.get(parent_path)?.subdir(&name[0], true)?;
+    if created {
+        dirs.created.insert(entry.path.clone());
+    }
+    Ok((if created { Answer::Send { offset: 0 } } else { Answer::Have }, None))
+}
+
+/// The answer for a file whose digest is known, and if it is to be sent, its plan.
+fn answer_file(
     dirs: &mut Dirs<'_>,
     entry: &Entry,
+    digest: &Digest,
     overwrite: bool,
     until: Instant,
     hold: bool,
 ) -> std::io::Result<(Answer, Option<Plan>)> {
     let (parent_path, name) = entry.path.split_at(entry.path.len() - 1);
     let name = &name[0];
+    let EntryKind::File { size, .. } = &entry.kind else { unreachable!("answer_file takes files") };
+    let resumable = *size > RESUME_MIN;
+    let plan =
+        |offset, hasher, record, held| Plan { index: 0, digest: *digest, offset, hasher, record, held };
+    // In a folder this batch just created there is nothing to compare with or resume:
+    // no lookups at all (the renames stay no-replace, whatever appears meanwhile).
+    if !resumable && dirs.created.contains(parent_path) {
+        return Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(), false, None))));
+    }
     let parent = dirs.get(parent_path)?;
-    match &entry.kind {
-        EntryKind::Dir => {
-            let (_, created) = parent.subdir(name, true)?;
-            if created {
-                dirs.created.insert(entry.path.clone());
+    if store::find_existing(parent, name, (*size, digest), overwrite, until)?.is_some() {
+        return Ok((Answer::Have, None));
+    }
+    // Nothing to resume and nothing worth a record: answer without touching the disk.
+    if !resumable && Partial::absent(parent, name) {
+        return Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(), false, None))));
+    }
+    match Partial::open(parent.try_clone()?, name, (*size, digest), until, resumable)? {
+        Opened::Ready { partial, offset, hasher } => {
+            let record = partial.has_record();
+            // A resumed partial stays locked until its body: its prefix was hashed and
+            // nothing may change it in between. Past MAX_HELD it starts over instead.
+            if offset > 0 && hold {
+                return Ok((Answer::Send { offset }, Some(plan(offset, hasher, record, Some(partial)))));
             }
-            Ok((if created { Answer::Send { offset: 0 } } else { Answer::Have }, None))
+            drop(partial);
+            Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(), record, None))))
         }
-        EntryKind::File { size, digest, .. } => {
-            let resumable = *size > RESUME_MIN;
-            let plan = |offset, hasher, record, held| Plan { index: 0, offset, hasher, record, held };
-            // In a folder this batch just created there is nothing to compare with or resume:
-            // no lookups at all (the renames stay no-replace, whatever appears meanwhile).
-            if !resumable && dirs.created.contains(parent_path) {
-                return Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(), false, None))));
-            }
-            let parent = dirs.get(parent_path)?;
-            if store::find_existing(parent, name, (*size, digest), overwrite, until)?.is_some() {
-                return Ok((Answer::Have, None));
-            }
-            // Nothing to resume and nothing worth a record: answer without touching the disk.
-            if !resumable && Partial::absent(parent, name) {
-                return Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(), false, None))));
-            }
-            match Partial::open(parent.try_clone()?, name, (*size, digest), until, resumable)? {
-                Opened::Ready { partial, offset, hasher } => {
-                    let record = partial.has_record();
-                    // A resumed partial stays locked until its body: its prefix was hashed and
-                    // nothing may change it in between. Past MAX_HELD it starts over instead.
-                    if offset > 0 && hold {
-                        return Ok((
-                            Answer::Send { offset },
-                            Some(plan(offset, hasher, record, Some(partial))),
-                        ));
-                    }
-                    drop(partial);
-                    Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(), record, None))))
-                }
-                Opened::Busy => Ok((
-                    Answer::Reject {
-                        code: RejectCode::Busy,
-                        reason: "another transfer of this file is in progress".into(),
-                    },
-                    None,
-                )),
-            }
-        }
+        Opened::Busy => Ok((
+            Answer::Reject {
+                code: RejectCode::Busy,
+                reason: "another transfer of this file is in progress".into(),
+            },
+            None,
+        )),
     }
 }
 

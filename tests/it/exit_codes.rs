@@ -164,9 +164,11 @@ fn not_an_xfer_peer_exits_7() {
 #[test]
 fn other_version_exits_7_naming_both() {
     let mut h = protocol::hello();
-    h[8..].copy_from_slice(&2u16.to_be_bytes());
+    let ours = protocol::VERSION;
+    h[8..].copy_from_slice(&(ours + 1).to_be_bytes());
     let addr = fake_receiver(h, None);
     let (_src, path) = source_file("f", b"x");
     let run = send(&path, &addr, &[]).expect(7);
-    assert!(run.stderr().contains("peer speaks xfer protocol v2, this xfer speaks v1"), "{}", run.report());
+    let want = format!("peer speaks xfer protocol v{}, this xfer speaks v{ours}", ours + 1);
+    assert!(run.stderr().contains(&want), "{}", run.report());
 }

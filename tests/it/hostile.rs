@@ -9,7 +9,7 @@ use xfer::protocol::{Message, RejectCode, Reply, Verdict, hello};
 use crate::util::{RawPeer, Receiver, random_bytes, send, sha256, source_file};
 
 /// After an attack: the folder is empty again and an honest sender still gets through.
-fn still_serves(rx: &Receiver, round: usize) {
+pub(crate) fn still_serves(rx: &Receiver, round: usize) {
     rx.assert_files(&[]);
     let name = format!("honest-{round}");
     let data = random_bytes(100_000, round as u64);
@@ -180,7 +180,7 @@ fn wrong_version_names_both_versions() {
     std::io::Read::read_exact(&mut p.stream, &mut theirs).unwrap();
     assert_eq!(theirs, hello());
     assert!(p.closed_by_peer());
-    rx.wait_log("peer speaks xfer protocol v99, this xfer speaks v1");
+    rx.wait_log(&format!("peer speaks xfer protocol v99, this xfer speaks v{}", xfer::protocol::VERSION));
     still_serves(&rx, 0);
 }
 

@@ -8,6 +8,7 @@ mod concurrency; // many senders at once; a stalled sender holds up no one; the 
 mod existing; // identical file → already have it; different → keep both; --overwrite replaces
 mod exit_codes; // every documented exit code, provoked for real
 mod hostile; // a raw peer speaking the wire format attacks the receiver
+mod pipeline; // hashing overlaps sending: files are answered and stored as their digests come
 mod progress; // bars on a terminal (a pty from script(1)), none with --quiet or in a pipe
 mod resume; // interrupted three ways, then resumed; other versions not reused
 mod timeouts; // silent peers on either side

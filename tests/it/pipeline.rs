@@ -1,0 +1,207 @@
+//! Hashing overlaps sending: the manifest goes out before any digest, digests follow as files are
+//! hashed, and the receiver answers and stores each file without waiting for the rest.
+
+use std::fs;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use xfer::protocol::{
+    self, Answer, AnswersPart, Body, DigestsPart, Entry, EntryKind, FileVerdict, HashAlg, ManifestPart,
+    Message, Verdict, Withdraw,
+};
+
+use crate::hostile::still_serves;
+use crate::util::{BIN, RawPeer, Receiver, random_bytes, sha256, test_cache_home};
+
+fn file(name: &str, size: u64) -> Entry {
+    Entry {
+        path: vec![name.into()],
+        kind: EntryKind::File { size, hash: HashAlg::Sha256 },
+        mode: 0o644,
+        mtime: (0, 0),
+    }
+}
+
+/// Greets, sends `entries` as the manifest and reads the acceptance.
+fn accepted(rx: &Receiver, entries: Vec<Entry>) -> RawPeer {
+    let mut p = RawPeer::greet(rx.addr);
+    protocol::write_message(&mut p.stream, &Message::Manifest(ManifestPart { entries, last: true })).unwrap();
+    match p.read().unwrap() {
+        Message::Answers(AnswersPart { answers, last: false }) if answers.is_empty() => p,
+        other => panic!("expected the manifest's acceptance, got {other:?}"),
+    }
+}
+
+fn say(p: &mut RawPeer, m: Message) {
+    protocol::write_message(&mut p.stream, &m).unwrap();
+}
+
+fn answers(p: &mut RawPeer) -> Vec<Answer> {
+    match p.read().unwrap() {
+        Message::Answers(part) => part.answers,
+        other => panic!("expected answers, got {other:?}"),
+    }
+}
+
+fn verdict(p: &mut RawPeer) -> FileVerdict {
+    match p.read().unwrap() {
+        Message::FileVerdict(v) => v,
+        other => panic!("expected a file verdict, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_file_is_answered_stored_and_acknowledged_before_later_digests_exist() {
+    let rx = Receiver::start(&["--quiet"]);
+    let mut p = accepted(&rx, vec![file("a", 3), file("z", 4)]);
+    // Only the first digest: the receiver answers that file alone and takes its body.
+    say(&mut p, Message::Digests(DigestsPart { first: 0, digests: vec![Some(sha256(b"abc"))] }));
+    assert_eq!(answers(&mut p), vec![Answer::Send { offset: 0 }]);
+    say(&mut p, Message::Body(Body { index: 0 }));
+    p.data(b"abc");
+    // A keepalive (the sender is still hashing) makes the receiver acknowledge what it holds.
+    say(&mut p, Message::Digests(DigestsPart { first: 1, digests: vec![] }));
+    let v = verdict(&mut p);
+    assert_eq!((v.index, v.verdict), (0, Verdict::Verified { name: "a".into() }));
+    assert_eq!(fs::read(rx.dir.join("a")).unwrap(), b"abc", "acknowledged, so on disk under its name");
+    // The second file is answered once its digest comes, then withdrawn: it fails alone.
+    say(&mut p, Message::Digests(DigestsPart { first: 1, digests: vec![Some(sha256(b"zzzz"))] }));
+    assert_eq!(answers(&mut p), vec![Answer::Send { offset: 0 }]);
+    say(&mut p, Message::Withdraw(Withdraw { index: 1, reason: "z changed\x1b[2J".into() }));
+    let v = verdict(&mut p);
+    match v.verdict {
+        Verdict::Failed { reason } => {
+            assert_eq!(v.index, 1);
+            assert!(reason.contains("not sent: z changed") && !reason.contains('\x1b'), "{reason:?}");
+        }
+        other => panic!("a withdrawn file must fail, got {other:?}"),
+    }
+    assert!(p.closed_by_peer());
+    rx.wait_log("1 received, 0 already there, 1 failed");
+    fs::remove_file(rx.dir.join("a")).unwrap();
+    still_serves(&rx, 0);
+}
+
+#[test]
+fn a_file_the_sender_could_not_hash_is_refused_and_the_rest_goes_on() {
+    let rx = Receiver::start(&["--quiet"]);
+    let mut p = accepted(&rx, vec![file("bad", 5), file("good", 2)]);
+    say(&mut p, Message::Digests(DigestsPart { first: 0, digests: vec![None, Some(sha256(b"ok"))] }));
+    let got = answers(&mut p);
+    assert!(matches!(&got[..], [Answer::Reject { .. }, Answer::Send { offset: 0 }]), "{got:?}");
+    say(&mut p, Message::Body(Body { index: 1 }));
+    p.data(b"ok");
+    let v = verdict(&mut p);
+    assert_eq!((v.index, v.verdict), (1, Verdict::Verified { name: "good".into() }));
+    rx.assert_files(&["good"]);
+}
+
+#[test]
+fn digests_and_bodies_out_of_step_are_protocol_errors() {
+    let rx = Receiver::start(&["--quiet"]);
+    // Digests that skip ahead.
+    let mut p = accepted(&rx, vec![file("a", 3), file("b", 3)]);
+    say(&mut p, Message::Digests(DigestsPart { first: 1, digests: vec![Some(sha256(b"abc"))] }));
+    assert!(p.closed_by_peer());
+    rx.wait_log("digests for files 1..2 when 0 of 2 are known");
+    // More digests than files.
+    let mut p = accepted(&rx, vec![file("a", 3)]);
+    say(&mut p, Message::Digests(DigestsPart { first: 0, digests: vec![Some(sha256(b"abc")); 2] }));
+    assert!(p.closed_by_peer());
+    rx.wait_log("digests for files 0..2 when 0 of 1 are known");
+    // A body for a file that was not answered Send (or not yet answered at all).
+    let mut p = accepted(&rx, vec![file("a", 3), file("b", 3)]);
+    say(&mut p, Message::Digests(DigestsPart { first: 0, digests: vec![Some(sha256(b"abc"))] }));
+    assert_eq!(answers(&mut p), vec![Answer::Send { offset: 0 }]);
+    say(&mut p, Message::Body(Body { index: 1 }));
+    p.data(b"abc");
+    assert!(p.closed_by_peer());
+    rx.wait_log("body of entry 1 when entry 0 is due");
+    still_serves(&rx, 0);
+}
+
+/// Starts `xfer send PATHS... TO --no-cache` in the background.
+fn spawn_send(paths: &[&std::path::Path], to: &str) -> std::process::Child {
+    Command::new(BIN)
+        .arg("send")
+        .args(paths)
+        .args([to, "--no-cache", "--verbose"])
+        .env("XDG_CACHE_HOME", test_cache_home())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn the_first_file_is_stored_while_a_later_one_is_still_being_hashed() {
+    // `a` is tiny; `z` is large enough that hashing it takes over a second (SHA-256 runs at
+    // 0.3-1.6 GB/s here), so the sender is still hashing `z` when `a` is answered and sent, and
+    // its keepalive makes the receiver acknowledge `a`. Hashing everything first would store
+    // `a` only after `z`'s body, in the same group.
+    let src = tempfile::tempdir().unwrap();
+    let dir = src.path().join("batch");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("a"), b"first").unwrap();
+    fs::File::create(dir.join("z")).unwrap().set_len(3 << 30).unwrap();
+    let rx = Receiver::start(&["--quiet"]);
+    let mut child = spawn_send(&[&dir], &rx.target());
+    let stored = rx.dir.join("batch/a");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fs::read(&stored).ok().as_deref() != Some(b"first") {
+        assert!(child.try_wait().unwrap().is_none(), "the sender ended before `a` was stored");
+        assert!(Instant::now() < deadline, "`a` never arrived");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Nothing of `z` has arrived yet: its digest was not even known when `a` was acknowledged.
+    let largest =
+        fs::read_dir(rx.dir.join("batch")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).max();
+    assert_eq!(largest, Some(5), "z's body had started: {:?}", crate::util::list(&rx.dir.join("batch")));
+    assert!(child.try_wait().unwrap().is_none(), "the sender is still busy with z");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn a_file_that_keeps_changing_fails_alone() {
+    // One file is rewritten every millisecond while the batch runs: by the time it is hashed it
+    // no longer matches what the walk saw, so it is reported failed; the others arrive.
+    let src = tempfile::tempdir().unwrap();
+    let dir = src.path().join("batch");
+    fs::create_dir(&dir).unwrap();
+    let first = random_bytes(32 << 20, 7);
+    fs::write(dir.join("1-first"), &first).unwrap();
+    fs::write(dir.join("2-busy"), b"v0").unwrap();
+    fs::write(dir.join("3-last"), b"last").unwrap();
+    let busy = dir.join("2-busy");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                n += 1;
+                fs::write(&busy, format!("v{n}")).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let rx = Receiver::start(&["--quiet"]);
+    let out = spawn_send(&[&dir], &rx.target()).wait_with_output().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.join().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let report = format!("status {}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
+    assert_eq!(out.status.code(), Some(5), "{report}");
+    assert!(
+        stdout.contains("verified \"batch/1-first\"") && stdout.contains("verified \"batch/3-last\""),
+        "{report}"
+    );
+    assert!(stdout.contains("failed \"batch/2-busy\"") && stdout.contains("1 failed"), "{report}");
+    assert!(stderr.contains("2-busy changed while"), "{report}");
+    rx.wait_log("1 failed");
+    assert_eq!(fs::read(rx.dir.join("batch/1-first")).unwrap(), first);
+    assert_eq!(fs::read(rx.dir.join("batch/3-last")).unwrap(), b"last");
+    assert!(!rx.dir.join("batch/2-busy").exists());
+}
