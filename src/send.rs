@@ -114,6 +114,9 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
     let hashed = digest_of(&mut file, stamp, cache.as_mut(), &bar, &path);
     bar.finish_and_clear();
     let (digest, cached) = hashed?;
+    // Saved now, not when the send ends: a send that is interrupted (Ctrl-C, a kill) is exactly
+    // the one whose retry should not read the file again.
+    drop(cache);
 
     let (stream, peer, limit) = open_connection(opts)?;
     let wire = |what: &'static str| {

@@ -204,8 +204,13 @@ enum Event {
     Broken(Error),
 }
 
+/// How often the hashing thread appends new digests to the cache file.
+const CACHE_SAVE: Duration = Duration::from_secs(1);
 /// How long the main loop waits for news before it tells the receiver it is still hashing.
 const KEEPALIVE: Duration = Duration::from_secs(1);
+/// Files the receiver should know the digest of beyond those already sent: enough that answers
+/// keep coming while bodies go out, without a message per digest.
+const TELL_AHEAD: usize = 64;
 
 /// Hashes the listed files in order, from the cache where it knows them, and reports each digest.
 fn spawn_hashing(
@@ -219,10 +224,18 @@ fn spawn_hashing(
     std::thread::spawn(move || {
         let mut cache = cache.then(DigestCache::open_default);
         let total = files.len();
+        let mut saved = Instant::now();
         for (n, (source, stamp)) in files.into_iter().enumerate() {
             let path = source.display().to_string();
             let digest = open_unchanged(&source, stamp)
                 .and_then(|mut f| digest_of(&mut f, stamp, cache.as_mut(), &bar, &path).map(|(d, _)| d));
+            // Saved as it goes, so an interrupted batch's retry does not hash it all again.
+            if let Some(c) = cache.as_mut()
+                && saved.elapsed() > CACHE_SAVE
+            {
+                c.flush();
+                saved = Instant::now();
+            }
             if digest.is_err() {
                 bar.inc(stamp.size);
             }
@@ -288,8 +301,10 @@ struct Run<'a> {
     /// Files whose digest (or its absence) the receiver has been told.
     told: usize,
     answers: Vec<Answer>,
-    /// Entries acted on (body sent, withdrawn, or outcome known from the answer).
+    /// Entries acted on (body sent, withdrawn, or outcome known from the answer), and how many of
+    /// them were files.
     acted: usize,
+    acted_files: usize,
     /// Entries whose body or withdrawal went out and whose verdict has not come.
     owed: Vec<bool>,
     owing: usize,
@@ -303,6 +318,8 @@ struct Run<'a> {
     done: usize,
     /// The reader thread has stopped: nothing more will come from the receiver.
     reader_done: bool,
+    /// Why it stopped.
+    ended: Option<Error>,
 }
 
 impl<'a> Run<'a> {
@@ -323,6 +340,7 @@ impl<'a> Run<'a> {
             told: 0,
             answers: Vec::with_capacity(entries.len()),
             acted: 0,
+            acted_files: 0,
             owed: vec![false; entries.len()],
             owing: 0,
             outcomes: (0..entries.len()).map(|_| None).collect(),
@@ -332,6 +350,7 @@ impl<'a> Run<'a> {
             resumed: 0,
             done: 0,
             reader_done: false,
+            ended: None,
         }
     }
 
@@ -351,16 +370,19 @@ impl<'a> Run<'a> {
             if self.acted == self.entries.len() && self.owing == 0 {
                 return None;
             }
-            let work = !self.unsent.is_empty() || self.acted < self.answers.len();
-            let files = self.file_entry.len();
+            let work = self.acted < self.answers.len() || self.should_tell();
             // Blocking only when there is nothing to write: flush first, so the receiver has it.
-            let event = if work {
+            let mut event = if work {
                 inbox.try_recv().ok()
             } else {
+                // The receiver has stopped talking and nothing it already said is left to act on.
+                if let Some(e) = self.ended.take() {
+                    return Some(e);
+                }
                 if let Err(e) = writer.flush() {
                     return Some(net(e));
                 }
-                let still_hashing = self.hashed < files;
+                let still_hashing = self.hashed < self.file_entry.len();
                 local_busy.store(still_hashing, Ordering::SeqCst);
                 match inbox.recv_timeout(KEEPALIVE) {
                     Ok(e) => Some(e),
@@ -380,54 +402,21 @@ impl<'a> Run<'a> {
                 }
             };
             local_busy.store(true, Ordering::SeqCst);
-            match event {
-                None => {}
-                Some(Event::Hashed(n, digest)) => {
-                    debug_assert_eq!(n, self.hashed);
-                    self.hashed += 1;
-                    match digest {
-                        Ok(d) => {
-                            self.digests[self.file_entry[n]] = Some(d);
-                            self.unsent.push(Some(d));
-                        }
-                        Err(e) => {
-                            let i = self.file_entry[n];
-                            self.local[i] = true;
-                            self.outcomes[i] = Some(EntryOutcome::Failed(e));
-                            self.unsent.push(None);
-                        }
-                    }
+            // Everything that is already here, so digests and answers travel in batches.
+            while let Some(e) = event {
+                if let Err(cause) = self.take(e, waiting_since) {
+                    return Some(cause);
                 }
-                Some(Event::Answers(part)) => {
-                    if let Err(e) = self.take_answers(part.answers) {
-                        return Some(e);
-                    }
-                }
-                Some(Event::Verdict(v)) => {
-                    if let Err(e) = self.take_verdict(v) {
-                        return Some(e);
-                    }
-                }
-                Some(Event::Quiet(at)) => {
-                    let waiting_on_receiver = self.hashed == files && self.unsent.is_empty();
-                    let quiet_for = self.opts.timeout.unwrap_or(Duration::MAX);
-                    if waiting_on_receiver && at.saturating_duration_since(waiting_since) >= quiet_for {
-                        let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer");
-                        return Some(self.wire("waiting for answers", e.into()));
-                    }
-                }
-                Some(Event::Broken(e)) => {
-                    self.reader_done = true;
-                    return Some(e);
-                }
+                event = inbox.try_recv().ok();
             }
-            // Digests out, in parts of at most MAX_DIGESTS_PER_PART.
-            for chunk in std::mem::take(&mut self.unsent).chunks(MAX_DIGESTS_PER_PART) {
-                let part = DigestsPart { first: self.told as u32, digests: chunk.to_vec() };
-                if let Err(e) = write_message(writer, &Message::Digests(part)) {
-                    return Some(net(e));
+            if self.should_tell() {
+                for chunk in std::mem::take(&mut self.unsent).chunks(MAX_DIGESTS_PER_PART) {
+                    let part = DigestsPart { first: self.told as u32, digests: chunk.to_vec() };
+                    if let Err(e) = write_message(writer, &Message::Digests(part)) {
+                        return Some(net(e));
+                    }
+                    self.told += chunk.len();
                 }
-                self.told += chunk.len();
             }
             // One answered entry acted on per turn, so digests keep flowing between bodies.
             if self.acted < self.answers.len() {
@@ -435,6 +424,58 @@ impl<'a> Run<'a> {
                     return Some(e);
                 }
                 waiting_since = Instant::now();
+            }
+        }
+    }
+
+    /// Whether to send the digests held back now: when the receiver is running short of files
+    /// it can answer, when enough have gathered, or when hashing is over. Holding them a little
+    /// while bodies go out turns 10,000 digests into a few messages instead of 10,000.
+    fn should_tell(&self) -> bool {
+        let ahead = self.told - self.acted_files;
+        !self.unsent.is_empty()
+            && (ahead < TELL_AHEAD
+                || self.unsent.len() >= MAX_DIGESTS_PER_PART
+                || self.hashed == self.file_entry.len())
+    }
+
+    /// Takes one event from the hashing or reader thread; an error ends the batch.
+    fn take(&mut self, event: Event, waiting_since: Instant) -> Result<(), Error> {
+        match event {
+            Event::Hashed(n, digest) => {
+                debug_assert_eq!(n, self.hashed);
+                self.hashed += 1;
+                let i = self.file_entry[n];
+                match digest {
+                    Ok(d) => {
+                        self.digests[i] = Some(d);
+                        self.unsent.push(Some(d));
+                    }
+                    Err(e) => {
+                        self.local[i] = true;
+                        self.outcomes[i] = Some(EntryOutcome::Failed(e));
+                        self.unsent.push(None);
+                    }
+                }
+                Ok(())
+            }
+            Event::Answers(part) => self.take_answers(part.answers),
+            Event::Verdict(v) => self.take_verdict(v),
+            Event::Quiet(at) => {
+                let waiting_on_receiver = self.hashed == self.file_entry.len() && self.unsent.is_empty();
+                let quiet_for = self.opts.timeout.unwrap_or(Duration::MAX);
+                if waiting_on_receiver && at.saturating_duration_since(waiting_since) >= quiet_for {
+                    let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer");
+                    return Err(self.wire("waiting for answers", e.into()));
+                }
+                Ok(())
+            }
+            // Acted on once what came before it is: a receiver that answered everything and
+            // hung up has still answered everything.
+            Event::Broken(e) => {
+                self.reader_done = true;
+                self.ended = Some(e);
+                Ok(())
             }
         }
     }
@@ -500,6 +541,7 @@ impl<'a> Run<'a> {
         let i = self.acted;
         self.acted += 1;
         let entry = &self.entries[i];
+        self.acted_files += usize::from(matches!(entry.kind, EntryKind::File { .. }));
         let size = match entry.kind {
             EntryKind::File { size, .. } => size,
             EntryKind::Dir => 0,

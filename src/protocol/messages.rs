@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::batch::{AnswersPart, Body, DigestsPart, FileVerdict, ManifestPart, Withdraw};
 use super::{MAX_MESSAGE_LEN, MAX_REASON_LEN, ProtocolError};
 
-/// The bincode configuration of protocol v1. Changing it changes the wire format.
+/// The bincode configuration of the protocol. Changing it changes the wire format.
 fn config() -> impl bincode::config::Config {
     bincode::config::standard()
         .with_big_endian()
@@ -21,7 +21,7 @@ fn config() -> impl bincode::config::Config {
         .with_limit::<{ MAX_MESSAGE_LEN as usize }>()
 }
 
-/// A 32-byte digest. SHA-256 is the only algorithm in v1; the field is sized for it.
+/// A 32-byte digest. SHA-256 is the only algorithm so far; the field is sized for it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Digest(pub [u8; 32]);
 
@@ -91,7 +91,7 @@ pub enum RejectCode {
 /// Receiver → sender: the answer to an offer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
-    /// Send the body starting at `offset` (always 0 in v1 receivers; later resume uses it).
+    /// Send the body starting at `offset` (non-zero when the receiver resumes a partial).
     Accept { offset: u64 },
     /// A file with this exact content is already stored, under `name`. No body follows.
     AlreadyHave { name: String },

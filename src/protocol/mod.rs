@@ -1,4 +1,4 @@
-//! The xfer wire protocol, version 1. PROTOCOL.md is the full specification; this is its summary.
+//! The xfer wire protocol, version 2. PROTOCOL.md is the full specification; this is its summary.
 //!
 //! Roles: the *receiver* listens, the *sender* connects. One connection carries one file.
 //!
