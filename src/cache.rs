@@ -1,4 +1,4 @@
-//! The sender's digest cache: a file's SHA-256 remembered by (device, inode, size, mtime, ctime),
+//! The sender's digest cache: a file's digest remembered by (device, inode, size, mtime, ctime),
 //! so sending the same file again — a retry, a resume, a repeat — does not read it twice.
 //!
 //! Any write to a file changes its ctime (and size or mtime), and a new file on a reused inode
@@ -6,8 +6,9 @@
 //! cache can only save time, never produce a false "verified": the receiver hashes the bytes it
 //! gets and compares them with the digest offered, wherever that digest came from.
 //!
-//! Storage: one append-only text file, `$XDG_CACHE_HOME/xfer/digests-v1` (default
-//! `~/.cache/xfer/`), a line per entry: `dev ino size mtime_s mtime_ns ctime_s ctime_ns sha256 HEX`.
+//! Storage: one append-only text file per algorithm, `$XDG_CACHE_HOME/xfer/digests-v1` for SHA-256
+//! and `digests-blake3-v1` for BLAKE3 (default `~/.cache/xfer/`), a line per entry:
+//! `dev ino size mtime_s mtime_ns ctime_s ctime_ns ALG HEX`.
 //! New lines are appended in one write per send (appends are atomic), so concurrent senders need
 //! no lock; the last entry for a
 //! stamp wins; the file is compacted when most of its lines are stale. The cache is an
@@ -19,10 +20,18 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::protocol::Digest;
+use crate::protocol::{Digest, HashAlg};
 
-/// Name of the cache file; the version is bumped if the line format changes.
+/// Name of the cache file for SHA-256; the version is bumped if the line format changes.
 const FILE_NAME: &str = "digests-v1";
+
+/// The cache file of an algorithm: SHA-256 keeps the original name.
+fn file_name(alg: HashAlg) -> String {
+    match alg {
+        HashAlg::Sha256 => FILE_NAME.to_string(),
+        other => format!("digests-{other}-v1"),
+    }
+}
 
 /// Compaction threshold: rewrite once the file has this many lines more than live entries.
 const STALE_LINES: usize = 10_000;
@@ -48,16 +57,16 @@ impl Stamp {
         }
     }
 
-    fn line(&self, digest: &Digest) -> String {
+    fn line(&self, alg: HashAlg, digest: &Digest) -> String {
         format!(
-            "{} {} {} {} {} {} {} sha256 {}\n",
+            "{} {} {} {} {} {} {} {alg} {}\n",
             self.dev, self.ino, self.size, self.mtime.0, self.mtime.1, self.ctime.0, self.ctime.1, digest
         )
     }
 
-    fn parse(line: &str) -> Option<(Stamp, Digest)> {
+    fn parse(line: &str, alg: HashAlg) -> Option<(Stamp, Digest)> {
         let f: Vec<&str> = line.split(' ').collect();
-        if f.len() != 9 || f[7] != "sha256" || f[8].len() != 64 {
+        if f.len() != 9 || HashAlg::from_name(f[7]) != Some(alg) || f[8].len() != 64 {
             return None;
         }
         let n = |i: usize| f[i].parse::<i64>().ok();
@@ -75,6 +84,7 @@ impl Stamp {
 /// The loaded cache. `path` is `None` when there is no cache folder to use.
 pub struct DigestCache {
     path: Option<PathBuf>,
+    alg: HashAlg,
     /// Lines not yet appended to the file: written in one append when dropped (or flushed), so a
     /// batch of 10,000 files costs one write, not 10,000.
     unsaved: String,
@@ -85,27 +95,27 @@ pub struct DigestCache {
 
 impl DigestCache {
     /// The cache in the user's cache folder, or an empty one that stores nothing.
-    pub fn open_default() -> DigestCache {
+    pub fn open_default(alg: HashAlg) -> DigestCache {
         let dir = std::env::var_os("XDG_CACHE_HOME")
             .filter(|d| !d.is_empty())
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")));
         match dir {
-            Some(d) => DigestCache::open(&d.join("xfer").join(FILE_NAME)),
-            None => DigestCache { path: None, unsaved: String::new(), map: HashMap::new() },
+            Some(d) => DigestCache::open(&d.join("xfer").join(file_name(alg)), alg),
+            None => DigestCache { path: None, alg, unsaved: String::new(), map: HashMap::new() },
         }
     }
 
     /// Loads the cache file at `path`; a missing or unreadable file is an empty cache.
-    pub fn open(path: &Path) -> DigestCache {
+    pub fn open(path: &Path, alg: HashAlg) -> DigestCache {
         let text = fs::read_to_string(path).unwrap_or_default();
         let mut map = HashMap::new();
         let mut lines = 0;
-        for (stamp, digest) in text.lines().filter_map(|l| Stamp::parse(l.trim_end())) {
+        for (stamp, digest) in text.lines().filter_map(|l| Stamp::parse(l.trim_end(), alg)) {
             map.insert((stamp.dev, stamp.ino), (stamp, digest));
             lines += 1;
         }
-        let cache = DigestCache { path: Some(path.to_path_buf()), unsaved: String::new(), map };
+        let cache = DigestCache { path: Some(path.to_path_buf()), alg, unsaved: String::new(), map };
         if lines > cache.map.len() + STALE_LINES {
             cache.compact();
         }
@@ -120,7 +130,7 @@ impl DigestCache {
     pub fn put(&mut self, stamp: Stamp, digest: Digest) {
         self.map.insert((stamp.dev, stamp.ino), (stamp, digest));
         if self.path.is_some() {
-            self.unsaved.push_str(&stamp.line(&digest));
+            self.unsaved.push_str(&stamp.line(self.alg, &digest));
         }
     }
 
@@ -145,7 +155,7 @@ impl DigestCache {
     /// Rewrites the file with live entries only (temporary file, then rename).
     fn compact(&self) {
         let Some(path) = &self.path else { return };
-        let text: String = self.map.values().map(|(s, d)| s.line(d)).collect();
+        let text: String = self.map.values().map(|(s, d)| s.line(self.alg, d)).collect();
         let tmp = path.with_extension("tmp");
         if fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, path)).is_err() {
             let _ = fs::remove_file(&tmp);
@@ -171,12 +181,12 @@ mod tests {
     fn entries_survive_a_reload_and_the_last_one_wins() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub").join(FILE_NAME);
-        let mut c = DigestCache::open(&path);
+        let mut c = DigestCache::open(&path, HashAlg::Sha256);
         c.put(stamp(1), Digest([1; 32]));
         c.put(stamp(2), Digest([2; 32]));
         c.put(stamp(1), Digest([3; 32]));
         drop(c);
-        let c = DigestCache::open(&path);
+        let c = DigestCache::open(&path, HashAlg::Sha256);
         assert_eq!(c.get(&stamp(1)), Some(Digest([3; 32])));
         assert_eq!(c.get(&stamp(2)), Some(Digest([2; 32])));
         assert_eq!(c.get(&stamp(3)), None);
@@ -189,21 +199,23 @@ mod tests {
     fn garbage_lines_are_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE_NAME);
-        let good = stamp(7).line(&Digest([7; 32]));
+        let good = stamp(7).line(HashAlg::Sha256, &Digest([7; 32]));
         fs::write(&path, format!("junk\n1 2 3\n{good}1 2 3 4 5 6 7 sha256 zz\n{}", &good[..good.len() - 5]))
             .unwrap();
-        let c = DigestCache::open(&path);
+        let c = DigestCache::open(&path, HashAlg::Sha256);
         assert_eq!(c.map.len(), 1);
         assert_eq!(c.get(&stamp(7)), Some(Digest([7; 32])));
+        // A line of another algorithm is not a BLAKE3 digest.
+        assert_eq!(DigestCache::open(&path, HashAlg::Blake3).map.len(), 0);
     }
 
     #[test]
     fn stale_lines_are_compacted() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE_NAME);
-        let line = stamp(1).line(&Digest([1; 32]));
+        let line = stamp(1).line(HashAlg::Sha256, &Digest([1; 32]));
         fs::write(&path, line.repeat(STALE_LINES + 2)).unwrap();
-        let c = DigestCache::open(&path);
+        let c = DigestCache::open(&path, HashAlg::Sha256);
         assert_eq!(c.get(&stamp(1)), Some(Digest([1; 32])));
         assert_eq!(fs::read_to_string(&path).unwrap(), line);
     }

@@ -41,12 +41,13 @@ fn run(cli: Cli) -> Result<(), Error> {
                 Outcome::AlreadyHad(n) => format!("receiver already has it as \"{}\"", escape(n)),
             };
             println!(
-                "\"{}\" {} bytes ({}) in {:.2} s ({}) sha256 {}{}: {outcome}",
+                "\"{}\" {} bytes ({}) in {:.2} s ({}) {} {}{}: {outcome}",
                 escape(&r.name),
                 r.size,
                 human_bytes(r.size),
                 r.elapsed.as_secs_f64(),
                 human_rate(r.size, r.elapsed),
+                opts.hash,
                 r.digest,
                 if r.cached { " (cached)" } else { "" }
             );

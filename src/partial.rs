@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rustix::fs::FlockOperation;
 
 use crate::hash::Hasher;
-use crate::protocol::{Digest, MAX_DEPTH};
+use crate::protocol::{Digest, HashAlg, MAX_DEPTH};
 use crate::safedir::{Kind, SafeDir, set_mode_and_mtime};
 use crate::sanitize::numbered_name;
 use crate::store::MAX_KEEP_BOTH;
@@ -75,13 +75,11 @@ pub enum Opened {
 
 /// The hidden stem (`.xfer-<id>`) of the partial and record for a final name.
 pub fn stem_for(name: &str) -> String {
-    let mut h = Hasher::new();
-    h.update(name.as_bytes());
-    format!("{TEMP_PREFIX}{}", &h.finish().to_hex()[..32])
+    format!("{TEMP_PREFIX}{}", &crate::hash::sha256(name.as_bytes()).to_hex()[..32])
 }
 
-fn record_text(name: &str, size: u64, digest: &Digest) -> String {
-    format!("size {size}\nsha256 {digest}\nname {}\n", name.escape_debug())
+fn record_text(name: &str, size: u64, alg: HashAlg, digest: &Digest) -> String {
+    format!("size {size}\n{alg} {digest}\nname {}\n", name.escape_debug())
 }
 
 impl Partial {
@@ -92,7 +90,7 @@ impl Partial {
     pub fn open(
         dir: SafeDir,
         name: &str,
-        (size, digest): (u64, &Digest),
+        (size, alg, digest): (u64, HashAlg, &Digest),
         deadline: Instant,
         resumable: bool,
     ) -> io::Result<Opened> {
@@ -105,14 +103,17 @@ impl Partial {
             Err(e) if e == rustix::io::Errno::WOULDBLOCK => return Ok(Opened::Busy),
             Err(e) => return Err(e.into()),
         }
-        let want = record_text(name, size, digest);
+        let want = record_text(name, size, alg, digest);
         let mut have = String::new();
         if let Ok(mut r) = dir.open_read(&record_name) {
             let _ = r.read_to_string(&mut have);
         }
         let len = file.metadata()?.len();
-        let (hasher, offset) =
-            if have == want && len <= size { hash_prefix(&file, len, deadline)? } else { (Hasher::new(), 0) };
+        let (hasher, offset) = if have == want && len <= size {
+            hash_prefix(&file, len, alg, deadline)?
+        } else {
+            (Hasher::new(alg), 0)
+        };
         // Drop whatever is not covered by the hash (or everything, for another version).
         if len != offset {
             file.set_len(offset)?;
@@ -279,8 +280,8 @@ fn check_own(file: &File, what: &str) -> io::Result<()> {
 
 /// Hashes the first `len` bytes of `file`, stopping early at `deadline` on a block boundary.
 /// Returns the hash state and how many bytes it covers.
-fn hash_prefix(file: &File, len: u64, deadline: Instant) -> io::Result<(Hasher, u64)> {
-    let mut hasher = Hasher::new();
+fn hash_prefix(file: &File, len: u64, alg: HashAlg, deadline: Instant) -> io::Result<(Hasher, u64)> {
+    let mut hasher = Hasher::new(alg);
     let mut buf = vec![0u8; PREFIX_BUF];
     let mut done = 0u64;
     while done < len && Instant::now() < deadline {

@@ -48,6 +48,7 @@ pub struct SendOpts {
     pub quiet: bool,
     /// Use and update the digest cache (`--no-cache` turns it off).
     pub cache: bool,
+    pub hash: HashAlg,
 }
 
 /// How a send ended well.
@@ -109,9 +110,9 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
     })?;
     let size = meta.len();
     let stamp = Stamp::of(&meta);
-    let mut cache = opts.cache.then(DigestCache::open_default);
+    let mut cache = opts.cache.then(|| DigestCache::open_default(opts.hash));
     let bar = progress.bytes("hashing", &name, size);
-    let hashed = digest_of(&mut file, stamp, cache.as_mut(), &bar, &path);
+    let hashed = digest_of(&mut file, (stamp, opts.hash), cache.as_mut(), &bar, &path);
     bar.finish_and_clear();
     let (digest, cached) = hashed?;
     // Saved now, not when the send ends: a send that is interrupted (Ctrl-C, a kill) is exactly
@@ -126,7 +127,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
 
     let mut reader = BufReader::new(&stream);
     let mut writer = BufWriter::with_capacity(SOCKET_BUF, &stream);
-    let offer = Offer { name: name.clone(), size, hash: HashAlg::Sha256, digest };
+    let offer = Offer { name: name.clone(), size, hash: opts.hash, digest };
     let greet = (|| {
         protocol::write_hello(&mut writer)?;
         write_message(&mut writer, &Message::Offer(offer))?;
@@ -221,7 +222,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
 /// `bar`), checking it did not change meanwhile, and remembering the result.
 pub(crate) fn digest_of(
     file: &mut File,
-    stamp: Stamp,
+    (stamp, alg): (Stamp, HashAlg),
     cache: Option<&mut DigestCache>,
     bar: &indicatif::ProgressBar,
     path: &str,
@@ -231,7 +232,7 @@ pub(crate) fn digest_of(
         return Ok((d, true));
     }
     let (digest, hashed) =
-        hash_reader(&mut *file, bar).map_err(|e| Error::io(format!("cannot read {path}"), e))?;
+        hash_reader(alg, &mut *file, bar).map_err(|e| Error::io(format!("cannot read {path}"), e))?;
     let after =
         file.metadata().map(|m| Stamp::of(&m)).map_err(|e| Error::io(format!("cannot stat {path}"), e))?;
     if hashed != stamp.size || after != stamp {

@@ -87,7 +87,7 @@ pub fn send_batch(opts: &SendOpts, progress: &Progress) -> Result<BatchReport, E
             path: item.path.clone(),
             kind: match item.file {
                 None => EntryKind::Dir,
-                Some(stamp) => EntryKind::File { size: stamp.size, hash: HashAlg::Sha256 },
+                Some(stamp) => EntryKind::File { size: stamp.size, hash: opts.hash },
             },
             mode: item.mode,
             mtime: item.mtime,
@@ -98,7 +98,7 @@ pub fn send_batch(opts: &SendOpts, progress: &Progress) -> Result<BatchReport, E
     // manifest; its digests go out as they come, between bodies.
     let (events, inbox) = mpsc::channel();
     let hashing_bar = progress.bytes("hashing", &format!("0/{files} files"), bytes);
-    let hashing = spawn_hashing(&items, opts.cache, hashing_bar.clone(), events.clone());
+    let hashing = spawn_hashing(&items, (opts.cache, opts.hash), hashing_bar.clone(), events.clone());
 
     let (stream, peer, limit) = open_connection(opts)?;
     let wire = |what: &'static str| {
@@ -215,20 +215,21 @@ const TELL_AHEAD: usize = 64;
 /// Hashes the listed files in order, from the cache where it knows them, and reports each digest.
 fn spawn_hashing(
     items: &[Item],
-    cache: bool,
+    (cache, alg): (bool, HashAlg),
     bar: ProgressBar,
     events: mpsc::Sender<Event>,
 ) -> std::thread::JoinHandle<()> {
     let files: Vec<(PathBuf, Stamp)> =
         items.iter().filter_map(|i| i.file.map(|s| (i.source.clone(), s))).collect();
     std::thread::spawn(move || {
-        let mut cache = cache.then(DigestCache::open_default);
+        let mut cache = cache.then(|| DigestCache::open_default(alg));
         let total = files.len();
         let mut saved = Instant::now();
         for (n, (source, stamp)) in files.into_iter().enumerate() {
             let path = source.display().to_string();
-            let digest = open_unchanged(&source, stamp)
-                .and_then(|mut f| digest_of(&mut f, stamp, cache.as_mut(), &bar, &path).map(|(d, _)| d));
+            let digest = open_unchanged(&source, stamp).and_then(|mut f| {
+                digest_of(&mut f, (stamp, alg), cache.as_mut(), &bar, &path).map(|(d, _)| d)
+            });
             // Saved as it goes, so an interrupted batch's retry does not hash it all again.
             if let Some(c) = cache.as_mut()
                 && saved.elapsed() > CACHE_SAVE

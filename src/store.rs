@@ -10,7 +10,7 @@ use std::time::Instant;
 use indicatif::ProgressBar;
 
 use crate::hash::hash_reader_until;
-use crate::protocol::Digest;
+use crate::protocol::{Digest, HashAlg};
 use crate::safedir::{Kind, SafeDir};
 use crate::sanitize::numbered_name;
 
@@ -25,7 +25,7 @@ pub const MAX_KEEP_BOTH: u32 = 9999;
 pub fn find_existing(
     dir: &SafeDir,
     name: &str,
-    (size, digest): (u64, &Digest),
+    (size, alg, digest): (u64, HashAlg, &Digest),
     overwrite: bool,
     deadline: Instant,
 ) -> io::Result<Option<String>> {
@@ -37,7 +37,7 @@ pub fn find_existing(
             Kind::Missing => return Ok(None),
             Kind::File(len) if len == size => {
                 let file = dir.open_read(&candidate)?;
-                match hash_reader_until(file, &ProgressBar::hidden(), Some(deadline))? {
+                match hash_reader_until(alg, file, &ProgressBar::hidden(), Some(deadline))? {
                     Some((d, _)) if &d == digest => return Ok(Some(candidate)),
                     Some(_) => {}
                     None => return Ok(None),

@@ -21,7 +21,7 @@ fn config() -> impl bincode::config::Config {
         .with_limit::<{ MAX_MESSAGE_LEN as usize }>()
 }
 
-/// A 32-byte digest. SHA-256 is the only algorithm so far; the field is sized for it.
+/// A 32-byte digest: SHA-256, or BLAKE3's default output length.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Digest(pub [u8; 32]);
 
@@ -45,16 +45,30 @@ impl fmt::Display for Digest {
 }
 
 /// The hash algorithm of an offer's digest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum HashAlg {
     /// SHA-256 (FIPS 180-4). Variant 0.
     Sha256,
+    /// BLAKE3 with its default 32-byte output. Variant 1.
+    Blake3,
+}
+
+impl HashAlg {
+    /// Parses the name `Display` prints.
+    pub fn from_name(s: &str) -> Option<HashAlg> {
+        match s {
+            "sha256" => Some(HashAlg::Sha256),
+            "blake3" => Some(HashAlg::Blake3),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for HashAlg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             HashAlg::Sha256 => "sha256",
+            HashAlg::Blake3 => "blake3",
         })
     }
 }

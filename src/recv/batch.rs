@@ -511,24 +511,25 @@ fn answer_file(
 ) -> std::io::Result<(Answer, Option<Plan>)> {
     let (parent_path, name) = entry.path.split_at(entry.path.len() - 1);
     let name = &name[0];
-    let EntryKind::File { size, .. } = &entry.kind else { unreachable!("answer_file takes files") };
+    let EntryKind::File { size, hash: alg } = &entry.kind else { unreachable!("answer_file takes files") };
+    let alg = *alg;
     let resumable = *size > RESUME_MIN;
     let plan =
         |offset, hasher, record, held| Plan { index: 0, digest: *digest, offset, hasher, record, held };
     // In a folder this batch just created there is nothing to compare with or resume:
     // no lookups at all (the renames stay no-replace, whatever appears meanwhile).
     if !resumable && dirs.created.contains(parent_path) {
-        return Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(), false, None))));
+        return Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(alg), false, None))));
     }
     let parent = dirs.get(parent_path)?;
-    if store::find_existing(parent, name, (*size, digest), overwrite, until)?.is_some() {
+    if store::find_existing(parent, name, (*size, alg, digest), overwrite, until)?.is_some() {
         return Ok((Answer::Have, None));
     }
     // Nothing to resume and nothing worth a record: answer without touching the disk.
     if !resumable && Partial::absent(parent, name) {
-        return Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(), false, None))));
+        return Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(alg), false, None))));
     }
-    match Partial::open(parent.try_clone()?, name, (*size, digest), until, resumable)? {
+    match Partial::open(parent.try_clone()?, name, (*size, alg, digest), until, resumable)? {
         Opened::Ready { partial, offset, hasher } => {
             let record = partial.has_record();
             // A resumed partial stays locked until its body: its prefix was hashed and
@@ -537,7 +538,7 @@ fn answer_file(
                 return Ok((Answer::Send { offset }, Some(plan(offset, hasher, record, Some(partial)))));
             }
             drop(partial);
-            Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(), record, None))))
+            Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(alg), record, None))))
         }
         Opened::Busy => Ok((
             Answer::Reject {

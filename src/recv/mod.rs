@@ -293,7 +293,13 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
         Ok(d) => d,
         Err(e) => return refuse(RejectCode::Failed, "cannot open the target folder".into(), Some(e)),
     };
-    match store::find_existing(&root, &offer.name, (offer.size, &offer.digest), opts.overwrite, check_until) {
+    match store::find_existing(
+        &root,
+        &offer.name,
+        (offer.size, offer.hash, &offer.digest),
+        opts.overwrite,
+        check_until,
+    ) {
         Ok(Some(name)) => {
             reply(Reply::AlreadyHave { name: name.clone() })?;
             return Ok(Stored { name, already_had: true, batch: false });
@@ -302,7 +308,7 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
         Err(e) => return refuse(RejectCode::Failed, "cannot check existing files".into(), Some(e)),
     }
     let (partial, offset, hasher) =
-        match Partial::open(root, &offer.name, (offer.size, &offer.digest), check_until, true) {
+        match Partial::open(root, &offer.name, (offer.size, offer.hash, &offer.digest), check_until, true) {
             Ok(Opened::Ready { partial, offset, hasher }) => (partial, offset, hasher),
             Ok(Opened::Busy) => {
                 let reason = "another transfer of this name is in progress, try again later".to_string();

@@ -7,6 +7,7 @@ mod cache; // the sender's digest cache: repeat sends skip hashing, changes neve
 mod concurrency; // many senders at once; a stalled sender holds up no one; the busy limit
 mod existing; // identical file → already have it; different → keep both; --overwrite replaces
 mod exit_codes; // every documented exit code, provoked for real
+mod hashes; // --hash blake3: announced, verified with that algorithm, cached apart
 mod hostile; // a raw peer speaking the wire format attacks the receiver
 mod pipeline; // hashing overlaps sending: files are answered and stored as their digests come
 mod progress; // bars on a terminal (a pty from script(1)), none with --quiet or in a pipe

@@ -27,3 +27,21 @@ fn quiet_hides_bars_on_a_terminal() {
     assert!(!tty.contains("hashing") && !tty.contains("sending"), "bars despite --quiet:\n{tty}");
     assert!(tty.contains("verified"), "the summary stays:\n{tty}");
 }
+
+#[test]
+fn a_batch_shows_a_hashing_bar_and_an_overall_bar() {
+    let rx = Receiver::start(&["--quiet"]);
+    let src = tempfile::tempdir().unwrap();
+    let dir = src.path().join("batch");
+    std::fs::create_dir(&dir).unwrap();
+    for (i, size) in [96usize << 20, 10, 20].iter().enumerate() {
+        std::fs::write(dir.join(format!("f{i}")), random_bytes(*size, i as u64)).unwrap();
+    }
+    let cmd = format!("{BIN} send {} {} --no-cache 2>&1", dir.display(), rx.target());
+    let out = Command::new("script").args(["-qec", &cmd, "/dev/null"]).output().expect("run script(1)");
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{tty}");
+    assert!(tty.contains("hashing") && tty.contains("files"), "no hashing bar:\n{tty}");
+    // The overall bar counts entries (files and folders) and bytes done of the total.
+    assert!(tty.contains("sending") && tty.contains("/4 entries"), "no overall bar:\n{tty}");
+}
