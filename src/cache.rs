@@ -57,6 +57,17 @@ impl Stamp {
         }
     }
 
+    /// An opaque name for this version of this file, for the receiver's resume records: a hash,
+    /// so device and inode numbers do not leave the machine.
+    pub fn tag(&self) -> [u8; 16] {
+        let text = format!(
+            "xfer stamp {} {} {} {} {} {} {}",
+            self.dev, self.ino, self.size, self.mtime.0, self.mtime.1, self.ctime.0, self.ctime.1
+        );
+        let d = crate::hash::sha256(text.as_bytes());
+        std::array::from_fn(|i| d.0[i])
+    }
+
     fn line(&self, alg: HashAlg, digest: &Digest) -> String {
         format!(
             "{} {} {} {} {} {} {} {alg} {}\n",

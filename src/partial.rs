@@ -2,9 +2,9 @@
 //! so that sending the same file again resumes where it stopped.
 //!
 //! Each final name has one partial, `.xfer-<id>.part`, where `<id>` is derived from the name, and
-//! a record `.xfer-<id>.meta` saying what it belongs to (size, SHA-256, name). An offer resumes
-//! only if the record matches its size and digest exactly; a partial of any other version is
-//! truncated and started over. The prefix already on disk is hashed again before the offset is
+//! a record `.xfer-<id>.meta` saying what it belongs to (size, hash algorithm, digest if known,
+//! the sender's version tag if known, name). An offer resumes only if the record matches it (see
+//! [`FileId::matches`]); a partial of any other version is truncated and started over. The prefix already on disk is hashed again before the offset is
 //! promised (for at most a deadline: whatever could not be hashed in time is dropped and sent
 //! again), so the final whole-file check covers every byte. A partial is locked (`flock`) while a
 //! transfer uses it; a second transfer of the same name meanwhile is refused as busy.
@@ -78,8 +78,72 @@ pub fn stem_for(name: &str) -> String {
     format!("{TEMP_PREFIX}{}", &crate::hash::sha256(name.as_bytes()).to_hex()[..32])
 }
 
-fn record_text(name: &str, size: u64, alg: HashAlg, digest: &Digest) -> String {
-    format!("size {size}\n{alg} {digest}\nname {}\n", name.escape_debug())
+/// What a partial belongs to: the file as the sender described it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileId {
+    pub size: u64,
+    pub alg: HashAlg,
+    /// The whole file's digest, when the sender knew it up front.
+    pub digest: Option<Digest>,
+    /// The sender's version tag (single files; batches send digests instead).
+    pub tag: Option<[u8; 16]>,
+}
+
+impl FileId {
+    fn record(&self, name: &str) -> String {
+        let mut s = format!("size {}\nhash {}\n", self.size, self.alg);
+        if let Some(d) = &self.digest {
+            s.push_str(&format!("digest {d}\n"));
+        }
+        if let Some(t) = &self.tag {
+            s.push_str(&format!("tag {}\n", tag_hex(t)));
+        }
+        s.push_str(&format!("name {}\n", name.escape_debug()));
+        s
+    }
+
+    /// Whether the record kept for `name` in `dir` is one that this offer (which has no digest)
+    /// would resume if it named its digest: same name, size and algorithm, a digest recorded,
+    /// and not this sender version's tag.
+    pub fn digest_would_resume(&self, dir: &SafeDir, name: &str) -> bool {
+        let mut record = String::new();
+        let read = dir.open_read(&format!("{}{RECORD_SUFFIX}", stem_for(name)));
+        if read.and_then(|mut r| r.read_to_string(&mut record)).is_err() {
+            return false;
+        }
+        let with_digest = |d: Digest| FileId { digest: Some(d), tag: None, ..self.clone() };
+        let recorded = record.lines().find_map(|l| l.strip_prefix("digest ")).and_then(Digest::from_hex);
+        self.digest.is_none()
+            && !self.matches(name, &record)
+            && recorded.is_some_and(|d| with_digest(d).matches(name, &record))
+    }
+
+    /// Whether a record (as [`FileId::record`] wrote it) describes this file under `name`: same
+    /// name, size and algorithm, and the same digest when both sides know one, otherwise the
+    /// same version tag. A digest that differs always means another version.
+    fn matches(&self, name: &str, record: &str) -> bool {
+        let field = |key: &str| {
+            record
+                .lines()
+                .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(' ')))
+                .map(str::to_string)
+        };
+        let same = |key: &str, want: String| field(key) == Some(want);
+        if !same("size", self.size.to_string())
+            || !same("hash", self.alg.to_string())
+            || !same("name", name.escape_debug().to_string())
+        {
+            return false;
+        }
+        match (field("digest"), &self.digest) {
+            (Some(have), Some(want)) => have == want.to_hex(),
+            _ => self.tag.is_some() && field("tag") == self.tag.as_ref().map(tag_hex),
+        }
+    }
+}
+
+fn tag_hex(bytes: &[u8; 16]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Partial {
@@ -90,7 +154,7 @@ impl Partial {
     pub fn open(
         dir: SafeDir,
         name: &str,
-        (size, alg, digest): (u64, HashAlg, &Digest),
+        id: &FileId,
         deadline: Instant,
         resumable: bool,
     ) -> io::Result<Opened> {
@@ -103,13 +167,14 @@ impl Partial {
             Err(e) if e == rustix::io::Errno::WOULDBLOCK => return Ok(Opened::Busy),
             Err(e) => return Err(e.into()),
         }
-        let want = record_text(name, size, alg, digest);
+        let (size, alg) = (id.size, id.alg);
+        let want = id.record(name);
         let mut have = String::new();
         if let Ok(mut r) = dir.open_read(&record_name) {
             let _ = r.read_to_string(&mut have);
         }
         let len = file.metadata()?.len();
-        let (hasher, offset) = if have == want && len <= size {
+        let (hasher, offset) = if id.matches(name, &have) && len <= size {
             hash_prefix(&file, len, alg, deadline)?
         } else {
             (Hasher::new(alg), 0)

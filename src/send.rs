@@ -11,7 +11,7 @@ use crate::error::{Error, Limit};
 use crate::hash::hash_reader;
 use crate::progress::Progress;
 use crate::protocol::{
-    self, FrameKind, HashAlg, Message, Offer, RejectCode, Reply, Verdict, WireError, read_message,
+    self, FrameKind, HashAlg, Message, Offer, RejectCode, Reply, Trailer, Verdict, WireError, read_message,
     write_frame_header, write_message,
 };
 use crate::sanitize::{escape, peer_text, validate_name};
@@ -110,27 +110,28 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
     })?;
     let size = meta.len();
     let stamp = Stamp::of(&meta);
+    // A digest known from the cache goes in the offer (the receiver may already have the file);
+    // otherwise the file is hashed while it is sent and the digest follows the body.
     let mut cache = opts.cache.then(|| DigestCache::open_default(opts.hash));
-    let bar = progress.bytes("hashing", &name, size);
-    let hashed = digest_of(&mut file, (stamp, opts.hash), cache.as_mut(), &bar, &path);
-    bar.finish_and_clear();
-    let (digest, cached) = hashed?;
-    // Saved now, not when the send ends: a send that is interrupted (Ctrl-C, a kill) is exactly
-    // the one whose retry should not read the file again.
-    drop(cache);
+    let known = cache.as_ref().and_then(|c| c.get(&stamp));
+    let cached = known.is_some();
 
     let (stream, peer, limit) = open_connection(opts)?;
     let wire = |what: &'static str| {
         let peer = peer.clone();
         move |e: WireError| Error::wire(&peer, what, limit, e)
     };
+    let malformed = |what: String| Error::Protocol {
+        peer: peer.clone(),
+        source: protocol::ProtocolError::Malformed(what),
+    };
 
     let mut reader = BufReader::new(&stream);
     let mut writer = BufWriter::with_capacity(SOCKET_BUF, &stream);
-    let offer = Offer { name: name.clone(), size, hash: opts.hash, digest };
+    let offer = |digest| Offer { name: name.clone(), size, hash: opts.hash, digest, tag: stamp.tag() };
     let greet = (|| {
         protocol::write_hello(&mut writer)?;
-        write_message(&mut writer, &Message::Offer(offer))?;
+        write_message(&mut writer, &Message::Offer(offer(known)))?;
         writer.flush()
     })();
     // A failed write here is reported after reading the peer's hello, which says more.
@@ -138,21 +139,43 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
     hello.map_err(wire("exchanging hellos"))?;
     greet.map_err(|e| wire("sending the offer")(e.into()))?;
 
-    let reply = match read_message(&mut reader).map_err(wire("waiting for the reply to the offer"))? {
-        Message::Reply(r) => r,
-        other => return Err(unexpected(&peer, "reply", &other)),
+    let read_reply = |reader: &mut BufReader<&TcpStream>| match read_message(reader)
+        .map_err(wire("waiting for the reply to the offer"))?
+    {
+        Message::Reply(r) => Ok(r),
+        other => Err(unexpected(&peer, "reply", &other)),
     };
+    let mut digest = known;
+    let mut reply = read_reply(&mut reader)?;
+    if reply == Reply::NeedDigest && digest.is_none() {
+        // The receiver holds a file of this name and size: hash first, so it can tell.
+        let d = hash_keeping_alive(&file, (stamp, opts.hash), cache.as_mut(), progress, &name, &mut writer)
+            .map_err(|e| match e {
+            HashError::Local(e) => e,
+            HashError::Wire(e) => wire("sending the digest")(e.into()),
+        })?;
+        digest = Some(d);
+        write_message(&mut writer, &Message::Offer(offer(digest)))
+            .and_then(|()| writer.flush())
+            .map_err(|e| wire("sending the offer")(e.into()))?;
+        reply = read_reply(&mut reader)?;
+    }
+    // Saved now, not when the send ends: a send that is interrupted (Ctrl-C, a kill) is exactly
+    // the one whose retry should not read the file again.
+    if let Some(c) = cache.as_mut() {
+        c.flush();
+    }
     let offset = match reply {
         Reply::Accept { offset } if offset <= size => offset,
         Reply::Accept { offset } => {
-            return Err(Error::Protocol {
-                peer,
-                source: protocol::ProtocolError::Malformed(format!(
-                    "receiver asked to resume at byte {offset} of a {size}-byte file"
-                )),
-            });
+            return Err(malformed(format!(
+                "receiver asked to resume at byte {offset} of a {size}-byte file"
+            )));
         }
         Reply::AlreadyHave { name: stored } => {
+            let Some(digest) = digest else {
+                return Err(malformed("receiver claims to have a file it was given no digest for".into()));
+            };
             return Ok(SendReport {
                 name,
                 size,
@@ -163,6 +186,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
                 resumed_at: 0,
             });
         }
+        Reply::NeedDigest => return Err(malformed("receiver asked twice for the digest".into())),
         // The receiver's words reach our terminal: bounded and escaped like any peer input.
         Reply::Reject { code: RejectCode::Failed, reason } => {
             return Err(Error::RemoteFailed(peer_text(reason)));
@@ -175,6 +199,27 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
     if offset > 0 {
         progress.line(&format!("xfer: resuming \"{}\" at byte {offset} of {size}", escape(&name)), false);
     }
+    // Without a digest, the whole file is hashed on a second thread (reading it independently,
+    // from byte 0) while the body goes out from `offset`. The digest is cached as soon as it is
+    // known, so even a send interrupted after that does not need to read the file again.
+    let hashing = digest.is_none().then(|| {
+        let bar = progress.bytes("hashing", &name, size);
+        let file = file.try_clone();
+        let (alg, mut cache) = (opts.hash, cache.take());
+        std::thread::spawn(move || {
+            let file = file?;
+            let out = crate::hash::hash_reader(alg, PreadReader { file: &file, pos: 0 }, &bar);
+            bar.finish_and_clear();
+            if let (Ok((d, n)), Some(c)) = (&out, cache.as_mut())
+                && *n == stamp.size
+                && file.metadata().map(|m| Stamp::of(&m)).ok() == Some(stamp)
+            {
+                c.put(stamp, *d);
+                c.flush();
+            }
+            out
+        })
+    });
     let bar = progress.bytes("sending", &name, size);
     bar.set_position(offset);
     let body = send_body(
@@ -185,17 +230,33 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
         &bar,
         &path,
         wire("sending the body"),
-    )
-    .and_then(|()| writer.flush().map_err(|e| wire("sending the body")(e.into())));
+    );
     bar.finish_and_clear();
+    // The trailer: the digest of what was sent, or None if the file changed under us.
+    let body = body.and_then(|()| {
+        if let Some(h) = hashing {
+            let hashed = h.join().expect("hashing thread does not panic");
+            let (d, n) = hashed.map_err(|e| Error::io(format!("cannot read {path}"), e))?;
+            let unchanged = n == size && file.metadata().map(|m| Stamp::of(&m)).ok() == Some(stamp);
+            let trailer = Trailer { digest: unchanged.then_some(d) };
+            write_message(&mut writer, &Message::Trailer(trailer))
+                .map_err(|e| wire("sending the body")(e.into()))?;
+            if unchanged {
+                digest = Some(d);
+            }
+        }
+        writer.flush().map_err(|e| wire("sending the body")(e.into()))
+    });
     drop(writer);
+    // Only a changed file leaves the digest unknown; the receiver then stores nothing.
+    let digest_or_zero = digest.unwrap_or(protocol::Digest([0; 32]));
     if let Err(e) = body {
         // A receiver that fails mid-body (disk full) says why in a verdict before it hangs up;
         // prefer its reason to our broken pipe.
         if matches!(e, Error::Connection { .. } | Error::Timeout { .. })
             && let Ok(Message::Verdict(v)) = read_message(&mut reader)
         {
-            verdict_result(v, &name, &digest)?;
+            verdict_result(v, &name, &digest_or_zero)?;
         }
         return Err(e);
     }
@@ -208,14 +269,69 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
     // what arrived is not what is on disk now.
     let now =
         file.metadata().map(|m| Stamp::of(&m)).map_err(|e| Error::io(format!("cannot stat {path}"), e))?;
-    if now != stamp {
+    let Some(digest) = digest.filter(|_| now == stamp) else {
         return Err(Error::Integrity(format!(
             "{path} changed while it was being sent; nothing is known to match it, send it again"
         )));
-    }
+    };
     let stored = verdict_result(verdict, &name, &digest)?;
     let outcome = Outcome::Verified(stored);
     Ok(SendReport { name, size, digest, elapsed: start.elapsed(), outcome, cached, resumed_at: offset })
+}
+
+/// Reads a file by position (`pread`), so a second thread can hash it while the first sends it.
+struct PreadReader<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl Read for PreadReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+enum HashError {
+    Local(Error),
+    Wire(std::io::Error),
+}
+
+/// Hashes the file on a second thread (with a bar) while this one tells the receiver, once a
+/// second, that the digest is coming (an empty `Digests` part), so a large file does not trip
+/// its idle timeout.
+fn hash_keeping_alive(
+    file: &File,
+    (stamp, alg): (Stamp, protocol::HashAlg),
+    cache: Option<&mut DigestCache>,
+    progress: &Progress,
+    name: &str,
+    writer: &mut BufWriter<&TcpStream>,
+) -> Result<protocol::Digest, HashError> {
+    let bar = progress.bytes("hashing", name, stamp.size);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut own = file.try_clone().map_err(|e| HashError::Local(Error::io("cannot reopen the file", e)))?;
+    let path = name.to_string();
+    let hasher_bar = bar.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(digest_of(&mut own, (stamp, alg), None, &hasher_bar, &path));
+    });
+    let result = loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(r) => break r,
+            Err(_) => {
+                let keepalive = Message::Digests(protocol::DigestsPart { first: 0, digests: Vec::new() });
+                write_message(writer, &keepalive).and_then(|()| writer.flush()).map_err(HashError::Wire)?;
+            }
+        }
+    };
+    bar.finish_and_clear();
+    let (d, _) = result.map_err(HashError::Local)?;
+    if let Some(c) = cache {
+        c.put(stamp, d);
+    }
+    Ok(d)
 }
 
 /// The file's digest: from the cache when its stamp is known, otherwise by reading it (advancing

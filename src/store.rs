@@ -49,6 +49,21 @@ pub fn find_existing(
     Ok(None)
 }
 
+/// Whether a regular file of `size` bytes is stored as `name` or (unless `overwrite`) one of its
+/// keep-both variants: only then can an offer be "already here", so only then is its digest
+/// needed before the body.
+pub fn same_size_exists(dir: &SafeDir, name: &str, size: u64, overwrite: bool) -> io::Result<bool> {
+    let last = if overwrite { 0 } else { MAX_KEEP_BOTH };
+    for n in 0..=last {
+        match dir.kind(&numbered_name(name, n))? {
+            Kind::Missing => return Ok(false),
+            Kind::File(len) if len == size => return Ok(true),
+            Kind::File(_) | Kind::Other => {}
+        }
+    }
+    Ok(false)
+}
+
 /// Bytes available to an unprivileged writer in `dir`'s file system.
 pub fn free_space(dir: &Path) -> io::Result<u64> {
     let st = rustix::fs::statvfs(dir)?;

@@ -26,6 +26,18 @@ fn config() -> impl bincode::config::Config {
 pub struct Digest(pub [u8; 32]);
 
 impl Digest {
+    /// Parses what [`Digest::to_hex`] prints.
+    pub fn from_hex(s: &str) -> Option<Digest> {
+        let mut out = [0u8; 32];
+        if s.len() != 64 {
+            return None;
+        }
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(Digest(out))
+    }
+
     /// Lower-case hex, as `sha256sum` prints it.
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
@@ -81,8 +93,21 @@ pub struct Offer {
     /// Size of the file in bytes: exactly this many body bytes follow an accept from offset 0.
     pub size: u64,
     pub hash: HashAlg,
-    /// Digest of the whole file.
-    pub digest: Digest,
+    /// Digest of the whole file, when the sender knows it before sending (from its cache). `None`:
+    /// the sender hashes while it sends and the digest follows the body in a [`Trailer`].
+    pub digest: Option<Digest>,
+    /// Names this version of the sender's file (a hash of its device, inode, size, mtime and
+    /// ctime): a partial left by an interrupted send of the same version can be resumed even when
+    /// no digest was known then. The final digest check covers every byte either way.
+    pub tag: [u8; 16],
+}
+
+/// Sender → receiver, after a body offered without a digest: the digest of what was sent.
+/// `None`: the file changed while it was being read, so no digest describes what was sent and
+/// the receiver must not keep it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trailer {
+    pub digest: Option<Digest>,
 }
 
 /// Why a receiver refused an offer. Codes are part of the wire format.
@@ -111,6 +136,9 @@ pub enum Reply {
     AlreadyHave { name: String },
     /// Refused; `reason` is for humans.
     Reject { code: RejectCode, reason: String },
+    /// (Variant 3.) The receiver holds a file of this name and size: offer again with the digest,
+    /// so it can tell whether it is the same. Only for offers without a digest.
+    NeedDigest,
 }
 
 /// Receiver → sender: the outcome after the body.
@@ -138,6 +166,7 @@ pub enum Message {
     Digests(DigestsPart),
     Body(Body),
     Withdraw(Withdraw),
+    Trailer(Trailer),
 }
 
 impl Message {
@@ -153,6 +182,7 @@ impl Message {
             Message::Digests(_) => "digests",
             Message::Body(_) => "body",
             Message::Withdraw(_) => "withdraw",
+            Message::Trailer(_) => "trailer",
         }
     }
 }

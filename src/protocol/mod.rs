@@ -29,7 +29,7 @@ pub use batch::{
 };
 pub use frame::{FrameHeader, FrameKind, read_frame_header, read_message, write_frame_header, write_message};
 pub use messages::{
-    Digest, HashAlg, Message, Offer, RejectCode, Reply, Verdict, bounded_reason, decode_message,
+    Digest, HashAlg, Message, Offer, RejectCode, Reply, Trailer, Verdict, bounded_reason, decode_message,
     encode_message,
 };
 

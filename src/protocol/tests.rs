@@ -36,10 +36,13 @@ fn golden() -> Vec<(&'static str, Message)> {
                 name: "img.jpg".into(),
                 size: 3,
                 hash: HashAlg::Sha256,
-                digest: sha(b"abc"),
+                digest: Some(sha(b"abc")),
+                tag: std::array::from_fn(|i| i as u8),
             }),
         ),
         ("reply-accept.hex", Message::Reply(Reply::Accept { offset: 0 })),
+        ("reply-need-digest.hex", Message::Reply(Reply::NeedDigest)),
+        ("trailer.hex", Message::Trailer(Trailer { digest: Some(sha(b"abc")) })),
         ("reply-already-have.hex", Message::Reply(Reply::AlreadyHave { name: "img.jpg".into() })),
         (
             "reply-reject.hex",
@@ -198,8 +201,13 @@ fn malformed_payloads_are_refused() {
 #[test]
 fn largest_legal_messages_fit_the_frame_limit() {
     let name = "n".repeat(MAX_NAME_LEN);
-    let offer =
-        Message::Offer(Offer { name, size: u64::MAX, hash: HashAlg::Sha256, digest: Digest([0xff; 32]) });
+    let offer = Message::Offer(Offer {
+        name,
+        size: u64::MAX,
+        hash: HashAlg::Sha256,
+        digest: Some(Digest([0xff; 32])),
+        tag: [0xff; 16],
+    });
     assert!(encode_message(&offer).len() < MAX_MESSAGE_LEN as usize);
     let reason = bounded_reason("é".repeat(MAX_REASON_LEN));
     assert!(reason.len() <= MAX_REASON_LEN && reason.len() > MAX_REASON_LEN - 2);
@@ -226,12 +234,17 @@ fn arb_message() -> impl Strategy<Value = Message> {
         Just(RejectCode::InvalidManifest),
     ];
     prop_oneof![
-        (".{0,64}", any::<u64>(), arb_digest()).prop_map(|(name, size, digest)| Message::Offer(Offer {
-            name,
-            size,
-            hash: HashAlg::Sha256,
-            digest
-        })),
+        (".{0,64}", any::<u64>(), prop::option::of(arb_digest()), any::<[u8; 16]>()).prop_map(
+            |(name, size, digest, tag)| Message::Offer(Offer {
+                name,
+                size,
+                hash: HashAlg::Blake3,
+                digest,
+                tag
+            })
+        ),
+        Just(Message::Reply(Reply::NeedDigest)),
+        prop::option::of(arb_digest()).prop_map(|digest| Message::Trailer(Trailer { digest })),
         any::<u64>().prop_map(|offset| Message::Reply(Reply::Accept { offset })),
         ".{0,64}".prop_map(|name| Message::Reply(Reply::AlreadyHave { name })),
         (code, ".{0,64}").prop_map(|(code, reason)| Message::Reply(Reply::Reject { code, reason })),

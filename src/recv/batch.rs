@@ -18,7 +18,7 @@ use super::{Seen, Shared, Stored, take_slot};
 use crate::error::{Error, Limit};
 use crate::hash::Hasher;
 use crate::manifest;
-use crate::partial::{Durability, Opened, Partial, RESUME_MIN};
+use crate::partial::{Durability, FileId, Opened, Partial, RESUME_MIN};
 use crate::progress::human_bytes;
 use crate::protocol::{
     Answer, AnswersPart, Body, Digest, Entry, EntryKind, FileVerdict, MAX_ENTRIES, MAX_MESSAGE_LEN,
@@ -529,7 +529,13 @@ fn answer_file(
     if !resumable && Partial::absent(parent, name) {
         return Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(alg), false, None))));
     }
-    match Partial::open(parent.try_clone()?, name, (*size, alg, digest), until, resumable)? {
+    match Partial::open(
+        parent.try_clone()?,
+        name,
+        &FileId { size: *size, alg, digest: Some(*digest), tag: None },
+        until,
+        resumable,
+    )? {
         Opened::Ready { partial, offset, hasher } => {
             let record = partial.has_record();
             // A resumed partial stays locked until its body: its prefix was hashed and

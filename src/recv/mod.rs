@@ -13,11 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Limit};
-use crate::partial::{self, Opened, Partial};
+use crate::partial::{self, FileId, Opened, Partial};
 use crate::progress::{Progress, human_bytes, human_rate};
 use crate::protocol::{
-    self, Message, ProtocolError, RejectCode, Reply, Verdict, WireError, bounded_reason, read_message,
-    write_message,
+    self, Message, ProtocolError, RejectCode, Reply, Trailer, Verdict, WireError, bounded_reason,
+    read_message, write_message,
 };
 use crate::safedir::SafeDir;
 use crate::sanitize::{escape, validate_name};
@@ -263,59 +263,120 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
             });
         }
     };
+    let mut offer = offer;
     seen.name = Some(offer.name.clone());
     seen.size = Some(offer.size);
-    let mut reply = |r: Reply| -> Result<(), Error> {
-        write_message(&mut writer, &Message::Reply(r))
+    let reply = |writer: &mut BufWriter<&TcpStream>, r: Reply| -> Result<(), Error> {
+        write_message(writer, &Message::Reply(r))
             .and_then(|()| writer.flush())
             .map_err(|e| wire("replying to the offer", idle)(e.into()))
     };
     // Refuses the offer (the sender may already be gone; the refusal is logged either way).
     // A refusal for our own failure (code Failed) is a local I/O error on this side.
-    let mut refuse = |code: RejectCode, reason: String, local: Option<io::Error>| -> Result<Stored, Error> {
-        let _ = reply(Reply::Reject { code, reason: bounded_reason(reason.clone()) });
+    let shown = escape(&offer.name);
+    let refuse = |writer: &mut BufWriter<&TcpStream>,
+                  code: RejectCode,
+                  reason: String,
+                  local: Option<io::Error>|
+     -> Result<Stored, Error> {
+        let _ = reply(writer, Reply::Reject { code, reason: bounded_reason(reason.clone()) });
         Err(match local {
             Some(e) => Error::io(reason, e),
-            None => Error::Rejected { name: escape(&offer.name), code, reason },
+            None => Error::Rejected { name: shown.clone(), code, reason },
         })
     };
 
     if let Err(e) = validate_name(&offer.name) {
-        return refuse(RejectCode::InvalidName, e.to_string(), None);
+        return refuse(&mut writer, RejectCode::InvalidName, e.to_string(), None);
     }
     let Some(_slot) = take_slot(&shared.transfers, opts.max_transfers) else {
         let reason = format!("receiver busy: {} transfers in progress, try again later", opts.max_transfers);
-        return refuse(RejectCode::Busy, reason, None);
+        return refuse(&mut writer, RejectCode::Busy, reason, None);
     };
-    // Half the sender's idle timeout (as far as we know it: ours) for comparing with old files.
-    let check_until = Instant::now() + opts.timeout.map_or(Duration::from_secs(60), |t| t / 2);
     let root = match SafeDir::open_root(&opts.dir) {
         Ok(d) => d,
-        Err(e) => return refuse(RejectCode::Failed, "cannot open the target folder".into(), Some(e)),
-    };
-    match store::find_existing(
-        &root,
-        &offer.name,
-        (offer.size, offer.hash, &offer.digest),
-        opts.overwrite,
-        check_until,
-    ) {
-        Ok(Some(name)) => {
-            reply(Reply::AlreadyHave { name: name.clone() })?;
-            return Ok(Stored { name, already_had: true, batch: false });
+        Err(e) => {
+            return refuse(&mut writer, RejectCode::Failed, "cannot open the target folder".into(), Some(e));
         }
-        Ok(None) => {}
-        Err(e) => return refuse(RejectCode::Failed, "cannot check existing files".into(), Some(e)),
-    }
-    let (partial, offset, hasher) =
-        match Partial::open(root, &offer.name, (offer.size, offer.hash, &offer.digest), check_until, true) {
-            Ok(Opened::Ready { partial, offset, hasher }) => (partial, offset, hasher),
-            Ok(Opened::Busy) => {
-                let reason = "another transfer of this name is in progress, try again later".to_string();
-                return refuse(RejectCode::Busy, reason, None);
+    };
+    // An offer without a digest (the sender hashes while it sends) is just sent, unless a file of
+    // that name and size is here: then the digest decides whether it is the same file.
+    // So is one whose name has a partial that its digest would let it resume.
+    let id = FileId { size: offer.size, alg: offer.hash, digest: offer.digest, tag: Some(offer.tag) };
+    if offer.digest.is_none() {
+        let existing = store::same_size_exists(&root, &offer.name, offer.size, opts.overwrite);
+        match existing.map(|e| e || id.digest_would_resume(&root, &offer.name)) {
+            Ok(false) => {}
+            Ok(true) => {
+                reply(&mut writer, Reply::NeedDigest)?;
+                // The sender hashes the file now; empty Digests parts keep the connection alive.
+                reader.get_mut().until = None;
+                stream.set_read_timeout(opts.timeout).map_err(setup)?;
+                offer = loop {
+                    match read_message(&mut reader).map_err(wire("waiting for the digest", idle))? {
+                        Message::Digests(p) if p.digests.is_empty() => continue,
+                        Message::Offer(o)
+                            if o.digest.is_some()
+                                && (&o.name, o.size, o.hash) == (&offer.name, offer.size, offer.hash) =>
+                        {
+                            break o;
+                        }
+                        other => {
+                            let source = ProtocolError::UnexpectedMessage {
+                                expected: "the same offer with its digest",
+                                got: other.name(),
+                            };
+                            return Err(Error::Protocol { peer: peer.to_string(), source });
+                        }
+                    }
+                };
             }
-            Err(e) => return refuse(RejectCode::Failed, "cannot open the partial file".into(), Some(e)),
-        };
+            Err(e) => {
+                return refuse(
+                    &mut writer,
+                    RejectCode::Failed,
+                    "cannot check existing files".into(),
+                    Some(e),
+                );
+            }
+        }
+    }
+    // Half the sender's idle timeout (as far as we know it: ours) for comparing with old files.
+    let check_until = Instant::now() + opts.timeout.map_or(Duration::from_secs(60), |t| t / 2);
+    if let Some(digest) = &offer.digest {
+        match store::find_existing(
+            &root,
+            &offer.name,
+            (offer.size, offer.hash, digest),
+            opts.overwrite,
+            check_until,
+        ) {
+            Ok(Some(name)) => {
+                reply(&mut writer, Reply::AlreadyHave { name: name.clone() })?;
+                return Ok(Stored { name, already_had: true, batch: false });
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return refuse(
+                    &mut writer,
+                    RejectCode::Failed,
+                    "cannot check existing files".into(),
+                    Some(e),
+                );
+            }
+        }
+    }
+    let id = FileId { digest: offer.digest, ..id };
+    let (partial, offset, hasher) = match Partial::open(root, &offer.name, &id, check_until, true) {
+        Ok(Opened::Ready { partial, offset, hasher }) => (partial, offset, hasher),
+        Ok(Opened::Busy) => {
+            let reason = "another transfer of this name is in progress, try again later".to_string();
+            return refuse(&mut writer, RejectCode::Busy, reason, None);
+        }
+        Err(e) => {
+            return refuse(&mut writer, RejectCode::Failed, "cannot open the partial file".into(), Some(e));
+        }
+    };
     seen.resumed = offset;
     let need = offer.size - offset;
     let mut reservation = match shared.reserve(need) {
@@ -327,14 +388,14 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
                 human_bytes(need),
                 human_bytes(available)
             );
-            return refuse(RejectCode::InsufficientSpace, reason, None);
+            return refuse(&mut writer, RejectCode::InsufficientSpace, reason, None);
         }
         Err(e) => {
             partial.keep();
-            return refuse(RejectCode::Failed, "cannot read free space".into(), Some(e));
+            return refuse(&mut writer, RejectCode::Failed, "cannot read free space".into(), Some(e));
         }
     };
-    if let Err(e) = reply(Reply::Accept { offset }) {
+    if let Err(e) = reply(&mut writer, Reply::Accept { offset }) {
         partial.keep();
         return Err(e);
     }
@@ -395,10 +456,40 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
             return Err(Error::io("writing the received file", e));
         }
     };
-    if digest != offer.digest {
+    // Without a digest in the offer, the sender's comes after the body.
+    let expected = match offer.digest {
+        Some(d) => d,
+        None => match read_message(&mut reader) {
+            Ok(Message::Trailer(Trailer { digest: Some(d) })) => d,
+            Ok(Message::Trailer(Trailer { digest: None })) => {
+                partial.discard();
+                let reason = "the sender's file changed while it was being sent; nothing was stored";
+                let _ = verdict(&mut writer, Verdict::Failed { reason: reason.into() });
+                return Err(Error::Integrity(reason.into()));
+            }
+            Ok(other) => {
+                partial.discard();
+                let source = ProtocolError::UnexpectedMessage { expected: "trailer", got: other.name() };
+                return Err(Error::Protocol { peer: peer.to_string(), source });
+            }
+            Err(e) => {
+                // Every byte arrived and only the digest did not: kept for a resume, which
+                // re-checks it all. After broken framing, not.
+                if matches!(e, WireError::Protocol(_)) {
+                    partial.discard();
+                } else {
+                    partial.keep();
+                }
+                return Err(wire("waiting for the digest", idle)(e));
+            }
+        },
+    };
+    if digest != expected {
         partial.discard();
-        let _ = verdict(&mut writer, Verdict::HashMismatch { expected: offer.digest, actual: digest });
-        return Err(Error::Integrity(format!("content hashed to {digest}, offer said {}", offer.digest)));
+        let _ = verdict(&mut writer, Verdict::HashMismatch { expected, actual: digest });
+        return Err(Error::Integrity(format!(
+            "content hashed to {digest}, the sender's digest is {expected}"
+        )));
     }
     let stored = match partial.commit(&offer.name, opts.overwrite) {
         Ok(s) => s,

@@ -66,6 +66,7 @@ fn a_file_changed_while_being_sent_is_never_verified() {
     let addr = listener.local_addr().unwrap().to_string();
     let (paused_tx, paused_rx) = mpsc::channel();
     let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (trailer_tx, trailer_rx) = mpsc::channel();
     std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         protocol::write_hello(&mut s).unwrap();
@@ -84,6 +85,8 @@ fn a_file_changed_while_being_sent_is_never_verified() {
             }
             got += u64::from(h.len);
         }
+        // Offered without a digest (--no-cache): the sender's trailer comes after the body.
+        trailer_tx.send((offer.digest, protocol::read_message(&mut s).ok())).unwrap();
         let v = Verdict::Verified { name: offer.name };
         protocol::write_message(&mut s, &Message::Verdict(v)).unwrap();
     });
@@ -101,4 +104,8 @@ fn a_file_changed_while_being_sent_is_never_verified() {
     let run = sender.join().unwrap().expect(5);
     assert!(run.stderr().contains("changed while it was being sent"), "{}", run.report());
     assert_eq!(run.stdout(), "", "no success summary\n{}", run.report());
+    // And the receiver was told: no digest describes what was sent.
+    let (offered, trailer) = trailer_rx.recv().unwrap();
+    assert_eq!(offered, None, "--no-cache offers no digest up front");
+    assert_eq!(trailer, Some(Message::Trailer(protocol::Trailer { digest: None })));
 }

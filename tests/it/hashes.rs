@@ -37,7 +37,13 @@ fn the_receiver_verifies_with_the_announced_algorithm() {
         ("wrong", HashAlg::Blake3, sha256(data), false),
     ] {
         let mut p = RawPeer::greet(rx.addr);
-        let offer = Offer { name: name.into(), size: data.len() as u64, hash: alg, digest };
+        let offer = Offer {
+            name: name.into(),
+            size: data.len() as u64,
+            hash: alg,
+            digest: Some(digest),
+            tag: [0; 16],
+        };
         protocol::write_message(&mut p.stream, &Message::Offer(offer)).unwrap();
         assert!(matches!(p.read().unwrap(), Message::Reply(protocol::Reply::Accept { offset: 0 })));
         p.data(data);

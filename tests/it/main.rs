@@ -12,6 +12,7 @@ mod hostile; // a raw peer speaking the wire format attacks the receiver
 mod pipeline; // hashing overlaps sending: files are answered and stored as their digests come
 mod progress; // bars on a terminal (a pty from script(1)), none with --quiet or in a pipe
 mod resume; // interrupted three ways, then resumed; other versions not reused
+mod streaming; // offers without a digest: hashed while sent, the digest in a trailer
 mod timeouts; // silent peers on either side
 mod transfer;
 mod tree; // folders and many files: identical trees, repeats send nothing, hostile manifests // byte-for-byte equality across sizes and chunk sizes

@@ -112,14 +112,23 @@ fn resume_after_the_sender_is_killed() {
     let proxy = Proxy::start(rx.addr, Some(CUT));
     let mut sender = spawn_sender(&path, proxy.addr);
     proxy.wait_paused();
+    // The sender hashes the file on its own while the body waits at the proxy, and caches the
+    // digest as soon as it has it: wait for that, then kill it.
+    let digest = crate::util::sha256(&data).to_hex();
+    let cache = test_cache_home().join("xfer").join("digests-v1");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&cache).unwrap_or_default().contains(&digest) {
+        assert!(Instant::now() < deadline, "the digest never reached the cache");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     sender.kill().unwrap();
     sender.wait().unwrap();
     proxy.release.send(()).unwrap();
     rx.wait_log("\"big.bin\"");
     rx.assert_files_and_partial(&[], "big.bin");
     let run = resend_and_check(&rx, &path, &data);
-    // The killed send had hashed the file: its digest was saved then, so the retry reads the
-    // file once (to send the rest), not twice.
+    // The killed send had hashed the file: its digest was saved then, so the retry offers it up
+    // front (and resumes the partial its first attempt left, found by the version tag).
     assert!(run.stdout().contains("(cached)"), "{}", run.report());
 }
 

@@ -288,7 +288,13 @@ impl RawPeer {
     }
 
     pub fn offer(&mut self, name: &str, size: u64, digest: Digest) {
-        let msg = Message::Offer(Offer { name: name.into(), size, hash: HashAlg::Sha256, digest });
+        let msg = Message::Offer(Offer {
+            name: name.into(),
+            size,
+            hash: HashAlg::Sha256,
+            digest: Some(digest),
+            tag: [0; 16],
+        });
         protocol::write_message(&mut self.stream, &msg).unwrap();
     }
 
