@@ -217,11 +217,10 @@ impl Partial {
     pub fn reopen(dir: SafeDir, name: &str, offset: u64, record: bool) -> io::Result<Option<Partial>> {
         let stem = stem_for(name);
         let file = dir.open_rw(&format!("{stem}{PART_SUFFIX}"), false)?;
-        check_own(&file, &stem)?;
+        let len = check_own(&file, &stem)?;
         if rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
             return Ok(None);
         }
-        let len = file.metadata()?.len();
         if len < offset {
             return Ok(None);
         }
@@ -335,12 +334,13 @@ impl Partial {
 
 /// A partial must be a regular file with no other names: a hard link planted under a partial's
 /// name by someone with access to the folder would otherwise receive the writes.
-fn check_own(file: &File, what: &str) -> io::Result<()> {
+/// Returns its length.
+fn check_own(file: &File, what: &str) -> io::Result<u64> {
     let meta = file.metadata()?;
     if !meta.is_file() || meta.nlink() > 1 {
         return Err(io::Error::other(format!("{what}: not a plain regular file (type or hard links)")));
     }
-    Ok(())
+    Ok(meta.len())
 }
 
 /// Hashes the first `len` bytes of `file`, stopping early at `deadline` on a block boundary.

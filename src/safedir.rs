@@ -16,7 +16,8 @@ use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 
 /// An open folder inside (or being) the target folder.
 pub struct SafeDir {
-    fd: OwnedFd,
+    // Shared: a clone for each partial of a folder costs no `dup` (a batch makes thousands).
+    fd: std::sync::Arc<OwnedFd>,
 }
 
 /// What a name in a folder is.
@@ -40,26 +41,26 @@ impl SafeDir {
     /// Opens the target folder itself.
     pub fn open_root(path: &Path) -> io::Result<SafeDir> {
         let fd = rustix::fs::openat(rustix::fs::CWD, path, dir_flags(), Mode::empty())?;
-        Ok(SafeDir { fd })
+        Ok(SafeDir { fd: fd.into() })
     }
 
     /// Another handle on the same folder.
     pub fn try_clone(&self) -> io::Result<SafeDir> {
-        Ok(SafeDir { fd: self.fd.try_clone()? })
+        Ok(SafeDir { fd: self.fd.clone() })
     }
 
     /// Opens the folder `name` inside this one, never through a symlink; creates it first when
     /// `create` and it does not exist. Returns whether it was created.
     pub fn subdir(&self, name: &str, create: bool) -> io::Result<(SafeDir, bool)> {
-        let open = || rustix::fs::openat(&self.fd, name, dir_flags() | OFlags::NOFOLLOW, Mode::empty());
+        let open = || rustix::fs::openat(&*self.fd, name, dir_flags() | OFlags::NOFOLLOW, Mode::empty());
         match open() {
-            Ok(fd) => Ok((SafeDir { fd }, false)),
+            Ok(fd) => Ok((SafeDir { fd: fd.into() }, false)),
             Err(e) if e == rustix::io::Errno::NOENT && create => {
-                match rustix::fs::mkdirat(&self.fd, name, Mode::from_raw_mode(NEW_DIR_MODE)) {
+                match rustix::fs::mkdirat(&*self.fd, name, Mode::from_raw_mode(NEW_DIR_MODE)) {
                     Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                     Err(e) => return Err(e.into()),
                 }
-                Ok((SafeDir { fd: open()? }, true))
+                Ok((SafeDir { fd: open()?.into() }, true))
             }
             Err(e) => Err(e.into()),
         }
@@ -81,18 +82,18 @@ impl SafeDir {
         if truncate {
             flags |= OFlags::TRUNC;
         }
-        Ok(File::from(rustix::fs::openat(&self.fd, name, flags, Mode::from_raw_mode(0o600))?))
+        Ok(File::from(rustix::fs::openat(&*self.fd, name, flags, Mode::from_raw_mode(0o600))?))
     }
 
     /// Opens the file `name` for reading, never through a symlink.
     pub fn open_read(&self, name: &str) -> io::Result<File> {
         let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        Ok(File::from(rustix::fs::openat(&self.fd, name, flags, Mode::empty())?))
+        Ok(File::from(rustix::fs::openat(&*self.fd, name, flags, Mode::empty())?))
     }
 
     /// Metadata of `name` itself (a symlink is reported as a symlink).
     pub fn stat(&self, name: &str) -> io::Result<rustix::fs::Stat> {
-        Ok(rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW)?)
+        Ok(rustix::fs::statat(&*self.fd, name, AtFlags::SYMLINK_NOFOLLOW)?)
     }
 
     /// What `name` is, without following a symlink: one `statat` answers both "is it there" and
@@ -114,22 +115,22 @@ impl SafeDir {
     /// replaced (`RENAME_NOREPLACE`: fails with `AlreadyExists`).
     pub fn rename(&self, from: &str, to: &str, replace: bool) -> io::Result<()> {
         let flags = if replace { RenameFlags::empty() } else { RenameFlags::NOREPLACE };
-        Ok(rustix::fs::renameat_with(&self.fd, from, &self.fd, to, flags)?)
+        Ok(rustix::fs::renameat_with(&*self.fd, from, &*self.fd, to, flags)?)
     }
 
     /// Removes the file `name` (not a folder; a symlink is removed itself).
     pub fn remove_file(&self, name: &str) -> io::Result<()> {
-        Ok(rustix::fs::unlinkat(&self.fd, name, AtFlags::empty())?)
+        Ok(rustix::fs::unlinkat(&*self.fd, name, AtFlags::empty())?)
     }
 
     /// Flushes this folder's entries to stable storage.
     pub fn sync(&self) -> io::Result<()> {
-        Ok(rustix::fs::fsync(&self.fd)?)
+        Ok(rustix::fs::fsync(&*self.fd)?)
     }
 
     /// Flushes the whole file system holding this folder: one journal commit for many files.
     pub fn sync_filesystem(&self) -> io::Result<()> {
-        Ok(rustix::fs::syncfs(&self.fd)?)
+        Ok(rustix::fs::syncfs(&*self.fd)?)
     }
 
     /// Sets this folder's permission bits (masked to 0o777) and modification time.

@@ -562,13 +562,15 @@ struct Dirs<'a> {
     root: &'a SafeDir,
     path: Option<Vec<String>>,
     dir: Option<SafeDir>,
+    /// The last folder found missing by `peek`: its siblings' lookups fail without a syscall.
+    missing: Option<Vec<String>>,
     /// Folders this batch created (answer phase only).
     created: std::collections::HashSet<Vec<String>>,
 }
 
 impl<'a> Dirs<'a> {
     fn new(root: &'a SafeDir) -> Dirs<'a> {
-        Dirs { root, path: None, dir: None, created: Default::default() }
+        Dirs { root, path: None, dir: None, missing: None, created: Default::default() }
     }
 
     fn get(&mut self, path: &[String]) -> std::io::Result<&SafeDir> {
@@ -581,10 +583,22 @@ impl<'a> Dirs<'a> {
     }
 
     fn open(&mut self, path: &[String], create: bool) -> std::io::Result<&SafeDir> {
+        if !create && self.missing.as_deref() == Some(path) {
+            return Err(std::io::ErrorKind::NotFound.into());
+        }
         if self.path.as_deref() != Some(path) || self.dir.is_none() {
             self.dir = None;
-            self.dir = Some(self.root.walk(path, create)?);
+            match self.root.walk(path, create) {
+                Ok(d) => self.dir = Some(d),
+                Err(e) => {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        self.missing = Some(path.to_vec());
+                    }
+                    return Err(e);
+                }
+            }
             self.path = Some(path.to_vec());
+            self.missing = None;
         }
         Ok(self.dir.as_ref().expect("just set"))
     }
