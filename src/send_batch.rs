@@ -19,7 +19,7 @@ use crate::progress::Progress;
 use crate::protocol::{
     self, Answer, AnswersPart, Body, Digest, DigestsPart, Entry, EntryKind, FileVerdict, HashAlg,
     MAX_DIGESTS_PER_PART, MAX_MESSAGE_LEN, ManifestPart, Message, Reply, WireError, Withdraw, bounded_reason,
-    encode_message, read_message, write_message,
+    read_message, write_message,
 };
 use crate::sanitize::{escape, peer_text};
 use crate::send::{SOCKET_BUF, SendOpts, digest_of, open_connection, send_body, unexpected, verdict_result};
@@ -634,13 +634,12 @@ fn open_unchanged(source: &Path, stamp: Stamp) -> Result<File, Error> {
 
 /// Writes the manifest as parts that each fit a message frame.
 fn write_manifest(w: &mut BufWriter<&TcpStream>, entries: &[Entry]) -> std::io::Result<()> {
-    // Each entry's encoded size, measured once; a part's overhead is small and fixed.
+    // A part's overhead (variant, count, flag) is small and fixed.
     let budget = MAX_MESSAGE_LEN as usize - 64;
     let mut part = Vec::new();
     let mut len = 0;
     for e in entries {
-        let one =
-            encode_message(&Message::Manifest(ManifestPart { entries: vec![e.clone()], last: false })).len();
+        let one = e.encoded_len();
         if len + one > budget && !part.is_empty() {
             write_message(
                 w,

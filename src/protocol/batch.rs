@@ -27,6 +27,20 @@ pub struct Entry {
     pub mtime: (i64, u32),
 }
 
+impl Entry {
+    /// Bytes this entry takes inside an encoded message (see PROTOCOL.md: u64 lengths, u32
+    /// variants, fixed-width integers), without encoding it: a sender splits a 10,000-entry
+    /// manifest into frames with it.
+    pub fn encoded_len(&self) -> usize {
+        let path: usize = 8 + self.path.iter().map(|c| 8 + c.len()).sum::<usize>();
+        let kind = match self.kind {
+            EntryKind::Dir => 4,
+            EntryKind::File { .. } => 4 + 8 + 4,
+        };
+        path + kind + 4 + 8 + 4
+    }
+}
+
 /// What an entry is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EntryKind {

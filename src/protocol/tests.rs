@@ -261,7 +261,23 @@ fn arb_message() -> impl Strategy<Value = Message> {
     ]
 }
 
+fn arb_entry() -> impl Strategy<Value = Entry> {
+    let kind = prop_oneof![
+        Just(EntryKind::Dir),
+        any::<u64>().prop_map(|size| EntryKind::File { size, hash: HashAlg::Sha256 }),
+    ];
+    (prop::collection::vec(".{0,20}", 0..5), kind, any::<u32>(), any::<(i64, u32)>())
+        .prop_map(|(path, kind, mode, mtime)| Entry { path, kind, mode, mtime })
+}
+
 proptest! {
+    #[test]
+    fn entry_encoded_len_is_exact(entries in prop::collection::vec(arb_entry(), 0..4)) {
+        let empty = encode_message(&Message::Manifest(ManifestPart { entries: vec![], last: true })).len();
+        let full = encode_message(&Message::Manifest(ManifestPart { entries: entries.clone(), last: true })).len();
+        prop_assert_eq!(full - empty, entries.iter().map(Entry::encoded_len).sum::<usize>());
+    }
+
     #[test]
     fn messages_round_trip(msg in arb_message()) {
         let bytes = frame_of(&msg);
