@@ -1,19 +1,32 @@
 #!/usr/bin/env python3
-"""Loopback benchmark: xfer vs. OpenBSD netcat (tar|nc for a tree) vs. an rsync daemon (see bench/README.md).
+"""Loopback benchmark: xfer vs. OpenBSD netcat (tar|nc for folders), netcat with sha256sum on both
+sides, an rsync daemon and scp to a private sshd; one big file, a tree of small files and a folder
+of 10 MiB files; received into RAM (tmpfs) and onto disk (made durable). See bench/README.md.
 
-Stdlib only, Python 3.11+, meant to run as root on Debian from a fresh clone.
+Python 3.11+, meant to run as root on Debian from a fresh clone. Installs the peers with apt-get
+and matplotlib (for the chart) with pip or apt-get if they are missing.
 """
-import argparse, ctypes, datetime, hashlib, json, os, platform, random, re, shutil, signal
-import socket, statistics, subprocess, sys, tempfile, threading, time
+import argparse, csv, ctypes, datetime, hashlib, importlib, json, os, platform, random, re, shlex
+import shutil, signal, socket, statistics, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 LIVE = set()      # pids of our children not yet reaped; killed on timeout and on exit
 TEMP_DIRS = []    # removed on exit, including Ctrl-C / SIGTERM
+MADE_DIRS = []    # folders outside the temp dirs that we had to create (/run/sshd, ~/.ssh): removed if empty
 TREE_NAME = "tree"        # the tree workload's top folder; every receiver recreates it under DEST
 TREE_SEED = 20261122      # file sizes and bytes of the tree: the same tree on every run and machine
 TREE_MAX_FILE = 16 * 1024  # file sizes are uniform in 1 ..= this
+MANY_NAME = "many"        # the many workload's folder: MANY_NAME/f000 .. f099
+GROUPS = ("xfer", "nc", "rsync", "scp", "ref")
+# Every case name --tools accepts (besides the groups and xfer-chunk-N), with its group.
+# For folders nc is tar|nc (and nc+sha256sum is tar|nc+sha256sum).
+CASE_GROUP = {"xfer": "xfer", "xfer-cached": "xfer", "xfer-blake3": "xfer", "xfer-blake3-cached": "xfer",
+              "nc": "nc", "nc+sha256sum": "nc", "rsync": "rsync", "scp": "scp", "dd": "ref", "sha256sum": "ref"}
+CASE_NAMES = tuple(CASE_GROUP)
+DEFAULT_BUDGET = 540      # s: the default run stops adding repetitions when the next would pass this
+RESERVE = 20              # s kept for the table, chart and cleanup when the budget is checked
 
 
 class RunError(Exception):
@@ -28,6 +41,12 @@ def parse_size(text):
     return int(m[1]) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m[2].lower()]
 
 
+def human(n):
+    if n >= 1 << 30 and n % (1 << 28) == 0:
+        return f"{n / (1 << 30):g} GiB"
+    return f"{n / MIB:g} MiB" if n >= MIB else f"{n / 1024:g} KiB"
+
+
 def machine_info():
     cpuinfo = Path("/proc/cpuinfo").read_text()
     field = lambda name: (re.search(rf"^{name}\s*:\s*(.*)$", cpuinfo, re.M) or [None, ""])[1]
@@ -35,6 +54,33 @@ def machine_info():
             "cpu": field("model name"), "kernel": platform.release(),
             "sha_ni": "sha_ni" in field("flags").split(), "python": platform.python_version(),
             "loadavg_at_start": os.getloadavg()}  # a busy machine makes every number suspect
+
+
+def fs_type(path):
+    """File system type of the mount holding path (from /proc/mounts)."""
+    path, best = os.path.realpath(path), ("", "?")
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, mnt, typ = line.split()[:3]
+        mnt = mnt.replace("\\040", " ")
+        if (path + "/").startswith(mnt.rstrip("/") + "/") and len(mnt) >= len(best[0]):
+            best = (mnt, typ)
+    return best[1]
+
+
+# ---------------------------------------------------------------- installing what is missing
+
+APT = {"updated": False}
+
+
+def apt_install(pkgs):
+    """apt-get install; returns True on success (a failure drops the cases that need it)."""
+    print(f"installing {' '.join(pkgs)} with apt-get ...", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    quiet = dict(env=env, stdout=subprocess.DEVNULL)
+    if not APT["updated"]:
+        APT["updated"] = subprocess.run(["apt-get", "update", "-qq"], **quiet).returncode == 0
+    return subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *pkgs],
+                          **quiet).returncode == 0
 
 
 def nc_binary():
@@ -46,21 +92,60 @@ def nc_binary():
     return None
 
 
-def ensure_peers(tools):
-    need = [pkg for tool, pkg, ok in (("nc", "netcat-openbsd", nc_binary),
-                                      ("rsync", "rsync", lambda: shutil.which("rsync")))
-            if tool in tools and not ok()]
-    if not need:
-        return
-    print(f"installing {' '.join(need)} ...", flush=True)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update"], check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run(["apt-get", "install", "-y", *need], check=True, env=env, stdout=subprocess.DEVNULL)
+def sshd_binary():
+    # sshd must be started by its absolute path (it re-executes itself per connection).
+    path = shutil.which("sshd") or "/usr/sbin/sshd"
+    return path if os.access(path, os.X_OK) and shutil.which("scp") and shutil.which("ssh-keygen") else None
 
 
-def version(cmd):
+def ensure_peers(groups):
+    """Installs the Debian packages of the selected peers; returns {group: why it is missing}."""
+    want = {"nc": ("netcat-openbsd", nc_binary), "rsync": ("rsync", lambda: shutil.which("rsync")),
+            "scp": ("openssh-server openssh-client", sshd_binary)}
+    need = {g: pkg for g, (pkg, ok) in want.items() if g in groups and not ok()}
+    if need and not apt_install(" ".join(need.values()).split()):
+        print("  apt-get install failed; trying one package at a time", flush=True)
+        for pkg in need.values():
+            apt_install(pkg.split())
+    return {g: f"{want[g][0]} could not be installed" for g in need if not want[g][1]()}
+
+
+def importable(python, module):
+    if python is None:
+        importlib.invalidate_caches()
+        try:
+            importlib.import_module(module)
+            return True
+        except ImportError:
+            return False
+    return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+def chart_python():
+    """Where to draw the chart: None = in this process, a path = that Python (it has matplotlib),
+    False = nowhere (the run goes on without a chart). Installs matplotlib if missing: with pip for
+    this Python, or Debian's python3-matplotlib (for /usr/bin/python3) if pip cannot."""
+    if importable(None, "matplotlib"):
+        return None
+    system = "/usr/bin/python3"
+    is_system = os.path.exists(system) and os.path.realpath(sys.executable) == os.path.realpath(system)
+    if not is_system:
+        print("installing matplotlib with pip (for the chart) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        "--root-user-action=ignore", "matplotlib"], stdout=subprocess.DEVNULL)
+        if importable(None, "matplotlib"):
+            return None
+    if os.path.exists(system) and (importable(system, "matplotlib") or apt_install(["python3-matplotlib"])):
+        if importable(None if is_system else system, "matplotlib"):
+            return None if is_system else system
+    print("  no matplotlib: no chart this time", flush=True)
+    return False
+
+
+def version(cmd, stderr=False):
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO).stdout.strip().splitlines()[0]
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        return (p.stderr if stderr else p.stdout).strip().splitlines()[0]
     except (OSError, IndexError):
         return None
 
@@ -96,9 +181,15 @@ def spawn(ctx, cmd, stdin="/dev/null", stdout="/dev/null"):
     return pid
 
 
+def shell(script, **args):
+    """An `sh -c` command line; script refers to args as $name (each one shell-quoted)."""
+    return ["sh", "-c", re.sub(r"\$(\w+)", lambda m: shlex.quote(str(args[m[1]])), script)]
+
+
 def reap(pid):
     """Wait for pid; returns (exit code, CPU s user+sys, peak RSS KiB). The rusage also covers
-    descendants the process reaped itself (the rsync daemon's per-connection forks)."""
+    descendants the process reaped itself (the rsync daemon's and sshd's per-connection forks,
+    the tools under an sh wrapper)."""
     _, status, ru = os.wait4(pid, 0)
     LIVE.discard(pid)
     return os.waitstatus_to_exitcode(status), ru.ru_utime + ru.ru_stime, ru.ru_maxrss
@@ -124,7 +215,7 @@ def kill_live():
 
 def kill_children():
     """SIGKILL and reap every child we have: the tools, and anything re-parented to us as
-    subreaper (what a killed sh wrapper or rsync daemon leaves behind). After a failed run
+    subreaper (what a killed sh wrapper, rsync daemon or sshd leaves behind). After a failed run
     nothing of it may live on into the next one."""
     for _ in range(5):
         kids = [int(p) for t in Path("/proc/self/task").iterdir() for p in children_of(t)]
@@ -203,12 +294,46 @@ def finish(t0, send, recv):
     return result(wall, cpu_s, cpu_r, rss_s, rss_r)
 
 
+def finish_daemon(ctx, w, t0, send, daemon):
+    """For a per-run daemon (rsync, sshd): the run ends when the client and the daemon's child for
+    the connection have both exited. Stopping the daemon then hands us the rusage of the children
+    it reaped, i.e. the real receiver side."""
+    rc_s, cpu_s, rss_s = reap(send)
+    while children(daemon) and time.perf_counter() - t0 < ctx.timeout:
+        time.sleep(0.001)  # the daemon's per-connection child (the receiver) is still finishing
+    wall = time.perf_counter() - t0
+    os.kill(daemon, signal.SIGTERM)
+    _, cpu_r, rss_r = reap(daemon)  # exit code of a SIGTERMed daemon means nothing
+    if rc_s:
+        raise RunError(f"client exit code {rc_s}")
+    return result(wall, cpu_s, cpu_r, rss_s, rss_r)
+
+
 # ---------------------------------------------------------------- cases
+#
+# Each run function sends w.src into ctx.dest (a fresh empty folder). On a disk destination
+# (ctx.disk) every tool must leave the data durable before the clock stops: xfer does that by
+# itself (fsync of a single file, one syncfs for a folder), rsync gets --fsync, and the others
+# are followed by coreutils sync: `sync FILE` (fsync of that file, what dd conv=fsync does) for
+# the single file, `sync -f DIR` (one syncfs, as xfer does for a batch) for a folder.
+
+def sync_step(ctx, w):
+    """The shell step that makes a received copy durable ('' in RAM)."""
+    if not ctx.disk:
+        return ""
+    if w.name == "file":
+        return f" && sync {shlex.quote(str(ctx.dest / w.src.name))}"
+    return f" && sync -f {shlex.quote(str(ctx.dest))}"
+
 
 def run_nc(ctx, w):
     port = free_port()
     # -d: never read stdin. With stdin at EOF, "-q 0" would quit after the first 16 KiB.
-    recv = spawn(ctx, [ctx.nc, "-l", "-d", "127.0.0.1", port], stdout=ctx.dest / w.src.name)
+    if ctx.disk:
+        recv = spawn(ctx, shell("$nc -l -d 127.0.0.1 $port > $out" + sync_step(ctx, w),
+                                nc=ctx.nc, port=port, out=ctx.dest / w.src.name))
+    else:
+        recv = spawn(ctx, [ctx.nc, "-l", "-d", "127.0.0.1", port], stdout=ctx.dest / w.src.name)
     wait_listening(port, recv)
     t0 = time.perf_counter()
     # -N: shutdown(SHUT_WR) at EOF, so the receiver sees the end of the stream.
@@ -217,18 +342,53 @@ def run_nc(ctx, w):
 
 
 def run_tar_nc(ctx, w):
-    """The tree as one tar stream through nc. Each side is an sh running a pipeline: sh waits
+    """A folder as one tar stream through nc. Each side is an sh running a pipeline: sh waits
     for both tools, so its rusage (from wait4) covers them (CPU added up, RSS the highest).
     dash has no pipefail: the exit code is nc's on the sending side and tar's on the receiving
     side, so a failing sender tar shows up as the receiver's tar error or in the tree check."""
     port = free_port()
-    recv = spawn(ctx, ["sh", "-c", '"$1" -l -d 127.0.0.1 "$2" | tar -C "$3" -xf -',
-                       "sh", ctx.nc, port, ctx.dest])
+    recv = spawn(ctx, shell("$nc -l -d 127.0.0.1 $port | tar -C $dest -xf -" + sync_step(ctx, w),
+                            nc=ctx.nc, port=port, dest=ctx.dest))
     wait_listening(port, recv)
     t0 = time.perf_counter()
-    send = spawn(ctx, ["sh", "-c", 'tar -C "$2" -cf - "$3" | "$1" -N 127.0.0.1 "$4"',
-                       "sh", ctx.nc, w.src.parent, w.src.name, port])
+    send = spawn(ctx, shell("tar -C $parent -cf - $name | $nc -N 127.0.0.1 $port",
+                            parent=w.src.parent, name=w.src.name, nc=ctx.nc, port=port))
     return finish(t0, send, recv)
+
+
+def run_nc_sha(ctx, w):
+    """Verification by hand: the sender runs sha256sum, then nc (tar|nc for a folder); the
+    receiver runs nc (tar), then sha256sum on what it received. Timed as a whole; both lists
+    must then agree (checked after the clock stops)."""
+    sums_s, sums_r = ctx.work / "sums-send.txt", ctx.work / "sums-recv.txt"
+    port = free_port()
+    if w.name == "file":
+        out = ctx.dest / w.src.name
+        recv = spawn(ctx, shell("$nc -l -d 127.0.0.1 $port > $out" + sync_step(ctx, w) + " && sha256sum $out > $sums",
+                                nc=ctx.nc, port=port, out=out, sums=sums_r))
+        send_cmd = shell("sha256sum $src > $sums && $nc -N 127.0.0.1 $port < $src",
+                         src=w.src, sums=sums_s, nc=ctx.nc, port=port)
+    else:
+        hash_all = "find $name -type f -print0 | xargs -0 -r sha256sum > $sums"
+        recv = spawn(ctx, shell("$nc -l -d 127.0.0.1 $port | tar -C $dest -xf -" + sync_step(ctx, w)
+                                + " && cd $dest && " + hash_all,
+                                nc=ctx.nc, port=port, dest=ctx.dest, name=w.src.name, sums=sums_r))
+        send_cmd = shell("cd $parent && " + hash_all + " && tar -cf - $name | $nc -N 127.0.0.1 $port",
+                         parent=w.src.parent, name=w.src.name, sums=sums_s, nc=ctx.nc, port=port)
+    wait_listening(port, recv)
+    t0 = time.perf_counter()
+    send = spawn(ctx, send_cmd)
+    r = finish(t0, send, recv)
+    if w.name == "file":
+        got = [sums.read_text().split()[:1] for sums in (sums_s, sums_r)]
+        if got != [[w.sha], [w.sha]]:
+            raise RunError(f"sha256sum lists disagree with the source: {got}")
+    else:
+        got = [sorted(sums.read_text().splitlines()) for sums in (sums_s, sums_r)]
+        if got[0] != got[1] or len(got[0]) != w.files:
+            raise RunError(f"sha256sum lists differ: {len(got[0])} lines sent, {len(got[1])} received, "
+                           f"{len(set(got[0]) ^ set(got[1]))} lines not in both")
+    return r
 
 
 def run_rsync(ctx, w):
@@ -239,17 +399,25 @@ def run_rsync(ctx, w):
                          "--address=127.0.0.1", f"--port={port}"])
     wait_listening(port, daemon)
     t0 = time.perf_counter()
-    # For the tree, w.src is SRCPARENT/TREENAME (no trailing slash): rsync creates DEST/TREENAME.
-    send = spawn(ctx, ["rsync", "-a", "--whole-file", w.src, f"rsync://127.0.0.1:{port}/bench/"])
-    rc_s, cpu_s, rss_s = reap(send)
-    while children(daemon) and time.perf_counter() - t0 < w.timeout:
-        time.sleep(0.001)  # the daemon's per-connection child (the receiver) is still finishing
-    wall = time.perf_counter() - t0
-    os.kill(daemon, signal.SIGTERM)
-    _, cpu_r, rss_r = reap(daemon)  # exit code of a SIGTERMed daemon means nothing
-    if rc_s:
-        raise RunError(f"rsync client exit code {rc_s}")
-    return result(wall, cpu_s, cpu_r, rss_s, rss_r)
+    # For a folder, w.src is SRCPARENT/NAME (no trailing slash): rsync creates DEST/NAME.
+    # --fsync (disk only) is passed on to the daemon's receiver: it fsyncs every file it writes.
+    send = spawn(ctx, ["rsync", "-a", "--whole-file", *(["--fsync"] if ctx.disk else []), w.src,
+                       f"rsync://127.0.0.1:{port}/{ctx.dname}/"])
+    return finish_daemon(ctx, w, t0, send, daemon)
+
+
+def run_scp(ctx, w):
+    """scp (OpenSSH's default: the SFTP protocol) to a private sshd started for this run on a free
+    loopback port, with the bench's own config, host key and authorized key. On disk the sender's
+    sh runs `sync` after scp (scp has no fsync option): it counts as sender CPU."""
+    port = free_port()
+    daemon = spawn(ctx, [ctx.sshd, "-D", "-e", "-f", ctx.sshd_conf, "-o", f"ListenAddress=127.0.0.1:{port}"])
+    wait_listening(port, daemon)
+    t0 = time.perf_counter()
+    scp = ["scp", "-q", *(["-r"] if w.name != "file" else []), "-P", port, *ctx.ssh_opts,
+           w.src, f"root@127.0.0.1:{ctx.dest}/"]
+    send = spawn(ctx, shell(shlex.join(map(str, scp)) + sync_step(ctx, w)) if ctx.disk else scp)
+    return finish_daemon(ctx, w, t0, send, daemon)
 
 
 def read_port(pid, path, timeout=30.0):
@@ -266,10 +434,11 @@ def read_port(pid, path, timeout=30.0):
     return int(m[1])
 
 
-def run_xfer(ctx, w, chunk=None, cached=False):
+def run_xfer(ctx, w, chunk=None, cached=False, hash=None):
     """A first send (--no-cache: the sender hashes the file) or, with cached, a repeat send whose
-    digest comes from the sender's cache (warmed once before the timed runs). For the tree,
-    w.src is SRCPARENT/TREENAME and the receiver recreates TREENAME/... under DEST."""
+    digest comes from the sender's cache (warmed once before the timed runs). For a folder,
+    w.src is SRCPARENT/NAME and the receiver recreates NAME/... under DEST. xfer makes what it
+    received durable before it acknowledges it, so the disk destination needs nothing extra."""
     out = ctx.work / "xfer-recv.out"
     out.write_bytes(b"")
     recv = spawn(ctx, [ctx.xfer, "recv", "--dir", ctx.dest, "--listen", "127.0.0.1:0",
@@ -277,6 +446,8 @@ def run_xfer(ctx, w, chunk=None, cached=False):
     port = read_port(recv, out)
     t0 = time.perf_counter()
     extra = ["--chunk-size", chunk] if chunk else []
+    if hash:
+        extra += ["--hash", hash]
     if not cached:
         extra.append("--no-cache")
     send = spawn(ctx, [ctx.xfer, "send", w.src, f"127.0.0.1:{port}", "--quiet", *extra])
@@ -294,6 +465,17 @@ def run_sha256sum(ctx, w):
     return result(wall, cpu, 0.0, rss, 0)
 
 
+def run_dd(ctx, w):
+    """A local copy onto the disk destination, durable (conv=fsync): what the disk can do."""
+    t0 = time.perf_counter()
+    pid = spawn(ctx, ["dd", f"if={w.src}", f"of={ctx.dest / w.src.name}", "bs=1M", "conv=fsync", "status=none"])
+    rc, cpu, rss = reap(pid)
+    wall = time.perf_counter() - t0
+    if rc:
+        raise RunError(f"dd exit code {rc}")
+    return result(wall, cpu, 0.0, rss, 0)
+
+
 def verify_file(ctx, w, full):
     """Size after every run, content once per case: a broken run must not count as a fast one."""
     dest_file = ctx.dest / w.src.name
@@ -303,12 +485,12 @@ def verify_file(ctx, w, full):
         raise RunError(f"no {dest_file.name} in destination; found {os.listdir(ctx.dest)}") from None
     if size != w.size:
         raise RunError(f"received {size} bytes, expected {w.size}")
-    if full and sha256_file(dest_file) != w.sha:
-        raise RunError("SHA-256 of the received file differs from the source")
+    if full and not same_bytes(dest_file, w.src):
+        raise RunError("the received file differs from the source")
 
 
 def verify_tree(ctx, w, full):
-    """Paths, kinds and sizes after every run (a walk: cheap), every file's SHA-256 once per case."""
+    """Paths, kinds and sizes after every run (a walk: cheap), every file's bytes once per case."""
     root = ctx.dest / w.src.name
     if not root.is_dir():
         raise RunError(f"no {w.src.name}/ in destination; found {sorted(os.listdir(ctx.dest))[:10]}")
@@ -318,13 +500,24 @@ def verify_tree(ctx, w, full):
         extra = sorted(got.keys() - w.manifest.keys())
         wrong = sorted(k for k in w.manifest.keys() & got.keys() if got[k] != w.manifest[k])
         eg = lambda names: f" (e.g. {names[0]})" if names else ""
-        raise RunError(f"received tree differs: {len(missing)} of {len(w.manifest)} entries missing{eg(missing)}, "
+        raise RunError(f"received folder differs: {len(missing)} of {len(w.manifest)} entries missing{eg(missing)}, "
                        f"{len(extra)} extra{eg(extra)}, {len(wrong)} with another size or kind{eg(wrong)}")
     if full:
-        bad = [rel for rel, digest in w.digests.items()
-               if hashlib.sha256(Path(root, rel).read_bytes()).digest() != digest]
+        bad = [rel for rel, kind in w.manifest.items() if kind != "dir" and not same_bytes(root / rel, w.src / rel)]
         if bad:
-            raise RunError(f"SHA-256 differs for {len(bad)} of {len(w.digests)} received files (e.g. {bad[0]})")
+            raise RunError(f"{len(bad)} of {w.files} received files differ from the source (e.g. {bad[0]})")
+
+
+def same_bytes(a, b):
+    """Byte-for-byte comparison with the source (stronger than a digest, and much faster than
+    SHA-256 without sha_ni: both copies are in the page cache)."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(4 * MIB), fb.read(4 * MIB)
+            if x != y:
+                return False
+            if not x:
+                return True
 
 
 def walk_tree(root):
@@ -345,55 +538,113 @@ def walk_tree(root):
     return out
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 * MIB):
-            h.update(block)
-    return h.hexdigest()
-
-
 def clear_dir(path):
     for entry in os.scandir(path):
         shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
 
 
-# ---------------------------------------------------------------- workloads
+# ---------------------------------------------------------------- workloads and destinations
 
-def prepare(args, ctx, names, files):
-    """Temp dirs, the rsync daemon's config, and one namespace per workload: what to send (src),
-    how many bytes (size), how long a run may take (timeout), how to check a received copy."""
+def prepare(args, ctx, names, dest_names, groups):
+    """Temp dirs (source in RAM; one destination per --dest), the rsync daemon's config, the
+    private sshd's keys and config, and one namespace per workload: what to send (src), how many
+    bytes (size), how long a run may take (timeout), how to check a received copy."""
     ctx.src_dir = Path(tempfile.mkdtemp(prefix="xfer-bench-src-", dir="/dev/shm"))
     TEMP_DIRS.append(ctx.src_dir)
-    ctx.dest = Path(tempfile.mkdtemp(prefix="xfer-bench-dst-", dir=args.dest_dir))  # never clear a user dir
-    TEMP_DIRS.append(ctx.dest)
     ctx.work = Path(tempfile.mkdtemp(prefix="xfer-bench-work-"))
     TEMP_DIRS.append(ctx.work)
     # tmpfs takes a page per small file; rsync may keep a temp copy of a file next to the received one.
-    src_need = (ctx.size if "file" in names else 0) + (files * (TREE_MAX_FILE // 2 + 4096) if "tree" in names else 0)
-    dest_need = 2 * (ctx.size if "file" in names else 0) + (files * (TREE_MAX_FILE // 2 + 4096) if "tree" in names else 0)
-    for d, need in ((ctx.src_dir, src_need), (ctx.dest, dest_need)):
-        if shutil.disk_usage(d).free < need:
-            sys.exit(f"not enough free space in {d} for {need / MIB:.0f} MiB")
+    need = {"file": ctx.size, "many": args.many_files * ctx.many_size,
+            "tree": ctx.files * (TREE_MAX_FILE // 2 + 4096)}
+    src_need = sum(need[n] for n in names)
+    # One workload at a time in a destination, plus a temp copy of its largest file (rsync).
+    dest_need = max(need[n] for n in names) + (ctx.size if "file" in names else ctx.many_size)
+    dests = []
+    for dn in dest_names:
+        parent = args.ram_dir if dn == "ram" else args.disk_dir
+        d = argparse.Namespace(name=dn, disk=dn == "disk", parent=parent, fstype=fs_type(parent))
+        d.path = Path(tempfile.mkdtemp(prefix="xfer-bench-dst-", dir=parent))  # never clear a user dir
+        TEMP_DIRS.append(d.path)
+        dests.append(d)
+        if d.disk and d.fstype in ("tmpfs", "ramfs"):
+            print(f"note: the disk destination {parent} is on {d.fstype}, not a disk", flush=True)
+    by_fs = {}  # the source and the RAM destination share /dev/shm
+    for path, n in [(ctx.src_dir, src_need)] + [(d.path, dest_need) for d in dests]:
+        dev = os.stat(path).st_dev
+        by_fs[dev] = (by_fs.get(dev, (path, 0))[0], by_fs.get(dev, (path, 0))[1] + n)
+    for path, n in by_fs.values():
+        if shutil.disk_usage(path).free < n:
+            sys.exit(f"not enough free space in {path.parent} for {n / MIB:.0f} MiB")
     ctx.rsyncd_conf = ctx.work / "rsyncd.conf"
     ctx.rsyncd_conf.write_text(
         f"pid file = {ctx.work}/rsyncd.pid\nlog file = {ctx.work}/rsyncd.log\nuse chroot = no\n"
-        f"[bench]\npath = {ctx.dest}\nread only = no\nuid = root\ngid = root\n")
-    return [make_file(ctx) if n == "file" else make_tree(ctx, files) for n in names]
+        + "".join(f"[{d.name}]\npath = {d.path}\nread only = no\nuid = root\ngid = root\n" for d in dests))
+    if "scp" in groups:
+        setup_sshd(ctx)
+    makers = {"file": lambda: make_file(ctx), "tree": lambda: make_tree(ctx, ctx.files),
+              "many": lambda: make_many(ctx, args.many_files, ctx.many_size)}
+    return [makers[n]() for n in names], dests
 
 
-def make_file(ctx):
-    w = argparse.Namespace(name="file", prefix="", src=ctx.src_dir / "bench.bin", size=ctx.size,
-                           verify=verify_file, refs=("nc", "rsync"))
-    w.timeout = 60 + w.size / (10 * MIB)  # generous: 10 MiB/s is far below any sane tool
-    print(f"writing {w.size / MIB:.0f} MiB of random bytes to {w.src} ...", flush=True)
+def setup_sshd(ctx):
+    """A private sshd for scp: its own config, host key and authorized key in the work dir; the
+    system's /etc/ssh and root's ~/.ssh are not used. Started per run on a free loopback port."""
+    d = ctx.work / "ssh"
+    d.mkdir(mode=0o700)
+    for name in ("host_ed25519", "id_ed25519"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"xfer-bench-{name}",
+                        "-f", d / name], check=True)
+    (d / "authorized_keys").write_text((d / "id_ed25519.pub").read_text())
+    ctx.sshd = sshd_binary()
+    ctx.sshd_conf = d / "sshd_config"
+    ctx.sshd_conf.write_text("\n".join([
+        f"HostKey {d}/host_ed25519", f"PidFile {d}/sshd.pid", f"AuthorizedKeysFile {d}/authorized_keys",
+        "PermitRootLogin prohibit-password", "PubkeyAuthentication yes", "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "UseDNS no", "PrintMotd no",
+        "X11Forwarding no", "AllowTcpForwarding no", "LogLevel ERROR",
+        "Subsystem sftp /usr/lib/openssh/sftp-server", ""]))
+    ctx.ssh_opts = ["-i", d / "id_ed25519", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+                    "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+    # sshd insists on its privilege separation folder; make it if this system never ran an sshd.
+    for folder in ("/run/sshd", os.path.expanduser("~root/.ssh")):  # ssh may create ~/.ssh
+        if not os.path.exists(folder):
+            MADE_DIRS.append(folder)
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    check = subprocess.run([ctx.sshd, "-t", "-f", ctx.sshd_conf], capture_output=True, text=True)
+    if check.returncode:
+        ctx.sshd_error = f"sshd -t: {check.stderr.strip()}"
+
+
+def write_random(path, size):
     h = hashlib.sha256()
-    with open(w.src, "wb") as f:
-        for left in range(w.size, 0, -16 * MIB):
+    with open(path, "wb") as f:
+        for left in range(size, 0, -16 * MIB):
             block = os.urandom(min(left, 16 * MIB))
             h.update(block)
             f.write(block)
-    w.sha = h.hexdigest()
+    return h.hexdigest()
+
+
+def make_file(ctx):
+    w = argparse.Namespace(name="file", src=ctx.src_dir / "bench.bin", size=ctx.size, files=1,
+                           verify=verify_file, label=f"file {human(ctx.size)}")
+    w.timeout = 60 + w.size / (10 * MIB)  # generous: 10 MiB/s is far below any sane tool
+    print(f"writing {human(w.size)} of random bytes to {w.src} ...", flush=True)
+    w.sha = write_random(w.src, w.size)
+    return w
+
+
+def make_many(ctx, count, fsize):
+    """COUNT files of FSIZE random bytes in one folder: many/f000 .. many/fNNN."""
+    w = argparse.Namespace(name="many", src=ctx.src_dir / MANY_NAME, files=count, size=count * fsize,
+                           verify=verify_tree, label=f"many {count} x {human(fsize)}")
+    print(f"writing {count} files of {human(fsize)} of random bytes to {w.src}/ ...", flush=True)
+    w.src.mkdir()
+    width = max(3, len(str(count - 1)))
+    digests = [write_random(w.src / f"f{i:0{width}d}", fsize) for i in range(count)]
+    w.manifest = walk_tree(w.src)
+    w.sha = hashlib.sha256("".join(digests).encode()).hexdigest()
+    w.timeout = 60 + w.size / (10 * MIB) + count / 100
     return w
 
 
@@ -401,39 +652,67 @@ def make_tree(ctx, files):
     """FILES files of 1 ..= 16 KiB random bytes (seeded: the same tree every time) in 100 folders
     two levels deep (TREE/d00/d00 .. TREE/d09/d09, consecutive files per folder), plus two empty
     folders: TREE/empty and TREE/d05/e0/e1 (e0 holds only e1)."""
-    w = argparse.Namespace(name="tree", prefix="tree/", src=ctx.src_dir / TREE_NAME, files=files,
-                           verify=verify_tree, refs=("tree/tar|nc", "tree/rsync"))
+    w = argparse.Namespace(name="tree", src=ctx.src_dir / TREE_NAME, files=files,
+                           verify=verify_tree, label=f"tree {files} files")
     leaves = [f"d{a:02d}/d{b:02d}" for a in range(10) for b in range(10)]
     for d in leaves + ["empty", "d05/e0/e1"]:
         os.makedirs(w.src / d)
     rng = random.Random(TREE_SEED)
     width = max(4, len(str(files - 1)))
-    w.digests, w.size = {}, 0
+    digests, w.size = {}, 0
     for i in range(files):
         rel = f"{leaves[i * len(leaves) // files]}/f{i:0{width}d}"
         data = rng.randbytes(rng.randint(1, TREE_MAX_FILE))
         Path(w.src, rel).write_bytes(data)
-        w.digests[rel] = hashlib.sha256(data).digest()
+        digests[rel] = hashlib.sha256(data).digest()
         w.size += len(data)
     w.manifest = walk_tree(w.src)  # what every receiver must recreate under DEST/TREE_NAME
     w.dirs = sum(v == "dir" for v in w.manifest.values())
     # One digest for the whole tree (paths and contents): equal across runs and machines.
-    w.sha = hashlib.sha256(b"".join(f"{rel}\0".encode() + w.digests[rel] for rel in sorted(w.digests))).hexdigest()
+    w.sha = hashlib.sha256(b"".join(f"{rel}\0".encode() + digests[rel] for rel in sorted(digests))).hexdigest()
     # 60 s + 1 s per 10 MiB like the file, plus 10 ms per file: generous for any per-file cost.
     w.timeout = 60 + w.size / (10 * MIB) + files / 100
+    w.label = f"tree {files} files ({w.size / 1e6:.0f} MB)"
     print(f"wrote tree {w.src}: {files} files ({w.size / 1e6:.1f} MB, {w.size / MIB:.1f} MiB) "
           f"in {w.dirs} folders, tree digest {w.sha[:16]}", flush=True)
     return w
 
 
-# ---------------------------------------------------------------- main
+def make_cases(w, d, first_dest, want, chunks, hash_ok):
+    """The cases of one workload x destination, in table order. want(name, group) applies --tools."""
+    folder = w.name != "file"
+    nc = "tar|nc" if folder else "nc"
+    table = [("xfer", "xfer", lambda c, w: run_xfer(c, w)),
+             ("xfer-cached", "xfer", lambda c, w: run_xfer(c, w, cached=True))]
+    if hash_ok:
+        table += [("xfer-blake3", "xfer", lambda c, w: run_xfer(c, w, hash="blake3")),
+                  ("xfer-blake3-cached", "xfer", lambda c, w: run_xfer(c, w, cached=True, hash="blake3"))]
+    if not folder:
+        table += [(f"xfer-chunk-{n}", "xfer", lambda c, w, n=n: run_xfer(c, w, n)) for n in chunks]
+    table += [(nc, "nc", run_tar_nc if folder else run_nc), (nc + "+sha256sum", "nc", run_nc_sha),
+              ("rsync", "rsync", run_rsync), ("scp", "scp", run_scp)]
+    if not folder and d.disk:
+        table.append(("dd", "ref", run_dd))
+    if not folder and d is first_dest:  # local hashing speed; the destination plays no part
+        table.append(("sha256sum", "ref", run_sha256sum))
+    return [argparse.Namespace(name=name, group=group, fn=fn, w=w, d=d, id=f"{w.name}/{d.name}/{name}",
+                               check=None if name == "sha256sum" else w.verify)
+            for name, group, fn in table if want(name, group)]
+
+
+# ---------------------------------------------------------------- running and reporting
+
+def use_dest(ctx, d, w):
+    ctx.dest, ctx.dname, ctx.disk = d.path, d.name, d.disk
+    ctx.timeout = w.timeout * (2 if d.disk else 1)
+
 
 def attempt(ctx, w, fn, log_name, check=None, full=False):
     """One run of fn with a deadline, checked with check(ctx, w, full). Raises RunError with the
     end of the run's stderr log; a failed run leaves none of its processes behind."""
-    ctx.log = open(ctx.work / log_name.replace("/", "-"), "w+b")
+    ctx.log = open(ctx.work / re.sub(r"[/|+]", "-", log_name), "w+b")
     fired = threading.Event()
-    timer = threading.Timer(w.timeout, lambda: (fired.set(), kill_live()))  # a hung run is killed, then reported
+    timer = threading.Timer(ctx.timeout, lambda: (fired.set(), kill_live()))  # a hung run is killed, then reported
     timer.start()
     try:
         r = fn(ctx, w)
@@ -444,7 +723,7 @@ def attempt(ctx, w, fn, log_name, check=None, full=False):
         timer.cancel()
         timer.join()  # no kill_live from the timer while we reap
         kill_children()
-        why = f"timed out after {w.timeout:.0f} s; " if fired.is_set() else ""
+        why = f"timed out after {ctx.timeout:.0f} s; " if fired.is_set() else ""
         ctx.log.seek(0)
         raise RunError(f"{why}{e} {ctx.log.read()[-500:].decode(errors='replace').strip()}") from None
     finally:
@@ -457,163 +736,378 @@ def summarize(runs, w):
     med = statistics.median(walls)
     s = {"n": len(runs), "median_s": med, "min_s": min(walls), "max_s": max(walls),
          "mb_per_s": w.size / med / 1e6, "median_cpu_s": statistics.median(r["cpu"] for r in runs),
+         "median_cpu_send_s": statistics.median(r["cpu_send"] for r in runs),
+         "median_cpu_recv_s": statistics.median(r["cpu_recv"] for r in runs),
          "max_rss_send_mib": max(r["rss_send_kib"] for r in runs) / 1024,
          "max_rss_recv_mib": max(r["rss_recv_kib"] for r in runs) / 1024}
-    if w.name == "tree":
+    if w.name != "file":
         s["files_per_s"] = w.files / med
     return s
 
 
-def print_table(cases, summaries, errors):
-    def ratio(s, ref):
-        return f"{s['median_s'] / summaries[ref]['median_s']:.2f}" if ref in summaries else "-"
-    head = f"{'case':<22}{'median s':>9}{'min':>8}{'max':>8}{'MB/s':>8}{'CPU s':>7}{'RSS snd':>9}{'RSS rcv':>9}{'x nc':>7}{'x rsync':>8}"
-    print("\n" + head + "\n" + "-" * len(head))
-    for name, _, w, _ in cases:
-        if s := summaries.get(name):
-            print(f"{name:<22}{s['median_s']:>9.3f}{s['min_s']:>8.3f}{s['max_s']:>8.3f}{s['mb_per_s']:>8.0f}"
-                  f"{s['median_cpu_s']:>7.2f}{s['max_rss_send_mib']:>9.1f}{s['max_rss_recv_mib']:>9.1f}"
-                  f"{ratio(s, w.refs[0]):>7}{ratio(s, w.refs[1]):>8}")
-    for name, err in errors.items():
-        print(f"{name:<22}FAILED: {err}")
-    print("MB = 10^6 bytes; RSS in MiB (peak over runs); CPU = user+sys of sender+receiver, median.\n"
-          "rsync receiver = the daemon incl. its per-connection forks (a fresh daemon per run).")
-    if any(w.name == "file" for _, _, w, _ in cases):
-        print("sha256sum = one local read+hash of the source, for hashing-speed reference.")
-    if any(w.name == "tree" for _, _, w, _ in cases):
-        print("tree/*: MB/s counts file bytes; 'x nc' is relative to tree/tar|nc; tar|nc sides are sh "
-              "pipelines (CPU of both tools, RSS of the larger).")
+def add_ratios(cases, summaries):
+    """x_nc, x_rsync, x_scp: the case's median over that peer's median in the same workload and
+    destination (for folders nc is tar|nc)."""
+    for c in cases:
+        if s := summaries.get(c.id):
+            for peer in ("nc", "rsync", "scp"):
+                ref = summaries.get(f"{c.w.name}/{c.d.name}/{'tar|nc' if peer == 'nc' and c.w.name != 'file' else peer}")
+                s[f"x_{peer}"] = s["median_s"] / ref["median_s"] if ref else None
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--workload", choices=("file", "tree", "both"), default="file",
-                    help="one big file (default), a tree of small files, or both")
-    ap.add_argument("--size", type=parse_size, help="test file size, e.g. 256M, 1G (default 1G)")
-    ap.add_argument("--files", type=int, help="files in the tree workload (default 10000)")
-    ap.add_argument("--reps", type=int, help="repetitions per case (default 5)")
-    ap.add_argument("--quick", action="store_true", help="256 MiB, 2000 files and 3 reps unless given")
-    ap.add_argument("--tools", default="xfer,nc,rsync", help="subset of xfer,nc,rsync (nc: tar|nc for the tree)")
+def print_table(sections, cases, summaries, errors, skipped):
+    head = (f"{'case':<20}{'n':>3}{'median s':>9}{'min':>8}{'max':>8}{'MB/s':>8}{'CPU s':>7}{'RSS snd':>9}"
+            f"{'RSS rcv':>9}{'x nc':>7}{'x rsync':>8}{'x scp':>7}")
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"
+    for w, d in sections:
+        print(f"\n{w.label} -> {d.name} ({d.parent}, {d.fstype}{', made durable' if d.disk else ''})")
+        print(head + "\n" + "-" * len(head))
+        mine = [c for c in cases if c.w is w and c.d is d]
+        for c in mine:
+            if s := summaries.get(c.id):
+                print(f"{c.name:<20}{s['n']:>3}{s['median_s']:>9.3f}{s['min_s']:>8.3f}{s['max_s']:>8.3f}{s['mb_per_s']:>8.0f}"
+                      f"{s['median_cpu_s']:>7.2f}{s['max_rss_send_mib']:>9.1f}{s['max_rss_recv_mib']:>9.1f}"
+                      f"{fmt(s['x_nc']):>7}{fmt(s['x_rsync']):>8}{fmt(s['x_scp']):>7}")
+        for c in mine:
+            if c.id in errors:
+                print(f"{c.name:<20}FAILED: {errors[c.id]}")
+        xfer, dd = summaries.get(f"file/{d.name}/xfer"), summaries.get(f"file/{d.name}/dd")
+        if w.name == "file" and xfer and dd:
+            print(f"xfer / dd = {xfer['median_s'] / dd['median_s']:.2f} (the issue's target for xfer to disk: <= 1.10)")
+    for what, why in skipped.items():
+        print(f"skipped {what}: {why}")
+    print("n = runs (reps); MB = 10^6 bytes; RSS in MiB (peak over runs); CPU = user+sys of sender+receiver, median.\n"
+          "x nc / x rsync / x scp = this median / that peer's median in the same section (below 1 = faster);\n"
+          "for folders nc is tar|nc. rsync and scp receivers = the daemon (rsync --daemon, a private sshd)\n"
+          "incl. its per-connection forks (a fresh daemon per run). tar|nc and nc+sha256sum sides are sh\n"
+          "pipelines (CPU of all their tools, RSS of the largest). disk: durable before the clock stops\n"
+          "(xfer itself, rsync --fsync, nc/scp + sync, dd conv=fsync).")
+
+
+def csv_rows(cases, runs, summaries, errors):
+    """One row per run (rep = 1, 2, ...) and one summary row per case (rep = 'median', with min,
+    max, MB/s and the ratios), also for failed cases (with the error)."""
+    cols = ["workload", "dest", "case", "rep", "wall_s", "min_s", "max_s", "mb_per_s", "cpu_s", "cpu_send_s",
+            "cpu_recv_s", "rss_send_mib", "rss_recv_mib", "x_nc", "x_rsync", "x_scp", "error"]
+    rows = []
+    for c in cases:
+        base = {"workload": c.w.name, "dest": c.d.name, "case": c.name}
+        for r in runs[c.id]:
+            rows.append({**base, "rep": r["rep"], "wall_s": r["wall"], "cpu_s": r["cpu"], "cpu_send_s": r["cpu_send"],
+                         "cpu_recv_s": r["cpu_recv"], "rss_send_mib": r["rss_send_kib"] / 1024,
+                         "rss_recv_mib": r["rss_recv_kib"] / 1024})
+        s = summaries.get(c.id)
+        row = {**base, "rep": "median", "error": errors.get(c.id, "")}
+        if s:
+            row.update(wall_s=s["median_s"], min_s=s["min_s"], max_s=s["max_s"], mb_per_s=s["mb_per_s"],
+                       cpu_s=s["median_cpu_s"], cpu_send_s=s["median_cpu_send_s"],
+                       cpu_recv_s=s["median_cpu_recv_s"], rss_send_mib=s["max_rss_send_mib"], rss_recv_mib=s["max_rss_recv_mib"],
+                       x_nc=s["x_nc"], x_rsync=s["x_rsync"], x_scp=s["x_scp"])
+        rows.append(row)
+    rnd = lambda v: round(v, 4) if isinstance(v, float) else ("" if v is None else v)
+    return cols, [{k: rnd(row.get(k)) for k in cols} for row in rows]
+
+
+GROUP_COLORS = {"xfer": "#1f77b4", "nc": "#ff7f0e", "rsync": "#2ca02c", "scp": "#d62728", "ref": "#7f7f7f"}
+
+
+def draw_chart(data, png):
+    """One grouped bar chart per workload x destination (rows x columns): median wall seconds per
+    case, bars grouped and coloured by tool, min-max as error bars, log scale when the medians
+    span more than 20x. Works from the JSON alone (see --chart)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sections = data["config"]["sections"]
+    wls = list(dict.fromkeys(s["workload"] for s in sections))
+    dns = list(dict.fromkeys(s["dest"] for s in sections))
+    fig, axes = plt.subplots(len(wls), len(dns), figsize=(7.5 * len(dns), 4.2 * len(wls)), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for sec in sections:
+        ax = axes[wls.index(sec["workload"])][dns.index(sec["dest"])]
+        ax.set_visible(True)
+        mine = [v for v in data["cases"].values() if v["workload"] == sec["workload"] and v["dest"] == sec["dest"]]
+        ok = [v for v in mine if v["summary"]]
+        xs, x, prev = [], 0.0, None
+        for v in ok:  # a gap between tools: the bars of one tool form a group
+            x += 1.0 if prev in (None, v["group"]) else 1.6
+            xs.append(x)
+            prev = v["group"]
+        meds = [v["summary"]["median_s"] for v in ok]
+        if ok:
+            err = [[m - v["summary"]["min_s"] for m, v in zip(meds, ok)],
+                   [v["summary"]["max_s"] - m for m, v in zip(meds, ok)]]
+            bars = ax.bar(xs, meds, yerr=err, capsize=3, color=[GROUP_COLORS.get(v["group"], "#999") for v in ok],
+                          error_kw={"elinewidth": 1, "ecolor": "#333"})
+            ax.bar_label(bars, labels=[f"{m:.2f}" if m < 10 else f"{m:.1f}" for m in meds], fontsize=7, padding=2)
+            ax.set_xticks(xs, [v["case"] for v in ok], rotation=35, ha="right", fontsize=8)
+            if max(meds) / max(min(meds), 1e-6) > 20:
+                ax.set_yscale("log")
+            ax.margins(y=0.15)
+        failed = [v["case"] for v in mine if not v["summary"]]
+        if failed:
+            ax.text(0.99, 0.97, "failed: " + ", ".join(failed), transform=ax.transAxes, ha="right", va="top",
+                    fontsize=7, color="#b00")
+        ax.set_title(sec["label"], fontsize=10)
+        ax.set_ylabel("wall s, median (min-max)" + (", log" if ok and ax.get_yscale() == "log" else ""), fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    m = data["machine"]
+    fig.suptitle(f"xfer loopback benchmark, {data['date']}: {m['host']}, {m['cpu']}, {m['nproc']} CPUs, "
+                 f"sha_ni {'yes' if m['sha_ni'] else 'no'}, load {m['loadavg_at_start'][0]:.2f} at start", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def make_chart(plotter, json_path, png):
+    try:
+        if plotter is None:
+            draw_chart(json.loads(json_path.read_text()), png)
+        else:
+            subprocess.run([plotter, __file__, "--chart", json_path, "--out", png], check=True)
+        return True
+    except Exception as e:  # the numbers are saved already; a chart problem must not lose them
+        print(f"chart failed: {e}", flush=True)
+        return False
+
+
+def main(t_start):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=("file", "tree", "many", "both", "all"),
+                    help="file (one big file), tree (many small files), many (100 x 10 MiB), "
+                         "both (file and tree) or all (the default)")
+    ap.add_argument("--dest", choices=("ram", "disk", "both"), default="both",
+                    help="receive into RAM (tmpfs), onto disk (durable), or both (default)")
+    ap.add_argument("--size", type=parse_size, help="file workload size, e.g. 256M, 1G (default 1G; 64M with --quick)")
+    ap.add_argument("--files", type=int, help="files in the tree workload (default 10000; 500 with --quick)")
+    ap.add_argument("--many-files", type=int, default=100, help="files in the many workload (default 100)")
+    ap.add_argument("--many-size", type=parse_size, help="size of each of them (default 10M; 512K with --quick)")
+    ap.add_argument("--reps", type=int, help="repetitions per case (default 3; 2 with --quick)")
+    ap.add_argument("--budget", type=float,
+                    help=f"seconds for the whole run, setup included: rep 1 runs every case, further reps only "
+                         f"the cases that still fit, cheapest first (default {DEFAULT_BUDGET} unless --reps is "
+                         f"given; 0 = no limit)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run of every case: all workloads (64 MiB, 500 files, 100 x 512 KiB), 2 reps")
+    ap.add_argument("--tools", default="all",
+                    help="comma-separated tool groups (xfer, nc, rsync, scp, ref) and/or case names "
+                         f"({', '.join(CASE_NAMES)}, xfer-chunk-N); default all")
     ap.add_argument("--chunk-sizes", default="", help="extra xfer cases (file workload), e.g. 1024,65536,1M")
-    ap.add_argument("--dest-dir", default="/dev/shm", help="where received files land (a temp dir inside)")
-    ap.add_argument("--out", help="JSON output (default bench/results/<date>-<host>.json)")
+    ap.add_argument("--ram-dir", "--dest-dir", default="/dev/shm", help="RAM destination: a temp dir inside this")
+    ap.add_argument("--disk-dir", default="/var/tmp", help="disk destination: a temp dir inside this")
+    ap.add_argument("--out", help="JSON output (default bench/results/<date>-<host>.json; .csv and .png beside it)")
     ap.add_argument("--no-build", action="store_true", help="skip cargo build --release")
+    ap.add_argument("--no-chart", action="store_true", help="no PNG (and no matplotlib install)")
+    ap.add_argument("--chart", metavar="JSON", help="only draw the PNG of an earlier run's JSON (to --out or beside it)")
     args = ap.parse_args()
+    if args.chart:
+        draw_chart(json.loads(Path(args.chart).read_text()), args.out or Path(args.chart).with_suffix(".png"))
+        return 0
+
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
-    if bad := set(tools) - {"xfer", "nc", "rsync"}:
-        ap.error(f"unknown tools: {bad}")
+    if "all" in tools:
+        tools = list(GROUPS)
+    if bad := {t for t in tools if t not in GROUPS + CASE_NAMES and t.removeprefix("tar|") not in CASE_NAMES
+               and not t.startswith("xfer-chunk-")}:
+        ap.error(f"unknown tools: {', '.join(sorted(bad))}")
+    want = lambda name, group: group in tools or name in tools or name.removeprefix("tar|") in tools
     chunks = [parse_size(c) for c in args.chunk_sizes.split(",") if c.strip()]
-    names = ["file", "tree"] if args.workload == "both" else [args.workload]
-    files = args.files or (2000 if args.quick else 10_000)
-    if files < 1:
-        ap.error("--files must be at least 1")
-    ctx = argparse.Namespace(size=args.size or (256 * MIB if args.quick else 1 << 30))
-    reps = args.reps or (3 if args.quick else 5)
+    workload = args.workload or "all"
+    names = {"both": ["file", "tree"], "all": ["file", "tree", "many"]}.get(workload, [workload])
+    dest_names = ["ram", "disk"] if args.dest == "both" else [args.dest]
+    ctx = argparse.Namespace(size=args.size or (64 * MIB if args.quick else 1 << 30),
+                             files=args.files or (500 if args.quick else 10_000),
+                             many_size=args.many_size or (MIB // 2 if args.quick else 10 * MIB))
+    if ctx.files < 1 or args.many_files < 1 or ctx.size < 1 or ctx.many_size < 1:
+        ap.error("sizes and counts must be at least 1")
+    reps = args.reps or (2 if args.quick else 3)
+    budget = args.budget if args.budget is not None else (0 if args.reps else DEFAULT_BUDGET)
 
     info = machine_info()
     print(f"host {info['host']}: {info['nproc']} CPUs, {info['cpu']}, kernel {info['kernel']}, "
           f"sha_ni {'yes' if info['sha_ni'] else 'no'}, load {info['loadavg_at_start'][0]:.2f}", flush=True)
-    ensure_peers(tools)
+    # The tool groups with a wanted case: only those are installed and set up.
+    groups = {g for n, g in CASE_GROUP.items() if want(n, g)} | ({"xfer"} if chunks and want("xfer-chunk-", "xfer") else set())
+    skipped = {}  # what was not run and why (not an error)
+    for g, why in ensure_peers(groups).items():
+        skipped[f"{g} cases"] = why
+        groups.discard(g)
     ctx.nc = nc_binary()
-    if "xfer" in tools:
+    hash_ok = False
+    if "xfer" in groups:
         if not args.no_build and subprocess.run(["cargo", "build", "--release"], cwd=REPO).returncode:
             sys.exit("cargo build --release failed")
         ctx.xfer = str(Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"), "release", "xfer"))
         if not os.access(ctx.xfer, os.X_OK):
             sys.exit(f"{ctx.xfer} not found; build it or drop xfer from --tools")
-    workloads = prepare(args, ctx, names, files)
+        hash_ok = "--hash" in subprocess.run([ctx.xfer, "send", "--help"], capture_output=True, text=True).stdout
+        if not hash_ok and (want("xfer-blake3", "xfer") or want("xfer-blake3-cached", "xfer")):
+            skipped["xfer-blake3, xfer-blake3-cached"] = "this xfer has no --hash option (not in `xfer send --help`)"
+            print(f"note: skipping xfer-blake3 and xfer-blake3-cached: {skipped['xfer-blake3, xfer-blake3-cached']}",
+                  flush=True)
+    plotter = False if args.no_chart else chart_python()
+    workloads, dests = prepare(args, ctx, names, dest_names, groups)
+    if "scp" in groups and getattr(ctx, "sshd_error", None):
+        skipped["scp cases"] = ctx.sshd_error
+        print(f"note: no scp cases: {ctx.sshd_error}", flush=True)
+        groups.discard("scp")
 
-    cases = []  # (name, run function, workload, check): run round-robin below
-    for w in workloads:
-        for t in tools:
-            if t == "nc":
-                cases.append((w.prefix + ("nc" if w.name == "file" else "tar|nc"),
-                              run_nc if w.name == "file" else run_tar_nc, w, w.verify))
-            elif t == "rsync":
-                cases.append((w.prefix + "rsync", run_rsync, w, w.verify))
-            else:
-                cases.append((w.prefix + "xfer", run_xfer, w, w.verify))
-                cases.append((w.prefix + "xfer-cached", lambda c, w: run_xfer(c, w, cached=True), w, w.verify))
-                if w.name == "file":
-                    cases += [(f"xfer-chunk-{n}", lambda c, w, n=n: run_xfer(c, w, n), w, w.verify) for n in chunks]
-        if w.name == "file":
-            cases.append(("sha256sum", run_sha256sum, w, None))
-    runs = {name: [] for name, *_ in cases}
+    sections = [(w, d) for w in workloads for d in dests]
+    cases = [c for w, d in sections for c in make_cases(w, d, dests[0], want, chunks, hash_ok) if c.group in groups]
+    if not cases:
+        sys.exit("no cases to run")
+    runs = {c.id: [] for c in cases}
     errors = {}
 
     # xfer's digest cache lives in the bench's work dir: never the user's, gone afterwards.
     os.environ["XDG_CACHE_HOME"] = str(ctx.work / "cache")
-    if "xfer" in tools:  # warm it: every timed xfer-cached run is a repeat send
-        for w in workloads:
+    for w in workloads:  # warm it: every timed xfer-cached / xfer-blake3-cached run is a repeat send
+        for name, hash in (("xfer-cached", None), ("xfer-blake3-cached", "blake3")):
+            mine = [c for c in cases if c.w is w and c.name == name]
+            if not mine:
+                continue
+            use_dest(ctx, dests[0], w)
             try:
-                attempt(ctx, w, lambda c, w: run_xfer(c, w, cached=True), f"{w.prefix}warm-up.log")
+                attempt(ctx, w, lambda c, w: run_xfer(c, w, cached=True, hash=hash), f"{w.name}-{name}-warm-up.log")
             except RunError as e:
-                errors[w.prefix + "xfer-cached"] = f"warm-up: {e}"
-                print(f"  warm-up {w.prefix}xfer-cached FAILED: {e}", flush=True)
+                for c in mine:
+                    errors[c.id] = f"warm-up: {e}"
+                print(f"  warm-up {w.name}/{name} FAILED: {e}", flush=True)
             clear_dir(ctx.dest)
-    what = ", ".join(f"file {w.size / MIB:.0f} MiB" if w.name == "file" else
-                     f"tree of {w.files} files ({w.size / 1e6:.1f} MB)" for w in workloads)
-    print(f"{len(cases)} cases x {reps} reps, {what}, received into {ctx.dest}", flush=True)
+    print(f"{len(cases)} cases x {reps} reps: " + ", ".join(w.label for w in workloads) + "; into "
+          + ", ".join(f"{d.name} {d.path} ({d.fstype})" for d in dests)
+          + (f"; budget {budget:.0f} s" if budget else ""), flush=True)
 
-    for rep in range(1, reps + 1):  # round-robin, so drift (thermal, noisy neighbours) hits all cases alike
-        for name, fn, w, check in cases:
-            if name in errors:
+    setup_s = time.monotonic() - t_start
+    print(f"setup took {setup_s:.0f} s", flush=True)
+    # Rep 1 runs every case. With a budget, reps 2.. go to the cases whose rep-1 time (plus its
+    # overheads) still fits, cheapest first and rep 2 for all that fit before any rep 3: the slow
+    # cases get fewer reps (the table's n column says how many). Runs stay round-robin.
+    planned = {c.id: reps for c in cases}
+    est = {}  # case id -> seconds its rep-1 run took, checks and daemon start included
+    done = 0
+    for rep in range(1, reps + 1):
+        todo = [c for c in cases if c.id not in errors and planned[c.id] >= rep]
+        if not todo:
+            break
+        t_rep = time.monotonic()
+        for c in todo:
+            if rep > 1 and budget and time.monotonic() - t_start + est[c.id] + RESERVE > budget:
+                planned[c.id] = rep - 1  # running late: no more reps for this one
+                print(f"  rep {rep} {c.id:<30} skipped: over the budget", flush=True)
                 continue
+            use_dest(ctx, c.d, c.w)
             clear_dir(ctx.dest)
+            t_run = time.monotonic()
             try:
-                r = attempt(ctx, w, fn, f"{name}-{rep}.log", check, full=not runs[name])
+                r = attempt(ctx, c.w, c.fn, f"{c.id}-{rep}.log", c.check, full=not runs[c.id])
             except RunError as e:
-                errors[name] = f"rep {rep}: {e}"
-                print(f"  rep {rep} {name:<22} FAILED: {errors[name]}", flush=True)
+                errors[c.id] = f"rep {rep}: {e}"
+                print(f"  rep {rep} {c.id:<30} FAILED: {errors[c.id]}", flush=True)
                 continue
-            runs[name].append({"rep": rep, **r})
-            print(f"  rep {rep} {name:<22} {r['wall']:7.3f} s  cpu {r['cpu']:6.2f} s  "
+            est.setdefault(c.id, time.monotonic() - t_run)
+            runs[c.id].append({"rep": rep, **r})
+            print(f"  rep {rep} {c.id:<30} {r['wall']:7.3f} s  cpu {r['cpu']:6.2f} s  "
                   f"rss {r['rss_send_kib'] / 1024:6.1f}/{r['rss_recv_kib'] / 1024:6.1f} MiB", flush=True)
-    clear_dir(ctx.dest)
+        done = rep
+        print(f"rep {rep} took {time.monotonic() - t_rep:.0f} s ({time.monotonic() - t_start:.0f} s so far)", flush=True)
+        if rep == 1 and budget and reps > 1:
+            left = budget - (time.monotonic() - t_start) - RESERVE
+            alive = sorted((c for c in cases if c.id not in errors), key=lambda c: est[c.id])
+            for c in alive:
+                planned[c.id] = 1
+            for r in range(2, reps + 1):
+                for c in alive:
+                    if planned[c.id] == r - 1 and est[c.id] * 1.1 <= left:
+                        planned[c.id] = r
+                        left -= est[c.id] * 1.1
+            if any(planned[c.id] < reps for c in alive):
+                print(f"budget {budget:.0f} s: " + "; ".join(
+                    f"{n} rep{'s' if n > 1 else ''} for " + (f"all {len(got)} cases" if len(got) == len(alive) else
+                                                             f"{len(got)} cases" if n == reps else ", ".join(got))
+                    for n in range(reps, 0, -1) if (got := [c.id for c in alive if planned[c.id] == n]))
+                      + " (--budget 0 or --reps N: every case gets every rep)", flush=True)
+    for d in dests:
+        clear_dir(d.path)
 
-    summaries = {name: summarize(runs[name], w) for name, _, w, _ in cases if runs[name] and name not in errors}
-    print_table(cases, summaries, errors)
+    summaries = {c.id: summarize(runs[c.id], c.w) for c in cases if runs[c.id] and c.id not in errors}
+    add_ratios(cases, summaries)
+    print_table(sections, cases, summaries, errors, skipped)
+
     now = datetime.datetime.now()
     out = Path(args.out or REPO / "bench" / "results" / f"{now:%Y-%m-%dT%H%M%S}-{info['host']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     wl = {w.name: w for w in workloads}
-    config = {"workload": names, "size": ctx.size if "file" in wl else None, "reps": reps, "tools": tools,
-              "chunk_sizes": chunks, "dest_dir": args.dest_dir,
-              "source_sha256": wl["file"].sha if "file" in wl else None}
+    config = {"workloads": names, "dests": {d.name: {"dir": str(d.parent), "fstype": d.fstype} for d in dests},
+              "sections": [{"workload": w.name, "dest": d.name, "label": f"{w.label} -> {d.name} ({d.fstype})"}
+                           for w, d in sections],
+              "size": ctx.size if "file" in wl else None, "reps": reps, "reps_done": done, "budget_s": budget,
+              "setup_s": setup_s,
+              "tools": tools, "chunk_sizes": chunks, "xfer_has_hash_option": hash_ok,
+              "source_sha256": wl["file"].sha if "file" in wl else None,
+              "durability_on_disk": {"xfer": "its own (fsync of a file, syncfs for a batch)", "rsync": "--fsync",
+                                     "nc": "sync FILE / sync -f DIR after the copy, on the receiver",
+                                     "nc+sha256sum": "as nc, before the receiver's sha256sum",
+                                     "scp": "sync FILE / sync -f DIR after scp, on the sender",
+                                     "dd": "conv=fsync"}}
+    if "many" in wl:
+        config["many"] = {"files": args.many_files, "file_size": ctx.many_size, "bytes": wl["many"].size,
+                          "digest_of_sha256s": wl["many"].sha}
     if "tree" in wl:
         t = wl["tree"]
         config["tree"] = {"files": t.files, "dirs": t.dirs, "bytes": t.size, "seed": TREE_SEED,
                           "max_file": TREE_MAX_FILE, "tree_sha256": t.sha,
                           "layout": f"{TREE_NAME}/dNN/dNN/fNNNN (100 folders) + {TREE_NAME}/empty, {TREE_NAME}/d05/e0/e1"}
-    out.write_text(json.dumps({
+    total = time.monotonic() - t_start
+    data = {
         "date": now.isoformat(timespec="seconds"), "machine": info, "config": config,
         "versions": {"xfer_git": version(["git", "describe", "--always", "--dirty"]),
                      "netcat": version(["dpkg-query", "-W", "-f=${Version}\n", "netcat-openbsd"]),
                      "rsync": version(["rsync", "--version"]),
-                     "tar": version(["tar", "--version"]) if "tree" in wl else None},
-        "cases": {name: {"workload": w.name, "runs": runs[name], "summary": summaries.get(name),
-                         "error": errors.get(name)} for name, _, w, _ in cases},
-    }, indent=2) + "\n")
-    print(f"raw results: {out}")
+                     "openssh": version(["ssh", "-V"], stderr=True) if "scp" in groups else None,
+                     "tar": version(["tar", "--version"]), "coreutils": version(["sha256sum", "--version"])},
+        "cases": {c.id: {"workload": c.w.name, "dest": c.d.name, "case": c.name, "group": c.group,
+                         "runs": runs[c.id], "summary": summaries.get(c.id), "error": errors.get(c.id)}
+                  for c in cases},
+        "skipped": skipped, "total_s": total,
+    }
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    cols, rows = csv_rows(cases, runs, summaries, errors)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, cols)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"raw results: {out}\ncsv:         {out.with_suffix('.csv')}")
+    if plotter is not False and make_chart(plotter, out, out.with_suffix(".png")):
+        print(f"chart:       {out.with_suffix('.png')}")
+    total = time.monotonic() - t_start
+    print(f"total time {total:.0f} s ({int(total // 60)} min {total % 60:.0f} s)", flush=True)
     return 1 if errors else 0
 
 
 def cleanup():
     # Kill every child we have: the tools, and anything re-parented to us as subreaper
-    # (e.g. an rsync daemon's fork if the daemon was killed first). Then remove temp dirs.
+    # (e.g. an rsync daemon's or sshd's fork if the daemon was killed first). Then remove temp dirs.
     kill_children()
     for d in TEMP_DIRS:
         shutil.rmtree(d, ignore_errors=True)
+    for d in MADE_DIRS:
+        try:
+            os.rmdir(d)  # only if still empty
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":
+    t_start = time.monotonic()
     # SIGTERM/SIGHUP become SystemExit so the finally below still removes daemons and temp files.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         sys.exit("prctl(PR_SET_CHILD_SUBREAPER) failed; Linux is required")
     try:
-        sys.exit(main())
+        sys.exit(main(t_start))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
