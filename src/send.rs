@@ -432,7 +432,8 @@ pub(crate) fn send_body(
     // Reads come from the file in large blocks whatever the chunk size, so a 1-byte chunk size
     // costs framing, not a syscall per byte.
     let block = (chunk as usize).max(SOCKET_BUF);
-    let mut buf = vec![0u8; block];
+    // No bigger than the body: a batch sends thousands of small files through here.
+    let mut buf = vec![0u8; (block as u64).min(size - offset) as usize];
     let mut remaining = size - offset;
     while remaining > 0 {
         let want = (block as u64).min(remaining) as usize;
