@@ -27,7 +27,10 @@ mod messages;
 pub use batch::{
     Answer, AnswersPart, Body, DigestsPart, Entry, EntryKind, FileVerdict, ManifestPart, Withdraw,
 };
-pub use frame::{FrameHeader, FrameKind, read_frame_header, read_message, write_frame_header, write_message};
+pub use frame::{
+    FRAME_HEADER_LEN, FrameHeader, FrameKind, read_frame_header, read_message, write_frame_header,
+    write_message,
+};
 pub use messages::{
     Digest, HashAlg, Message, Offer, RejectCode, Reply, Trailer, Verdict, bounded_reason, decode_message,
     encode_message,

@@ -21,7 +21,7 @@ use crate::manifest;
 use crate::partial::{Durability, FileId, Opened, Partial, RESUME_MIN};
 use crate::progress::human_bytes;
 use crate::protocol::{
-    Answer, AnswersPart, Body, Digest, Entry, EntryKind, FileVerdict, MAX_ENTRIES, MAX_MESSAGE_LEN,
+    Answer, AnswersPart, Body, Digest, Entry, EntryKind, FileVerdict, HashAlg, MAX_ENTRIES, MAX_MESSAGE_LEN,
     ManifestPart, Message, ProtocolError, RejectCode, Reply, Verdict, WireError, Withdraw, bounded_reason,
     encode_message, read_message, write_message,
 };
@@ -52,7 +52,10 @@ struct Plan {
     index: usize,
     digest: Digest,
     offset: u64,
-    hasher: Hasher,
+    /// The hash state of bytes `0..offset` for a resumed file. Fresh files get theirs when their
+    /// body comes: 10,000 queued plans must not hold 10,000 hash states (2 KiB each for BLAKE3).
+    hasher: Option<Hasher>,
+    alg: HashAlg,
     record: bool,
     /// The partial, still locked, for a resumed file.
     held: Option<Partial>,
@@ -338,7 +341,7 @@ pub(super) fn handle(
         let body = receive_body(
             reader,
             &partial,
-            (*size, plan.offset, plan.hasher),
+            (*size, plan.offset, plan.hasher.unwrap_or_else(|| Hasher::new(plan.alg))),
             &mut received,
             &mut reservation,
             &bar,
@@ -515,11 +518,11 @@ fn answer_file(
     let alg = *alg;
     let resumable = *size > RESUME_MIN;
     let plan =
-        |offset, hasher, record, held| Plan { index: 0, digest: *digest, offset, hasher, record, held };
+        |offset, hasher, record, held| Plan { index: 0, digest: *digest, offset, hasher, alg, record, held };
     // In a folder this batch just created there is nothing to compare with or resume:
     // no lookups at all (the renames stay no-replace, whatever appears meanwhile).
     if !resumable && dirs.created.contains(parent_path) {
-        return Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(alg), false, None))));
+        return Ok((Answer::Send { offset: 0 }, Some(plan(0, None, false, None))));
     }
     let parent = dirs.get(parent_path)?;
     if store::find_existing(parent, name, (*size, alg, digest), overwrite, until)?.is_some() {
@@ -527,7 +530,7 @@ fn answer_file(
     }
     // Nothing to resume and nothing worth a record: answer without touching the disk.
     if !resumable && Partial::absent(parent, name) {
-        return Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(alg), false, None))));
+        return Ok((Answer::Send { offset: 0 }, Some(plan(0, None, false, None))));
     }
     match Partial::open(
         parent.try_clone()?,
@@ -541,10 +544,13 @@ fn answer_file(
             // A resumed partial stays locked until its body: its prefix was hashed and
             // nothing may change it in between. Past MAX_HELD it starts over instead.
             if offset > 0 && hold {
-                return Ok((Answer::Send { offset }, Some(plan(offset, hasher, record, Some(partial)))));
+                return Ok((
+                    Answer::Send { offset },
+                    Some(plan(offset, Some(hasher), record, Some(partial))),
+                ));
             }
             drop(partial);
-            Ok((Answer::Send { offset: 0 }, Some(plan(0, Hasher::new(alg), record, None))))
+            Ok((Answer::Send { offset: 0 }, Some(plan(0, None, record, None))))
         }
         Opened::Busy => Ok((
             Answer::Reject {

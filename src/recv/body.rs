@@ -1,6 +1,6 @@
 //! Receiving one body: frames from the socket into a partial file, hashed on the way.
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::sync::{Mutex, mpsc};
 use std::time::Instant;
@@ -78,6 +78,39 @@ fn next_data_frame(r: &mut BufReader<DeadlineReader<'_>>, remaining: u64) -> Res
         return Err(BodyError::TooLong(h.len));
     }
     Ok(h.len as usize)
+}
+
+/// Like [`next_data_frame`], but a header that is not already buffered is read straight from
+/// the socket, so the `BufReader` does not fill up with the frame's payload (which would then be
+/// copied out of it: a large body bypasses the buffer, see [`read_payload`]).
+fn next_data_frame_direct(r: &mut BufReader<DeadlineReader<'_>>, remaining: u64) -> Result<usize, BodyError> {
+    if !r.buffer().is_empty() {
+        return next_data_frame(r, remaining);
+    }
+    let mut h = [0u8; protocol::FRAME_HEADER_LEN];
+    r.get_mut().read_exact(&mut h).map_err(|e| BodyError::Wire(e.into()))?;
+    let h = protocol::FrameHeader::decode(h).map_err(|e| BodyError::Wire(e.into()))?;
+    if h.kind != FrameKind::Data {
+        let e = ProtocolError::UnexpectedFrame { expected: FrameKind::Data, got: h.kind };
+        return Err(BodyError::Wire(e.into()));
+    }
+    if u64::from(h.len) > remaining {
+        return Err(BodyError::TooLong(h.len));
+    }
+    Ok(h.len as usize)
+}
+
+/// Fills `dst` with payload bytes: first what the `BufReader` holds, then straight from the
+/// socket into `dst`, without passing through the buffer (one copy less per byte).
+fn read_payload(r: &mut BufReader<DeadlineReader<'_>>, dst: &mut [u8]) -> io::Result<()> {
+    let held = r.buffer();
+    let n = held.len().min(dst.len());
+    dst[..n].copy_from_slice(&held[..n]);
+    r.consume(n);
+    if n < dst.len() {
+        r.get_mut().read_exact(&mut dst[n..])?;
+    }
+    Ok(())
 }
 
 /// Reads and discards the rest of a body: `frame_left` bytes of the frame under way, then data
@@ -161,13 +194,13 @@ pub(super) fn receive_body(
                 if offset + *received >= size {
                     break 'body Ok(());
                 }
-                let mut left = match next_data_frame(r, size - offset - *received) {
+                let mut left = match next_data_frame_direct(r, size - offset - *received) {
                     Ok(len) => len,
                     Err(e) => break 'body Err(e),
                 };
                 while left > 0 {
                     let n = left.min(RECV_BUF - filled);
-                    if let Err(e) = r.read_exact(&mut buf[filled..filled + n]) {
+                    if let Err(e) = read_payload(r, &mut buf[filled..filled + n]) {
                         break 'body Err(BodyError::Wire(e.into()));
                     }
                     filled += n;
