@@ -116,6 +116,29 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
     let known = cache.as_ref().and_then(|c| c.get(&stamp));
     let cached = known.is_some();
 
+    // Without a digest, the whole file is hashed on a second thread (reading it independently,
+    // from byte 0), from now on: while we connect, while the receiver checks a partial, and
+    // while the body goes out from `offset`. The digest is cached as soon as it is known, so
+    // even a send interrupted after that does not need to read the file again.
+    let hashing = known.is_none().then(|| {
+        let bar = progress.bytes("hashing", &name, size);
+        let file = file.try_clone();
+        let (alg, mut cache) = (opts.hash, cache.take());
+        std::thread::spawn(move || {
+            let file = file?;
+            let out = crate::hash::hash_reader(alg, PreadReader { file: &file, pos: 0 }, &bar);
+            bar.finish_and_clear();
+            if let (Ok((d, n)), Some(c)) = (&out, cache.as_mut())
+                && *n == stamp.size
+                && file.metadata().map(|m| Stamp::of(&m)).ok() == Some(stamp)
+            {
+                c.put(stamp, *d);
+                c.flush();
+            }
+            out
+        })
+    });
+    let mut hashing = hashing.map(Hashing::Running);
     let (stream, peer, limit) = open_connection(opts)?;
     let wire = |what: &'static str| {
         let peer = peer.clone();
@@ -148,12 +171,15 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
     let mut digest = known;
     let mut reply = read_reply(&mut reader)?;
     if reply == Reply::NeedDigest && digest.is_none() {
-        // The receiver holds a file of this name and size: hash first, so it can tell.
-        let d = hash_keeping_alive(&file, (stamp, opts.hash), cache.as_mut(), progress, &name, &mut writer)
+        // The receiver holds a file of this name and size: it needs the digest being computed.
+        let d = hashing
+            .as_mut()
+            .expect("no digest, so hashing")
+            .wait_keeping_alive(&mut writer, (size, &path))
             .map_err(|e| match e {
-            HashError::Local(e) => e,
-            HashError::Wire(e) => wire("sending the digest")(e.into()),
-        })?;
+                HashError::Local(e) => e,
+                HashError::Wire(e) => wire("sending the digest")(e.into()),
+            })?;
         digest = Some(d);
         write_message(&mut writer, &Message::Offer(offer(digest)))
             .and_then(|()| writer.flush())
@@ -199,27 +225,6 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
     if offset > 0 {
         progress.line(&format!("xfer: resuming \"{}\" at byte {offset} of {size}", escape(&name)), false);
     }
-    // Without a digest, the whole file is hashed on a second thread (reading it independently,
-    // from byte 0) while the body goes out from `offset`. The digest is cached as soon as it is
-    // known, so even a send interrupted after that does not need to read the file again.
-    let hashing = digest.is_none().then(|| {
-        let bar = progress.bytes("hashing", &name, size);
-        let file = file.try_clone();
-        let (alg, mut cache) = (opts.hash, cache.take());
-        std::thread::spawn(move || {
-            let file = file?;
-            let out = crate::hash::hash_reader(alg, PreadReader { file: &file, pos: 0 }, &bar);
-            bar.finish_and_clear();
-            if let (Ok((d, n)), Some(c)) = (&out, cache.as_mut())
-                && *n == stamp.size
-                && file.metadata().map(|m| Stamp::of(&m)).ok() == Some(stamp)
-            {
-                c.put(stamp, *d);
-                c.flush();
-            }
-            out
-        })
-    });
     let bar = progress.bytes("sending", &name, size);
     bar.set_position(offset);
     let body = send_body(
@@ -234,9 +239,10 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<SendReport, Error> {
     bar.finish_and_clear();
     // The trailer: the digest of what was sent, or None if the file changed under us.
     let body = body.and_then(|()| {
-        if let Some(h) = hashing {
-            let hashed = h.join().expect("hashing thread does not panic");
-            let (d, n) = hashed.map_err(|e| Error::io(format!("cannot read {path}"), e))?;
+        // Offered without a digest: the trailer carries it (the digest sent after NeedDigest
+        // went in the second offer, and then no trailer follows).
+        if let Some(h) = hashing.filter(|_| known.is_none() && digest.is_none()) {
+            let (d, n) = h.finish().map_err(|e| Error::io(format!("cannot read {path}"), e))?;
             let unchanged = n == size && file.metadata().map(|m| Stamp::of(&m)).ok() == Some(stamp);
             let trailer = Trailer { digest: unchanged.then_some(d) };
             write_message(&mut writer, &Message::Trailer(trailer))
@@ -298,41 +304,57 @@ enum HashError {
     Wire(std::io::Error),
 }
 
-/// Hashes the file on a second thread (with a bar) while this one tells the receiver, once a
-/// second, that the digest is coming (an empty `Digests` part), so a large file does not trip
-/// its idle timeout.
-fn hash_keeping_alive(
-    file: &File,
-    (stamp, alg): (Stamp, protocol::HashAlg),
-    cache: Option<&mut DigestCache>,
-    progress: &Progress,
-    name: &str,
-    writer: &mut BufWriter<&TcpStream>,
-) -> Result<protocol::Digest, HashError> {
-    let bar = progress.bytes("hashing", name, stamp.size);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let mut own = file.try_clone().map_err(|e| HashError::Local(Error::io("cannot reopen the file", e)))?;
-    let path = name.to_string();
-    let hasher_bar = bar.clone();
-    std::thread::spawn(move || {
-        let _ = tx.send(digest_of(&mut own, (stamp, alg), None, &hasher_bar, &path));
-    });
-    let result = loop {
-        match rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(r) => break r,
-            Err(_) => {
-                let keepalive = Message::Digests(protocol::DigestsPart { first: 0, digests: Vec::new() });
-                write_message(writer, &keepalive).and_then(|()| writer.flush()).map_err(HashError::Wire)?;
+/// The sender's hashing thread: running, or finished with its result taken.
+enum Hashing {
+    Running(std::thread::JoinHandle<std::io::Result<(protocol::Digest, u64)>>),
+    Done(protocol::Digest, u64),
+}
+
+impl Hashing {
+    /// Waits for the digest while telling the receiver, once a second, that it is coming (an
+    /// empty `Digests` part), so a large file does not trip its idle timeout. Checks the whole
+    /// file was read.
+    fn wait_keeping_alive(
+        &mut self,
+        writer: &mut BufWriter<&TcpStream>,
+        (size, path): (u64, &str),
+    ) -> Result<protocol::Digest, HashError> {
+        if let Hashing::Running(h) = self {
+            let mut last = Instant::now();
+            while !h.is_finished() {
+                std::thread::sleep(Duration::from_millis(20));
+                if !h.is_finished() && last.elapsed() >= KEEPALIVE {
+                    last = Instant::now();
+                    let keepalive = Message::Digests(protocol::DigestsPart { first: 0, digests: Vec::new() });
+                    write_message(writer, &keepalive)
+                        .and_then(|()| writer.flush())
+                        .map_err(HashError::Wire)?;
+                }
             }
         }
-    };
-    bar.finish_and_clear();
-    let (d, _) = result.map_err(HashError::Local)?;
-    if let Some(c) = cache {
-        c.put(stamp, d);
+        let taken = std::mem::replace(self, Hashing::Done(protocol::Digest([0; 32]), 0));
+        let (d, n) =
+            taken.finish().map_err(|e| HashError::Local(Error::io(format!("cannot read {path}"), e)))?;
+        *self = Hashing::Done(d, n);
+        if n != size {
+            return Err(HashError::Local(Error::Integrity(format!(
+                "{path} changed while it was being hashed; send it again"
+            ))));
+        }
+        Ok(d)
     }
-    Ok(d)
+
+    /// The digest and the number of bytes hashed.
+    fn finish(self) -> std::io::Result<(protocol::Digest, u64)> {
+        match self {
+            Hashing::Running(h) => h.join().expect("hashing thread does not panic"),
+            Hashing::Done(d, n) => Ok((d, n)),
+        }
+    }
 }
+
+/// How often a sender waiting for its own hashing tells the receiver it is still there.
+const KEEPALIVE: Duration = Duration::from_secs(1);
 
 /// The file's digest: from the cache when its stamp is known, otherwise by reading it (advancing
 /// `bar`), checking it did not change meanwhile, and remembering the result.
