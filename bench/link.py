@@ -73,7 +73,8 @@ def run_case(case, src, dst, port, size):
     else:
         hash_alg = case.split("-")[1]
         rx = subprocess.Popen(["ip", "netns", "exec", NS_RX, BIN, "recv", "--dir", dst, "--listen",
-                               f"{IP_RX}:{port}", "--once", "--quiet"], stdout=subprocess.DEVNULL, env=env)
+                               f"{IP_RX}:{port}", "--once", "--quiet"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=env)
         tx_cmd = ["ip", "netns", "exec", NS_TX, BIN, "send", src, f"{IP_RX}:{port}", "--quiet", "--no-cache",
                   "--hash", hash_alg]
     time.sleep(0.3)
