@@ -26,6 +26,10 @@ pub enum Exit {
     Io = 6,
     /// The peer is not xfer, speaks another protocol version, or broke the protocol.
     Protocol = 7,
+    /// Stopped by Ctrl-C (SIGINT), as shells report it: 128 + 2.
+    Interrupted = 130,
+    /// Stopped by SIGTERM: 128 + 15.
+    Terminated = 143,
 }
 
 impl From<Exit> for ExitCode {

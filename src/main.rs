@@ -15,6 +15,7 @@ use xfer::send_batch::{BatchReport, EntryOutcome, send_batch};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    exit_on_signals();
     match run(cli) {
         Ok(()) => Exit::Ok.into(),
         Err(e) => {
@@ -22,6 +23,28 @@ fn main() -> ExitCode {
             e.exit().into()
         }
     }
+}
+
+/// Ctrl-C (SIGINT) or SIGTERM ends xfer at once, with 130 or 143, after one line on stderr.
+/// Nothing needs tidying first: a file gets its final name only by a rename after it was
+/// verified, and partials are meant to stay for a resume, so stopping at any instant leaves no
+/// unverified file under a final name. (So a second Ctrl-C has nothing left to wait for.)
+fn exit_on_signals() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            let (what, code) = if signal == SIGINT {
+                ("interrupted", Exit::Interrupted)
+            } else {
+                ("terminated", Exit::Terminated)
+            };
+            eprintln!("xfer: {what}; partial files stay on the receiver, and sending again resumes them");
+            std::process::exit(code as i32);
+        }
+    });
 }
 
 fn run(cli: Cli) -> Result<(), Error> {

@@ -241,3 +241,66 @@ fn a_batch_resumes_its_large_file() {
     assert!(std::fs::read(rx.dir.join("batch/big.bin")).unwrap() == big);
     assert_eq!(std::fs::read_dir(rx.dir.join("batch/small")).unwrap().count(), 50);
 }
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+#[test]
+fn ctrl_c_on_the_sender_exits_130_and_sending_again_resumes() {
+    let rx = Receiver::start(&["--quiet"]);
+    let data = random_bytes(SIZE, 27);
+    let (_src, path) = source_file("big.bin", &data);
+    let proxy = Proxy::start(rx.addr, Some(CUT));
+    let sender = Command::new(BIN)
+        .arg("send")
+        .arg(&path)
+        .arg(proxy.addr.to_string())
+        .env("XDG_CACHE_HOME", test_cache_home())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    proxy.wait_paused();
+    signal(sender.id(), "-INT");
+    let out = sender.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("xfer: interrupted"), "{stderr}");
+    assert!(out.stdout.is_empty(), "no summary for an interrupted send");
+    proxy.release.send(()).unwrap();
+    rx.wait_log("\"big.bin\"");
+    rx.assert_files_and_partial(&[], "big.bin");
+    resend_and_check(&rx, &path, &data);
+}
+
+#[test]
+fn ctrl_c_or_sigterm_on_the_receiver_exits_130_or_143_keeping_only_the_partial() {
+    // An idle receiver: SIGTERM, 143.
+    let mut idle = Receiver::start(&["--quiet"]);
+    signal(idle.child.id(), "-TERM");
+    assert_eq!(idle.wait_exit(), 143);
+    assert!(idle.stderr().contains("xfer: terminated"), "{}", idle.stderr());
+    // A receiver in the middle of a body: Ctrl-C, 130, no final name, the partial kept.
+    let mut rx = Receiver::start(&["--quiet"]);
+    let data = random_bytes(SIZE, 28);
+    let (_src, path) = source_file("big.bin", &data);
+    let proxy = Proxy::start(rx.addr, Some(CUT));
+    let mut sender = spawn_sender(&path, proxy.addr);
+    proxy.wait_paused();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rx.partial("big.bin").1 < CUT - (1 << 20) {
+        assert!(Instant::now() < deadline, "receiver never wrote the first half");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(rx.child.id(), "-INT");
+    assert_eq!(rx.wait_exit(), 130);
+    assert!(rx.stderr().contains("xfer: interrupted"), "{}", rx.stderr());
+    rx.assert_files_and_partial(&[], "big.bin");
+    proxy.release.send(()).unwrap();
+    assert_ne!(sender.wait().unwrap().code(), Some(0));
+    let (root, dir) = rx.kill_and_keep_dir();
+    let rx = Receiver::start_in(root, dir, &["--quiet"]);
+    resend_and_check(&rx, &path, &data);
+}
