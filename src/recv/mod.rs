@@ -32,6 +32,11 @@ use body::{BodyError, DeadlineReader, RECV_BUF, Reservation, receive_body};
 /// offer and refuse it as busy, while a flood of idle connections is closed at once.
 const CONNECTIONS_PER_TRANSFER: usize = 4;
 
+/// Of those connections, the share one peer address may hold (half: twice `--max-transfers`), so
+/// a flood of idle connections from one address cannot keep everyone else out, while one busy
+/// host can still run all the transfers and be told "busy" past them.
+const PEER_SHARE: usize = 2;
+
 /// How often old partial files are looked for while the receiver runs.
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
@@ -66,8 +71,42 @@ pub(super) struct Shared {
     progress: Progress,
     transfers: AtomicUsize,
     connections: AtomicUsize,
+    /// Connections open per peer address.
+    per_peer: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     /// Bytes promised to transfers in flight, so concurrent offers cannot overbook free space.
     reserved: Mutex<u64>,
+}
+
+impl Shared {
+    /// Counts a connection from `ip` unless that address already holds `limit`.
+    fn take_peer_slot(&self, ip: std::net::IpAddr, limit: usize) -> bool {
+        let mut map = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= limit {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn release_peer_slot(&self, ip: std::net::IpAddr) {
+        let mut map = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&ip);
+            }
+        }
+    }
+}
+
+/// A connection counted against its peer address until dropped.
+struct PeerSlot<'a>(&'a Shared, std::net::IpAddr);
+
+impl Drop for PeerSlot<'_> {
+    fn drop(&mut self) {
+        self.0.release_peer_slot(self.1);
+    }
 }
 
 impl Shared {
@@ -114,6 +153,7 @@ impl Receiver {
             progress,
             transfers: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
+            per_peer: Mutex::new(Default::default()),
             reserved: Mutex::new(0),
         };
         Ok(Receiver { listener, shared: Arc::new(shared) })
@@ -172,18 +212,30 @@ impl Receiver {
                 }
             };
             let peer = stream.peer_addr().map_or_else(|_| "unknown".to_string(), |a| a.to_string());
+            let ip = stream.peer_addr().map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+            let per_peer = (max_conns / PEER_SHARE).max(1);
+            if !self.shared.take_peer_slot(ip, per_peer) {
+                self.shared.progress.line(
+                    &format!("{peer}: refused: {per_peer} connections already open from this address"),
+                    true,
+                );
+                continue;
+            }
             if take_slot(&self.shared.connections, max_conns).map(std::mem::forget).is_none() {
+                self.shared.release_peer_slot(ip);
                 self.shared.progress.line(&format!("{peer}: refused: {max_conns} connections open"), true);
                 continue;
             }
             let shared = Arc::clone(&self.shared);
             let spawned = std::thread::Builder::new().name(format!("xfer {peer}")).spawn(move || {
                 let _conn = Slot(&shared.connections);
+                let _peer = PeerSlot(&shared, ip);
                 let addr = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
                 let _ = handle_logged(&shared, stream, addr);
             });
             if let Err(e) = spawned {
                 self.shared.connections.fetch_sub(1, Ordering::SeqCst);
+                self.shared.release_peer_slot(ip);
                 self.shared.progress.line(&format!("{peer}: cannot start a thread: {e}"), true);
             }
         }

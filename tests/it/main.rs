@@ -9,6 +9,7 @@ mod existing; // identical file → already have it; different → keep both; --
 mod exit_codes; // every documented exit code, provoked for real
 mod hashes; // --hash blake3: announced, verified with that algorithm, cached apart
 mod hostile; // a raw peer speaking the wire format attacks the receiver
+mod load; // 64 senders at once; a flood of idle connections from one address
 mod pipeline; // hashing overlaps sending: files are answered and stored as their digests come
 mod progress; // bars on a terminal (a pty from script(1)), none with --quiet or in a pipe
 mod resume; // interrupted three ways, then resumed; other versions not reused

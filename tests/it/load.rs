@@ -1,0 +1,109 @@
+//! Load and floods: 64 senders at once into one receiver, and 500 idle connections from one
+//! address while an honest sender from another gets through. The receiver's peak memory and
+//! open descriptors are measured from /proc and printed (`cargo test -- --nocapture` shows them).
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::util::{Receiver, random_bytes, send, source_file};
+
+/// Open descriptors and peak resident memory (KiB) of a process, from /proc.
+fn fds_and_peak_rss(pid: u32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0);
+    (fds, hwm)
+}
+
+/// A TCP connection to `to` from the loopback address `from` (any port).
+fn connect_from(from: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
+    use rustix::net::{AddressFamily, SocketType};
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None)?;
+    rustix::net::bind(&fd, &SocketAddr::from((from, 0)))?;
+    rustix::net::connect(&fd, &to)?;
+    Ok(TcpStream::from(fd))
+}
+
+#[test]
+fn sixty_four_senders_at_once_all_verified_with_bounded_memory_and_descriptors() {
+    let rx = Receiver::start(&["--quiet", "--max-transfers", "64"]);
+    let pid = rx.child.id();
+    let (base_fds, _) = fds_and_peak_rss(pid);
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        std::thread::spawn(move || {
+            let mut max_fds = 0;
+            while sampling.load(std::sync::atomic::Ordering::SeqCst) {
+                max_fds = max_fds.max(fds_and_peak_rss(pid).0);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            max_fds
+        })
+    };
+    let start = Instant::now();
+    // BLAKE3 keeps the test quick on CPUs without SHA extensions; the load is the same.
+    let handles: Vec<_> = (0..64)
+        .map(|i| {
+            let target = rx.target();
+            std::thread::spawn(move || {
+                let name = format!("load-{i:02}");
+                let data = random_bytes(16 << 20, 1000 + i);
+                let (_src, path) = source_file(&name, &data);
+                send(&path, &target, &["--quiet", "--no-cache", "--hash", "blake3"]).expect(0);
+                (name, data)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (name, data) = h.join().unwrap();
+        assert!(std::fs::read(rx.dir.join(&name)).unwrap() == data, "{name} differs");
+    }
+    let elapsed = start.elapsed();
+    sampling.store(false, std::sync::atomic::Ordering::SeqCst);
+    let max_fds = sampler.join().unwrap();
+    let (_, peak_kib) = fds_and_peak_rss(pid);
+    println!(
+        "64 senders x 16 MiB in {:.1} s: receiver peak RSS {:.1} MiB, open descriptors {base_fds} idle, \
+         {max_fds} at most",
+        elapsed.as_secs_f64(),
+        peak_kib as f64 / 1024.0
+    );
+    // Per transfer: a socket, a partial, a folder; a few buffers of 256 KiB.
+    assert!(max_fds <= base_fds + 64 * 3, "{max_fds} descriptors open");
+    assert!(peak_kib < 256 * 1024, "peak RSS {peak_kib} KiB");
+}
+
+#[test]
+fn a_flood_of_idle_connections_from_one_address_does_not_keep_out_another() {
+    let rx = Receiver::start(&["--quiet", "--handshake-timeout", "20"]);
+    // 500 connections from 127.0.0.2 that never say a word (the receiver's hello is unread).
+    let mut idle = Vec::new();
+    for _ in 0..500 {
+        if let Ok(s) = connect_from([127, 0, 0, 2], rx.addr) {
+            idle.push(s);
+        }
+    }
+    rx.wait_log("127.0.0.2");
+    let (fds, _) = fds_and_peak_rss(rx.child.id());
+    // An honest sender from 127.0.0.1, while they are all still open (handshake timeout 20 s).
+    let start = Instant::now();
+    let data = random_bytes(1 << 20, 77);
+    let (_src, path) = source_file("honest.bin", &data);
+    send(&path, &rx.target(), &["--quiet"]).expect(0);
+    assert!(start.elapsed() < Duration::from_secs(10), "the honest sender waited for the flood");
+    assert!(std::fs::read(rx.dir.join("honest.bin")).unwrap() == data);
+    println!(
+        "500 idle connections: receiver holds {fds} descriptors; honest send took {:?}",
+        start.elapsed()
+    );
+    // The flood got its share (32 of the 64 connections), the rest were refused at once.
+    let log = rx.wait_log("connections already open from this address");
+    assert!(fds < 64, "{fds} descriptors open during the flood");
+    assert!(log.matches("refused").count() >= 400, "refusals logged:\n{log}");
+    drop(idle);
+}
