@@ -7,6 +7,7 @@ mod cache; // the sender's digest cache: repeat sends skip hashing, changes neve
 mod concurrency; // many senders at once; a stalled sender holds up no one; the busy limit
 mod existing; // identical file → already have it; different → keep both; --overwrite replaces
 mod exit_codes; // every documented exit code, provoked for real
+mod faults; // a proxy flips, trickles, stalls and cuts: nothing bad is stored, resume works
 mod hashes; // --hash blake3: announced, verified with that algorithm, cached apart
 mod hostile; // a raw peer speaking the wire format attacks the receiver
 mod load; // 64 senders at once; a flood of idle connections from one address
