@@ -5,12 +5,12 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use crate::hostile::still_serves;
-use crate::util::{Receiver, random_bytes, send, source_file};
+use crate::util::{Receiver, SmallDisk, list, random_bytes, send, source_file};
 
-#[derive(Clone, Copy)]
 enum Fault {
     /// XOR 0xff into the byte at this offset of the sender → receiver stream.
     Flip(u64),
@@ -20,6 +20,8 @@ enum Fault {
     Stall(u64),
     /// Forward this many bytes, then drop both connections.
     Cut(u64),
+    /// Forward this many bytes, say so, wait to be released, then forward the rest.
+    Gate(u64, mpsc::Sender<()>, mpsc::Receiver<()>),
 }
 
 /// A one-connection proxy to `target` that applies `fault` to what the sender sends.
@@ -36,21 +38,36 @@ fn proxy(target: SocketAddr, fault: Fault) -> SocketAddr {
         });
         let mut buf = vec![0u8; 64 * 1024];
         let mut done = 0u64;
+        let mut gate_passed = false;
         loop {
             let n = match client_r.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
             let chunk = &mut buf[..n];
-            let ok = match fault {
+            let ok = match &fault {
                 Fault::Flip(at) => {
+                    let at = *at;
                     if (done..done + n as u64).contains(&at) {
                         chunk[(at - done) as usize] ^= 0xff;
                     }
                     server_w.write_all(chunk).is_ok()
                 }
                 Fault::Trickle => chunk.iter().all(|b| server_w.write_all(std::slice::from_ref(b)).is_ok()),
+                Fault::Gate(_, _, _) if gate_passed => server_w.write_all(chunk).is_ok(),
+                Fault::Gate(limit, paused, release) => {
+                    let take = (limit.saturating_sub(done) as usize).min(n);
+                    let mut ok = server_w.write_all(&chunk[..take]).is_ok();
+                    if take < n || done + n as u64 == *limit {
+                        let _ = paused.send(());
+                        let _ = release.recv_timeout(Duration::from_secs(30));
+                        gate_passed = true;
+                        ok = ok && server_w.write_all(&chunk[take..]).is_ok();
+                    }
+                    ok
+                }
                 Fault::Stall(limit) | Fault::Cut(limit) => {
+                    let limit = *limit;
                     let take = (limit.saturating_sub(done) as usize).min(n);
                     let ok = server_w.write_all(&chunk[..take]).is_ok();
                     if done + n as u64 >= limit {
@@ -68,8 +85,14 @@ fn proxy(target: SocketAddr, fault: Fault) -> SocketAddr {
                 break;
             }
         }
-        let _ = server_w.shutdown(Shutdown::Both);
-        let _ = client_r.shutdown(Shutdown::Both);
+        if let Fault::Cut(_) = fault {
+            let _ = server_w.shutdown(Shutdown::Both);
+            let _ = client_r.shutdown(Shutdown::Both);
+        } else {
+            // The receiver may still have words for the sender (a verdict): the other thread
+            // forwards them and closes the sender's side when the receiver is done.
+            let _ = server_w.shutdown(Shutdown::Write);
+        }
     });
     addr
 }
@@ -143,4 +166,42 @@ fn cuts_at_random_offsets_never_leave_a_bad_file_and_resume_finishes() {
     assert!(std::fs::read(rx.dir.join("cut.bin")).unwrap() == data);
     std::fs::remove_file(rx.dir.join("cut.bin")).unwrap();
     still_serves(&rx, 1);
+}
+
+#[test]
+fn a_full_disk_refuses_what_cannot_fit_and_fails_cleanly_when_filled_mid_transfer() {
+    let disk = SmallDisk::mount("8m");
+    let dir = disk.0.path().join("dir");
+    std::fs::create_dir(&dir).unwrap();
+    let rx = Receiver::start_in(tempfile::tempdir().unwrap(), dir.clone(), &["--quiet"]);
+    // Too large for the disk: refused before any body byte, nothing written.
+    let (_big, big) = source_file("big.bin", &random_bytes(10 << 20, 51));
+    let run = send(&big, &rx.target(), &["--quiet"]).expect(4);
+    assert!(run.stderr().contains("free"), "{}", run.report());
+    assert_eq!(list(&dir), Vec::<String>::new());
+    // Fits when offered; another writer fills the disk while the body is on its way.
+    let data = random_bytes(5 << 20, 52);
+    let (_src, path) = source_file("fits.bin", &data);
+    let (paused_tx, paused) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    let via = proxy(rx.addr, Fault::Gate(1 << 20, paused_tx, release_rx));
+    let sender = {
+        let path = path.clone();
+        std::thread::spawn(move || send(&path, &via.to_string(), &["--quiet"]))
+    };
+    paused.recv_timeout(Duration::from_secs(30)).expect("the proxy never reached the gate");
+    let filler = disk.0.path().join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    while f.write_all(&[0u8; 64 * 1024]).is_ok() {}
+    drop(f);
+    release.send(()).unwrap();
+    let run = sender.join().unwrap().expect(1);
+    assert!(run.stderr().contains("No space left"), "the sender reports the full disk\n{}", run.report());
+    rx.wait_log("\"fits.bin\"");
+    // Nothing under the final name, and the temporary file is gone.
+    assert_eq!(list(&dir), Vec::<String>::new());
+    // Space again: the receiver kept serving.
+    std::fs::remove_file(&filler).unwrap();
+    send(&path, &rx.target(), &["--quiet"]).expect(0);
+    assert!(std::fs::read(dir.join("fits.bin")).unwrap() == data);
 }

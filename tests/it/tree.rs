@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use xfer::protocol::{self, Entry, EntryKind, HashAlg, Message, RejectCode, Reply};
 
-use crate::util::{RawPeer, Receiver, random_bytes, send};
+use crate::util::{RawPeer, Receiver, SmallDisk, random_bytes, send};
 
 /// Every path below `root` with its kind, permission bits, mtime and content, for comparing trees.
 fn snapshot(root: &Path) -> Vec<(String, bool, u32, SystemTime, Vec<u8>)> {
@@ -246,28 +246,6 @@ fn follow_does_not_loop() {
     let run = send(&tree, &rx.target(), &["--follow"]).expect(0);
     assert!(run.stderr().contains("symlink loop"), "{}", run.report());
     assert_eq!(fs::read(rx.dir.join("loop/inner/f")).unwrap(), b"f");
-}
-
-/// A small tmpfs mounted for one test, unmounted when dropped. Needs root (as CI has).
-struct SmallDisk(tempfile::TempDir);
-
-impl SmallDisk {
-    fn mount(size: &str) -> SmallDisk {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "mounting a tmpfs failed: this test needs root");
-        SmallDisk(dir)
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
-    }
 }
 
 #[test]
