@@ -302,3 +302,21 @@ fn a_full_disk_mid_body_fails_that_file_and_the_batch_goes_on() {
     assert!(!dir.join("t/big (1).bin").exists(), "a failed file got a final name");
     drop(rx);
 }
+
+#[test]
+fn the_target_folder_keeps_its_own_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let rx = Receiver::start(&["--quiet"]);
+    fs::set_permissions(&rx.dir, fs::Permissions::from_mode(0o750)).unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("open");
+    fs::create_dir(&tree).unwrap();
+    fs::write(tree.join("f"), b"f").unwrap();
+    fs::set_permissions(&tree, fs::Permissions::from_mode(0o777)).unwrap();
+    send(&tree, &rx.target(), &["--quiet"]).expect(0);
+    let (_one, single) = crate::util::source_file("single", b"single");
+    send(&single, &rx.target(), &["--quiet"]).expect(0);
+    assert_eq!(fs::metadata(&rx.dir).unwrap().permissions().mode() & 0o7777, 0o750);
+    // The sender's folder mode applies to the folder it sent, never to DIR.
+    assert_eq!(fs::metadata(rx.dir.join("open")).unwrap().permissions().mode() & 0o7777, 0o777);
+}
