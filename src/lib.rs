@@ -6,6 +6,8 @@
 pub mod cache;
 pub mod cli;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hash;
 pub mod manifest;
 pub mod partial;
