@@ -69,7 +69,11 @@ pub(super) enum BodyError {
 /// Reads the next frame header of a body with `remaining` bytes still to come, and checks it is
 /// a data frame that does not run past them. Returns its length.
 fn next_data_frame(r: &mut BufReader<DeadlineReader<'_>>, remaining: u64) -> Result<usize, BodyError> {
-    let h = read_frame_header(r).map_err(BodyError::Wire)?;
+    data_frame_len(read_frame_header(r).map_err(BodyError::Wire)?, remaining)
+}
+
+/// Checks a body's frame header: a data frame that does not run past the `remaining` bytes.
+fn data_frame_len(h: protocol::FrameHeader, remaining: u64) -> Result<usize, BodyError> {
     if h.kind != FrameKind::Data {
         let e = ProtocolError::UnexpectedFrame { expected: FrameKind::Data, got: h.kind };
         return Err(BodyError::Wire(e.into()));
@@ -89,15 +93,7 @@ fn next_data_frame_direct(r: &mut BufReader<DeadlineReader<'_>>, remaining: u64)
     }
     let mut h = [0u8; protocol::FRAME_HEADER_LEN];
     r.get_mut().read_exact(&mut h).map_err(|e| BodyError::Wire(e.into()))?;
-    let h = protocol::FrameHeader::decode(h).map_err(|e| BodyError::Wire(e.into()))?;
-    if h.kind != FrameKind::Data {
-        let e = ProtocolError::UnexpectedFrame { expected: FrameKind::Data, got: h.kind };
-        return Err(BodyError::Wire(e.into()));
-    }
-    if u64::from(h.len) > remaining {
-        return Err(BodyError::TooLong(h.len));
-    }
-    Ok(h.len as usize)
+    data_frame_len(protocol::FrameHeader::decode(h).map_err(|e| BodyError::Wire(e.into()))?, remaining)
 }
 
 /// Fills `dst` with payload bytes: first what the `BufReader` holds, then straight from the

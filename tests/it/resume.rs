@@ -82,6 +82,16 @@ fn spawn_sender(path: &std::path::Path, to: SocketAddr) -> std::process::Child {
         .unwrap()
 }
 
+/// Waits until the receiver has written the first half of `big.bin` (less what its pipeline may
+/// still hold), so that a kill lands mid-body.
+fn wait_for_first_half(rx: &Receiver) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rx.partial("big.bin").1 < CUT - (1 << 20) {
+        assert!(Instant::now() < deadline, "receiver never wrote the first half");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Sends `path` again through a counting proxy; checks it resumed past most of the cut, moved
 /// only the rest, and stored the right bytes.
 fn resend_and_check(rx: &Receiver, path: &std::path::Path, data: &[u8]) -> crate::util::Run {
@@ -141,11 +151,7 @@ fn resume_after_the_receiver_is_killed() {
     let mut sender = spawn_sender(&path, proxy.addr);
     proxy.wait_paused();
     // Let the receiver write what it has, then kill it mid-transfer.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while rx.partial("big.bin").1 < CUT - (1 << 20) {
-        assert!(Instant::now() < deadline, "receiver never wrote the first half");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_first_half(&rx);
     let (root, dir) = rx.kill_and_keep_dir();
     proxy.release.send(()).unwrap();
     assert_eq!(sender.wait().unwrap().code(), Some(3), "the sender reports the lost connection");
@@ -289,11 +295,7 @@ fn ctrl_c_or_sigterm_on_the_receiver_exits_130_or_143_keeping_only_the_partial()
     let proxy = Proxy::start(rx.addr, Some(CUT));
     let mut sender = spawn_sender(&path, proxy.addr);
     proxy.wait_paused();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while rx.partial("big.bin").1 < CUT - (1 << 20) {
-        assert!(Instant::now() < deadline, "receiver never wrote the first half");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_first_half(&rx);
     signal(rx.child.id(), "-INT");
     assert_eq!(rx.wait_exit(), 130);
     assert!(rx.stderr().contains("xfer: interrupted"), "{}", rx.stderr());
