@@ -9,6 +9,8 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hash;
+#[cfg(test)]
+mod limits_doc;
 pub mod manifest;
 pub mod partial;
 pub mod progress;

@@ -354,7 +354,7 @@ impl Hashing {
 }
 
 /// How often a sender waiting for its own hashing tells the receiver it is still there.
-const KEEPALIVE: Duration = Duration::from_secs(1);
+pub(crate) const KEEPALIVE: Duration = Duration::from_secs(1);
 
 /// The file's digest: from the cache when its stamp is known, otherwise by reading it (advancing
 /// `bar`), checking it did not change meanwhile, and remembering the result.

@@ -207,10 +207,10 @@ enum Event {
 /// How often the hashing thread appends new digests to the cache file.
 const CACHE_SAVE: Duration = Duration::from_secs(1);
 /// How long the main loop waits for news before it tells the receiver it is still hashing.
-const KEEPALIVE: Duration = Duration::from_secs(1);
+pub(crate) const KEEPALIVE: Duration = Duration::from_secs(1);
 /// Files the receiver should know the digest of beyond those already sent: enough that answers
 /// keep coming while bodies go out, without a message per digest.
-const TELL_AHEAD: usize = 64;
+pub(crate) const TELL_AHEAD: usize = 64;
 
 /// Hashes the listed files in order, from the cache where it knows them, and reports each digest.
 fn spawn_hashing(

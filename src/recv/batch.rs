@@ -31,18 +31,18 @@ use crate::store;
 
 /// Files made durable and acknowledged together. Each is held open (locked) until its group is
 /// flushed, so this also bounds the descriptors a batch holds.
-const GROUP_FILES: usize = 128;
+pub(crate) const GROUP_FILES: usize = 128;
 /// Bytes acknowledged together: bounds how much an interruption can cost.
-const GROUP_BYTES: u64 = 256 << 20;
+pub(crate) const GROUP_BYTES: u64 = 256 << 20;
 /// Resumed partials kept locked from their answer to their body, so nothing can change them in
 /// between; past this many, further partials are answered from offset 0.
-const MAX_HELD: usize = 64;
+pub(crate) const MAX_HELD: usize = 64;
 /// Time allowed for the whole manifest to arrive, however it trickles.
-const MANIFEST_DEADLINE: Duration = Duration::from_secs(120);
+pub(crate) const MANIFEST_DEADLINE: Duration = Duration::from_secs(120);
 /// Largest manifest, in bytes of path text plus a fixed cost per entry.
-const MAX_MANIFEST_BYTES: usize = 64 << 20;
+pub(crate) const MAX_MANIFEST_BYTES: usize = 64 << 20;
 /// An answers part goes out at least this often, so the sender's idle timeout is fed.
-const ANSWER_FLUSH: Duration = Duration::from_secs(1);
+pub(crate) const ANSWER_FLUSH: Duration = Duration::from_secs(1);
 
 type Reader<'a> = BufReader<DeadlineReader<'a>>;
 type Writer<'a> = BufWriter<&'a TcpStream>;

@@ -11,7 +11,7 @@ use crate::protocol::{self, FrameKind, ProtocolError, WireError, read_frame_head
 
 /// Read size from the socket into the file: one buffer per transfer, whatever the chunk size, so
 /// memory stays flat however large the file or the sender's chunks.
-pub(super) const RECV_BUF: usize = 256 * 1024;
+pub(crate) const RECV_BUF: usize = 256 * 1024;
 
 /// Bytes a transfer still has to write, counted in the shared pool. Shrinks as data lands (the
 /// file system's free space shrinks by the same amount) and returns the rest when dropped.
@@ -143,7 +143,7 @@ pub(super) fn skip_body(
 
 /// Buffers in flight between the socket reader and the hashing thread. Four 256 KiB buffers keep
 /// both busy; more only adds memory.
-const PIPELINE_BUFFERS: usize = 4;
+pub(crate) const PIPELINE_BUFFERS: usize = 4;
 
 /// Reads exactly `size - offset` body bytes into the partial file. Hashing runs on its own thread
 /// (SHA-256 is the slowest stage by far), fed full buffers after they are written, so socket reads

@@ -2,7 +2,8 @@
 //!
 //! Each connection gets a thread (blocking I/O keeps back-pressure and fsync simple). The number
 //! of transfers in flight is bounded by `--max-transfers`; an offer past it is refused as busy, and
-//! connections past a larger bound are closed at once. Every connection ends with one log line on
+//! connections past a larger bound (or past one address's share of it) get a busy refusal from
+//! one background thread (`refuse`) without a thread of their own. Every connection ends with one log line on
 //! stderr, and no failure of one transfer stops the receiver.
 
 use std::io::{self, BufReader, BufWriter, Write};
@@ -23,22 +24,23 @@ use crate::safedir::SafeDir;
 use crate::sanitize::{escape, validate_name};
 use crate::store;
 
-mod batch;
-mod body;
+pub(crate) mod batch;
+pub(crate) mod body;
+pub(crate) mod refuse;
 
 use body::{BodyError, DeadlineReader, RECV_BUF, Reservation, receive_body};
 
 /// Connections (not transfers) held at once, as a multiple of `--max-transfers`: room to read an
-/// offer and refuse it as busy, while a flood of idle connections is closed at once.
-const CONNECTIONS_PER_TRANSFER: usize = 4;
+/// offer and refuse it as busy, while a flood of idle connections is turned away at accept.
+pub(crate) const CONNECTIONS_PER_TRANSFER: usize = 4;
 
 /// Of those connections, the share one peer address may hold (half: twice `--max-transfers`), so
 /// a flood of idle connections from one address cannot keep everyone else out, while one busy
 /// host can still run all the transfers and be told "busy" past them.
-const PEER_SHARE: usize = 2;
+pub(crate) const PEER_SHARE: usize = 2;
 
 /// How often old partial files are looked for while the receiver runs.
-const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 /// How the receiver runs, validated by `cli`.
 #[derive(Debug, Clone)]
@@ -200,6 +202,7 @@ impl Receiver {
     pub fn serve(self) -> Result<(), Error> {
         self.start_sweeping();
         let max_conns = self.shared.opts.max_transfers * CONNECTIONS_PER_TRANSFER;
+        let refuser = refuse::Refuser::start();
         for conn in self.listener.incoming() {
             let stream = match conn {
                 Ok(s) => s,
@@ -215,15 +218,16 @@ impl Receiver {
             let ip = stream.peer_addr().map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
             let per_peer = (max_conns / PEER_SHARE).max(1);
             if !self.shared.take_peer_slot(ip, per_peer) {
-                self.shared.progress.line(
-                    &format!("{peer}: refused: {per_peer} connections already open from this address"),
-                    true,
-                );
+                let reason = format!("receiver busy: {per_peer} connections already open from this address");
+                self.shared.progress.line(&format!("{peer}: refused: {reason}"), true);
+                refuser.refuse(stream, reason);
                 continue;
             }
             if take_slot(&self.shared.connections, max_conns).map(std::mem::forget).is_none() {
                 self.shared.release_peer_slot(ip);
-                self.shared.progress.line(&format!("{peer}: refused: {max_conns} connections open"), true);
+                let reason = format!("receiver busy: {max_conns} connections open, try again later");
+                self.shared.progress.line(&format!("{peer}: refused: {reason}"), true);
+                refuser.refuse(stream, reason);
                 continue;
             }
             let shared = Arc::clone(&self.shared);

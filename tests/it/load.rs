@@ -6,6 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::util::{Receiver, random_bytes, send, source_file};
+use xfer::protocol::{Message, RejectCode, Reply};
 
 /// Open descriptors and peak resident memory (KiB) of a process, from /proc.
 fn fds_and_peak_rss(pid: u32) -> (usize, u64) {
@@ -103,7 +104,68 @@ fn a_flood_of_idle_connections_from_one_address_does_not_keep_out_another() {
     );
     // The flood got its share (32 of the 64 connections), the rest were refused at once.
     let log = rx.wait_log("connections already open from this address");
-    assert!(fds < 64, "{fds} descriptors open during the flood");
+    // Its 32, plus at most 32 refused ones held for a second to read their refusal and 16 queued
+    // for that, plus the receiver's own.
+    assert!(fds < 32 + 32 + 16 + 16, "{fds} descriptors open during the flood");
     assert!(log.matches("refused").count() >= 400, "refusals logged:\n{log}");
     drop(idle);
+}
+
+#[test]
+fn connections_past_the_limits_are_told_busy_not_just_closed() {
+    // --max-transfers 1: 4 connections at once, 2 of them per address.
+    let rx = Receiver::start(&["--max-transfers", "1", "--handshake-timeout", "60"]);
+    let data = random_bytes(100_000, 5);
+    let (_src, path) = source_file("late.bin", &data);
+
+    // This address's share is taken by two connections that say nothing.
+    let mine: Vec<_> = (0..2).map(|_| connect_from([127, 0, 0, 1], rx.addr).unwrap()).collect();
+    let run = send(&path, &rx.target(), &[]).expect(4);
+    assert!(run.stderr().contains("xfer: error:"), "{}", run.report());
+    assert!(run.stderr().contains("2 connections already open from this address"), "{}", run.report());
+    // A folder's sender reads the same refusal where it expects the manifest's answer.
+    let run = send(path.parent().unwrap(), &rx.target(), &[]).expect(4);
+    assert!(run.stderr().contains("rejected the batch"), "{}", run.report());
+
+    // Now the whole limit, from two other addresses; a sender from a third is told so.
+    drop(mine);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rx.stderr().matches("(no offer)").count() < 2 {
+        assert!(Instant::now() < deadline, "the idle connections were never let go:\n{}", rx.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let others: Vec<_> = [[127, 0, 0, 2], [127, 0, 0, 2], [127, 0, 0, 3], [127, 0, 0, 3]]
+        .iter()
+        .map(|&a| connect_from(a, rx.addr).unwrap())
+        .collect();
+    // The refusal is readable even by a client that sent nothing: hello, then Reject { Busy }.
+    let mut raw = crate::util::RawPeer::connect(rx.addr);
+    protocol_hello_then_busy(&mut raw);
+    let run = send(&path, &rx.target(), &[]).expect(4);
+    assert!(run.stderr().contains("4 connections open"), "{}", run.report());
+    assert!(!rx.dir.join("late.bin").exists());
+
+    // Once they go, the same sender gets through.
+    drop(others);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let run = send(&path, &rx.target(), &["--quiet"]);
+        if run.code() == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never got through: {}", run.report());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(std::fs::read(rx.dir.join("late.bin")).unwrap() == data);
+}
+
+fn protocol_hello_then_busy(raw: &mut crate::util::RawPeer) {
+    xfer::protocol::read_hello(&mut raw.stream).unwrap();
+    match raw.read() {
+        Ok(Message::Reply(Reply::Reject { code: RejectCode::Busy, reason })) => {
+            assert!(reason.contains("connections open"), "{reason}")
+        }
+        other => panic!("expected Reject {{ Busy }}, got {other:?}"),
+    }
+    assert!(raw.closed_by_peer());
 }
