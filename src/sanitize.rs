@@ -250,4 +250,118 @@ mod tests {
         let n = numbered_name(&long_ext, 1);
         assert!(n.len() <= MAX_NAME_LEN && n.ends_with(" (1)"), "{n}");
     }
+
+    use proptest::prelude::*;
+
+    /// Names built from the characters the rules are about: mostly ordinary ones (so that many
+    /// are accepted and the properties about accepted names are exercised), sometimes one that a
+    /// rule refuses, sometimes near the length limit, sometimes any text at all.
+    fn names() -> impl Strategy<Value = String> {
+        let ordinary = prop_oneof![
+            Just('.'),
+            Just(' '),
+            Just('-'),
+            Just('"'),
+            Just('x'),
+            Just('C'),
+            Just('O'),
+            Just('N'),
+            Just('1'),
+            Just('é'),
+            Just('日'),
+            Just('🎉'),
+            Just('t'),
+            Just('a'),
+            Just('r'),
+            Just('g'),
+            Just('z'),
+        ];
+        let refused = prop_oneof![
+            Just('/'),
+            Just('\\'),
+            Just(':'),
+            Just('\0'),
+            Just('\x1b'),
+            Just('\n'),
+            Just('\u{85}'),
+            Just('\u{202e}'),
+            Just('\u{200b}'),
+            Just('\u{feff}'),
+            Just('\u{e0041}'),
+        ];
+        let ch = prop_oneof![40 => ordinary, 1 => refused, 1 => any::<char>()];
+        let text = |len: std::ops::Range<usize>| {
+            proptest::collection::vec(ch.clone(), len).prop_map(|v| v.into_iter().collect::<String>())
+        };
+        let prefix = prop_oneof![8 => Just(""), 1 => Just(".."), 1 => Just(".xfer-"), 1 => Just("CON"), 1 => Just("nul."), 1 => Just("../")];
+        prop_oneof![
+            4 => (prefix, text(0..24)).prop_map(|(p, b)| format!("{p}{b}")),
+            1 => text(60..130),
+            1 => any::<String>(),
+        ]
+    }
+
+    /// The inverse of `escape`, to show it loses nothing.
+    fn unescape(s: &str) -> Option<String> {
+        let mut out = String::new();
+        let mut chars = s.chars();
+        while let Some(c) = chars.next() {
+            if c != '\\' {
+                out.push(c);
+                continue;
+            }
+            match chars.next()? {
+                e @ ('\\' | '"') => out.push(e),
+                'u' => {
+                    let rest: String = chars.by_ref().take_while(|&c| c != '}').collect();
+                    let hex = rest.strip_prefix('{')?;
+                    out.push(char::from_u32(u32::from_str_radix(hex, 16).ok()?)?);
+                }
+                _ => return None,
+            }
+        }
+        Some(out)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// A name that passes is one component of the folder it is joined to, whatever it holds.
+        #[test]
+        fn an_accepted_name_stays_one_component_inside_the_folder(name in names()) {
+            if validate_name(&name).is_ok() {
+                let base = std::path::Path::new("/srv/dir");
+                let joined = base.join(&name);
+                prop_assert_eq!(joined.parent(), Some(base));
+                prop_assert_eq!(joined.file_name().and_then(|n| n.to_str()), Some(name.as_str()));
+                prop_assert!(name.len() <= MAX_NAME_LEN);
+                prop_assert!(!name.contains(['/', '\\', ':', '\0']));
+                prop_assert!(!name.chars().any(is_hidden_char));
+                prop_assert!(!name.starts_with(TEMP_PREFIX));
+                prop_assert!(!name.ends_with(['.', ' ']));
+                prop_assert_eq!(escape(&name).chars().filter(|&c| c == '\n').count(), 0);
+            }
+        }
+
+        /// Every keep-both alternative of an accepted name is accepted too, and is another name.
+        #[test]
+        fn numbered_alternatives_of_an_accepted_name_are_accepted(name in names(), n in 1u32..=9999) {
+            if validate_name(&name).is_ok() {
+                let alt = numbered_name(&name, n);
+                prop_assert_eq!(validate_name(&alt), Ok(()), "{:?} -> {:?}", name, alt);
+                prop_assert_ne!(alt, name);
+            }
+        }
+
+        /// Escaped text is one inert line (no control, bidi or invisible character, every quote
+        /// escaped) and loses nothing: it unescapes to the original, so two names never print alike.
+        #[test]
+        fn escaped_text_is_inert_and_loses_nothing(text in names()) {
+            let shown = escape(&text);
+            prop_assert!(!shown.chars().any(is_hidden_char), "{:?}", shown);
+            let unquoted = shown.replace("\\\\", "").replace("\\\"", "");
+            prop_assert!(!unquoted.contains('"'), "{:?}", shown);
+            prop_assert_eq!(unescape(&shown), Some(text));
+        }
+    }
 }
