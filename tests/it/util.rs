@@ -21,6 +21,8 @@ pub struct Receiver {
     pub root: tempfile::TempDir,
     pub dir: PathBuf,
     stderr: Arc<Mutex<String>>,
+    /// Set once the child's stderr is closed (everything it wrote is in `stderr`).
+    stderr_closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Receiver {
@@ -42,6 +44,8 @@ impl Receiver {
             .expect("spawn xfer recv");
         let stderr = Arc::new(Mutex::new(String::new()));
         let sink = Arc::clone(&stderr);
+        let stderr_closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let closed = Arc::clone(&stderr_closed);
         let mut err = child.stderr.take().unwrap();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -51,6 +55,7 @@ impl Receiver {
                 }
                 sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
             }
+            closed.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         let mut first = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
@@ -60,7 +65,7 @@ impl Receiver {
             .trim()
             .parse()
             .unwrap();
-        Receiver { child, addr, root, dir, stderr }
+        Receiver { child, addr, root, dir, stderr, stderr_closed }
     }
 
     pub fn target(&self) -> String {
@@ -139,11 +144,13 @@ impl Receiver {
         (root, self.dir.clone())
     }
 
-    /// Waits for the child to exit (for --once) and returns its status code.
+    /// Waits for the child to exit (for --once) and returns its status code. Everything it wrote
+    /// to stderr is in `stderr()` by then.
     pub fn wait_exit(&mut self) -> i32 {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
+            let closed = self.stderr_closed.load(std::sync::atomic::Ordering::SeqCst);
+            if let Some(st) = self.child.try_wait().unwrap().filter(|_| closed) {
                 return st.code().unwrap_or(-1);
             }
             assert!(Instant::now() < deadline, "receiver did not exit; stderr:\n{}", self.stderr());
