@@ -28,21 +28,30 @@ fn main() -> ExitCode {
 /// Ctrl-C (SIGINT) or SIGTERM ends xfer at once, with 130 or 143, after one line on stderr.
 /// Nothing needs tidying first: a file gets its final name only by a rename after it was
 /// verified, and partials are meant to stay for a resume, so stopping at any instant leaves no
-/// unverified file under a final name. (So a second Ctrl-C has nothing left to wait for.)
+/// unverified file under a final name.
+///
+/// Saying so can block (stderr a full pipe, a terminal paused with Ctrl-S): a second signal
+/// then ends the process from the signal handler itself, without writing anything.
 fn exit_on_signals() {
     use signal_hook::consts::{SIGINT, SIGTERM};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    let code = |signal| if signal == SIGINT { Exit::Interrupted } else { Exit::Terminated };
+    let seen = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        // In this order: the shutdown checks the flag the first signal has not set yet.
+        let _ =
+            signal_hook::flag::register_conditional_shutdown(signal, code(signal) as i32, Arc::clone(&seen));
+        let _ = signal_hook::flag::register(signal, Arc::clone(&seen));
+    }
     let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
         return;
     };
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
-            let (what, code) = if signal == SIGINT {
-                ("interrupted", Exit::Interrupted)
-            } else {
-                ("terminated", Exit::Terminated)
-            };
+            let what = if signal == SIGINT { "interrupted" } else { "terminated" };
             eprintln!("xfer: {what}; partial files stay on the receiver, and sending again resumes them");
-            std::process::exit(code as i32);
+            std::process::exit(code(signal) as i32);
         }
     });
 }

@@ -306,3 +306,49 @@ fn ctrl_c_or_sigterm_on_the_receiver_exits_130_or_143_keeping_only_the_partial()
     let rx = Receiver::start_in(root, dir, &["--quiet"]);
     resend_and_check(&rx, &path, &data);
 }
+
+#[test]
+fn a_second_ctrl_c_exits_at_once_when_the_first_cannot_finish() {
+    // A receiver whose stderr is a one-page pipe that nobody reads: once its log lines fill it,
+    // writing "interrupted" blocks, so the first Ctrl-C cannot finish.
+    let (read_end, write_end) = rustix::pipe::pipe().unwrap();
+    rustix::pipe::fcntl_setpipe_size(&write_end, 4096).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["recv", "--listen", "127.0.0.1:0", "--quiet", "--max-transfers", "1", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(write_end))
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first)
+        .unwrap();
+    let addr: SocketAddr = first.trim().strip_prefix("listening on ").unwrap().parse().unwrap();
+    // Two idle connections take this address's share; each further one is refused with a log
+    // line of ~90 bytes. 100 of them are two pages.
+    let _idle: Vec<_> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    for _ in 0..100 {
+        let _ = TcpStream::connect_timeout(&addr, Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    signal(child.id(), "-INT");
+    std::thread::sleep(Duration::from_secs(1));
+    let first_finished = child.try_wait().unwrap().is_some();
+    let start = Instant::now();
+    signal(child.id(), "-INT");
+    let ended = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if start.elapsed() > Duration::from_secs(5) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!first_finished, "the first Ctrl-C finished: the test did not block stderr");
+    assert_eq!(ended, Some(130), "a second Ctrl-C did not end the receiver within 5 s");
+    drop(read_end);
+}
