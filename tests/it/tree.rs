@@ -320,3 +320,54 @@ fn the_target_folder_keeps_its_own_permissions() {
     // The sender's folder mode applies to the folder it sent, never to DIR.
     assert_eq!(fs::metadata(rx.dir.join("open")).unwrap().permissions().mode() & 0o7777, 0o777);
 }
+
+#[test]
+fn nothing_that_arrives_is_executed_extracted_or_made_setuid() {
+    let rx = Receiver::start(&["--quiet"]);
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("drop");
+    fs::create_dir(&tree).unwrap();
+    // Would leave a mark if anything ran it: a script, and the hooks tools are known to run.
+    let mark = rx.root.path().join("ran");
+    let script = format!("#!/bin/sh\ntouch '{}'\n", mark.display());
+    for name in ["run.sh", ".bashrc", "post-receive", "autorun.inf"] {
+        fs::write(tree.join(name), &script).unwrap();
+        fs::set_permissions(tree.join(name), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // An archive that would put a file beside DIR if it were unpacked, by an absolute path too.
+    let stage = tempfile::tempdir().unwrap();
+    fs::write(stage.path().join("inside"), b"unpacked").unwrap();
+    let tar = tree.join("payload.tar");
+    let ok = std::process::Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(stage.path())
+        .arg("inside")
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "tar failed");
+    // setgid and sticky on a folder, setgid on a file, setuid+setgid on another.
+    fs::write(tree.join("sgid-tool"), b"x").unwrap();
+    fs::set_permissions(tree.join("sgid-tool"), fs::Permissions::from_mode(0o2755)).unwrap();
+    fs::write(tree.join("both"), b"y").unwrap();
+    fs::set_permissions(tree.join("both"), fs::Permissions::from_mode(0o6755)).unwrap();
+    fs::create_dir(tree.join("shared")).unwrap();
+    fs::set_permissions(tree.join("shared"), fs::Permissions::from_mode(0o3775)).unwrap();
+    let before = snapshot(&tree);
+
+    send(&tree, &rx.target(), &["--quiet"]).expect(0);
+    std::thread::sleep(Duration::from_millis(300));
+
+    assert!(!mark.exists(), "something that arrived was run");
+    // Beside DIR: only DIR. Inside it: exactly what was sent, byte for byte (the archive was not
+    // unpacked), with the same permission bits less setuid, setgid and sticky.
+    assert_eq!(crate::util::list(rx.root.path()), vec!["dir".to_string()]);
+    let after = snapshot(&rx.dir.join("drop"));
+    assert_eq!(after.len(), before.len());
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!((&a.0, a.1, &a.4), (&b.0, b.1, &b.4), "{} differs", b.0);
+        assert_eq!(a.2, b.2 & 0o777, "{}: mode {:o} stored as {:o}", b.0, b.2, a.2);
+    }
+}
