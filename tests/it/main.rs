@@ -5,6 +5,7 @@ mod util; // harness: spawn receivers, run senders, raw wire peers, random data,
 
 mod cache; // the sender's digest cache: repeat sends skip hashing, changes never slip through
 mod concurrency; // many senders at once; a stalled sender holds up no one; the busy limit
+mod conversations; // random hostile conversations against one receiver: nothing unverified stored
 mod existing; // identical file → already have it; different → keep both; --overwrite replaces
 mod exit_codes; // every documented exit code, provoked for real
 mod faults; // a proxy flips, trickles, stalls and cuts: nothing bad is stored, resume works
@@ -16,5 +17,5 @@ mod progress; // bars on a terminal (a pty from script(1)), none with --quiet or
 mod resume; // interrupted three ways, then resumed; other versions not reused
 mod streaming; // offers without a digest: hashed while sent, the digest in a trailer
 mod timeouts; // silent peers on either side
-mod transfer;
-mod tree; // folders and many files: identical trees, repeats send nothing, hostile manifests // byte-for-byte equality across sizes and chunk sizes
+mod transfer; // byte-for-byte equality across sizes and chunk sizes
+mod tree; // folders and many files: identical trees, repeats send nothing, hostile manifests
