@@ -7,7 +7,7 @@
 //! stderr, and no failure of one transfer stops the receiver.
 
 use std::io::{self, BufReader, BufWriter, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -74,14 +74,14 @@ pub(super) struct Shared {
     transfers: AtomicUsize,
     connections: AtomicUsize,
     /// Connections open per peer address.
-    per_peer: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    per_peer: Mutex<std::collections::HashMap<IpAddr, usize>>,
     /// Bytes promised to transfers in flight, so concurrent offers cannot overbook free space.
     reserved: Mutex<u64>,
 }
 
 impl Shared {
     /// Counts a connection from `ip` unless that address already holds `limit`.
-    fn take_peer_slot(&self, ip: std::net::IpAddr, limit: usize) -> bool {
+    fn take_peer_slot(&self, ip: IpAddr, limit: usize) -> bool {
         let mut map = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(ip).or_insert(0);
         if *n >= limit {
@@ -91,7 +91,7 @@ impl Shared {
         true
     }
 
-    fn release_peer_slot(&self, ip: std::net::IpAddr) {
+    fn release_peer_slot(&self, ip: IpAddr) {
         let mut map = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = map.get_mut(&ip) {
             *n -= 1;
@@ -102,8 +102,21 @@ impl Shared {
     }
 }
 
+/// The address a connection is counted against for `PEER_SHARE`: an IPv4 address (also when it
+/// arrives IPv4-mapped on a dual-stack socket), or an IPv6 address's /64 prefix, because one
+/// IPv6 host usually holds a whole /64 and could otherwise take a new address per connection.
+fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+    }
+}
+
 /// A connection counted against its peer address until dropped.
-struct PeerSlot<'a>(&'a Shared, std::net::IpAddr);
+struct PeerSlot<'a>(&'a Shared, IpAddr);
 
 impl Drop for PeerSlot<'_> {
     fn drop(&mut self) {
@@ -215,10 +228,11 @@ impl Receiver {
                 }
             };
             let peer = stream.peer_addr().map_or_else(|_| "unknown".to_string(), |a| a.to_string());
-            let ip = stream.peer_addr().map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+            let ip = stream.peer_addr().map_or(IpAddr::from([0, 0, 0, 0]), |a| peer_key(a.ip()));
             let per_peer = (max_conns / PEER_SHARE).max(1);
             if !self.shared.take_peer_slot(ip, per_peer) {
-                let reason = format!("receiver busy: {per_peer} connections already open from this address");
+                let from = if ip.is_ipv6() { "this /64 network" } else { "this address" };
+                let reason = format!("receiver busy: {per_peer} connections already open from {from}");
                 self.shared.progress.line(&format!("{peer}: refused: {reason}"), true);
                 refuser.refuse(stream, reason);
                 continue;
@@ -562,4 +576,22 @@ fn handle(shared: &Shared, stream: &TcpStream, peer: &str, seen: &mut Seen) -> R
     verdict(&mut writer, Verdict::Verified { name: stored.clone() })
         .map_err(|e| wire("sending the verdict", idle)(e.into()))?;
     Ok(Stored { name: stored, already_had: false, batch: false })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_are_counted_by_ipv4_address_or_ipv6_slash_64() {
+        let key = |s: &str| peer_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        // The same IPv4 host through a dual-stack socket is the same peer.
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        // Every address of one /64 is one peer; the next /64 is another.
+        assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2::1"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:3::1"), "2001:db8:1:3::");
+        assert_eq!(key("::1"), "::");
+    }
 }
