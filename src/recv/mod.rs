@@ -204,7 +204,7 @@ impl Receiver {
         loop {
             let (stream, peer) =
                 self.listener.accept().map_err(|e| Error::io("accepting a connection", e))?;
-            let (result, offered) = handle_logged(&self.shared, stream, peer);
+            let (result, offered) = handle_logged(&self.shared, stream, peer, ());
             if offered {
                 return result;
             }
@@ -246,10 +246,9 @@ impl Receiver {
             }
             let shared = Arc::clone(&self.shared);
             let spawned = std::thread::Builder::new().name(format!("xfer {peer}")).spawn(move || {
-                let _conn = Slot(&shared.connections);
-                let _peer = PeerSlot(&shared, ip);
+                let slots = (Slot(&shared.connections), PeerSlot(&shared, ip));
                 let addr = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-                let _ = handle_logged(&shared, stream, addr);
+                let _ = handle_logged(&shared, stream, addr, slots);
             });
             if let Err(e) = spawned {
                 self.shared.connections.fetch_sub(1, Ordering::SeqCst);
@@ -273,11 +272,20 @@ struct Seen {
 }
 
 /// Handles one connection and logs one line about it. Also says whether an offer was read.
-fn handle_logged(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> (Result<Stored, Error>, bool) {
+/// The connection is closed and `held` (its slots) released before the line is written, so a
+/// slow or blocked stderr never holds a connection.
+fn handle_logged<H>(
+    shared: &Shared,
+    stream: TcpStream,
+    peer: SocketAddr,
+    held: H,
+) -> (Result<Stored, Error>, bool) {
     let start = Instant::now();
     let mut seen = Seen::default();
     let result = handle(shared, &stream, &peer.to_string(), &mut seen);
     let elapsed = start.elapsed();
+    drop(stream);
+    drop(held);
     let what = match (&seen.name, seen.size) {
         (Some(n), Some(s)) => format!("\"{}\" {}", escape(n), human_bytes(s)),
         _ => "(no offer)".to_string(),

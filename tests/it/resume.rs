@@ -314,13 +314,16 @@ fn a_second_ctrl_c_exits_at_once_when_the_first_cannot_finish() {
     let (read_end, write_end) = rustix::pipe::pipe().unwrap();
     rustix::pipe::fcntl_setpipe_size(&write_end, 4096).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["recv", "--listen", "127.0.0.1:0", "--quiet", "--max-transfers", "1", "--dir"])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(write_end))
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args(["recv", "--listen", "127.0.0.1:0", "--quiet", "--max-transfers", "1", "--dir"])
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(write_end))
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut child.0;
     let mut first = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first)
         .unwrap();
@@ -331,7 +334,12 @@ fn a_second_ctrl_c_exits_at_once_when_the_first_cannot_finish() {
     for _ in 0..100 {
         let _ = TcpStream::connect_timeout(&addr, Duration::from_millis(200));
     }
-    std::thread::sleep(Duration::from_millis(200));
+    // Wait until the pipe is full (a ~90-byte line no longer fits), however slow the host is.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rustix::io::ioctl_fionread(&read_end).unwrap() < 4096 - 100 {
+        assert!(Instant::now() < deadline, "the receiver's stderr never filled");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     signal(child.id(), "-INT");
     std::thread::sleep(Duration::from_secs(1));
     let first_finished = child.try_wait().unwrap().is_some();
@@ -346,9 +354,17 @@ fn a_second_ctrl_c_exits_at_once_when_the_first_cannot_finish() {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    let _ = child.kill();
-    let _ = child.wait();
     assert!(!first_finished, "the first Ctrl-C finished: the test did not block stderr");
     assert_eq!(ended, Some(130), "a second Ctrl-C did not end the receiver within 5 s");
     drop(read_end);
+}
+
+/// A child process killed (if still running) when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
