@@ -11,6 +11,7 @@ mod exit_codes; // every documented exit code, provoked for real
 mod faults; // a proxy flips, trickles, stalls and cuts: nothing bad is stored, resume works
 mod hashes; // --hash blake3: announced, verified with that algorithm, cached apart
 mod hostile; // a raw peer speaking the wire format attacks the receiver
+mod hostile_receiver; // a fake receiver lies to the sender: bad offsets, frames, answers, names
 mod load; // 64 senders at once; a flood of idle connections from one address
 mod pipeline; // hashing overlaps sending: files are answered and stored as their digests come
 mod progress; // bars on a terminal (a pty from script(1)), none with --quiet or in a pipe
