@@ -559,8 +559,18 @@ fn cases() -> u32 {
 
 #[test]
 fn random_hostile_conversations_never_store_an_unverified_file() {
-    let rx =
-        std::cell::RefCell::new(Receiver::start(&["--quiet", "--timeout", "3", "--handshake-timeout", "3"]));
+    converse(&[]);
+}
+
+#[test]
+fn random_hostile_conversations_with_overwrite_never_store_an_unverified_file() {
+    converse(&["--overwrite"]);
+}
+
+/// Plays `cases()` random conversations against one receiver started with `args`.
+fn converse(args: &[&str]) {
+    let args = [&["--quiet", "--timeout", "3", "--handshake-timeout", "3"], args].concat();
+    let rx = std::cell::RefCell::new(Receiver::start(&args));
     let pool = contents();
     let mut runner =
         TestRunner::new(Config { cases: cases(), failure_persistence: None, ..Config::default() });
@@ -633,8 +643,8 @@ fn random_hostile_conversations_never_store_an_unverified_file() {
     // never reached the paths that write).
     let log = rx.stderr();
     println!(
-        "{} hostile conversations: {} acknowledgements checked on disk; receiver log: {} stored, {} resumed, \
-         {} already there, {} failed",
+        "{} hostile conversations ({args:?}): {} acknowledgements checked on disk; receiver log: {} stored, \
+         {} resumed, {} already there, {} failed",
         cases(),
         acks.get(),
         log.matches("verified, stored as").count(),
