@@ -115,7 +115,11 @@ fn report_batch(r: &BatchReport, verbose: bool) -> Result<(), Error> {
                 verified += 1;
                 format!("verified \"{shown}\"")
             }
-            EntryOutcome::AlreadyThere => {
+            EntryOutcome::AlreadyThere(stored) if stored != path && !is_dir => {
+                there += 1;
+                format!("already there \"{shown}\" as \"{}\"", escape(stored))
+            }
+            EntryOutcome::AlreadyThere(_) => {
                 there += 1;
                 format!("already there \"{shown}\"")
             }

@@ -28,8 +28,10 @@ use crate::tree::{Item, walk};
 /// What happened to one entry.
 #[derive(Debug)]
 pub enum EntryOutcome {
+    /// Stored under this path (the receiver may have chosen a keep-both name).
     Verified(String),
-    AlreadyThere,
+    /// The same content is already there under this path (its own, or a keep-both copy).
+    AlreadyThere(String),
     Failed(Error),
 }
 
@@ -548,7 +550,13 @@ impl<'a> Run<'a> {
             EntryKind::Dir => 0,
         };
         let outcome = match (&self.answers[i], &entry.kind) {
-            (Answer::Have, _) => Some(EntryOutcome::AlreadyThere),
+            // The receiver names the file in its folder (untrusted: it is only ever printed escaped).
+            (Answer::Have { name }, _) => {
+                let path = &entry.path;
+                Some(EntryOutcome::AlreadyThere(
+                    [&path[..path.len() - 1], std::slice::from_ref(name)].concat().join("/"),
+                ))
+            }
             // A folder answered Send was created by the receiver.
             (Answer::Send { .. }, EntryKind::Dir) => Some(EntryOutcome::Verified(entry.path.join("/"))),
             (Answer::Reject { code, reason }, _) => Some(EntryOutcome::Failed(Error::Rejected {

@@ -64,8 +64,10 @@ pub struct ManifestPart {
 pub enum Answer {
     /// Send the body from `offset` (variant 0). For a folder: it will be created (offset 0).
     Send { offset: u64 },
-    /// Already there with this content (variant 1). For a folder: it exists.
-    Have,
+    /// Already there with this content (variant 1), stored as `name` in the entry's folder: the
+    /// entry's own name, or a keep-both copy of it (`a (2).jpg`) when another file holds that
+    /// name. For a folder: it exists (`name` is its name).
+    Have { name: String },
     /// Not accepted (variant 2); the rest of the batch goes on.
     Reject { code: RejectCode, reason: String },
 }

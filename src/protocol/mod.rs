@@ -1,4 +1,4 @@
-//! The xfer wire protocol, version 2. PROTOCOL.md is the full specification; this is its summary.
+//! The xfer wire protocol, version 3. PROTOCOL.md is the full specification; this is its summary.
 //!
 //! Roles: the *receiver* listens, the *sender* connects. One connection carries one file.
 //!
@@ -44,7 +44,7 @@ pub const MAGIC: [u8; 8] = *b"\x89XFR\r\n\x1a\n";
 
 /// The protocol version this build speaks. Bumped for any incompatible change to frames or
 /// messages; message variants are never renumbered within a version.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 
 /// Digests per `DigestsPart` a sender puts in one message (33 bytes each, well within a frame).
 pub const MAX_DIGESTS_PER_PART: usize = 1024;

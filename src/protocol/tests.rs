@@ -80,7 +80,7 @@ fn golden() -> Vec<(&'static str, Message)> {
             Message::Answers(AnswersPart {
                 answers: vec![
                     Answer::Send { offset: 0 },
-                    Answer::Have,
+                    Answer::Have { name: "b (1).txt".into() },
                     Answer::Reject { code: RejectCode::Busy, reason: "busy".into() },
                 ],
                 last: true,

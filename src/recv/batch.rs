@@ -224,7 +224,7 @@ pub(super) fn handle(
                 }
                 (Answer::Send { .. }, None) => created_dirs.push(cursor),
                 (Answer::Reject { .. }, _) => refused += 1,
-                (Answer::Have, _) if digest.is_some() => there += 1,
+                (Answer::Have { .. }, _) if digest.is_some() => there += 1,
                 _ => {}
             }
             cursor += 1;
@@ -500,7 +500,8 @@ fn answer_dir(dirs: &mut Dirs<'_>, entry: &Entry) -> std::io::Result<(Answer, Op
     if created {
         dirs.created.insert(entry.path.clone());
     }
-    Ok((if created { Answer::Send { offset: 0 } } else { Answer::Have }, None))
+    let answer = if created { Answer::Send { offset: 0 } } else { Answer::Have { name: name[0].clone() } };
+    Ok((answer, None))
 }
 
 /// The answer for a file whose digest is known, and if it is to be sent, its plan.
@@ -525,8 +526,8 @@ fn answer_file(
         return Ok((Answer::Send { offset: 0 }, Some(plan(0, None, false, None))));
     }
     let parent = dirs.get(parent_path)?;
-    if store::find_existing(parent, name, (*size, alg, digest), overwrite, until)?.is_some() {
-        return Ok((Answer::Have, None));
+    if let Some(stored) = store::find_existing(parent, name, (*size, alg, digest), overwrite, until)? {
+        return Ok((Answer::Have { name: stored }, None));
     }
     // Nothing to resume and nothing worth a record: answer without touching the disk.
     if !resumable && Partial::absent(parent, name) {

@@ -467,7 +467,12 @@ impl Peer<'_> {
         for (i, answer) in answers.iter().enumerate().take(plan.files.len()) {
             let path: std::path::PathBuf = PATHS[plan.files[i].place].iter().collect();
             match answer {
-                Answer::Have => self.acked.push(Acked { path, content: plan.files[i].content, said: "Have" }),
+                // Where the receiver says the content is: the entry's own name or a keep-both copy.
+                Answer::Have { name } => self.acked.push(Acked {
+                    path: path.with_file_name(name),
+                    content: plan.files[i].content,
+                    said: "Have",
+                }),
                 Answer::Send { offset } => {
                     let index = match plan.mutation {
                         Mutation::WrongIndex { file } if file == i => i as u32 + 1,
@@ -611,17 +616,7 @@ fn converse(args: &[&str]) {
             for plan in &plays {
                 for ack in play(&rx, plan, &pool) {
                     acks.set(acks.get() + 1);
-                    // A batch's `Have` does not say where: like a single file's AlreadyHave, it may
-                    // be a keep-both copy (`a (2)`) of the same content.
-                    let tries = if ack.said == "Have" { 100 } else { 1 };
-                    let path = |n| {
-                        let leaf = ack.path.file_name().unwrap().to_str().unwrap();
-                        rx.dir.join(ack.path.with_file_name(xfer::sanitize::numbered_name(leaf, n)))
-                    };
-                    let stored = (0..tries)
-                        .map(|n| std::fs::read(path(n)).ok())
-                        .find(|s| s.as_ref() == Some(&pool[ack.content]))
-                        .unwrap_or_else(|| std::fs::read(path(0)).ok());
+                    let stored = std::fs::read(rx.dir.join(&ack.path)).ok();
                     prop_assert!(
                         stored.as_ref() == Some(&pool[ack.content]),
                         "{} for {} but it holds {:?} bytes, not {}; receiver log:\n{}",

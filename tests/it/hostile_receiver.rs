@@ -95,21 +95,27 @@ fn a_batch_receiver_that_answers_what_it_was_not_asked_is_a_protocol_error() {
         ("more answers than the", false, |s, n| {
             say(s, Message::Answers(AnswersPart { answers: vec![], last: false }));
             let _ = protocol::read_message(s);
-            let answers = vec![Answer::Have; n + 1];
+            let answers = vec![Answer::Have { name: "x".into() }; n + 1];
             say(s, Message::Answers(AnswersPart { answers, last: true }));
         }),
         ("offset lies past its file's end", false, |s, n| {
             say(s, Message::Answers(AnswersPart { answers: vec![], last: false }));
             // Wait for the digests, so only the offset is wrong.
             let _ = protocol::read_message(s);
-            let mut answers = vec![Answer::Have; n];
+            let mut answers = vec![Answer::Have { name: "x".into() }; n];
             answers[n - 1] = Answer::Send { offset: u64::MAX };
             say(s, Message::Answers(AnswersPart { answers, last: true }));
         }),
         // Answers right behind the acceptance, while the sender is still hashing the large `a`.
         ("before its digest was sent", true, |s, n| {
             say(s, Message::Answers(AnswersPart { answers: vec![], last: false }));
-            say(s, Message::Answers(AnswersPart { answers: vec![Answer::Have; n], last: true }));
+            say(
+                s,
+                Message::Answers(AnswersPart {
+                    answers: vec![Answer::Have { name: "x".into() }; n],
+                    last: true,
+                }),
+            );
         }),
         ("which was not sent", false, |s, _| {
             say(s, Message::Answers(AnswersPart { answers: vec![], last: false }));

@@ -371,3 +371,21 @@ fn nothing_that_arrives_is_executed_extracted_or_made_setuid() {
         assert_eq!(a.2, b.2 & 0o777, "{}: mode {:o} stored as {:o}", b.0, b.2, a.2);
     }
 }
+
+#[test]
+fn already_there_names_the_copy_that_holds_the_content() {
+    // DIR/t/a holds other bytes; DIR/t/a (1) holds exactly what is sent as t/a.
+    let rx = Receiver::start(&["--quiet"]);
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("t");
+    fs::create_dir(&tree).unwrap();
+    fs::write(tree.join("a"), b"the new a").unwrap();
+    fs::create_dir(rx.dir.join("t")).unwrap();
+    fs::write(rx.dir.join("t").join("a"), b"an older a").unwrap();
+    fs::write(rx.dir.join("t").join("a (1)"), b"the new a").unwrap();
+    let run = send(&tree, &rx.target(), &["--quiet", "--verbose"]).expect(0);
+    assert!(run.stdout().contains("already there \"t/a\" as \"t/a (1)\""), "{}", run.report());
+    // Nothing was written: both files as they were, no third copy.
+    assert_eq!(crate::util::list(&rx.dir.join("t")), vec!["a".to_string(), "a (1)".to_string()]);
+    assert_eq!(fs::read(rx.dir.join("t").join("a")).unwrap(), b"an older a");
+}
