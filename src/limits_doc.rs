@@ -32,13 +32,17 @@ fn secs(d: Duration) -> String {
     format!("{} s", thousands(d.as_secs()))
 }
 
-/// The value cell of the row named `name` in the limits section (every row with that name).
-fn cells(name: &str) -> Vec<&'static str> {
+/// PROTOCOL.md's "Limits and timeouts" section, up to the next `## ` heading.
+fn section() -> &'static str {
     let start = PROTOCOL_MD.find("## Limits and timeouts").expect("PROTOCOL.md has a limits section");
     let section = &PROTOCOL_MD[start..];
-    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |e| e + 3)];
+    &section[..section[3..].find("\n## ").map_or(section.len(), |e| e + 3)]
+}
+
+/// The value cell of the row named `name` in the limits section (every row with that name).
+fn cells(name: &str) -> Vec<&'static str> {
     let key = format!("| `{name}` |");
-    section
+    section()
         .lines()
         .filter_map(|l| l.strip_prefix(&key))
         .map(|rest| rest.split('|').next().unwrap_or("").trim())
@@ -110,10 +114,7 @@ fn every_limit_has_a_row_whose_value_is_the_code_s() {
 #[test]
 fn the_limits_section_has_no_row_the_code_does_not_know() {
     let known: Vec<_> = expected().into_iter().map(|(name, _)| name).collect();
-    let start = PROTOCOL_MD.find("## Limits and timeouts").unwrap();
-    let section = &PROTOCOL_MD[start..];
-    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |e| e + 3)];
-    for line in section.lines().filter(|l| l.starts_with("| `")) {
+    for line in section().lines().filter(|l| l.starts_with("| `")) {
         let name = line[3..].split('`').next().unwrap();
         assert!(known.contains(&name), "PROTOCOL.md lists `{name}`, which this test does not check");
     }

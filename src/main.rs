@@ -107,21 +107,20 @@ fn report_batch(r: &BatchReport, verbose: bool) -> Result<(), Error> {
     for (path, is_dir, outcome) in &r.entries {
         let shown = if *is_dir { format!("{}/", escape(path)) } else { escape(path) };
         let line = match outcome {
-            EntryOutcome::Verified(stored) if stored != path && !is_dir => {
-                verified += 1;
-                format!("verified \"{shown}\" as \"{}\"", escape(stored))
-            }
-            EntryOutcome::Verified(_) => {
-                verified += 1;
-                format!("verified \"{shown}\"")
-            }
-            EntryOutcome::AlreadyThere(stored) if stored != path && !is_dir => {
-                there += 1;
-                format!("already there \"{shown}\" as \"{}\"", escape(stored))
-            }
-            EntryOutcome::AlreadyThere(_) => {
-                there += 1;
-                format!("already there \"{shown}\"")
+            EntryOutcome::Verified(stored) | EntryOutcome::AlreadyThere(stored) => {
+                let word = if let EntryOutcome::Verified(_) = outcome {
+                    verified += 1;
+                    "verified"
+                } else {
+                    there += 1;
+                    "already there"
+                };
+                // The receiver may have stored it under a keep-both name.
+                if stored != path && !is_dir {
+                    format!("{word} \"{shown}\" as \"{}\"", escape(stored))
+                } else {
+                    format!("{word} \"{shown}\"")
+                }
             }
             EntryOutcome::Failed(e) => {
                 failed += 1;

@@ -194,6 +194,12 @@ pub fn send_batch(opts: &SendOpts, progress: &Progress) -> Result<BatchReport, E
     })
 }
 
+/// The display path of `name` in the folder of the entry at `path`: where the receiver says it
+/// stored (or already has) that entry, maybe under a keep-both name.
+fn beside(path: &[String], name: &str) -> String {
+    [&path[..path.len() - 1], &[name.to_string()]].concat().join("/")
+}
+
 /// What the sender's threads tell its main loop.
 enum Event {
     /// The hashing thread's result for file `.0` (counting files only, in manifest order).
@@ -533,7 +539,7 @@ impl<'a> Run<'a> {
         let sent = self.digests[i].unwrap_or(Digest([0; 32]));
         self.outcomes[i] = Some(match verdict_result(v.verdict, &name, &sent) {
             // The receiver names the file it stored in its folder (maybe `name (1).ext`).
-            Ok(stored) => EntryOutcome::Verified([&path[..path.len() - 1], &[stored]].concat().join("/")),
+            Ok(stored) => EntryOutcome::Verified(beside(path, &stored)),
             Err(e) => EntryOutcome::Failed(e),
         });
         Ok(())
@@ -551,12 +557,7 @@ impl<'a> Run<'a> {
         };
         let outcome = match (&self.answers[i], &entry.kind) {
             // The receiver names the file in its folder (untrusted: it is only ever printed escaped).
-            (Answer::Have { name }, _) => {
-                let path = &entry.path;
-                Some(EntryOutcome::AlreadyThere(
-                    [&path[..path.len() - 1], std::slice::from_ref(name)].concat().join("/"),
-                ))
-            }
+            (Answer::Have { name }, _) => Some(EntryOutcome::AlreadyThere(beside(&entry.path, name))),
             // A folder answered Send was created by the receiver.
             (Answer::Send { .. }, EntryKind::Dir) => Some(EntryOutcome::Verified(entry.path.join("/"))),
             (Answer::Reject { code, reason }, _) => Some(EntryOutcome::Failed(Error::Rejected {

@@ -215,6 +215,7 @@ impl Receiver {
     pub fn serve(self) -> Result<(), Error> {
         self.start_sweeping();
         let max_conns = self.shared.opts.max_transfers * CONNECTIONS_PER_TRANSFER;
+        let per_peer = (max_conns / PEER_SHARE).max(1);
         let refuser = refuse::Refuser::start();
         for conn in self.listener.incoming() {
             let stream = match conn {
@@ -229,7 +230,6 @@ impl Receiver {
             };
             let peer = stream.peer_addr().map_or_else(|_| "unknown".to_string(), |a| a.to_string());
             let ip = stream.peer_addr().map_or(IpAddr::from([0, 0, 0, 0]), |a| peer_key(a.ip()));
-            let per_peer = (max_conns / PEER_SHARE).max(1);
             if !self.shared.take_peer_slot(ip, per_peer) {
                 let from = if ip.is_ipv6() { "this /64 network" } else { "this address" };
                 let reason = format!("receiver busy: {per_peer} connections already open from {from}");
