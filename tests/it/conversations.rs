@@ -23,11 +23,11 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use xfer::hash::Hasher;
 use xfer::protocol::{
-    self, Answer, Body, Digest, DigestsPart, Entry, EntryKind, FileVerdict, FrameKind, HashAlg, ManifestPart,
-    Message, Offer, Reply, Trailer, Verdict, Withdraw,
+    self, Answer, Body, Digest, DigestsPart, Entry, EntryKind, FileVerdict, HashAlg, ManifestPart, Message,
+    Offer, Reply, Trailer, Verdict, Withdraw,
 };
 
-use crate::util::{Receiver, random_bytes, send, source_file};
+use crate::util::{Receiver, data_frame, random_bytes, send, source_file};
 
 /// The files peers have: empty, small, and large enough (1.5 MiB) to leave resumable partials.
 fn contents() -> Vec<Vec<u8>> {
@@ -138,9 +138,7 @@ fn encode(op: &Op, pool: &[Vec<u8>]) -> Vec<u8> {
             if *flip {
                 piece[0] ^= 0xff;
             }
-            protocol::write_frame_header(&mut out, FrameKind::Data, piece.len() as u32).unwrap();
-            out.extend_from_slice(&piece);
-            return out;
+            return data_frame(&piece);
         }
         Op::Trailer { content, claim, blake3 } => {
             Message::Trailer(Trailer { digest: digest(&pool[*content], *claim, alg(*blake3)) })
@@ -358,16 +356,12 @@ impl Peer<'_> {
             if let Some(cut) = cut
                 && sent + piece.len() > cut
             {
-                let mut frame = Vec::new();
-                protocol::write_frame_header(&mut frame, FrameKind::Data, piece.len() as u32).unwrap();
-                frame.extend_from_slice(&piece[..cut - sent]);
-                let _ = self.say(&frame);
+                // The header announces the whole piece; only its first `cut - sent` bytes follow.
+                let frame = data_frame(piece);
+                let _ = self.say(&frame[..protocol::FRAME_HEADER_LEN + cut - sent]);
                 return false;
             }
-            let mut frame = Vec::new();
-            protocol::write_frame_header(&mut frame, FrameKind::Data, piece.len() as u32).unwrap();
-            frame.extend_from_slice(piece);
-            if !self.say(&frame) || (sent == 0 && !self.inject(2)) {
+            if !self.say(&data_frame(piece)) || (sent == 0 && !self.inject(2)) {
                 return false;
             }
             sent += piece.len();

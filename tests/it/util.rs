@@ -21,8 +21,8 @@ pub struct Receiver {
     pub root: tempfile::TempDir,
     pub dir: PathBuf,
     stderr: Arc<Mutex<String>>,
-    /// Set once the child's stderr is closed (everything it wrote is in `stderr`).
-    stderr_closed: Arc<std::sync::atomic::AtomicBool>,
+    /// The thread copying the child's stderr into `stderr`; finished once stderr is closed.
+    stderr_reader: std::thread::JoinHandle<()>,
 }
 
 impl Receiver {
@@ -44,10 +44,8 @@ impl Receiver {
             .expect("spawn xfer recv");
         let stderr = Arc::new(Mutex::new(String::new()));
         let sink = Arc::clone(&stderr);
-        let stderr_closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let closed = Arc::clone(&stderr_closed);
         let mut err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = err.read(&mut buf) {
                 if n == 0 {
@@ -55,7 +53,6 @@ impl Receiver {
                 }
                 sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
             }
-            closed.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         let mut first = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
@@ -65,7 +62,7 @@ impl Receiver {
             .trim()
             .parse()
             .unwrap();
-        Receiver { child, addr, root, dir, stderr, stderr_closed }
+        Receiver { child, addr, root, dir, stderr, stderr_reader }
     }
 
     pub fn target(&self) -> String {
@@ -149,7 +146,7 @@ impl Receiver {
     pub fn wait_exit(&mut self) -> i32 {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let closed = self.stderr_closed.load(std::sync::atomic::Ordering::SeqCst);
+            let closed = self.stderr_reader.is_finished();
             if let Some(st) = self.child.try_wait().unwrap().filter(|_| closed) {
                 return st.code().unwrap_or(-1);
             }
@@ -268,6 +265,14 @@ pub fn source_file(name: &str, data: &[u8]) -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
+/// `bytes` as one data frame: header, then the bytes.
+pub fn data_frame(bytes: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(protocol::FRAME_HEADER_LEN + bytes.len());
+    protocol::write_frame_header(&mut frame, protocol::FrameKind::Data, bytes.len() as u32).unwrap();
+    frame.extend_from_slice(bytes);
+    frame
+}
+
 /// A hand-driven peer on a raw TcpStream, for saying what the real sender never would.
 pub struct RawPeer {
     pub stream: TcpStream,
@@ -306,10 +311,7 @@ impl RawPeer {
     }
 
     pub fn data(&mut self, bytes: &[u8]) {
-        let mut frame = Vec::new();
-        protocol::write_frame_header(&mut frame, protocol::FrameKind::Data, bytes.len() as u32).unwrap();
-        frame.extend_from_slice(bytes);
-        self.send_raw(&frame);
+        self.send_raw(&data_frame(bytes));
     }
 
     pub fn read(&mut self) -> Result<Message, protocol::WireError> {
