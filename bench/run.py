@@ -25,6 +25,7 @@ GROUPS = ("xfer", "nc", "rsync", "scp", "ref")
 CASE_GROUP = {"xfer": "xfer", "xfer-cached": "xfer", "xfer-blake3": "xfer", "xfer-blake3-cached": "xfer",
               "nc": "nc", "nc+sha256sum": "nc", "rsync": "rsync", "scp": "scp", "dd": "ref", "sha256sum": "ref"}
 CASE_NAMES = tuple(CASE_GROUP)
+BASE = "base:"            # --baseline: the twin of xfer case NAME, run with the baseline binary, is BASE + NAME
 DEFAULT_BUDGET = 540      # s: the default run stops adding repetitions when the next would pass this
 RESERVE = 20              # s kept for the table, chart and cleanup when the budget is checked
 
@@ -45,6 +46,14 @@ def human(n):
     if n >= 1 << 30 and n % (1 << 28) == 0:
         return f"{n / (1 << 30):g} GiB"
     return f"{n / MIB:g} MiB" if n >= MIB else f"{n / 1024:g} KiB"
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(4 * MIB):
+            h.update(block)
+    return h.hexdigest()
 
 
 def machine_info():
@@ -167,11 +176,11 @@ LAUNCH = """exec 3<&0; i=$1 o=$2; shift 2
 echo $!"""
 
 
-def spawn(ctx, cmd, stdin="/dev/null", stdout="/dev/null"):
+def spawn(ctx, cmd, stdin="/dev/null", stdout="/dev/null", env=None):
     """Start cmd (stdin/stdout are paths) as our direct child; returns its pid.
-    stderr goes to the run's log, so a failure can be explained."""
+    stderr goes to the run's log, so a failure can be explained. env: None = ours."""
     sh = subprocess.Popen(["sh", "-c", LAUNCH, "sh", str(stdin), str(stdout), *map(str, cmd)],
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=ctx.log)
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=ctx.log, env=env)
     with sh.stdin, sh.stdout:  # leaving this block closes the gate
         line = sh.stdout.readline()  # not read(): the job holds this pipe until its exec
         if sh.wait():
@@ -434,15 +443,18 @@ def read_port(pid, path, timeout=30.0):
     return int(m[1])
 
 
-def run_xfer(ctx, w, chunk=None, cached=False, hash=None):
+def run_xfer(ctx, w, chunk=None, cached=False, hash=None, base=False):
     """A first send (--no-cache: the sender hashes the file) or, with cached, a repeat send whose
     digest comes from the sender's cache (warmed once before the timed runs). For a folder,
     w.src is SRCPARENT/NAME and the receiver recreates NAME/... under DEST. xfer makes what it
-    received durable before it acknowledges it, so the disk destination needs nothing extra."""
+    received durable before it acknowledges it, so the disk destination needs nothing extra.
+    base: the --baseline binary on both sides (its wire protocol may differ), with its own
+    digest cache (its cache format may differ too)."""
+    xfer, env = (ctx.base_xfer, ctx.base_env) if base else (ctx.xfer, None)
     out = ctx.work / "xfer-recv.out"
     out.write_bytes(b"")
-    recv = spawn(ctx, [ctx.xfer, "recv", "--dir", ctx.dest, "--listen", "127.0.0.1:0",
-                       "--once", "--quiet"], stdout=out)
+    recv = spawn(ctx, [xfer, "recv", "--dir", ctx.dest, "--listen", "127.0.0.1:0",
+                       "--once", "--quiet"], stdout=out, env=env)
     port = read_port(recv, out)
     t0 = time.perf_counter()
     extra = ["--chunk-size", chunk] if chunk else []
@@ -450,7 +462,7 @@ def run_xfer(ctx, w, chunk=None, cached=False, hash=None):
         extra += ["--hash", hash]
     if not cached:
         extra.append("--no-cache")
-    send = spawn(ctx, [ctx.xfer, "send", w.src, f"127.0.0.1:{port}", "--quiet", *extra])
+    send = spawn(ctx, [xfer, "send", w.src, f"127.0.0.1:{port}", "--quiet", *extra], env=env)
     return finish(t0, send, recv)
 
 
@@ -678,17 +690,22 @@ def make_tree(ctx, files):
     return w
 
 
-def make_cases(w, d, first_dest, want, chunks, hash_ok):
-    """The cases of one workload x destination, in table order. want(name, group) applies --tools."""
+def make_cases(w, d, first_dest, want, chunks, hash_ok, base_hash_ok=None):
+    """The cases of one workload x destination, in table order. want(name, group) applies --tools.
+    base_hash_ok: None = no --baseline; else every xfer case gets a twin BASE + name right after
+    it that runs the baseline binary (its blake3 twins only if the baseline has --hash)."""
     folder = w.name != "file"
     nc = "tar|nc" if folder else "nc"
-    table = [("xfer", "xfer", lambda c, w: run_xfer(c, w)),
-             ("xfer-cached", "xfer", lambda c, w: run_xfer(c, w, cached=True))]
+    xfer_runs = [("xfer", {}), ("xfer-cached", dict(cached=True))]
     if hash_ok:
-        table += [("xfer-blake3", "xfer", lambda c, w: run_xfer(c, w, hash="blake3")),
-                  ("xfer-blake3-cached", "xfer", lambda c, w: run_xfer(c, w, cached=True, hash="blake3"))]
+        xfer_runs += [("xfer-blake3", dict(hash="blake3")), ("xfer-blake3-cached", dict(cached=True, hash="blake3"))]
     if not folder:
-        table += [(f"xfer-chunk-{n}", "xfer", lambda c, w, n=n: run_xfer(c, w, n)) for n in chunks]
+        xfer_runs += [(f"xfer-chunk-{n}", dict(chunk=n)) for n in chunks]
+    table = []
+    for name, kw in xfer_runs:
+        table.append((name, "xfer", lambda c, w, kw=kw: run_xfer(c, w, **kw)))
+        if base_hash_ok is not None and (base_hash_ok or "hash" not in kw):
+            table.append((BASE + name, "xfer", lambda c, w, kw=kw: run_xfer(c, w, base=True, **kw)))
     table += [(nc, "nc", run_tar_nc if folder else run_nc), (nc + "+sha256sum", "nc", run_nc_sha),
               ("rsync", "rsync", run_rsync), ("scp", "scp", run_scp)]
     if not folder and d.disk:
@@ -697,7 +714,7 @@ def make_cases(w, d, first_dest, want, chunks, hash_ok):
         table.append(("sha256sum", "ref", run_sha256sum))
     return [argparse.Namespace(name=name, group=group, fn=fn, w=w, d=d, id=f"{w.name}/{d.name}/{name}",
                                check=None if name == "sha256sum" else w.verify)
-            for name, group, fn in table if want(name, group)]
+            for name, group, fn in table if want(name.removeprefix(BASE), group)]
 
 
 # ---------------------------------------------------------------- running and reporting
@@ -745,19 +762,30 @@ def summarize(runs, w):
     return s
 
 
-def add_ratios(cases, summaries):
+def add_ratios(cases, summaries, twin=None, runs=None):
     """x_nc, x_rsync, x_scp: the case's median over that peer's median in the same workload and
-    destination (for folders nc is tar|nc)."""
+    destination (for folders nc is tar|nc). With --baseline (twin: case id <-> its BASE twin's id),
+    also x_base and x_base_cpu for each xfer case that has a twin: its median wall / CPU seconds
+    over the twin's (None if either failed), and x_base_paired: the median over reps of this run's
+    wall / the twin's run of the same rep (they ran back to back, so slow drift cancels)."""
     for c in cases:
         if s := summaries.get(c.id):
             for peer in ("nc", "rsync", "scp"):
                 ref = summaries.get(f"{c.w.name}/{c.d.name}/{'tar|nc' if peer == 'nc' and c.w.name != 'file' else peer}")
                 s[f"x_{peer}"] = s["median_s"] / ref["median_s"] if ref else None
+            if twin is not None and c.id in twin and not c.name.startswith(BASE):
+                ref = summaries.get(twin[c.id])
+                s["x_base"] = s["median_s"] / ref["median_s"] if ref else None
+                s["x_base_cpu"] = s["median_cpu_s"] / ref["median_cpu_s"] if ref and ref["median_cpu_s"] else None
+                base_wall = {r["rep"]: r["wall"] for r in runs[twin[c.id]]} if ref else {}
+                paired = [r["wall"] / base_wall[r["rep"]] for r in runs[c.id] if r["rep"] in base_wall]
+                s["x_base_paired"] = statistics.median(paired) if paired else None
 
 
-def print_table(sections, cases, summaries, errors, skipped):
-    head = (f"{'case':<20}{'n':>3}{'median s':>9}{'min':>8}{'max':>8}{'MB/s':>8}{'CPU s':>7}{'RSS snd':>9}"
-            f"{'RSS rcv':>9}{'x nc':>7}{'x rsync':>8}{'x scp':>7}")
+def print_table(sections, cases, summaries, errors, skipped, baseline=False):
+    wide = 25 if baseline else 20  # room for base:xfer-blake3-cached
+    head = (f"{'case':<{wide}}{'n':>3}{'median s':>9}{'min':>8}{'max':>8}{'MB/s':>8}{'CPU s':>7}"
+            f"{'RSS snd':>9}{'RSS rcv':>9}{'x nc':>7}{'x rsync':>8}{'x scp':>7}" + (f"{'x base':>8}" if baseline else ""))
     fmt = lambda v: "-" if v is None else f"{v:.2f}"
     for w, d in sections:
         print(f"\n{w.label} -> {d.name} ({d.parent}, {d.fstype}{', made durable' if d.disk else ''})")
@@ -765,12 +793,13 @@ def print_table(sections, cases, summaries, errors, skipped):
         mine = [c for c in cases if c.w is w and c.d is d]
         for c in mine:
             if s := summaries.get(c.id):
-                print(f"{c.name:<20}{s['n']:>3}{s['median_s']:>9.3f}{s['min_s']:>8.3f}{s['max_s']:>8.3f}{s['mb_per_s']:>8.0f}"
-                      f"{s['median_cpu_s']:>7.2f}{s['max_rss_send_mib']:>9.1f}{s['max_rss_recv_mib']:>9.1f}"
-                      f"{fmt(s['x_nc']):>7}{fmt(s['x_rsync']):>8}{fmt(s['x_scp']):>7}")
+                print(f"{c.name:<{wide}}{s['n']:>3}{s['median_s']:>9.3f}{s['min_s']:>8.3f}{s['max_s']:>8.3f}"
+                      f"{s['mb_per_s']:>8.0f}{s['median_cpu_s']:>7.2f}{s['max_rss_send_mib']:>9.1f}"
+                      f"{s['max_rss_recv_mib']:>9.1f}{fmt(s['x_nc']):>7}{fmt(s['x_rsync']):>8}{fmt(s['x_scp']):>7}"
+                      + (f"{fmt(s.get('x_base')):>8}" if baseline else ""))
         for c in mine:
             if c.id in errors:
-                print(f"{c.name:<20}FAILED: {errors[c.id]}")
+                print(f"{c.name:<{wide}}FAILED: {errors[c.id]}")
         xfer, dd = summaries.get(f"file/{d.name}/xfer"), summaries.get(f"file/{d.name}/dd")
         if w.name == "file" and xfer and dd:
             print(f"xfer / dd = {xfer['median_s'] / dd['median_s']:.2f} (the issue's target for xfer to disk: <= 1.10)")
@@ -782,13 +811,49 @@ def print_table(sections, cases, summaries, errors, skipped):
           "incl. its per-connection forks (a fresh daemon per run). tar|nc and nc+sha256sum sides are sh\n"
           "pipelines (CPU of all their tools, RSS of the largest). disk: durable before the clock stops\n"
           "(xfer itself, rsync --fsync, nc/scp + sync, dd conv=fsync).")
+    if baseline:
+        print("x base = this median / the median of its base: twin (the --baseline binary on both sides).")
 
 
-def csv_rows(cases, runs, summaries, errors):
+def print_baseline(sections, cases, summaries, errors, twin, limit=1.05):
+    """The comparison with --baseline: per xfer case that has a twin, both medians, x base (wall)
+    and x base CPU; the cases over limit are marked, and the worst is named at the end."""
+    head = (f"{'section':<12}{'case':<21}{'n':>5}{'new s':>9}{'base s':>9}{'x base':>8}{'x pair':>8}{'x CPU':>7}"
+            f"{'min/min':>8}")
+    print(f"\nvs baseline (x base = new median / base median, marked * when > {limit:.2f}; x pair = median over reps\n"
+          f"of new run / base run of the same rep; x CPU = median CPU s / base's; min/min = fastest / fastest)\n"
+          f"{head}\n" + "-" * len(head))
+    ratios = []
+    for w, d in sections:
+        for c in cases:
+            if c.w is not w or c.d is not d or c.name.startswith(BASE) or c.id not in twin:
+                continue
+            sec = f"{w.name}/{d.name}"
+            s, b = summaries.get(c.id), summaries.get(twin[c.id])
+            if not (s and b):
+                why = errors.get(c.id) and "new failed" or errors.get(twin[c.id]) and "base failed" or "no runs"
+                print(f"{sec:<12}{c.name:<21}  -: {why}")
+                continue
+            x = s["x_base"]
+            ratios.append((x, c.id))
+            fmt = lambda v, spec: "-" if v is None else format(v, spec)
+            print(f"{sec:<12}{c.name:<21}{str(s['n']) + '/' + str(b['n']):>5}{s['median_s']:>9.3f}{b['median_s']:>9.3f}"
+                  f"{x:>8.3f}{fmt(s['x_base_paired'], '>8.3f')}{fmt(s['x_base_cpu'], '>7.2f')}"
+                  f"{s['min_s'] / b['min_s']:>8.3f}{' *' if x > limit else ''}")
+    if ratios:
+        over = [cid for x, cid in ratios if x > limit]
+        worst = max(ratios)
+        print(f"{len(ratios)} pairs; geometric mean x base {statistics.geometric_mean([x for x, _ in ratios]):.3f}; "
+              f"worst {worst[1]} {worst[0]:.3f}; {len(over)} over {limit:.2f}" + (f": {', '.join(over)}" if over else ""))
+
+
+def csv_rows(cases, runs, summaries, errors, baseline=False):
     """One row per run (rep = 1, 2, ...) and one summary row per case (rep = 'median', with min,
-    max, MB/s and the ratios), also for failed cases (with the error)."""
+    max, MB/s and the ratios), also for failed cases (with the error). baseline: x_base,
+    x_base_paired and x_base_cpu columns before error."""
     cols = ["workload", "dest", "case", "rep", "wall_s", "min_s", "max_s", "mb_per_s", "cpu_s", "cpu_send_s",
-            "cpu_recv_s", "rss_send_mib", "rss_recv_mib", "x_nc", "x_rsync", "x_scp", "error"]
+            "cpu_recv_s", "rss_send_mib", "rss_recv_mib", "x_nc", "x_rsync", "x_scp",
+            *(["x_base", "x_base_paired", "x_base_cpu"] if baseline else []), "error"]
     rows = []
     for c in cases:
         base = {"workload": c.w.name, "dest": c.d.name, "case": c.name}
@@ -802,13 +867,15 @@ def csv_rows(cases, runs, summaries, errors):
             row.update(wall_s=s["median_s"], min_s=s["min_s"], max_s=s["max_s"], mb_per_s=s["mb_per_s"],
                        cpu_s=s["median_cpu_s"], cpu_send_s=s["median_cpu_send_s"],
                        cpu_recv_s=s["median_cpu_recv_s"], rss_send_mib=s["max_rss_send_mib"], rss_recv_mib=s["max_rss_recv_mib"],
-                       x_nc=s["x_nc"], x_rsync=s["x_rsync"], x_scp=s["x_scp"])
+                       x_nc=s["x_nc"], x_rsync=s["x_rsync"], x_scp=s["x_scp"],
+                       x_base=s.get("x_base"), x_base_paired=s.get("x_base_paired"), x_base_cpu=s.get("x_base_cpu"))
         rows.append(row)
     rnd = lambda v: round(v, 4) if isinstance(v, float) else ("" if v is None else v)
     return cols, [{k: rnd(row.get(k)) for k in cols} for row in rows]
 
 
 GROUP_COLORS = {"xfer": "#1f77b4", "nc": "#ff7f0e", "rsync": "#2ca02c", "scp": "#d62728", "ref": "#7f7f7f"}
+BASE_COLOR = "#9ecae1"  # the --baseline twins: a light xfer blue
 
 
 def draw_chart(data, png):
@@ -838,7 +905,7 @@ def draw_chart(data, png):
         if ok:
             err = [[m - v["summary"]["min_s"] for m, v in zip(meds, ok)],
                    [v["summary"]["max_s"] - m for m, v in zip(meds, ok)]]
-            bars = ax.bar(xs, meds, yerr=err, capsize=3, color=[GROUP_COLORS.get(v["group"], "#999") for v in ok],
+            bars = ax.bar(xs, meds, yerr=err, capsize=3, color=[BASE_COLOR if v["case"].startswith(BASE) else GROUP_COLORS.get(v["group"], "#999") for v in ok],
                           error_kw={"elinewidth": 1, "ecolor": "#333"})
             ax.bar_label(bars, labels=[f"{m:.2f}" if m < 10 else f"{m:.1f}" for m in meds], fontsize=7, padding=2)
             ax.set_xticks(xs, [v["case"] for v in ok], rotation=35, ha="right", fontsize=8)
@@ -898,6 +965,13 @@ def main(t_start):
     ap.add_argument("--disk-dir", default="/var/tmp", help="disk destination: a temp dir inside this")
     ap.add_argument("--out", help="JSON output (default bench/results/<date>-<host>.json; .csv and .png beside it)")
     ap.add_argument("--no-build", action="store_true", help="skip cargo build --release")
+    ap.add_argument("--xfer", metavar="PATH",
+                    help="the xfer binary to measure (default: target/release/xfer, built first unless --no-build; "
+                         "with --xfer nothing is built)")
+    ap.add_argument("--baseline", metavar="PATH",
+                    help="another xfer binary to compare with: every xfer case gets a twin base:CASE, run right "
+                         "next to it in every rep with this binary as sender and receiver; the table gets an "
+                         "'x base' column (median / twin's median) and a comparison table follows it")
     ap.add_argument("--no-chart", action="store_true", help="no PNG (and no matplotlib install)")
     ap.add_argument("--chart", metavar="JSON", help="only draw the PNG of an earlier run's JSON (to --out or beside it)")
     args = ap.parse_args()
@@ -935,17 +1009,41 @@ def main(t_start):
         groups.discard(g)
     ctx.nc = nc_binary()
     hash_ok = False
+    base_hash_ok = None  # None: no --baseline; else whether the baseline has --hash
+    binaries = {}        # for the JSON: which binaries were measured
+    has_hash = lambda xfer: "--hash" in subprocess.run([xfer, "send", "--help"], capture_output=True, text=True).stdout
+    if args.baseline and "xfer" not in groups:
+        print("note: --baseline ignored: no xfer case selected", flush=True)
     if "xfer" in groups:
-        if not args.no_build and subprocess.run(["cargo", "build", "--release"], cwd=REPO).returncode:
-            sys.exit("cargo build --release failed")
-        ctx.xfer = str(Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"), "release", "xfer"))
+        if args.xfer:
+            ctx.xfer = str(Path(args.xfer).resolve())
+        else:
+            if not args.no_build and subprocess.run(["cargo", "build", "--release"], cwd=REPO).returncode:
+                sys.exit("cargo build --release failed")
+            ctx.xfer = str(Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"), "release", "xfer"))
         if not os.access(ctx.xfer, os.X_OK):
             sys.exit(f"{ctx.xfer} not found; build it or drop xfer from --tools")
-        hash_ok = "--hash" in subprocess.run([ctx.xfer, "send", "--help"], capture_output=True, text=True).stdout
+        hash_ok = has_hash(ctx.xfer)
         if not hash_ok and (want("xfer-blake3", "xfer") or want("xfer-blake3-cached", "xfer")):
             skipped["xfer-blake3, xfer-blake3-cached"] = "this xfer has no --hash option (not in `xfer send --help`)"
             print(f"note: skipping xfer-blake3 and xfer-blake3-cached: {skipped['xfer-blake3, xfer-blake3-cached']}",
                   flush=True)
+        binaries["xfer"] = {"path": ctx.xfer, "sha256": file_sha256(ctx.xfer), "has_hash_option": hash_ok}
+        if args.baseline or args.xfer:
+            print(f"xfer: {ctx.xfer} (sha256 {binaries['xfer']['sha256'][:16]})", flush=True)
+        if args.baseline:
+            ctx.base_xfer = str(Path(args.baseline).resolve())
+            if not os.access(ctx.base_xfer, os.X_OK):
+                sys.exit(f"--baseline {ctx.base_xfer}: not an executable file")
+            base_hash_ok = has_hash(ctx.base_xfer)
+            binaries["baseline"] = {"path": ctx.base_xfer, "sha256": file_sha256(ctx.base_xfer),
+                                    "has_hash_option": base_hash_ok}
+            print(f"baseline: {ctx.base_xfer} (sha256 {binaries['baseline']['sha256'][:16]})", flush=True)
+            if hash_ok and not base_hash_ok and (want("xfer-blake3", "xfer") or want("xfer-blake3-cached", "xfer")):
+                skipped[f"{BASE}xfer-blake3, {BASE}xfer-blake3-cached"] = "the baseline xfer has no --hash option"
+                print(f"note: no {BASE} twins for the blake3 cases: the baseline xfer has no --hash option", flush=True)
+        if args.baseline and binaries["xfer"]["sha256"] == binaries["baseline"]["sha256"]:
+            print("note: --xfer and --baseline are the same binary (an A/A run: x base should be ~1)", flush=True)
     plotter = False if args.no_chart else chart_python()
     workloads, dests = prepare(args, ctx, names, dest_names, groups)
     if "scp" in groups and getattr(ctx, "sshd_error", None):
@@ -954,22 +1052,35 @@ def main(t_start):
         groups.discard("scp")
 
     sections = [(w, d) for w in workloads for d in dests]
-    cases = [c for w, d in sections for c in make_cases(w, d, dests[0], want, chunks, hash_ok) if c.group in groups]
+    cases = [c for w, d in sections for c in make_cases(w, d, dests[0], want, chunks, hash_ok, base_hash_ok)
+             if c.group in groups]
     if not cases:
         sys.exit("no cases to run")
     runs = {c.id: [] for c in cases}
     errors = {}
+    # --baseline: case id <-> its twin's id. A twin runs right after its case (before it in even
+    # reps), and the budget gives both the same number of reps.
+    ids = {c.id for c in cases}
+    twin = {}
+    for c in cases:
+        if c.name.startswith(BASE) and (orig := f"{c.w.name}/{c.d.name}/{c.name.removeprefix(BASE)}") in ids:
+            twin[c.id], twin[orig] = orig, c.id
 
-    # xfer's digest cache lives in the bench's work dir: never the user's, gone afterwards.
+    # xfer's digest cache lives in the bench's work dir: never the user's, gone afterwards. The
+    # baseline gets a cache of its own (its cache format may differ).
     os.environ["XDG_CACHE_HOME"] = str(ctx.work / "cache")
+    ctx.base_env = dict(os.environ, XDG_CACHE_HOME=str(ctx.work / "cache-base"))
     for w in workloads:  # warm it: every timed xfer-cached / xfer-blake3-cached run is a repeat send
-        for name, hash in (("xfer-cached", None), ("xfer-blake3-cached", "blake3")):
+        for name, hash, base in ((n, h, b) for b in (False, True)
+                                 for n, h in (("xfer-cached", None), ("xfer-blake3-cached", "blake3"))):
+            name = BASE + name if base else name
             mine = [c for c in cases if c.w is w and c.name == name]
             if not mine:
                 continue
             use_dest(ctx, dests[0], w)
             try:
-                attempt(ctx, w, lambda c, w: run_xfer(c, w, cached=True, hash=hash), f"{w.name}-{name}-warm-up.log")
+                attempt(ctx, w, lambda c, w: run_xfer(c, w, cached=True, hash=hash, base=base),
+                        f"{w.name}-{name}-warm-up.log")
             except RunError as e:
                 for c in mine:
                     errors[c.id] = f"warm-up: {e}"
@@ -991,12 +1102,23 @@ def main(t_start):
         todo = [c for c in cases if c.id not in errors and planned[c.id] >= rep]
         if not todo:
             break
+        if rep % 2 == 0:  # even reps: each base: twin runs before its case, so neither always goes first
+            for i in range(len(todo) - 1):
+                if twin.get(todo[i].id) == todo[i + 1].id and not todo[i].name.startswith(BASE):
+                    todo[i], todo[i + 1] = todo[i + 1], todo[i]
         t_rep = time.monotonic()
+        committed = set()  # twins whose pair passed the budget check in this rep
         for c in todo:
-            if rep > 1 and budget and time.monotonic() - t_start + est[c.id] + RESERVE > budget:
-                planned[c.id] = rep - 1  # running late: no more reps for this one
-                print(f"  rep {rep} {c.id:<30} skipped: over the budget", flush=True)
-                continue
+            if planned[c.id] < rep:
+                continue  # cut for the budget together with its twin
+            if rep > 1 and budget and c.id not in committed:
+                mates = [m for m in [twin.get(c.id)] if m and m not in errors and planned[m] >= rep]
+                if time.monotonic() - t_start + est[c.id] + sum(est[m] for m in mates) + RESERVE > budget:
+                    for cid in [c.id, *mates]:
+                        planned[cid] = rep - 1  # running late: no more reps for this one (and its twin)
+                        print(f"  rep {rep} {cid:<30} skipped: over the budget", flush=True)
+                    continue
+                committed.update(mates)
             use_dest(ctx, c.d, c.w)
             clear_dir(ctx.dest)
             t_run = time.monotonic()
@@ -1017,11 +1139,21 @@ def main(t_start):
             alive = sorted((c for c in cases if c.id not in errors), key=lambda c: est[c.id])
             for c in alive:
                 planned[c.id] = 1
+            # A case and its base: twin (both alive) are one unit: they get the same reps.
+            units, seen = [], set()
+            for c in alive:
+                if c.id not in seen:
+                    unit = [c] + [x for x in alive if x.id == twin.get(c.id)]
+                    seen.update(x.id for x in unit)
+                    units.append(unit)
+            units.sort(key=lambda u: sum(est[x.id] for x in u))
             for r in range(2, reps + 1):
-                for c in alive:
-                    if planned[c.id] == r - 1 and est[c.id] * 1.1 <= left:
-                        planned[c.id] = r
-                        left -= est[c.id] * 1.1
+                for unit in units:
+                    cost = sum(est[x.id] for x in unit) * 1.1
+                    if all(planned[x.id] == r - 1 for x in unit) and cost <= left:
+                        for x in unit:
+                            planned[x.id] = r
+                        left -= cost
             if any(planned[c.id] < reps for c in alive):
                 print(f"budget {budget:.0f} s: " + "; ".join(
                     f"{n} rep{'s' if n > 1 else ''} for " + (f"all {len(got)} cases" if len(got) == len(alive) else
@@ -1032,8 +1164,10 @@ def main(t_start):
         clear_dir(d.path)
 
     summaries = {c.id: summarize(runs[c.id], c.w) for c in cases if runs[c.id] and c.id not in errors}
-    add_ratios(cases, summaries)
-    print_table(sections, cases, summaries, errors, skipped)
+    add_ratios(cases, summaries, twin if base_hash_ok is not None else None, runs)
+    print_table(sections, cases, summaries, errors, skipped, baseline=base_hash_ok is not None)
+    if twin:
+        print_baseline(sections, cases, summaries, errors, twin)
 
     now = datetime.datetime.now()
     out = Path(args.out or REPO / "bench" / "results" / f"{now:%Y-%m-%dT%H%M%S}-{info['host']}.json")
@@ -1045,6 +1179,7 @@ def main(t_start):
               "size": ctx.size if "file" in wl else None, "reps": reps, "reps_done": done, "budget_s": budget,
               "setup_s": setup_s,
               "tools": tools, "chunk_sizes": chunks, "xfer_has_hash_option": hash_ok,
+              "binaries": binaries or None,
               "source_sha256": wl["file"].sha if "file" in wl else None,
               "durability_on_disk": {"xfer": "its own (fsync of a file, syncfs for a batch)", "rsync": "--fsync",
                                      "nc": "sync FILE / sync -f DIR after the copy, on the receiver",
@@ -1073,7 +1208,7 @@ def main(t_start):
         "skipped": skipped, "total_s": total,
     }
     out.write_text(json.dumps(data, indent=2) + "\n")
-    cols, rows = csv_rows(cases, runs, summaries, errors)
+    cols, rows = csv_rows(cases, runs, summaries, errors, baseline=base_hash_ok is not None)
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, cols)
         writer.writeheader()

@@ -1,0 +1,182 @@
+//! Answering one entry of a manifest: a folder is created (or found), a file is compared with
+//! what the target folder holds and answered "send from offset N", "already have it" or refused.
+//!
+//! A file is answered before its digest arrives whenever nothing on the disk could match it: no
+//! regular file of its size at its name (or a keep-both name), and no partial whose record only
+//! its digest could match. Then its body goes out at once and is checked against the digest that
+//! follows it. Otherwise the answer waits for the digest.
+
+use std::collections::HashSet;
+use std::io;
+use std::time::Instant;
+
+use crate::hash::Hasher;
+use crate::protocol::{Answer, Digest, Entry, EntryKind, RejectCode};
+use crate::store::{self, FileId, Kind, Opened, Partial, SafeDir};
+
+/// What the receiver decided for one file answered `Send`, kept until its body comes.
+pub(super) struct Plan {
+    /// Position in the manifest, and among its files.
+    pub index: usize,
+    pub file_no: usize,
+    pub offset: u64,
+    /// The hash state of bytes `0..offset` for a resumed file. Fresh files get theirs when their
+    /// body comes: 10,000 queued plans must not hold 10,000 hash states (2 KiB each for BLAKE3).
+    pub hasher: Option<Hasher>,
+    /// A resume record was written for it.
+    pub record: bool,
+    /// The partial, still locked, for a resumed file.
+    pub held: Option<Partial>,
+}
+
+/// How an entry is answered.
+pub(super) struct Rules {
+    pub overwrite: bool,
+    /// Comparing with existing files stops here: the sender is waiting.
+    pub until: Instant,
+    /// A resumed partial may stay locked until its body (see `MAX_HELD`).
+    pub hold: bool,
+    /// Files up to `RESUME_MIN` get a resume record too (a transfer of one file).
+    pub record_small: bool,
+}
+
+/// In a transfer of many files, files up to this size keep no record while they arrive, so they
+/// never resume: for them a record costs more than resending does. A single file always does.
+pub(crate) const RESUME_MIN: u64 = 1 << 20;
+
+/// The answer for a folder: created now (validation is done: writing may start) or already there.
+pub(super) fn answer_dir(dirs: &mut Dirs, entry: &Entry) -> io::Result<Answer> {
+    let (parent_path, name) = entry.path.split_at(entry.path.len() - 1);
+    let (_, created) = dirs.get(parent_path)?.subdir(&name[0], true)?;
+    if created {
+        dirs.created.insert(entry.path.clone());
+    }
+    Ok(if created { Answer::Send { offset: 0 } } else { Answer::Have { name: name[0].clone() } })
+}
+
+/// The answer for a file, with its digest if it has arrived. `Ok(None)`: the digest is needed
+/// first (something here may hold this content, or a partial only the digest can resume).
+pub(super) fn answer_file(
+    dirs: &mut Dirs,
+    (index, file_no, entry): (usize, usize, &Entry),
+    digest: Option<&Digest>,
+    rules: &Rules,
+) -> io::Result<Option<(Answer, Option<Plan>)>> {
+    let (parent_path, name) = entry.path.split_at(entry.path.len() - 1);
+    let name = &name[0];
+    let EntryKind::File { size, hash: alg, tag } = entry.kind else {
+        unreachable!("answer_file takes files")
+    };
+    let resumable = size > RESUME_MIN || rules.record_small;
+    let plan = |offset, hasher, record, held| Plan { index, file_no, offset, hasher, record, held };
+    let send = |plan| Ok(Some((Answer::Send { offset: 0 }, Some(plan))));
+    // In a folder this transfer just created there is nothing to compare with or resume:
+    // no lookups at all (the renames stay no-replace, whatever appears meanwhile).
+    if !resumable && dirs.created.contains(parent_path) {
+        return send(plan(0, None, false, None));
+    }
+    let parent = dirs.get(parent_path)?;
+    let id = FileId { size, alg, digest: digest.copied(), tag: Some(tag) };
+    match digest {
+        Some(d) => {
+            if let Some(stored) =
+                store::find_existing(parent, name, (size, alg, d), rules.overwrite, rules.until)?
+            {
+                return Ok(Some((Answer::Have { name: stored }, None)));
+            }
+        }
+        None => {
+            if store::same_size_exists(parent, name, size, rules.overwrite)?
+                || id.digest_would_resume(parent, name)
+            {
+                return Ok(None);
+            }
+        }
+    }
+    // Nothing to resume and nothing worth a record: answer without touching the disk.
+    if !resumable && Partial::absent(parent, name) {
+        return send(plan(0, None, false, None));
+    }
+    match Partial::open(parent.try_clone()?, name, &id, rules.until, resumable)? {
+        Opened::Ready { partial, offset, hasher } => {
+            let record = partial.has_record();
+            // A resumed partial stays locked until its body: its prefix was hashed and nothing
+            // may change it in between. Past MAX_HELD it starts over instead.
+            if offset > 0 && rules.hold {
+                let p = plan(offset, Some(hasher), record, Some(partial));
+                return Ok(Some((Answer::Send { offset }, Some(p))));
+            }
+            drop(partial);
+            send(plan(0, None, record, None))
+        }
+        Opened::Busy => {
+            let reason = "another transfer of this file is in progress, try again later".into();
+            Ok(Some((Answer::Reject { code: RejectCode::Busy, reason }, None)))
+        }
+    }
+}
+
+/// Bytes the transfer will probably need: files without a same-size regular file at their path.
+pub(super) fn likely_needed(root: &SafeDir, entries: &[Entry]) -> io::Result<u64> {
+    let mut dirs = Dirs::new(root)?;
+    Ok(entries
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EntryKind::File { size, .. } => {
+                let (parent, name) = e.path.split_at(e.path.len() - 1);
+                let there = dirs.peek(parent).and_then(|d| d.kind(&name[0])).ok();
+                (there != Some(Kind::File(*size))).then_some(*size)
+            }
+            EntryKind::Dir => None,
+        })
+        .sum())
+}
+
+/// The folder of the previous entry, kept open: entries come in walk order, so siblings share it
+/// and a transfer opens each folder about once without holding thousands of descriptors.
+pub(super) struct Dirs {
+    root: SafeDir,
+    path: Option<Vec<String>>,
+    dir: Option<SafeDir>,
+    /// The last folder found missing by `peek`: its siblings' lookups fail without a syscall.
+    missing: Option<Vec<String>>,
+    /// Folders this transfer created (answer phase only).
+    pub created: HashSet<Vec<String>>,
+}
+
+impl Dirs {
+    pub fn new(root: &SafeDir) -> io::Result<Dirs> {
+        Ok(Dirs { root: root.try_clone()?, path: None, dir: None, missing: None, created: HashSet::new() })
+    }
+
+    /// The folder at `path` below the target folder, created if missing.
+    pub fn get(&mut self, path: &[String]) -> io::Result<&SafeDir> {
+        self.open(path, true)
+    }
+
+    /// Like `get`, without creating folders.
+    pub fn peek(&mut self, path: &[String]) -> io::Result<&SafeDir> {
+        self.open(path, false)
+    }
+
+    fn open(&mut self, path: &[String], create: bool) -> io::Result<&SafeDir> {
+        if !create && self.missing.as_deref() == Some(path) {
+            return Err(io::ErrorKind::NotFound.into());
+        }
+        if self.path.as_deref() != Some(path) || self.dir.is_none() {
+            self.dir = None;
+            match self.root.walk(path, create) {
+                Ok(d) => self.dir = Some(d),
+                Err(e) => {
+                    if e.kind() == io::ErrorKind::NotFound {
+                        self.missing = Some(path.to_vec());
+                    }
+                    return Err(e);
+                }
+            }
+            self.path = Some(path.to_vec());
+            self.missing = None;
+        }
+        Ok(self.dir.as_ref().expect("just set"))
+    }
+}

@@ -1,0 +1,172 @@
+//! One connection on the receiver, up to the engine: hellos, the whole manifest, the decision to
+//! take the transfer (a valid manifest, a transfer slot, room on the disk), then
+//! [`Transfer::run`], and one log line at the end.
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::Instant;
+
+use super::answer::likely_needed;
+use super::manifest::{self, ManifestError};
+use super::transfer::Transfer;
+use super::{Shared, Stored, take_slot};
+use crate::error::{Error, Limit};
+use crate::progress::{human_bytes, human_rate};
+use crate::protocol::{AnswersPart, EntryKind, Message, ProtocolError, Reject, RejectCode, bounded_reason};
+use crate::sanitize::escape;
+use crate::store::SafeDir;
+use crate::transport::{self, FrameWriter};
+
+/// What is known about a transfer so far, for its log line.
+#[derive(Default)]
+pub(super) struct Seen {
+    /// The file's name for a single file, a summary for several.
+    pub name: Option<String>,
+    pub size: Option<u64>,
+    /// Offset the body resumed from (single files).
+    pub resumed: u64,
+    /// Body bytes received on this connection.
+    pub received: u64,
+}
+
+/// Handles one connection and logs one line about it. Also says whether a manifest was read
+/// (`--once` counts transfers, not port scans). The connection is closed and `held` (its slots)
+/// released before the line is written, so a slow or blocked stderr never holds a connection.
+pub(super) fn handle_logged<H>(
+    shared: &Shared,
+    stream: TcpStream,
+    peer: SocketAddr,
+    held: H,
+) -> (Result<Stored, Error>, bool) {
+    let start = Instant::now();
+    let mut seen = Seen::default();
+    let result = handle(shared, stream, &peer.to_string(), &mut seen);
+    let elapsed = start.elapsed();
+    drop(held);
+    let what = match (&seen.name, seen.size) {
+        (Some(n), Some(s)) => format!("\"{}\" {}", escape(n), human_bytes(s)),
+        (Some(n), None) => format!("\"{}\"", escape(n)),
+        _ => "(no offer)".to_string(),
+    };
+    let resumed =
+        if seen.resumed > 0 { format!(" (resumed at {} bytes)", seen.resumed) } else { String::new() };
+    let outcome = match &result {
+        Ok(s) if s.batch => s.name.clone(),
+        Ok(s) if s.already_had => format!("already have it as \"{}\"", escape(&s.name)),
+        Ok(s) => format!("verified, stored as \"{}\"{resumed}", escape(&s.name)),
+        Err(e) => format!("failed: {e}"),
+    };
+    let line = format!(
+        "{peer} {what} in {:.2} s ({}): {outcome}",
+        elapsed.as_secs_f64(),
+        human_rate(seen.received, elapsed)
+    );
+    shared.progress.line(&line, true);
+    (result, seen.name.is_some())
+}
+
+/// Refuses the whole transfer (the sender may already be gone: the refusal is logged either
+/// way). Returns the error this side reports: a local failure for code `Failed`.
+fn refuse(
+    w: &mut FrameWriter,
+    code: RejectCode,
+    reason: String,
+    what: &str,
+    local: Option<std::io::Error>,
+) -> Error {
+    let _ = w
+        .message(&Message::Reject(Reject { code, reason: bounded_reason(reason.clone()) }))
+        .and_then(|()| w.flush());
+    match local {
+        Some(e) => Error::io(reason, e),
+        None => Error::Rejected { name: what.to_string(), code, reason },
+    }
+}
+
+fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Result<Stored, Error> {
+    let opts = &shared.opts;
+    let (mut r, mut w) = transport::split(stream, peer, opts.timeout)?;
+    // Until the first manifest part is in, one deadline from accept applies: a silent or
+    // trickling connection costs a thread for seconds, not for the idle timeout.
+    let hs = Limit { secs: opts.handshake_timeout.as_secs(), option: "--handshake-timeout" };
+    let deadline = |r: &mut transport::FrameReader, at| {
+        r.set_deadline(at).map_err(|e| Error::io("configuring the socket", e))
+    };
+    deadline(&mut r, Some((Instant::now() + opts.handshake_timeout, hs)))?;
+    transport::exchange_hellos(&mut r, &mut w)?;
+    let first = match r.message().map_err(|e| r.error("waiting for the manifest", e))? {
+        Message::Manifest(part) => part,
+        other => {
+            let source = ProtocolError::UnexpectedMessage { expected: "manifest", got: other.name() };
+            return Err(Error::Protocol { peer: peer.to_string(), source });
+        }
+    };
+    // The rest of the manifest may be long: it has a deadline of its own.
+    let deadline_limit =
+        Limit { secs: manifest::MANIFEST_DEADLINE.as_secs(), option: "the manifest deadline" };
+    deadline(&mut r, Some((Instant::now() + manifest::MANIFEST_DEADLINE, deadline_limit)))?;
+    let read = manifest::read_rest(&mut r, first)?;
+    deadline(&mut r, None)?;
+    let entries = read.entries;
+    let single = entries.len() == 1 && matches!(entries[0].kind, EntryKind::File { .. });
+    // How the transfer is named in messages: a single file by its name.
+    let what = if single { escape(&entries[0].path.join("/")) } else { "the batch".to_string() };
+    seen.name =
+        Some(if single { entries[0].path.join("/") } else { format!("batch of {} entries", entries.len()) });
+    if read.too_big {
+        let reason = format!("manifest refused: more than {} bytes of paths", manifest::MAX_MANIFEST_BYTES);
+        return Err(refuse(&mut w, RejectCode::InvalidManifest, reason, &what, None));
+    }
+    let summary = match manifest::validate(&entries) {
+        Ok(s) => s,
+        Err(e) => {
+            let code = if matches!(e, ManifestError::BadName { .. }) {
+                RejectCode::InvalidName
+            } else {
+                RejectCode::InvalidManifest
+            };
+            return Err(refuse(&mut w, code, format!("manifest refused: {e}"), &what, None));
+        }
+    };
+    seen.size = Some(summary.total_bytes);
+    let Some(_slot) = take_slot(&shared.transfers, opts.max_transfers) else {
+        let reason = format!("receiver busy: {} transfers in progress, try again later", opts.max_transfers);
+        return Err(refuse(&mut w, RejectCode::Busy, reason, &what, None));
+    };
+    let root = match SafeDir::open_root(&opts.dir) {
+        Ok(d) => d,
+        Err(e) => {
+            return Err(refuse(
+                &mut w,
+                RejectCode::Failed,
+                "cannot open the target folder".into(),
+                &what,
+                Some(e),
+            ));
+        }
+    };
+    // Space for what will probably be sent: files with a same-size file already at their path
+    // are most likely there (re-sending a tree must not need its size twice). If one turns out to
+    // differ, writing it may meet a full disk, which fails that file cleanly.
+    let reservation = match likely_needed(&root, &entries)
+        .and_then(|need| Ok((need, shared.space.reserve(need)?)))
+    {
+        Ok((_, Ok(r))) => r,
+        Ok((need, Err(available))) => {
+            let reason = format!(
+                "{} needs {} ({need} bytes) but the receiver has {} free",
+                if single { "file" } else { "batch" },
+                human_bytes(need),
+                human_bytes(available)
+            );
+            return Err(refuse(&mut w, RejectCode::InsufficientSpace, reason, &what, None));
+        }
+        Err(e) => {
+            return Err(refuse(&mut w, RejectCode::Failed, "cannot read free space".into(), &what, Some(e)));
+        }
+    };
+    // Accepted: an empty answers part says so, and the sender starts sending digests.
+    w.message(&Message::Answers(AnswersPart { answers: Vec::new(), last: false }))
+        .and_then(|()| w.flush())
+        .map_err(|e| w.error("accepting the manifest", e.into()))?;
+    Transfer::new(shared, (&mut r, &mut w), entries, summary, root, reservation)?.run(seen)
+}

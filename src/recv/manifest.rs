@@ -1,0 +1,471 @@
+//! The receiver's reading and check of a whole manifest, done before a single byte is written.
+//!
+//! A tree can hurt the receiver in ways no single name can: two entries that become one file on a
+//! case-insensitive or normalising file system (Windows, macOS), a file that is also a folder or a
+//! parent, a path too deep or too long for the OS to create halfway through a batch. Tools that
+//! trusted the peer's file list and checked it piecemeal, as they wrote, kept shipping fixes for
+//! it (rsync CVE-2022-29154 and CVE-2024-12087, croc CVE-2023-43619). So the receiver checks every
+//! rule over the entire manifest first and refuses the batch as a whole: either the tree is sound
+//! or nothing of it lands.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use unicode_normalization::UnicodeNormalization;
+
+use crate::error::Error;
+use crate::protocol::{
+    Entry, EntryKind, MAX_DEPTH, MAX_ENTRIES, MAX_PATH_LEN, MAX_TOTAL_SIZE, ManifestPart, Message,
+    ProtocolError,
+};
+use crate::sanitize::{NameError, escape, validate_name};
+use crate::transport::FrameReader;
+
+/// Time allowed for the whole manifest to arrive after its first part, however it trickles.
+pub(crate) const MANIFEST_DEADLINE: Duration = Duration::from_secs(120);
+/// Largest manifest, in bytes of path text plus a fixed cost per entry.
+pub(crate) const MAX_MANIFEST_BYTES: usize = 64 << 20;
+
+/// A manifest as read: its entries, and whether reading stopped at [`MAX_MANIFEST_BYTES`]
+/// (entries stop at just past [`MAX_ENTRIES`], which [`validate`] refuses).
+pub(super) struct Read {
+    pub entries: Vec<Entry>,
+    pub too_big: bool,
+}
+
+/// Reads the parts after `first` until the last one, or until a bound is passed.
+pub(super) fn read_rest(r: &mut FrameReader, first: ManifestPart) -> Result<Read, Error> {
+    let mut bytes = cost(&first);
+    let mut entries = first.entries;
+    let mut last = first.last;
+    while !last && entries.len() <= MAX_ENTRIES && bytes <= MAX_MANIFEST_BYTES {
+        let source = match r.message().map_err(|e| r.error("reading the manifest", e))? {
+            Message::Manifest(part) if part.entries.is_empty() && !part.last => {
+                ProtocolError::Malformed("empty manifest part".into())
+            }
+            Message::Manifest(part) => {
+                bytes += cost(&part);
+                entries.extend(part.entries);
+                last = part.last;
+                continue;
+            }
+            other => ProtocolError::UnexpectedMessage { expected: "manifest", got: other.name() },
+        };
+        return Err(Error::Protocol { peer: r.peer().to_string(), source });
+    }
+    Ok(Read { entries, too_big: bytes > MAX_MANIFEST_BYTES })
+}
+
+/// Bytes a manifest part costs to hold: its path text plus a fixed amount per entry.
+fn cost(part: &ManifestPart) -> usize {
+    part.entries.iter().map(|e| 96 + e.path.iter().map(|c| c.len() + 24).sum::<usize>()).sum()
+}
+
+/// Why a manifest was refused as a whole. Paths are stored as they are displayed: each component
+/// escaped with [`escape`] and joined with `/`, so the error is safe to print or send as is and
+/// its message is always one line.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestError {
+    #[error("manifest is empty")]
+    Empty,
+    #[error("manifest has {0} entries, the limit is {MAX_ENTRIES}")]
+    TooManyEntries(usize),
+    /// `index` is the entry's position in the manifest: an empty path has nothing else to name.
+    #[error("entry {index} has an empty path")]
+    EmptyPath { index: usize },
+    #[error("\"{path}\" is {depth} components deep, the limit is {MAX_DEPTH}")]
+    TooDeep { path: String, depth: usize },
+    /// `component` counts from 0; the message counts from 1.
+    #[error("\"{path}\": component {} is refused: {error}", .component + 1)]
+    BadName { path: String, component: usize, error: NameError },
+    #[error("\"{path}\" is {len} bytes long, the limit is {MAX_PATH_LEN}")]
+    PathTooLong { path: String, len: usize },
+    /// Two entries name the same path once Unicode form and case are ignored (or exactly).
+    #[error("\"{first}\" and \"{second}\" are the same path once case and Unicode form are ignored")]
+    Collision { first: String, second: String },
+    /// `path` lies below `file`: a file and a folder at the same path, or a file used as a parent.
+    #[error("\"{path}\" is below \"{file}\", which is a file")]
+    BelowFile { path: String, file: String },
+    /// The sizes of the files up to and including `path` add up to more than the limit.
+    #[error("files add up to more than {MAX_TOTAL_SIZE} bytes at \"{path}\"")]
+    TooLarge { path: String },
+}
+
+/// Totals of a valid manifest. `dirs` counts listed folders only, not implied parents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub files: usize,
+    pub dirs: usize,
+    pub total_bytes: u64,
+}
+
+/// Folds one component: NFC, then `str::to_lowercase`. This is a simple fold, not full Unicode
+/// case folding (`ß` and `ss` stay apart), but it merges what the common case-insensitive file
+/// systems merge: `É` written precomposed or as `E` + U+0301 (macOS normalises), and `Readme`
+/// vs `README` (Windows and macOS ignore case). Identical names fold identically, so exact
+/// duplicates are caught by the same comparison. It may refuse two names a case-sensitive file
+/// system would keep apart; that is deliberate, since a batch must land the same everywhere.
+fn fold(component: &str) -> String {
+    component.nfc().collect::<String>().to_lowercase()
+}
+
+/// A folded key for one path, as used by [`validate`], so the receiver can detect the same
+/// collisions against its own bookkeeping (files already on disk, other batches).
+pub fn fold_key(path: &[String]) -> Vec<String> {
+    path.iter().map(|c| fold(c)).collect()
+}
+
+/// A path for an error message: each component escaped, joined with `/`.
+/// Paths longer than [`SHOWN_PATH`] bytes are cut (with `…`), so a message always has room for
+/// the rule that was broken within a reason's `MAX_REASON_LEN`.
+fn show(path: &[String]) -> String {
+    let mut s = path.iter().map(|c| escape(c)).collect::<Vec<_>>().join("/");
+    if s.len() > SHOWN_PATH {
+        let mut end = SHOWN_PATH;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+/// Longest path shown in a [`ManifestError`], in bytes.
+const SHOWN_PATH: usize = 200;
+
+/// What the manifest says about one folded path. The index is the entry that listed it or, for
+/// an implied folder, the first entry below it (named if a file later claims the same path).
+#[derive(Clone, Copy)]
+enum Node {
+    Implied(usize),
+    Dir(usize),
+    File(usize),
+}
+
+/// Checks the entire manifest; see [`ManifestError`] for the rules. Folders that are parents of
+/// entries need not be listed themselves: they are implied. Entries may come in any order.
+///
+/// Runs in time linear in the manifest's bytes: the folded paths form a tree keyed by (parent
+/// node, folded component), so each component is hashed once, and "is any parent a file?" is
+/// answered while walking down, instead of hashing every prefix of every path (up to 64 × 4 KiB
+/// per entry, which a hostile peer could multiply by [`MAX_ENTRIES`]).
+pub fn validate(entries: &[Entry]) -> Result<Summary, ManifestError> {
+    // Counted first, so a huge manifest costs nothing more than having been received.
+    if entries.is_empty() {
+        return Err(ManifestError::Empty);
+    }
+    if entries.len() > MAX_ENTRIES {
+        return Err(ManifestError::TooManyEntries(entries.len()));
+    }
+    let mut nodes: Vec<Node> = Vec::new();
+    // The batch root, parent of every first component: not a node, as it is never a file.
+    let root = usize::MAX;
+    let mut children: HashMap<(usize, String), usize> = HashMap::new();
+    let mut summary = Summary { files: 0, dirs: 0, total_bytes: 0 };
+
+    for (index, entry) in entries.iter().enumerate() {
+        check_shape(index, &entry.path)?;
+        if let EntryKind::File { size, .. } = entry.kind {
+            summary.total_bytes = summary
+                .total_bytes
+                .checked_add(size)
+                .filter(|&t| t <= MAX_TOTAL_SIZE)
+                .ok_or_else(|| ManifestError::TooLarge { path: show(&entry.path) })?;
+        }
+
+        let last = entry.path.len() - 1;
+        let mut parent = root;
+        for (depth, component) in entry.path.iter().enumerate() {
+            let next = nodes.len();
+            let id = *children.entry((parent, fold(component))).or_insert(next);
+            if id == next {
+                // A new path: the entry itself, or a parent it implies.
+                nodes.push(if depth < last { Node::Implied(index) } else { listed(index, &entry.kind) });
+            } else if depth < last {
+                if let Node::File(file) = nodes[id] {
+                    let file = show(&entries[file].path);
+                    return Err(ManifestError::BelowFile { path: show(&entry.path), file });
+                }
+            } else {
+                match (nodes[id], &entry.kind) {
+                    (Node::Dir(first) | Node::File(first), _) => {
+                        let first = show(&entries[first].path);
+                        return Err(ManifestError::Collision { first, second: show(&entry.path) });
+                    }
+                    // An earlier entry already lies below this path, so it cannot be a file.
+                    (Node::Implied(below), EntryKind::File { .. }) => {
+                        let path = show(&entries[below].path);
+                        return Err(ManifestError::BelowFile { path, file: show(&entry.path) });
+                    }
+                    (Node::Implied(_), EntryKind::Dir) => nodes[id] = Node::Dir(index),
+                }
+            }
+            parent = id;
+        }
+        match entry.kind {
+            EntryKind::Dir => summary.dirs += 1,
+            EntryKind::File { .. } => summary.files += 1,
+        }
+    }
+    Ok(summary)
+}
+
+fn listed(index: usize, kind: &EntryKind) -> Node {
+    match kind {
+        EntryKind::Dir => Node::Dir(index),
+        EntryKind::File { .. } => Node::File(index),
+    }
+}
+
+/// The rules that concern one path alone. Depth is checked before the names so a path of
+/// thousands of components is refused without looking at each.
+fn check_shape(index: usize, path: &[String]) -> Result<(), ManifestError> {
+    if path.is_empty() {
+        return Err(ManifestError::EmptyPath { index });
+    }
+    if path.len() > MAX_DEPTH {
+        return Err(ManifestError::TooDeep { path: show(path), depth: path.len() });
+    }
+    for (component, name) in path.iter().enumerate() {
+        validate_name(name).map_err(|error| ManifestError::BadName { path: show(path), component, error })?;
+    }
+    // Components are valid, hence non-empty and free of '/': the joined length is exact.
+    let len = path.iter().map(String::len).sum::<usize>() + path.len() - 1;
+    if len > MAX_PATH_LEN {
+        return Err(ManifestError::PathTooLong { path: show(path), len });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::protocol::HashAlg;
+
+    fn p(path: &str) -> Vec<String> {
+        path.split('/').map(String::from).collect()
+    }
+
+    fn dir(path: &str) -> Entry {
+        Entry { path: p(path), kind: EntryKind::Dir, mode: 0o755, mtime: (0, 0) }
+    }
+
+    fn file(path: &str, size: u64) -> Entry {
+        let kind = EntryKind::File { size, hash: HashAlg::Sha256, tag: [0; 16] };
+        Entry { path: p(path), kind, mode: 0o644, mtime: (0, 0) }
+    }
+
+    /// An entry whose components are given one by one, so they may contain '/'.
+    fn raw(components: &[&str]) -> Entry {
+        Entry { path: components.iter().map(|c| c.to_string()).collect(), ..dir("x") }
+    }
+
+    fn summary(files: usize, dirs: usize, total_bytes: u64) -> Result<Summary, ManifestError> {
+        Ok(Summary { files, dirs, total_bytes })
+    }
+
+    fn collision(first: &str, second: &str) -> Result<Summary, ManifestError> {
+        Err(ManifestError::Collision { first: first.into(), second: second.into() })
+    }
+
+    fn below_file(path: &str, file: &str) -> Result<Summary, ManifestError> {
+        Err(ManifestError::BelowFile { path: path.into(), file: file.into() })
+    }
+
+    #[test]
+    fn accepts_nested_tree() {
+        let m = [dir("a"), dir("a/b"), file("a/b/c.txt", 3), file("a/d", 4), file("e", 0)];
+        assert_eq!(validate(&m), summary(3, 2, 7));
+    }
+
+    #[test]
+    fn accepts_unicode_names() {
+        let m = [dir("Ünïcödé"), file("Ünïcödé/日本語.txt", 1), file("Ünïcödé/emoji 🎉", 2)];
+        assert_eq!(validate(&m), summary(2, 1, 3));
+    }
+
+    #[test]
+    fn accepts_empty_dirs_and_implied_parents() {
+        let m = [dir("empty"), file("x/y/z", 5), dir("x/y/w"), dir("x")];
+        assert_eq!(validate(&m), summary(1, 3, 5));
+    }
+
+    #[test]
+    fn accepts_listed_parent_after_its_children() {
+        assert_eq!(validate(&[file("a/b", 1), dir("a")]), summary(1, 1, 1));
+    }
+
+    #[test]
+    fn accepts_limits_exactly() {
+        let deep = vec!["d"; MAX_DEPTH].join("/");
+        // 17 components of 240 bytes and 16 separators: 4096 bytes.
+        let long = vec!["l".repeat(240); 17].join("/");
+        let m = [dir(&deep), file(&long, MAX_TOTAL_SIZE)];
+        assert_eq!(validate(&m), summary(1, 1, MAX_TOTAL_SIZE));
+    }
+
+    #[test]
+    fn accepts_max_entries() {
+        let m: Vec<Entry> = (0..MAX_ENTRIES).map(|i| file(&format!("f{i}"), 1)).collect();
+        assert_eq!(validate(&m), summary(MAX_ENTRIES, 0, MAX_ENTRIES as u64));
+    }
+
+    #[test]
+    fn rejects_traversal_in_any_component() {
+        let bad = |path: &str, component, error| {
+            Err(ManifestError::BadName { path: path.into(), component, error })
+        };
+        assert_eq!(validate(&[raw(&[".."])]), bad("..", 0, NameError::DotOrDotDot));
+        assert_eq!(validate(&[raw(&["a", "..", "b"])]), bad("a/../b", 1, NameError::DotOrDotDot));
+        assert_eq!(validate(&[raw(&["a", "."])]), bad("a/.", 1, NameError::DotOrDotDot));
+        assert_eq!(validate(&[raw(&["a", "b/../../c"])]), bad("a/b/../../c", 1, NameError::Separator('/')));
+        assert_eq!(validate(&[raw(&["/etc"])]), bad("/etc", 0, NameError::Separator('/')));
+        assert_eq!(validate(&[raw(&["a", "..\\x"])]), bad("a/..\\\\x", 1, NameError::Separator('\\')));
+        assert_eq!(validate(&[raw(&["a", "", "b"])]), bad("a//b", 1, NameError::Empty));
+        // A bad entry anywhere refuses the batch, not just itself.
+        let m = [dir("ok"), file("ok/f", 1), raw(&["ok", ".."])];
+        assert_eq!(validate(&m), bad("ok/..", 1, NameError::DotOrDotDot));
+    }
+
+    #[test]
+    fn rejects_empty_path() {
+        let m = [dir("a"), raw(&[])];
+        assert_eq!(validate(&m), Err(ManifestError::EmptyPath { index: 1 }));
+    }
+
+    #[test]
+    fn rejects_exact_duplicates() {
+        assert_eq!(validate(&[file("a/b", 1), file("a/b", 1)]), collision("a/b", "a/b"));
+        assert_eq!(validate(&[dir("a"), dir("a")]), collision("a", "a"));
+    }
+
+    #[test]
+    fn rejects_nfc_nfd_duplicates() {
+        let m = [file("\u{C9}", 1), file("E\u{301}", 1)];
+        assert_eq!(validate(&m), collision("\u{C9}", "E\u{301}"));
+        // In a parent too: both files would land in the same folder.
+        let m = [file("\u{C9}/x", 1), file("E\u{301}/x", 1)];
+        assert_eq!(validate(&m), collision("\u{C9}/x", "E\u{301}/x"));
+    }
+
+    #[test]
+    fn rejects_case_duplicates() {
+        let m = [file("Readme", 1), file("README", 2)];
+        assert_eq!(validate(&m), collision("Readme", "README"));
+        let m = [dir("Docs"), file("docs/a", 1), file("DOCS/A", 1)];
+        assert_eq!(validate(&m), collision("docs/a", "DOCS/A"));
+    }
+
+    #[test]
+    fn rejects_file_and_folder_at_same_path() {
+        assert_eq!(validate(&[file("a", 1), dir("a")]), collision("a", "a"));
+        assert_eq!(validate(&[dir("a"), file("A", 1)]), collision("a", "A"));
+    }
+
+    #[test]
+    fn rejects_file_as_parent() {
+        assert_eq!(validate(&[file("a", 1), file("a/b", 1)]), below_file("a/b", "a"));
+        assert_eq!(validate(&[file("a/b", 1), dir("a/b/c/d")]), below_file("a/b/c/d", "a/b"));
+        // The same when the file comes second, and when only folding makes them meet.
+        assert_eq!(validate(&[dir("a/b/c"), file("a", 1)]), below_file("a/b/c", "a"));
+        assert_eq!(validate(&[file("\u{C9}", 1), file("e\u{301}/x", 1)]), below_file("e\u{301}/x", "\u{C9}"));
+    }
+
+    #[test]
+    fn rejects_too_many_entries() {
+        // The count is checked before any entry is looked at, so cheap identical clones will do.
+        let m = vec![dir("a"); MAX_ENTRIES + 1];
+        assert_eq!(validate(&m), Err(ManifestError::TooManyEntries(MAX_ENTRIES + 1)));
+    }
+
+    #[test]
+    fn rejects_too_deep() {
+        let deep = vec!["d"; MAX_DEPTH + 1].join("/");
+        assert_eq!(validate(&[dir(&deep)]), Err(ManifestError::TooDeep { path: deep, depth: MAX_DEPTH + 1 }));
+    }
+
+    #[test]
+    fn rejects_too_long_path() {
+        let mut parts = vec!["l".repeat(240); 17];
+        parts[0].push('l');
+        let long = parts.join("/");
+        let len = MAX_PATH_LEN + 1;
+        // The path is shown cut to its first SHOWN_PATH bytes, so the rule fits in a reason.
+        let shown = format!("{}…", &long[..SHOWN_PATH]);
+        let err = validate(&[file(&long, 1)]).unwrap_err();
+        assert_eq!(err, ManifestError::PathTooLong { path: shown, len });
+        assert!(err.to_string().len() < 300, "{err}");
+    }
+
+    #[test]
+    fn rejects_total_size_overflow() {
+        let half = u64::MAX / 2 + 1;
+        let m = [file("a", half), file("b", half)];
+        assert_eq!(validate(&m), Err(ManifestError::TooLarge { path: "a".into() }));
+        // Sizes each fine, sum over the limit.
+        let m = [file("a", MAX_TOTAL_SIZE), file("b", 1)];
+        assert_eq!(validate(&m), Err(ManifestError::TooLarge { path: "b".into() }));
+    }
+
+    #[test]
+    fn rejects_empty_manifest() {
+        assert_eq!(validate(&[]), Err(ManifestError::Empty));
+    }
+
+    #[test]
+    fn error_message_is_one_escaped_line() {
+        let err = validate(&[raw(&["dir", "evil\n\u{202E}txt.exe"])]).unwrap_err();
+        let msg = err.to_string();
+        assert!(!msg.contains('\n') && !msg.contains('\u{202E}'), "{msg}");
+        assert!(msg.starts_with("\"dir/evil\\u{a}\\u{202e}txt.exe\": component 2 is refused"), "{msg}");
+    }
+
+    #[test]
+    fn fold_key_merges_what_validate_merges() {
+        assert_eq!(fold_key(&p("Docs/\u{C9}")), fold_key(&p("docs/e\u{301}")));
+        assert_ne!(fold_key(&p("a/b")), fold_key(&p("a/c")));
+    }
+
+    /// The rules stated naively, in quadratic time, to check the linear algorithm against.
+    fn model_accepts(m: &[Entry]) -> bool {
+        let keys: Vec<_> = m.iter().map(|e| fold_key(&e.path)).collect();
+        let sizes = m.iter().map(|e| match e.kind {
+            EntryKind::File { size, .. } => u128::from(size),
+            EntryKind::Dir => 0,
+        });
+        let below_file =
+            |i: usize, j: usize| matches!(m[i].kind, EntryKind::File { .. }) && keys[j].starts_with(&keys[i]);
+        (1..=MAX_ENTRIES).contains(&m.len())
+            && m.iter().enumerate().all(|(i, e)| check_shape(i, &e.path).is_ok())
+            && sizes.sum::<u128>() <= u128::from(MAX_TOTAL_SIZE)
+            && (0..m.len()).all(|i| (0..m.len()).all(|j| i == j || (keys[i] != keys[j] && !below_file(i, j))))
+    }
+
+    fn component() -> impl Strategy<Value = String> {
+        // Mostly a tiny alphabet, so duplicates, case and NFC/NFD pairs and files used as parents
+        // come up often; sometimes anything at all, hostile characters included.
+        prop_oneof![4 => "(a|A|b|\u{C9}|e\u{301}|E\u{301})", 1 => "(\\PC|[./\\\\:\u{202E}])*"]
+    }
+
+    fn entry() -> impl Strategy<Value = Entry> {
+        let size = prop_oneof![Just(None), (0u64..100).prop_map(Some), any::<u64>().prop_map(Some)];
+        (prop::collection::vec(component(), 0..4), size).prop_map(|(path, size)| match size {
+            Some(size) => Entry { path, ..file("x", size) },
+            None => Entry { path, ..dir("x") },
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_and_agrees_with_model(m in prop::collection::vec(entry(), 0..12)) {
+            let result = validate(&m);
+            prop_assert_eq!(result.is_ok(), model_accepts(&m), "{:?}", result);
+            if let Ok(s) = result {
+                prop_assert_eq!(s.files + s.dirs, m.len());
+            }
+        }
+    }
+}

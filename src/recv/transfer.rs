@@ -1,0 +1,311 @@
+//! The receiving engine: one accepted manifest, from the first answer to the last verdict.
+//!
+//! Entries are answered strictly in manifest order, each as soon as it can be (see `answer`);
+//! bodies come in the same order for the files answered "send"; each body is written to its
+//! partial and hashed as it arrives (`body`), checked against the file's digest (which the sender
+//! sends by the end of the body at the latest), and the file joins the group being made durable
+//! (`durable`); its verdict goes out once the group is on disk. A failed file fails alone; a
+//! broken connection ends the transfer after acknowledging what was verified.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::answer::{Dirs, Plan, Rules, answer_dir, answer_file};
+use super::conn::Seen;
+use super::durable::Group;
+use super::manifest::Summary;
+use super::{Shared, Stored};
+use crate::error::Error;
+use crate::protocol::{
+    Answer, AnswersPart, Body, Digest, Entry, EntryKind, MAX_MESSAGE_LEN, Message, ProtocolError, RejectCode,
+    Withdraw, bounded_reason, encode_message,
+};
+use crate::sanitize::escape;
+use crate::store::{Reservation, SafeDir};
+use crate::transport::{FrameReader, FrameWriter};
+
+/// Resumed partials kept locked from their answer to their body, so nothing can change them in
+/// between; past this many, further partials are answered from offset 0.
+pub(crate) const MAX_HELD: usize = 64;
+/// An answers part goes out at least this often, so the sender's idle timeout is fed.
+pub(crate) const ANSWER_FLUSH: Duration = Duration::from_secs(1);
+
+/// One transfer in progress.
+pub(super) struct Transfer<'a> {
+    pub(super) shared: &'a Shared,
+    pub(super) r: &'a mut FrameReader,
+    pub(super) w: &'a mut FrameWriter,
+    pub(super) entries: Vec<Entry>,
+    pub(super) summary: Summary,
+    pub(super) root: SafeDir,
+    pub(super) reservation: Reservation<'a>,
+    /// One entry, a file: its failure is reported as itself, not as a batch summary.
+    pub(super) single: bool,
+    /// Digests received, by file number (`None`: the sender could not read that file).
+    pub(super) digests: Vec<Option<Digest>>,
+    /// Next entry to answer, and how many files came before it.
+    pub(super) cursor: usize,
+    pub(super) file_no: usize,
+    pub(super) answer_dirs: Dirs,
+    pub(super) body_dirs: Dirs,
+    /// Files answered `Send` whose body has not come yet, in order.
+    pub(super) plans: VecDeque<Plan>,
+    pub(super) held: usize,
+    pub(super) created_dirs: Vec<usize>,
+    pub(super) group: Group,
+    pub(super) verified: usize,
+    pub(super) there: usize,
+    pub(super) failed: usize,
+    pub(super) bodies: usize,
+    /// The first failure of a file, as the error a single-file transfer reports.
+    pub(super) first_failure: Option<Error>,
+    /// For a single file: what the log line says.
+    pub(super) stored: Option<(String, bool)>,
+    pub(super) bar: indicatif::ProgressBar,
+}
+
+impl<'a> Transfer<'a> {
+    pub fn new(
+        shared: &'a Shared,
+        (r, w): (&'a mut FrameReader, &'a mut FrameWriter),
+        entries: Vec<Entry>,
+        summary: Summary,
+        root: SafeDir,
+        reservation: Reservation<'a>,
+    ) -> Result<Transfer<'a>, Error> {
+        let single = entries.len() == 1 && summary.files == 1;
+        let label =
+            if single { escape(&entries[0].path.join("/")) } else { format!("{} files", summary.files) };
+        let bar = shared.progress.bytes("receiving", &label, summary.total_bytes);
+        let dirs = || Dirs::new(&root).map_err(|e| Error::io("opening the target folder", e));
+        Ok(Transfer {
+            answer_dirs: dirs()?,
+            body_dirs: dirs()?,
+            shared,
+            r,
+            w,
+            entries,
+            summary,
+            root,
+            reservation,
+            single,
+            digests: Vec::new(),
+            cursor: 0,
+            file_no: 0,
+            plans: VecDeque::new(),
+            held: 0,
+            created_dirs: Vec::new(),
+            group: Group::default(),
+            verified: 0,
+            there: 0,
+            failed: 0,
+            bodies: 0,
+            first_failure: None,
+            stored: None,
+            bar,
+        })
+    }
+
+    /// Answers, bodies and verdicts until every entry has its outcome.
+    pub fn run(mut self, seen: &mut Seen) -> Result<Stored, Error> {
+        let outcome = self.exchange(seen);
+        self.bar.finish_and_clear();
+        if let Err(e) = outcome {
+            // What was verified is acknowledged; partials that never got a byte go.
+            let _ = self.flush_group();
+            self.abandon_plans();
+            return Err(e);
+        }
+        self.flush_group()?;
+        // Folders last, deepest first: writing files into them changed their mtimes.
+        for &index in self.created_dirs.iter().rev() {
+            let e = &self.entries[index];
+            if let Ok(d) = self.root.walk(&e.path, false) {
+                let _ = d.set_mode_and_mtime(e.mode, e.mtime);
+            }
+        }
+        if !self.created_dirs.is_empty() {
+            let _ = self.root.sync_filesystem();
+        }
+        if self.single {
+            return match (self.first_failure.take(), self.stored.take()) {
+                (Some(e), _) => Err(e),
+                (None, Some((name, already_had))) => Ok(Stored { name, already_had, batch: false }),
+                (None, None) => Err(Error::Integrity("the file has no outcome".into())),
+            };
+        }
+        let s = &self.summary;
+        let name = format!(
+            "{} files, {} folders: {} received, {} already there, {} failed",
+            s.files, s.dirs, self.verified, self.there, self.failed
+        );
+        if self.failed > 0 {
+            return Err(Error::Integrity(name));
+        }
+        Ok(Stored { name, already_had: self.bodies == 0, batch: true })
+    }
+
+    fn exchange(&mut self, seen: &mut Seen) -> Result<(), Error> {
+        loop {
+            self.answer_what_can_be()?;
+            if self.cursor == self.entries.len() && self.plans.is_empty() {
+                return Ok(());
+            }
+            let message = self.r.message().map_err(|e| self.r.error("reading the transfer", e))?;
+            match message {
+                Message::Digests(part) => {
+                    // An empty part: the sender is still hashing. A good moment to acknowledge
+                    // what is verified, rather than keep it waiting for a group not coming soon.
+                    if part.digests.is_empty() {
+                        self.flush_group()?;
+                    }
+                    self.take_digests(part.first, part.digests)?;
+                }
+                Message::Body(Body { index }) | Message::Withdraw(Withdraw { index, .. })
+                    if self.plans.front().is_some_and(|p| p.index == index as usize) =>
+                {
+                    let plan = self.plans.pop_front().expect("just checked");
+                    self.held -= usize::from(plan.held.is_some());
+                    // A body that will fill the group anyway must not hold back the verdicts of
+                    // the files before it while it arrives (a large file after small ones).
+                    if let EntryKind::File { size, .. } = self.entries[plan.index].kind
+                        && self.group.would_fill(size - plan.offset)
+                    {
+                        self.flush_group()?;
+                    }
+                    match message {
+                        Message::Withdraw(w) => self.withdrawn(plan, w.reason)?,
+                        _ => self.body(plan, seen)?,
+                    }
+                    if self.group.is_full() {
+                        self.flush_group()?;
+                    }
+                }
+                Message::Body(Body { index }) | Message::Withdraw(Withdraw { index, .. }) => {
+                    let due = self.plans.front().map_or("none".to_string(), |p| p.index.to_string());
+                    return Err(self.malformed(format!("body of entry {index} when entry {due} is due")));
+                }
+                other => {
+                    let source =
+                        ProtocolError::UnexpectedMessage { expected: "digests or a body", got: other.name() };
+                    return Err(Error::Protocol { peer: self.r.peer().to_string(), source });
+                }
+            }
+        }
+    }
+
+    pub(super) fn malformed(&self, what: String) -> Error {
+        Error::Protocol { peer: self.r.peer().to_string(), source: ProtocolError::Malformed(what) }
+    }
+
+    /// Digests for files `first..`: they must continue where the last part stopped.
+    pub(super) fn take_digests(&mut self, first: u32, digests: Vec<Option<Digest>>) -> Result<(), Error> {
+        let known = self.digests.len();
+        if first as usize != known || digests.len() > self.summary.files - known {
+            return Err(self.malformed(format!(
+                "digests for files {first}..{} when {known} of {} are known",
+                first as usize + digests.len(),
+                self.summary.files
+            )));
+        }
+        self.digests.extend(digests);
+        Ok(())
+    }
+
+    /// Answers entries in order until one needs a digest that has not come, sending the answers
+    /// in parts cut by size and by time.
+    fn answer_what_can_be(&mut self) -> Result<(), Error> {
+        let opts = &self.shared.opts;
+        let compare_for = opts.timeout.map_or(Duration::from_secs(60), |t| t / 2);
+        let mut part = Vec::new();
+        let mut part_len = 0;
+        let mut last_flush = Instant::now();
+        while self.cursor < self.entries.len() {
+            let index = self.cursor;
+            let entry = &self.entries[index];
+            let rules = Rules {
+                overwrite: opts.overwrite,
+                until: Instant::now() + compare_for,
+                hold: self.held < MAX_HELD,
+                record_small: self.single,
+            };
+            let is_file = matches!(entry.kind, EntryKind::File { .. });
+            let answered = match (&entry.kind, self.digests.get(self.file_no)) {
+                (EntryKind::File { .. }, Some(None)) => {
+                    let reason = "not sent: the sender could not read it".to_string();
+                    Ok(Some((Answer::Reject { code: RejectCode::Failed, reason }, None)))
+                }
+                (EntryKind::File { .. }, digest) => answer_file(
+                    &mut self.answer_dirs,
+                    (index, self.file_no, entry),
+                    digest.map(|d| d.as_ref().expect("matched above")),
+                    &rules,
+                ),
+                (EntryKind::Dir, _) => answer_dir(&mut self.answer_dirs, entry).map(|a| Some((a, None))),
+            };
+            let mut failure = None;
+            let (answer, plan) = match answered {
+                Ok(Some(a)) => a,
+                // Needs its digest: what is answered goes out now, the rest waits.
+                Ok(None) => break,
+                Err(e) => {
+                    let reason = bounded_reason(format!("{}: {e}", escape(&entry.path.join("/"))));
+                    failure = Some(Error::io(reason.clone(), e));
+                    (Answer::Reject { code: RejectCode::Failed, reason }, None)
+                }
+            };
+            match (&answer, plan) {
+                (Answer::Send { offset }, Some(p)) => {
+                    self.held += usize::from(p.held.is_some());
+                    if self.single {
+                        self.bar.set_position(*offset);
+                    }
+                    self.plans.push_back(p);
+                }
+                (Answer::Send { .. }, None) => self.created_dirs.push(index),
+                (Answer::Reject { code, reason }, _) => {
+                    self.failed += 1;
+                    let name = escape(&entry.path.join("/"));
+                    failure.get_or_insert(Error::Rejected { name, code: *code, reason: reason.clone() });
+                }
+                (Answer::Have { name }, _) if is_file => {
+                    self.there += 1;
+                    self.stored = Some((name.clone(), true));
+                }
+                _ => {}
+            }
+            if let Some(e) = failure {
+                self.fail(e);
+            }
+            self.cursor += 1;
+            self.file_no += usize::from(is_file);
+            part_len +=
+                encode_message(&Message::Answers(AnswersPart { answers: vec![answer.clone()], last: false }))
+                    .len();
+            part.push(answer);
+            if part_len > MAX_MESSAGE_LEN as usize / 2 || last_flush.elapsed() > ANSWER_FLUSH {
+                self.send_answers(std::mem::take(&mut part))?;
+                part_len = 0;
+                last_flush = Instant::now();
+            }
+        }
+        if !part.is_empty() {
+            self.send_answers(part)?;
+        }
+        Ok(())
+    }
+
+    fn send_answers(&mut self, answers: Vec<Answer>) -> Result<(), Error> {
+        let last = self.cursor == self.entries.len();
+        self.send(&Message::Answers(AnswersPart { answers, last }))
+    }
+
+    pub(super) fn send(&mut self, m: &Message) -> Result<(), Error> {
+        self.w.message(m).and_then(|()| self.w.flush()).map_err(|e| self.w.error("answering", e.into()))
+    }
+
+    /// Records a file's failure (the first one is what a single-file transfer reports).
+    pub(super) fn fail(&mut self, e: Error) {
+        self.first_failure.get_or_insert(e);
+    }
+}

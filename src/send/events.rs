@@ -1,0 +1,144 @@
+//! The sender's two helper threads and what they tell its main loop: the hashing thread reports
+//! each file's digest in manifest order, the reader thread each message from the receiver.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use indicatif::ProgressBar;
+
+use super::walk::Item;
+use crate::cache::{DigestCache, Stamp};
+use crate::error::{Error, is_timeout};
+use crate::hash::hash_reader;
+use crate::protocol::{AnswersPart, Digest, FileVerdict, HashAlg, Message, ProtocolError, WireError};
+use crate::transport::FrameReader;
+
+/// What the sender's threads tell its main loop.
+pub(super) enum Event {
+    /// The hashing thread's result for file `.0` (counting files only, in manifest order), and
+    /// whether it came from the cache.
+    Hashed(usize, Result<(Digest, bool), Error>),
+    Answers(AnswersPart),
+    Verdict(FileVerdict),
+    /// No byte from the receiver for a whole idle timeout, ending at this instant.
+    Quiet(Instant),
+    /// The connection ended or the receiver broke the protocol; the reader has stopped.
+    Broken(Error),
+}
+
+/// How often the hashing thread appends new digests to the cache file.
+const CACHE_SAVE: Duration = Duration::from_secs(1);
+
+/// Hashes the listed files in order, from the cache where it knows them, and reports each digest.
+pub(super) fn spawn_hashing(
+    items: &[Item],
+    (cache, alg): (bool, HashAlg),
+    bar: ProgressBar,
+    label: Option<String>,
+    events: mpsc::Sender<Event>,
+) -> std::thread::JoinHandle<()> {
+    let files: Vec<(PathBuf, Stamp)> =
+        items.iter().filter_map(|i| i.file.map(|s| (i.source.clone(), s))).collect();
+    std::thread::spawn(move || {
+        let mut cache = cache.then(|| DigestCache::open_default(alg));
+        let total = files.len();
+        let mut saved = Instant::now();
+        for (n, (source, stamp)) in files.into_iter().enumerate() {
+            let path = source.display().to_string();
+            let digest = open_unchanged(&source, stamp)
+                .and_then(|mut f| digest_of(&mut f, (stamp, alg), cache.as_mut(), &bar, &path));
+            // Saved as it goes, so an interrupted send's retry does not hash it all again.
+            if let Some(c) = cache.as_mut()
+                && saved.elapsed() > CACHE_SAVE
+            {
+                c.flush();
+                saved = Instant::now();
+            }
+            if digest.is_err() {
+                bar.inc(stamp.size);
+            }
+            if label.is_none() {
+                bar.set_message(format!("{}/{total} files", n + 1));
+            }
+            if events.send(Event::Hashed(n, digest)).is_err() {
+                return;
+            }
+        }
+        bar.finish_and_clear();
+    })
+}
+
+/// The file's digest: from the cache when its stamp is known, otherwise by reading it (advancing
+/// `bar`), checking it did not change meanwhile, and remembering the result. Says whether it
+/// came from the cache.
+fn digest_of(
+    file: &mut File,
+    (stamp, alg): (Stamp, HashAlg),
+    cache: Option<&mut DigestCache>,
+    bar: &ProgressBar,
+    path: &str,
+) -> Result<(Digest, bool), Error> {
+    if let Some(d) = cache.as_ref().and_then(|c| c.get(&stamp)) {
+        bar.inc(stamp.size);
+        return Ok((d, true));
+    }
+    let (digest, hashed) =
+        hash_reader(alg, &mut *file, bar).map_err(|e| Error::io(format!("cannot read {path}"), e))?;
+    let after =
+        file.metadata().map(|m| Stamp::of(&m)).map_err(|e| Error::io(format!("cannot stat {path}"), e))?;
+    if hashed != stamp.size || after != stamp {
+        return Err(Error::Integrity(format!("{path} changed while it was being hashed; send it again")));
+    }
+    if let Some(c) = cache {
+        c.put(stamp, digest);
+        // One large file is worth saving at once: a send interrupted now resumes without it.
+        if stamp.size >= 1 << 20 {
+            c.flush();
+        }
+    }
+    Ok((digest, false))
+}
+
+/// Opens a listed file and checks it is still the one that was listed.
+pub(super) fn open_unchanged(source: &Path, stamp: Stamp) -> Result<File, Error> {
+    let path = source.display().to_string();
+    let f = File::open(source).map_err(|e| Error::io(format!("cannot open {path}"), e))?;
+    let now = f.metadata().map(|m| Stamp::of(&m)).map_err(|e| Error::io(format!("cannot stat {path}"), e))?;
+    if now != stamp {
+        return Err(Error::Integrity(format!("{path} changed after it was listed; send it again")));
+    }
+    Ok(f)
+}
+
+/// Reads answers and verdicts until the connection ends, passing them on. Quiet stretches are
+/// reported, not fatal: only the main loop knows whether the receiver owes it anything (while
+/// this side is busy hashing, `local_busy`, they are not even reported).
+pub(super) fn read_events(r: &mut FrameReader, events: mpsc::Sender<Event>, local_busy: &AtomicBool) {
+    loop {
+        let event = match r.message() {
+            Ok(Message::Answers(part)) => Event::Answers(part),
+            Ok(Message::FileVerdict(v)) => Event::Verdict(v),
+            Ok(other) => {
+                let source = ProtocolError::UnexpectedMessage {
+                    expected: "answers or file verdicts",
+                    got: other.name(),
+                };
+                Event::Broken(Error::Protocol { peer: r.peer().to_string(), source })
+            }
+            Err(WireError::Io(e)) if is_timeout(&e) => {
+                if local_busy.load(Ordering::SeqCst) {
+                    continue;
+                }
+                Event::Quiet(Instant::now())
+            }
+            Err(e) => Event::Broken(r.error("waiting for answers", e)),
+        };
+        let stop = matches!(event, Event::Broken(_));
+        if events.send(event).is_err() || stop {
+            return;
+        }
+    }
+}

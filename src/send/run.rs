@@ -1,0 +1,340 @@
+//! The sending engine once the manifest is accepted: digests out as they are hashed, answers in,
+//! one body at a time out (its digest right behind it if it was not sent before), verdicts in,
+//! until every entry has its outcome.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use indicatif::ProgressBar;
+
+use super::SendOpts;
+use super::events::Event;
+use super::report::{EntryOutcome, beside, verdict_result};
+use super::walk::Item;
+use crate::error::Error;
+use crate::progress::Progress;
+use crate::protocol::{
+    Answer, Digest, DigestsPart, Entry, EntryKind, FileVerdict, MAX_DIGESTS_PER_PART, Message, ProtocolError,
+};
+use crate::transport::FrameWriter;
+
+/// How long the main loop waits for news before it tells the receiver it is still hashing.
+pub(crate) const KEEPALIVE: Duration = Duration::from_secs(1);
+/// Files the receiver should know the digest of beyond those already sent: enough that answers
+/// keep coming while bodies go out, without a message per digest.
+pub(crate) const TELL_AHEAD: usize = 64;
+
+/// The state of a send once the manifest is accepted.
+pub(super) struct Run<'a> {
+    pub(super) entries: &'a [Entry],
+    pub(super) items: &'a [Item],
+    pub(super) opts: &'a SendOpts,
+    pub(super) progress: &'a Progress,
+    pub(super) peer: String,
+    pub(super) bar: &'a ProgressBar,
+    /// Each file's digest once hashed, by entry index, and whether it came from the cache.
+    pub(super) digests: Vec<Option<Digest>>,
+    pub(super) cached: Vec<bool>,
+    /// Digests from the hashing thread not yet sent, and how many files that thread has done.
+    pub(super) unsent: Vec<Option<Digest>>,
+    pub(super) hashed: usize,
+    /// Files whose digest (or its absence) the receiver has been told.
+    pub(super) told: usize,
+    pub(super) answers: Vec<Answer>,
+    /// Entries acted on (body sent, withdrawn, or outcome known from the answer), and how many of
+    /// them were files.
+    pub(super) acted: usize,
+    pub(super) acted_files: usize,
+    /// Entries whose body or withdrawal went out and whose verdict has not come.
+    pub(super) owed: Vec<bool>,
+    pub(super) owing: usize,
+    pub(super) outcomes: Vec<Option<EntryOutcome>>,
+    /// Resume offset of each entry answered `Send`.
+    pub(super) offsets: Vec<u64>,
+    /// Entry index of each file, by file number; file number of each entry.
+    pub(super) file_entry: Vec<usize>,
+    pub(super) entry_file: Vec<usize>,
+    /// Local failures (hashing, reading) that outrank whatever the receiver says.
+    pub(super) local: Vec<bool>,
+    pub(super) sent: u64,
+    pub(super) resumed: u64,
+    pub(super) done: usize,
+    /// The reader thread has stopped: nothing more will come from the receiver.
+    pub(super) reader_done: bool,
+    /// Why it stopped.
+    pub(super) ended: Option<Error>,
+    /// When the receiver was last given something to answer.
+    pub(super) waiting_since: Instant,
+}
+
+impl<'a> Run<'a> {
+    pub fn new(
+        (entries, items): (&'a [Entry], &'a [Item]),
+        (opts, progress): (&'a SendOpts, &'a Progress),
+        bar: &'a ProgressBar,
+        peer: &str,
+    ) -> Run<'a> {
+        let mut file_entry = Vec::new();
+        let mut entry_file = Vec::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            entry_file.push(file_entry.len());
+            if matches!(e.kind, EntryKind::File { .. }) {
+                file_entry.push(i);
+            }
+        }
+        let n = entries.len();
+        Run {
+            entries,
+            items,
+            opts,
+            progress,
+            peer: peer.to_string(),
+            bar,
+            digests: vec![None; n],
+            cached: vec![false; n],
+            unsent: Vec::new(),
+            hashed: 0,
+            told: 0,
+            answers: Vec::with_capacity(n),
+            acted: 0,
+            acted_files: 0,
+            owed: vec![false; n],
+            owing: 0,
+            outcomes: (0..n).map(|_| None).collect(),
+            offsets: vec![0; n],
+            file_entry,
+            entry_file,
+            local: vec![false; n],
+            sent: 0,
+            resumed: 0,
+            done: 0,
+            reader_done: false,
+            ended: None,
+            waiting_since: Instant::now(),
+        }
+    }
+
+    pub fn files(&self) -> usize {
+        self.file_entry.len()
+    }
+
+    pub(super) fn protocol(&self, what: String) -> Error {
+        Error::Protocol { peer: self.peer.clone(), source: ProtocolError::Malformed(what) }
+    }
+
+    /// The main loop. Returns what broke the connection, if anything.
+    pub fn drive(
+        &mut self,
+        inbox: &mpsc::Receiver<Event>,
+        w: &mut FrameWriter,
+        local_busy: &AtomicBool,
+    ) -> Option<Error> {
+        loop {
+            if self.acted == self.entries.len() && self.owing == 0 {
+                return None;
+            }
+            let work = self.acted < self.answers.len() || self.should_tell();
+            let mut event = if work {
+                inbox.try_recv().ok()
+            } else {
+                // The receiver has stopped talking and nothing it already said is left to act on.
+                if let Some(e) = self.ended.take() {
+                    return Some(e);
+                }
+                // Blocking only when there is nothing to write: flush first, so the receiver has it.
+                if let Err(e) = w.flush() {
+                    return Some(w.error("sending", e.into()));
+                }
+                match self.wait(inbox, w, local_busy) {
+                    Ok(Some(e)) => Some(e),
+                    Ok(None) => continue,
+                    Err(e) => return Some(e),
+                }
+            };
+            local_busy.store(true, Ordering::SeqCst);
+            // Everything that is already here, so digests and answers travel in batches.
+            while let Some(e) = event {
+                if let Err(cause) = self.take(e) {
+                    return Some(cause);
+                }
+                event = inbox.try_recv().ok();
+            }
+            if self.should_tell()
+                && let Err(e) = self.tell(w)
+            {
+                return Some(e);
+            }
+            // One answered entry acted on per turn, so digests keep flowing between bodies.
+            if self.acted < self.answers.len() {
+                if let Err(e) = self.act(inbox, w, local_busy) {
+                    return Some(e);
+                }
+                self.waiting_since = Instant::now();
+            }
+        }
+    }
+
+    /// Waits up to [`KEEPALIVE`] for an event; while this side is still hashing, tells the
+    /// receiver so with an empty `Digests` part when none comes.
+    pub(super) fn wait(
+        &mut self,
+        inbox: &mpsc::Receiver<Event>,
+        w: &mut FrameWriter,
+        local_busy: &AtomicBool,
+    ) -> Result<Option<Event>, Error> {
+        let still_hashing = self.hashed < self.file_entry.len();
+        local_busy.store(still_hashing, Ordering::SeqCst);
+        match inbox.recv_timeout(KEEPALIVE) {
+            Ok(e) => Ok(Some(e)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if still_hashing {
+                    let keepalive = DigestsPart { first: self.told as u32, digests: Vec::new() };
+                    w.message(&Message::Digests(keepalive))
+                        .and_then(|()| w.flush())
+                        .map_err(|e| w.error("sending", e.into()))?;
+                }
+                Ok(None)
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+                Err(w.error("waiting for answers", eof.into()))
+            }
+        }
+    }
+
+    /// Whether to send the digests held back now: when the receiver is running short of files
+    /// it can answer, when enough have gathered, or when hashing is over. Holding them a little
+    /// while bodies go out turns 10,000 digests into a few messages instead of 10,000.
+    fn should_tell(&self) -> bool {
+        let ahead = self.told - self.acted_files.min(self.told);
+        !self.unsent.is_empty()
+            && (ahead < TELL_AHEAD
+                || self.unsent.len() >= MAX_DIGESTS_PER_PART
+                || self.hashed == self.file_entry.len())
+    }
+
+    /// Sends every digest held back.
+    pub(super) fn tell(&mut self, w: &mut FrameWriter) -> Result<(), Error> {
+        for chunk in std::mem::take(&mut self.unsent).chunks(MAX_DIGESTS_PER_PART) {
+            let part = DigestsPart { first: self.told as u32, digests: chunk.to_vec() };
+            w.message(&Message::Digests(part)).map_err(|e| w.error("sending digests", e.into()))?;
+            self.told += chunk.len();
+        }
+        Ok(())
+    }
+
+    /// Takes one event from the hashing or reader thread; an error ends the transfer.
+    pub(super) fn take(&mut self, event: Event) -> Result<(), Error> {
+        match event {
+            Event::Hashed(n, digest) => {
+                debug_assert_eq!(n, self.hashed);
+                self.hashed += 1;
+                let i = self.file_entry[n];
+                match digest {
+                    Ok((d, cached)) => {
+                        self.digests[i] = Some(d);
+                        self.cached[i] = cached;
+                        self.unsent.push(Some(d));
+                    }
+                    Err(e) => {
+                        self.local[i] = true;
+                        self.outcomes[i] = Some(EntryOutcome::Failed(e));
+                        self.unsent.push(None);
+                    }
+                }
+                Ok(())
+            }
+            Event::Answers(part) => self.take_answers(part.answers),
+            Event::Verdict(v) => self.take_verdict(v),
+            Event::Quiet(at) => {
+                let waiting_on_receiver = self.hashed == self.file_entry.len() && self.unsent.is_empty();
+                let quiet_for = self.opts.timeout.unwrap_or(Duration::MAX);
+                if waiting_on_receiver && at.saturating_duration_since(self.waiting_since) >= quiet_for {
+                    let what = if self.acted == self.entries.len() {
+                        "waiting for the verdict"
+                    } else {
+                        "waiting for answers"
+                    };
+                    return Err(crate::error::Error::Timeout {
+                        peer: self.peer.clone(),
+                        what,
+                        limit: crate::transport::idle_limit(self.opts.timeout),
+                    });
+                }
+                Ok(())
+            }
+            // Acted on once what came before it is: a receiver that answered everything and
+            // hung up has still answered everything.
+            Event::Broken(e) => {
+                self.reader_done = true;
+                self.ended = Some(e);
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes answers for the next entries, checking the receiver could have given them.
+    fn take_answers(&mut self, answers: Vec<Answer>) -> Result<(), Error> {
+        for a in answers {
+            let i = self.answers.len();
+            let Some(entry) = self.entries.get(i) else {
+                return Err(self.protocol(format!("more answers than the {} entries", self.entries.len())));
+            };
+            match (&a, &entry.kind) {
+                (Answer::Send { offset }, EntryKind::File { size, .. }) if offset > size => {
+                    return Err(self.protocol(format!(
+                        "receiver asked to resume at byte {offset} of a {size}-byte file"
+                    )));
+                }
+                (Answer::Send { offset }, EntryKind::Dir) if *offset > 0 => {
+                    return Err(
+                        self.protocol(format!("receiver asked to resume folder entry {i} at byte {offset}"))
+                    );
+                }
+                // Only a receiver that has the digest can know it has the content.
+                (Answer::Have { .. }, EntryKind::File { .. }) if self.entry_file[i] >= self.told => {
+                    return Err(self
+                        .protocol(format!("receiver claims to have entry {i} before its digest was sent")));
+                }
+                _ => {}
+            }
+            self.answers.push(a);
+        }
+        Ok(())
+    }
+
+    fn take_verdict(&mut self, v: FileVerdict) -> Result<(), Error> {
+        let i = v.index as usize;
+        if !self.owed.get(i).copied().unwrap_or(false) {
+            return Err(self.protocol(format!("verdict for entry {i}, which was not sent")));
+        }
+        self.owed[i] = false;
+        self.owing -= 1;
+        if self.local[i] {
+            return Ok(());
+        }
+        let path = &self.entries[i].path;
+        self.outcomes[i] = Some(match verdict_result(v.verdict, &path.join("/"), self.digests[i].as_ref()) {
+            // The receiver names the file it stored in its folder (maybe `name (1).ext`).
+            Ok(stored) => EntryOutcome::Verified(beside(path, &stored)),
+            Err(e) => EntryOutcome::Failed(e),
+        });
+        Ok(())
+    }
+
+    /// After the connection broke on our side: collect the verdicts the receiver still sends.
+    pub fn drain(&mut self, inbox: &mpsc::Receiver<Event>) {
+        while self.owing > 0 && !self.reader_done {
+            match inbox.recv_timeout(self.opts.timeout.unwrap_or(Duration::from_secs(30))) {
+                Ok(Event::Verdict(v)) => {
+                    if self.take_verdict(v).is_err() {
+                        self.reader_done = true;
+                    }
+                }
+                Ok(Event::Broken(_)) | Err(_) => self.reader_done = true,
+                Ok(_) => {}
+            }
+        }
+    }
+}

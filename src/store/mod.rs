@@ -1,0 +1,18 @@
+//! The receiver's side of the disk: everything written lands in the target folder through here.
+//!
+//! - [`safedir`]: the target folder and its subfolders as held descriptors; every open, rename and
+//!   removal is relative to one, never through a symlink (confinement).
+//! - [`partial`]: hidden partial files and their records while a body arrives, resume, and the
+//!   commit to a final name (durability: fsync, or a group's syncfs by the caller).
+//! - [`existing`]: files already there, recognised by content ("already have it").
+//! - [`space`]: free space reserved by transfers in flight.
+
+pub mod existing;
+pub mod partial;
+pub mod safedir;
+pub mod space;
+
+pub use existing::{MAX_KEEP_BOTH, find_existing, same_size_exists};
+pub use partial::{Durability, FileId, Opened, Partial, stem_for};
+pub use safedir::{Kind, SafeDir};
+pub use space::{Reservation, SpacePool, free_space};

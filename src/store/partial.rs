@@ -1,0 +1,381 @@
+//! Partial files: where a body is written while it arrives, kept when a transfer is interrupted
+//! so that sending the same file again resumes where it stopped.
+//!
+//! Each final name has one partial, `.xfer-<id>.part`, where `<id>` is derived from the name, and
+//! a record `.xfer-<id>.meta` saying what it belongs to (size, hash algorithm, digest if known,
+//! the sender's version tag if known, name). An offer resumes only if the record matches it (see
+//! [`FileId::matches`]); a partial of any other version is truncated and started over. The prefix already on disk is hashed again before the offset is
+//! promised (for at most a deadline: whatever could not be hashed in time is dropped and sent
+//! again), so the final whole-file check covers every byte. A partial is locked (`flock`) while a
+//! transfer uses it; a second transfer of the same name meanwhile is refused as busy.
+//!
+//! Paths are single validated components joined to the target folder, and the partial and its
+//! record are opened with `O_NOFOLLOW`, so a symlink planted under those names is not followed.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use rustix::fs::FlockOperation;
+
+use super::existing::MAX_KEEP_BOTH;
+use super::safedir::{Kind, SafeDir, set_mode_and_mtime};
+use crate::hash::Hasher;
+use crate::protocol::{Digest, HashAlg, MAX_DEPTH};
+use crate::sanitize::{TEMP_PREFIX, numbered_name};
+
+/// Suffix of partial files.
+pub const PART_SUFFIX: &str = ".part";
+/// Suffix of the records beside them.
+pub const RECORD_SUFFIX: &str = ".meta";
+
+/// When a committed file reaches stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync of the file and its folder before `commit` returns.
+    Fsync,
+    /// Left to the caller's `syncfs` for a group of files.
+    Deferred,
+}
+
+/// Read size when hashing a partial's prefix again.
+const PREFIX_BUF: usize = 1024 * 1024;
+
+/// A body being received, in its partial file, locked for this transfer.
+pub struct Partial {
+    file: File,
+    dir: SafeDir,
+    stem: String,
+    /// A record exists beside the partial (and must go when it does).
+    record: bool,
+}
+
+/// What opening a partial for an offer gave.
+// One per transfer and moved out at once: boxing the hash state would buy nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Opened {
+    /// Write from `offset`; `hasher` already holds the digest state of bytes `0..offset`.
+    Ready { partial: Partial, offset: u64, hasher: Hasher },
+    /// Another transfer of the same name holds the partial.
+    Busy,
+}
+
+/// The hidden stem (`.xfer-<id>`) of the partial and record for a final name.
+pub fn stem_for(name: &str) -> String {
+    format!("{TEMP_PREFIX}{}", &crate::hash::sha256(name.as_bytes()).to_hex()[..32])
+}
+
+/// What a partial belongs to: the file as the sender described it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileId {
+    pub size: u64,
+    pub alg: HashAlg,
+    /// The whole file's digest, when the sender knew it up front.
+    pub digest: Option<Digest>,
+    /// The sender's version tag (single files; batches send digests instead).
+    pub tag: Option<[u8; 16]>,
+}
+
+impl FileId {
+    fn record(&self, name: &str) -> String {
+        let mut s = format!("size {}\nhash {}\n", self.size, self.alg);
+        if let Some(d) = &self.digest {
+            s.push_str(&format!("digest {d}\n"));
+        }
+        if let Some(t) = &self.tag {
+            s.push_str(&format!("tag {}\n", tag_hex(t)));
+        }
+        s.push_str(&format!("name {}\n", name.escape_debug()));
+        s
+    }
+
+    /// Whether the record kept for `name` in `dir` is one that this offer (which has no digest)
+    /// would resume if it named its digest: same name, size and algorithm, a digest recorded,
+    /// and not this sender version's tag.
+    pub fn digest_would_resume(&self, dir: &SafeDir, name: &str) -> bool {
+        let mut record = String::new();
+        let read = dir.open_read(&format!("{}{RECORD_SUFFIX}", stem_for(name)));
+        if read.and_then(|mut r| r.read_to_string(&mut record)).is_err() {
+            return false;
+        }
+        let with_digest = |d: Digest| FileId { digest: Some(d), tag: None, ..self.clone() };
+        let recorded = record.lines().find_map(|l| l.strip_prefix("digest ")).and_then(Digest::from_hex);
+        self.digest.is_none()
+            && !self.matches(name, &record)
+            && recorded.is_some_and(|d| with_digest(d).matches(name, &record))
+    }
+
+    /// Whether a record (as [`FileId::record`] wrote it) describes this file under `name`: same
+    /// name, size and algorithm, and the same digest when both sides know one, otherwise the
+    /// same version tag. A digest that differs always means another version.
+    fn matches(&self, name: &str, record: &str) -> bool {
+        let field = |key: &str| {
+            record
+                .lines()
+                .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(' ')))
+                .map(str::to_string)
+        };
+        let same = |key: &str, want: String| field(key) == Some(want);
+        if !same("size", self.size.to_string())
+            || !same("hash", self.alg.to_string())
+            || !same("name", name.escape_debug().to_string())
+        {
+            return false;
+        }
+        match (field("digest"), &self.digest) {
+            (Some(have), Some(want)) => have == want.to_hex(),
+            _ => self.tag.is_some() && field("tag") == self.tag.as_ref().map(tag_hex),
+        }
+    }
+}
+
+fn tag_hex(bytes: &[u8; 16]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Partial {
+    /// Opens the partial for `name` in `dir` for an offer of `size` bytes with `digest`, resuming
+    /// from what it holds if it belongs to exactly that file. The prefix is re-hashed until
+    /// `deadline` at most.
+    /// Without `resumable` no record is written, so an interruption leaves nothing to resume.
+    pub fn open(
+        dir: SafeDir,
+        name: &str,
+        id: &FileId,
+        deadline: Instant,
+        resumable: bool,
+    ) -> io::Result<Opened> {
+        let stem = stem_for(name);
+        let (part_name, record_name) = (format!("{stem}{PART_SUFFIX}"), format!("{stem}{RECORD_SUFFIX}"));
+        let file = dir.open_rw(&part_name, false)?;
+        check_own(&file, &part_name)?;
+        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => return Ok(Opened::Busy),
+            Err(e) => return Err(e.into()),
+        }
+        let (size, alg) = (id.size, id.alg);
+        let want = id.record(name);
+        let mut have = String::new();
+        if let Ok(mut r) = dir.open_read(&record_name) {
+            let _ = r.read_to_string(&mut have);
+        }
+        let len = file.metadata()?.len();
+        let (hasher, offset) = if id.matches(name, &have) && len <= size {
+            hash_prefix(&file, len, alg, deadline)?
+        } else {
+            (Hasher::new(alg), 0)
+        };
+        // Drop whatever is not covered by the hash (or everything, for another version).
+        if len != offset {
+            file.set_len(offset)?;
+        }
+        if offset == 0
+            && resumable
+            && let Err(e) = dir.open_rw(&record_name, true).and_then(|mut r| r.write_all(want.as_bytes()))
+        {
+            // No record, no resume: take the empty partial back out too.
+            let _ = dir.remove_file(&part_name);
+            return Err(e);
+        }
+        if offset == 0 && !resumable && !have.is_empty() {
+            // Another version's record must not outlive the bytes it described.
+            let _ = dir.remove_file(&record_name);
+            have.clear();
+        }
+        let record = resumable || !have.is_empty();
+        let mut partial = Partial { file, dir, stem, record };
+        if offset > 0 {
+            partial.file.seek(SeekFrom::Start(offset))?;
+        }
+        Ok(Opened::Ready { partial, offset, hasher })
+    }
+
+    /// True if `name` has no partial in `dir`: a fresh, unresumable file can then be answered
+    /// without creating anything, and [`Partial::reopen`] creates it when its body comes.
+    pub fn absent(dir: &SafeDir, name: &str) -> bool {
+        matches!(dir.kind(&format!("{}{PART_SUFFIX}", stem_for(name))), Ok(Kind::Missing))
+    }
+
+    /// Reopens (or creates, for offset 0) the partial for `name` to continue at `offset`, as an
+    /// earlier answer promised (a batch answers every entry first and unlocks in between). `None`
+    /// if another transfer holds it now or it no longer has `offset` bytes. `record` says whether
+    /// a record was written for it.
+    pub fn reopen(dir: SafeDir, name: &str, offset: u64, record: bool) -> io::Result<Option<Partial>> {
+        let stem = stem_for(name);
+        let file = dir.open_rw(&format!("{stem}{PART_SUFFIX}"), false)?;
+        let len = check_own(&file, &stem)?;
+        if rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+            return Ok(None);
+        }
+        if len < offset {
+            return Ok(None);
+        }
+        if len != offset {
+            file.set_len(offset)?;
+        }
+        let mut partial = Partial { file, dir, stem, record };
+        if offset > 0 {
+            partial.file.seek(SeekFrom::Start(offset))?;
+        }
+        Ok(Some(partial))
+    }
+
+    /// Whether a record sits beside this partial.
+    pub fn has_record(&self) -> bool {
+        self.record
+    }
+
+    /// The open file, positioned at the resume offset, for writing the body.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn name(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.stem)
+    }
+
+    /// Removes the partial and its record: its content is wrong, or cannot be used.
+    pub fn discard(self) {
+        let _ = self.dir.remove_file(&self.name(PART_SUFFIX));
+        if self.record {
+            let _ = self.dir.remove_file(&self.name(RECORD_SUFFIX));
+        }
+    }
+
+    /// Leaves the partial for a later resume (an empty one is removed: nothing to resume).
+    /// Returns the number of bytes kept.
+    pub fn keep(self) -> u64 {
+        let len = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        if len == 0 {
+            self.discard();
+        }
+        len
+    }
+
+    /// Sets the file's permission bits (only 0o777) and modification time before it is stored.
+    pub fn set_attributes(&self, mode: u32, mtime: (i64, u32)) -> io::Result<()> {
+        set_mode_and_mtime(self.file.as_fd(), mode, mtime)
+    }
+
+    /// Gives the file its final name. Without `overwrite` an existing name is never replaced: the
+    /// first free keep-both name is taken, atomically (`renameat2(RENAME_NOREPLACE)`), so two
+    /// transfers cannot clobber each other; with `overwrite` the rename replaces the old file
+    /// atomically. `Fsync` flushes the file before the rename and its folder after; `Deferred`
+    /// does neither: the caller has synced the data (one `syncfs` for a group) and syncs the
+    /// renames before acknowledging any of them. Returns the stored name.
+    pub fn commit(self, name: &str, overwrite: bool, durability: Durability) -> io::Result<String> {
+        if durability == Durability::Fsync {
+            self.file.sync_all()?;
+        }
+        let from = self.name(PART_SUFFIX);
+        let mut stored = None;
+        for n in 0..=MAX_KEEP_BOTH {
+            let candidate = numbered_name(name, n);
+            match self.dir.rename(&from, &candidate, overwrite && n == 0) {
+                Ok(()) => {
+                    stored = Some(candidate);
+                    break;
+                }
+                // Taken by a file, or (with --overwrite) by a folder: try the next name.
+                Err(e)
+                    if matches!(e.kind(), io::ErrorKind::AlreadyExists | io::ErrorKind::IsADirectory)
+                        || e.raw_os_error() == Some(rustix::io::Errno::NOTEMPTY.raw_os_error()) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let stored = stored.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{MAX_KEEP_BOTH} files named like this exist"),
+            )
+        })?;
+        if self.record {
+            let _ = self.dir.remove_file(&self.name(RECORD_SUFFIX));
+        }
+        // The rename is durable only once the folder's entry is on disk. If that cannot be
+        // promised, the file is taken back out: "failed" must mean nothing was stored.
+        if durability == Durability::Fsync
+            && let Err(e) = self.dir.sync()
+        {
+            let _ = self.dir.remove_file(&stored);
+            return Err(e);
+        }
+        Ok(stored)
+    }
+}
+
+/// A partial must be a regular file with no other names: a hard link planted under a partial's
+/// name by someone with access to the folder would otherwise receive the writes.
+/// Returns its length.
+fn check_own(file: &File, what: &str) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.nlink() > 1 {
+        return Err(io::Error::other(format!("{what}: not a plain regular file (type or hard links)")));
+    }
+    Ok(meta.len())
+}
+
+/// Hashes the first `len` bytes of `file`, stopping early at `deadline` on a block boundary.
+/// Returns the hash state and how many bytes it covers.
+fn hash_prefix(file: &File, len: u64, alg: HashAlg, deadline: Instant) -> io::Result<(Hasher, u64)> {
+    let mut hasher = Hasher::new(alg);
+    let mut buf = vec![0u8; PREFIX_BUF];
+    let mut done = 0u64;
+    while done < len && Instant::now() < deadline {
+        let want = (len - done).min(PREFIX_BUF as u64) as usize;
+        file.read_exact_at(&mut buf[..want], done)?;
+        hasher.update(&buf[..want]);
+        done += want as u64;
+    }
+    Ok((hasher, done))
+}
+
+/// Removes partials (and records) in `dir` and its subfolders not modified for `max_age` and not
+/// in use. Returns how many partials were removed. Folders are entered with `O_NOFOLLOW` and files
+/// removed relative to their folder's descriptor, so a symlink cannot lead the sweep elsewhere.
+pub fn sweep(dir: &Path, max_age: Duration) -> io::Result<usize> {
+    let root = SafeDir::open_root(dir)?;
+    sweep_in(&root, dir, max_age, 0)
+}
+
+fn sweep_in(dir: &SafeDir, listing: &Path, max_age: Duration, depth: usize) -> io::Result<usize> {
+    let now = SystemTime::now();
+    let mut removed = 0;
+    for entry in fs::read_dir(listing)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Ok(st) = dir.stat(name) else { continue };
+        let kind = rustix::fs::FileType::from_raw_mode(st.st_mode);
+        if kind == rustix::fs::FileType::Directory {
+            if depth < MAX_DEPTH
+                && let Ok((sub, _)) = dir.subdir(name, false)
+            {
+                // A folder that cannot be read is skipped, not a reason to stop sweeping.
+                removed += sweep_in(&sub, &listing.join(name), max_age, depth + 1).unwrap_or(0);
+            }
+            continue;
+        }
+        let ours =
+            name.starts_with(TEMP_PREFIX) && (name.ends_with(PART_SUFFIX) || name.ends_with(RECORD_SUFFIX));
+        let modified = SystemTime::UNIX_EPOCH + Duration::from_secs(st.st_mtime.max(0) as u64);
+        let age = now.duration_since(modified).unwrap_or_default();
+        if !ours || kind != rustix::fs::FileType::RegularFile || age < max_age {
+            continue;
+        }
+        if name.ends_with(PART_SUFFIX) {
+            // In use by a transfer right now: leave it.
+            let Ok(f) = dir.open_read(name) else { continue };
+            if rustix::fs::flock(&f, FlockOperation::NonBlockingLockExclusive).is_err() {
+                continue;
+            }
+            removed += 1;
+        }
+        let _ = dir.remove_file(name);
+    }
+    Ok(removed)
+}

@@ -1,0 +1,130 @@
+//! The reading half of a connection: frames in, under a deadline or an idle timeout.
+
+use std::io::{self, BufRead, BufReader, Read};
+use std::time::{Duration, Instant};
+
+use super::{RECV_BUF, Socket};
+use crate::error::{Error, Limit};
+use crate::protocol::{self, FRAME_HEADER_LEN, FrameHeader, Message, WireError};
+
+/// Reads the peer's frames. Owns the read buffer and the time rules: an overall deadline (the
+/// handshake, a manifest) or the idle timeout (no byte for that long).
+pub struct FrameReader {
+    inner: BufReader<Deadlined>,
+    peer: String,
+    /// The rule in force, for error messages.
+    limit: Limit,
+    idle_limit: Limit,
+}
+
+/// A socket reader with an optional overall deadline: before each read the socket's timeout is
+/// set to the time left, so a peer trickling one byte at a time cannot stretch a phase. Without
+/// a deadline it reads with the idle timeout.
+struct Deadlined {
+    stream: Socket,
+    until: Option<Instant>,
+    idle: Option<Duration>,
+}
+
+impl Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(until) = self.until {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
+            }
+            self.stream.tcp().set_read_timeout(Some(left))?;
+        }
+        self.stream.read(buf)
+    }
+}
+
+impl FrameReader {
+    pub(super) fn new(stream: Socket, peer: &str, idle: Option<Duration>, limit: Limit) -> FrameReader {
+        let inner = BufReader::with_capacity(RECV_BUF, Deadlined { stream, until: None, idle });
+        FrameReader { inner, peer: peer.to_string(), limit, idle_limit: limit }
+    }
+
+    /// Reads under one overall deadline from now on (`limit` names it in errors), or with `None`
+    /// goes back to the idle timeout.
+    pub fn set_deadline(&mut self, until: Option<(Instant, Limit)>) -> io::Result<()> {
+        let d = self.inner.get_mut();
+        match until {
+            Some((at, limit)) => {
+                d.until = Some(at);
+                self.limit = limit;
+            }
+            None => {
+                d.until = None;
+                d.stream.tcp().set_read_timeout(d.idle)?;
+                self.limit = self.idle_limit;
+            }
+        }
+        Ok(())
+    }
+
+    /// The peer's address, as shown in messages.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Turns a failure on this connection into the error a user sees: a timeout naming the rule
+    /// in force, a drop, or the peer's protocol violation. `what` says what this side was doing.
+    pub fn error(&self, what: &'static str, e: WireError) -> Error {
+        Error::wire(&self.peer, what, self.limit, e)
+    }
+
+    /// Reads and checks the peer's hello.
+    pub fn hello(&mut self) -> Result<(), WireError> {
+        protocol::read_hello(&mut self.inner)
+    }
+
+    /// Reads one frame that must be a message.
+    pub fn message(&mut self) -> Result<Message, WireError> {
+        protocol::read_message(&mut self.inner)
+    }
+
+    /// Reads one frame header.
+    pub fn header(&mut self) -> Result<FrameHeader, WireError> {
+        protocol::read_frame_header(&mut self.inner)
+    }
+
+    /// Reads a frame header; one that is not already buffered is read straight from the socket,
+    /// so the buffer does not fill up with the frame's payload, which [`FrameReader::payload`]
+    /// then reads without a copy through it.
+    pub fn header_direct(&mut self) -> Result<FrameHeader, WireError> {
+        if !self.inner.buffer().is_empty() {
+            return self.header();
+        }
+        let mut h = [0u8; FRAME_HEADER_LEN];
+        self.inner.get_mut().read_exact(&mut h)?;
+        Ok(FrameHeader::decode(h)?)
+    }
+
+    /// Fills `dst` with payload bytes through the buffer (small payloads).
+    pub fn read_exact(&mut self, dst: &mut [u8]) -> io::Result<()> {
+        self.inner.read_exact(dst)
+    }
+
+    /// Fills `dst` with payload bytes: first what the buffer holds, then straight from the socket
+    /// into `dst` (one copy less per byte for large bodies).
+    pub fn payload(&mut self, dst: &mut [u8]) -> io::Result<()> {
+        let held = self.inner.buffer();
+        let n = held.len().min(dst.len());
+        dst[..n].copy_from_slice(&held[..n]);
+        self.inner.consume(n);
+        if n < dst.len() {
+            self.inner.get_mut().read_exact(&mut dst[n..])?;
+        }
+        Ok(())
+    }
+
+    /// Reads and discards `n` payload bytes.
+    pub fn skip(&mut self, n: u64) -> io::Result<()> {
+        let copied = io::copy(&mut (&mut self.inner).take(n), &mut io::sink())?;
+        if copied < n {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    }
+}
