@@ -206,7 +206,8 @@ impl RecvArgs {
                 .and_then(|()| {
                     // The new folder must survive a power cut with the files acknowledged in it.
                     let parent = self.dir.parent().filter(|p| !p.as_os_str().is_empty());
-                    crate::store::sync_dir(parent.unwrap_or(std::path::Path::new(".")))
+                    std::fs::File::open(parent.unwrap_or(std::path::Path::new(".")))
+                        .and_then(|d| d.sync_all())
                 })
                 .map_err(|e| Error::io(format!("cannot create --dir {}", self.dir.display()), e))?;
         }

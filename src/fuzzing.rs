@@ -4,10 +4,10 @@
 
 use std::io::{self, Cursor, Read};
 
-use crate::manifest::validate;
 use crate::protocol::{
     FrameKind, Message, decode_message, encode_message, read_frame_header, read_message, write_message,
 };
+use crate::recv::manifest::validate;
 
 /// A stream of frames: message frames until the first error (what is accepted writes back and
 /// reads back the same), then the same bytes as headers only, payloads skipped, as the body loop

@@ -1,7 +1,7 @@
 //! xfer: move files between machines over TCP and prove they arrived intact.
 //!
 //! The binary is a thin shell over this library, so tests and benchmarks can drive a sender or a
-//! receiver in-process and speak the wire format directly.
+//! receiver in-process and speak the wire format directly. ARCHITECTURE.md is the map.
 
 pub mod cache;
 pub mod cli;
@@ -11,14 +11,10 @@ pub mod fuzzing;
 pub mod hash;
 #[cfg(test)]
 mod limits_doc;
-pub mod manifest;
-pub mod partial;
 pub mod progress;
 pub mod protocol;
 pub mod recv;
-pub mod safedir;
 pub mod sanitize;
 pub mod send;
-pub mod send_batch;
 pub mod store;
-pub mod tree;
+pub mod transport;

@@ -10,7 +10,7 @@ use crate::protocol::{
     MAX_CHUNK_LEN, MAX_DEPTH, MAX_DIGESTS_PER_PART, MAX_ENTRIES, MAX_MESSAGE_LEN, MAX_NAME_LEN, MAX_PATH_LEN,
     MAX_REASON_LEN, MAX_TOTAL_SIZE,
 };
-use crate::recv::{batch, body, refuse};
+use crate::recv::{answer, body, durable, manifest, refuse, transfer};
 
 const PROTOCOL_MD: &str = include_str!("../PROTOCOL.md");
 
@@ -66,14 +66,13 @@ fn expected() -> Vec<(&'static str, String)> {
         ("MAX_DEPTH", n(MAX_DEPTH as u64)),
         ("MAX_ENTRIES", n(MAX_ENTRIES as u64)),
         ("MAX_TOTAL_SIZE", bytes(MAX_TOTAL_SIZE)),
-        ("MAX_MANIFEST_BYTES", bytes(batch::MAX_MANIFEST_BYTES as u64)),
+        ("MAX_MANIFEST_BYTES", bytes(manifest::MAX_MANIFEST_BYTES as u64)),
         ("MAX_KEEP_BOTH", n(crate::store::MAX_KEEP_BOTH.into())),
         ("--handshake-timeout", format!("{} s", recv.handshake_timeout)),
         ("--timeout", format!("{} s", recv.timeout)),
-        ("MANIFEST_DEADLINE", secs(batch::MANIFEST_DEADLINE)),
-        ("ANSWER_FLUSH", secs(batch::ANSWER_FLUSH)),
-        ("KEEPALIVE", secs(crate::send::KEEPALIVE)),
-        ("KEEPALIVE", secs(crate::send_batch::KEEPALIVE)),
+        ("MANIFEST_DEADLINE", secs(manifest::MANIFEST_DEADLINE)),
+        ("ANSWER_FLUSH", secs(transfer::ANSWER_FLUSH)),
+        ("KEEPALIVE", secs(crate::send::run::KEEPALIVE)),
         ("LINGER", secs(refuse::LINGER)),
         ("--keep-partials", format!("{} h", recv.keep_partials)),
         ("SWEEP_EVERY", secs(crate::recv::SWEEP_EVERY)),
@@ -82,13 +81,13 @@ fn expected() -> Vec<(&'static str, String)> {
         ("PEER_SHARE", n(crate::recv::PEER_SHARE as u64)),
         ("MAX_LINGERING", n(refuse::MAX_LINGERING as u64)),
         ("REFUSE_QUEUE", n(refuse::REFUSE_QUEUE as u64)),
-        ("RECV_BUF", bytes(body::RECV_BUF as u64)),
+        ("RECV_BUF", bytes(crate::transport::RECV_BUF as u64)),
         ("PIPELINE_BUFFERS", n(body::PIPELINE_BUFFERS as u64)),
-        ("GROUP_FILES", n(batch::GROUP_FILES as u64)),
-        ("GROUP_BYTES", bytes(batch::GROUP_BYTES)),
-        ("MAX_HELD", n(batch::MAX_HELD as u64)),
-        ("TELL_AHEAD", n(crate::send_batch::TELL_AHEAD as u64)),
-        ("RESUME_MIN", bytes(crate::partial::RESUME_MIN)),
+        ("GROUP_FILES", n(durable::GROUP_FILES as u64)),
+        ("GROUP_BYTES", bytes(durable::GROUP_BYTES)),
+        ("MAX_HELD", n(transfer::MAX_HELD as u64)),
+        ("TELL_AHEAD", n(crate::send::run::TELL_AHEAD as u64)),
+        ("RESUME_MIN", bytes(answer::RESUME_MIN)),
     ]
 }
 

@@ -10,8 +10,7 @@ use xfer::error::{Error, Exit};
 use xfer::progress::{Progress, human_bytes, human_rate};
 use xfer::recv::Receiver;
 use xfer::sanitize::escape;
-use xfer::send::{Outcome, send};
-use xfer::send_batch::{BatchReport, EntryOutcome, send_batch};
+use xfer::send::{EntryOutcome, Report, send};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -61,29 +60,8 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Send(args) => {
             let opts = args.into_opts()?;
             let progress = Progress::new(opts.quiet);
-            if !opts.is_single_file() {
-                let r = send_batch(&opts, &progress)?;
-                return report_batch(&r, opts.verbose);
-            }
             let r = send(&opts, &progress)?;
-            let resumed =
-                if r.resumed_at > 0 { format!(", resumed at {} bytes", r.resumed_at) } else { String::new() };
-            let outcome = match &r.outcome {
-                Outcome::Verified(n) => format!("verified, stored as \"{}\"{resumed}", escape(n)),
-                Outcome::AlreadyHad(n) => format!("receiver already has it as \"{}\"", escape(n)),
-            };
-            println!(
-                "\"{}\" {} bytes ({}) in {:.2} s ({}) {} {}{}: {outcome}",
-                escape(&r.name),
-                r.size,
-                human_bytes(r.size),
-                r.elapsed.as_secs_f64(),
-                human_rate(r.size, r.elapsed),
-                opts.hash,
-                r.digest,
-                if r.cached { " (cached)" } else { "" }
-            );
-            Ok(())
+            if r.single { report_single(r, &opts) } else { report_batch(&r, opts.verbose) }
         }
         Command::Recv(args) => {
             let opts = args.into_opts()?;
@@ -99,12 +77,42 @@ fn run(cli: Cli) -> Result<(), Error> {
     }
 }
 
+/// Prints a single file's outcome on stdout, or returns its failure as the error.
+fn report_single(mut r: Report, opts: &xfer::send::SendOpts) -> Result<(), Error> {
+    let e = r.entries.swap_remove(0);
+    let outcome = match &e.outcome {
+        EntryOutcome::Failed(_) => {
+            let EntryOutcome::Failed(err) = e.outcome else { unreachable!() };
+            return Err(err);
+        }
+        EntryOutcome::Verified(n) => {
+            let resumed =
+                if e.offset > 0 { format!(", resumed at {} bytes", e.offset) } else { String::new() };
+            format!("verified, stored as \"{}\"{resumed}", escape(n))
+        }
+        EntryOutcome::AlreadyThere(n) => format!("receiver already has it as \"{}\"", escape(n)),
+    };
+    let digest = e.digest.map(|d| d.to_hex()).unwrap_or_default();
+    println!(
+        "\"{}\" {} bytes ({}) in {:.2} s ({}) {} {digest}{}: {outcome}",
+        escape(&e.path),
+        e.size,
+        human_bytes(e.size),
+        r.elapsed.as_secs_f64(),
+        human_rate(e.size, r.elapsed),
+        opts.hash,
+        if e.cached { " (cached)" } else { "" }
+    );
+    Ok(())
+}
+
 /// Prints a batch's outcome on stdout (per entry with `--verbose`, then one total line) and turns
 /// failures into the error that sets the exit code.
-fn report_batch(r: &BatchReport, verbose: bool) -> Result<(), Error> {
+fn report_batch(r: &Report, verbose: bool) -> Result<(), Error> {
     let mut failed = 0;
     let (mut verified, mut there) = (0, 0);
-    for (path, is_dir, outcome) in &r.entries {
+    for e in &r.entries {
+        let (path, is_dir, outcome) = (&e.path, &e.is_dir, &e.outcome);
         let shown = if *is_dir { format!("{}/", escape(path)) } else { escape(path) };
         let line = match outcome {
             EntryOutcome::Verified(stored) | EntryOutcome::AlreadyThere(stored) => {

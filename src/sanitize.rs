@@ -8,8 +8,11 @@
 
 use std::fmt::Write as _;
 
-use crate::partial::TEMP_PREFIX;
 use crate::protocol::MAX_NAME_LEN;
+
+/// Prefix of every file xfer keeps in the target folder (partials and their records); names from
+/// the wire may not use it.
+pub const TEMP_PREFIX: &str = ".xfer-";
 
 /// Why a name was refused. The message is sent to the peer as the rejection reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -10,7 +10,6 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::batch::{AnswersPart, Body, DigestsPart, FileVerdict, ManifestPart, Withdraw};
 use super::{MAX_MESSAGE_LEN, MAX_REASON_LEN, ProtocolError};
 
 /// The bincode configuration of the protocol. Changing it changes the wire format.
@@ -62,7 +61,7 @@ impl fmt::Display for Digest {
     }
 }
 
-/// The hash algorithm of an offer's digest.
+/// The hash algorithm of a file's digest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum HashAlg {
     /// SHA-256 (FIPS 180-4). Variant 0.
@@ -91,32 +90,7 @@ impl fmt::Display for HashAlg {
     }
 }
 
-/// Sender → receiver: the file on offer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Offer {
-    /// One path component, untrusted: the receiver validates it (see `sanitize`).
-    pub name: String,
-    /// Size of the file in bytes: exactly this many body bytes follow an accept from offset 0.
-    pub size: u64,
-    pub hash: HashAlg,
-    /// Digest of the whole file, when the sender knows it before sending (from its cache). `None`:
-    /// the sender hashes while it sends and the digest follows the body in a [`Trailer`].
-    pub digest: Option<Digest>,
-    /// Names this version of the sender's file (a hash of its device, inode, size, mtime and
-    /// ctime): a partial left by an interrupted send of the same version can be resumed even when
-    /// no digest was known then. The final digest check covers every byte either way.
-    pub tag: [u8; 16],
-}
-
-/// Sender → receiver, after a body offered without a digest: the digest of what was sent.
-/// `None`: the file changed while it was being read, so no digest describes what was sent and
-/// the receiver must not keep it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Trailer {
-    pub digest: Option<Digest>,
-}
-
-/// Why a receiver refused an offer. Codes are part of the wire format.
+/// Why a receiver refused a transfer or one entry. Codes are part of the wire format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RejectCode {
     /// The name breaks the name rules (variant 0).
@@ -133,28 +107,23 @@ pub enum RejectCode {
     InvalidManifest,
 }
 
-/// Receiver → sender: the answer to an offer.
+/// Receiver → sender: the whole transfer is refused before anything was written (the manifest
+/// breaks a rule, the receiver is busy or short of space). Nothing follows; the receiver closes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Reply {
-    /// Send the body starting at `offset` (non-zero when the receiver resumes a partial).
-    Accept { offset: u64 },
-    /// A file with this exact content is already stored, under `name`. No body follows.
-    AlreadyHave { name: String },
-    /// Refused; `reason` is for humans.
-    Reject { code: RejectCode, reason: String },
-    /// (Variant 3.) The receiver holds a file of this name and size: offer again with the digest,
-    /// so it can tell whether it is the same. Only for offers without a digest.
-    NeedDigest,
+pub struct Reject {
+    pub code: RejectCode,
+    /// For humans: at most [`MAX_REASON_LEN`] bytes, escaped before it is shown.
+    pub reason: String,
 }
 
-/// Receiver → sender: the outcome after the body.
+/// Receiver → sender: the outcome of one file after its body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
     /// Hashed, matched, synced to stable storage and stored as `name`.
     Verified { name: String },
-    /// The body's digest differs from the offer's. Nothing was stored.
+    /// The body's digest differs from the sender's. Nothing was stored.
     HashMismatch { expected: Digest, actual: Digest },
-    /// The body ended before or after the offered size. Nothing was stored.
+    /// The body ended before or ran past the listed size. Nothing was stored.
     SizeMismatch { expected: u64, received: u64 },
     /// The receiver failed for another reason (disk full, I/O error). Nothing was stored.
     Failed { reason: String },
@@ -163,34 +132,137 @@ pub enum Verdict {
 /// Every control message. The variant index is the first field of every message payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
-    Offer(Offer),
-    Reply(Reply),
-    Verdict(Verdict),
+    /// Sender → receiver (variant 0).
     Manifest(ManifestPart),
+    /// Receiver → sender (variant 1).
     Answers(AnswersPart),
-    FileVerdict(FileVerdict),
+    /// Sender → receiver (variant 2).
     Digests(DigestsPart),
+    /// Sender → receiver (variant 3).
     Body(Body),
+    /// Sender → receiver (variant 4).
     Withdraw(Withdraw),
-    Trailer(Trailer),
+    /// Receiver → sender (variant 5).
+    FileVerdict(FileVerdict),
+    /// Receiver → sender (variant 6).
+    Reject(Reject),
 }
 
 impl Message {
     /// The message's name for error reports.
     pub fn name(&self) -> &'static str {
         match self {
-            Message::Offer(_) => "offer",
-            Message::Reply(_) => "reply",
-            Message::Verdict(_) => "verdict",
             Message::Manifest(_) => "manifest",
             Message::Answers(_) => "answers",
-            Message::FileVerdict(_) => "file verdict",
             Message::Digests(_) => "digests",
             Message::Body(_) => "body",
             Message::Withdraw(_) => "withdraw",
-            Message::Trailer(_) => "trailer",
+            Message::FileVerdict(_) => "file verdict",
+            Message::Reject(_) => "reject",
         }
     }
+}
+
+/// One folder or regular file of the batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Path from the batch root, one component per element; each is checked like a single name.
+    pub path: Vec<String>,
+    pub kind: EntryKind,
+    /// Permission bits. The receiver keeps only 0o777: never setuid, setgid or sticky.
+    pub mode: u32,
+    /// Modification time: seconds since the Unix epoch, and nanoseconds.
+    pub mtime: (i64, u32),
+}
+
+impl Entry {
+    /// Bytes this entry takes inside an encoded message (see PROTOCOL.md: u64 lengths, u32
+    /// variants, fixed-width integers), without encoding it: a sender splits a 10,000-entry
+    /// manifest into frames with it.
+    pub fn encoded_len(&self) -> usize {
+        let path: usize = 8 + self.path.iter().map(|c| 8 + c.len()).sum::<usize>();
+        let kind = match self.kind {
+            EntryKind::Dir => 4,
+            EntryKind::File { .. } => 4 + 8 + 4 + 16,
+        };
+        path + kind + 4 + 8 + 4
+    }
+}
+
+/// What an entry is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A folder (variant 0). Listed so empty folders arrive too.
+    Dir,
+    /// A regular file (variant 1). Its digest comes later, in a [`DigestsPart`]. `tag` names this
+    /// version of the sender's file (a hash of its device, inode, size, mtime and ctime): a
+    /// partial left by an interrupted send of the same version can be resumed before the digest
+    /// is known. The final digest check covers every byte either way.
+    File { size: u64, hash: HashAlg, tag: [u8; 16] },
+}
+
+/// Sender → receiver: a slice of the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestPart {
+    pub entries: Vec<Entry>,
+    /// True on the final part.
+    pub last: bool,
+}
+
+/// The receiver's answer for one entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Answer {
+    /// Send the body from `offset` (variant 0). For a folder: it will be created (offset 0).
+    Send { offset: u64 },
+    /// Already there with this content (variant 1), stored as `name` in the entry's folder: the
+    /// entry's own name, or a keep-both copy of it (`a (2).jpg`) when another file holds that
+    /// name. For a folder: it exists (`name` is its name).
+    Have { name: String },
+    /// Not accepted (variant 2); the rest of the batch goes on.
+    Reject { code: RejectCode, reason: String },
+}
+
+/// Receiver → sender: answers for the next entries, in manifest order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnswersPart {
+    pub answers: Vec<Answer>,
+    /// True on the final part.
+    pub last: bool,
+}
+
+/// Receiver → sender: the outcome of entry `index` (its position in the manifest), sent once the
+/// file is verified and on stable storage, or failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileVerdict {
+    pub index: u32,
+    pub verdict: Verdict,
+}
+
+/// Sender → receiver: digests of the next files of the manifest, in manifest order (folders are
+/// not counted). `first` is the position, among the manifest's files, of the first one here. A
+/// file's digest must arrive before the end of its body at the latest. An empty part is a
+/// keepalive: the sender is still hashing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestsPart {
+    pub first: u32,
+    /// `None`: the sender could not read that file (or it changed while it was read); the
+    /// receiver stores nothing for it.
+    pub digests: Vec<Option<Digest>>,
+}
+
+/// Sender → receiver: the body of entry `index` follows, as data frames.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Body {
+    pub index: u32,
+}
+
+/// Sender → receiver: the body of entry `index`, answered `Send`, will not come (the file could
+/// not be opened or changed since it was listed). The receiver answers it with a failed
+/// `FileVerdict` and the batch goes on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Withdraw {
+    pub index: u32,
+    pub reason: String,
 }
 
 /// Cuts a human-readable reason to [`MAX_REASON_LEN`] bytes on a character boundary.

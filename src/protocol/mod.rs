@@ -1,6 +1,8 @@
-//! The xfer wire protocol, version 3. PROTOCOL.md is the full specification; this is its summary.
+//! The xfer wire protocol, version 4. PROTOCOL.md is the full specification; this is its summary.
 //!
-//! Roles: the *receiver* listens, the *sender* connects. One connection carries one file.
+//! Roles: the *receiver* listens, the *sender* connects. One connection carries one transfer: a
+//! single file is a transfer of one entry, a folder or several paths a transfer of many; there is
+//! one conversation for both.
 //!
 //! 1. Both sides write a 10-byte hello at once — [`MAGIC`] then [`VERSION`] as a big-endian `u16`
 //!    — and read the peer's. Wrong magic: not an xfer peer. Other version: both sides report both
@@ -8,32 +10,32 @@
 //! 2. Everything after the hello is a frame: a 4-byte big-endian payload length, a 1-byte kind,
 //!    then the payload. The length is checked against the kind's limit ([`MAX_MESSAGE_LEN`],
 //!    [`MAX_CHUNK_LEN`]) before any buffer is allocated.
-//! 3. Sender: `Offer` (name, size, hash algorithm, digest). Receiver: `Reply` (accept from an
-//!    offset / already have it / reject with a code and reason).
-//! 4. On accept, the sender writes the body from the offset as data frames of 1 to
-//!    [`MAX_CHUNK_LEN`] bytes. No frame may cross the end of the file; the body ends when `size`
-//!    bytes have arrived. There are no sentinel bytes.
-//! 5. Receiver: `Verdict` (verified / hash mismatch / size mismatch / failed), sent only after the
-//!    file is hashed, compared, flushed to stable storage and renamed to its final name.
+//! 3. Sender: the manifest (paths, kinds, sizes, modes, times; no digests) in `Manifest` parts.
+//!    Receiver: validates all of it, then accepts with an empty `Answers` part or refuses with
+//!    `Reject`.
+//! 4. Sender: `Digests` parts as it hashes. Receiver: answers every entry in order (send from an
+//!    offset / already have it / refused), a file as soon as it can: at once when nothing on its
+//!    disk could match it, otherwise once its digest is here.
+//! 5. For each file answered "send", the sender writes `Body` and the bytes from the offset as data
+//!    frames (no sentinel: the body ends when `size - offset` bytes arrived), or `Withdraw`; the
+//!    file's digest must be sent by the end of its body.
+//! 6. Receiver: a `FileVerdict` per file (verified / hash mismatch / size mismatch / failed), sent
+//!    only after the file is hashed, compared, flushed to stable storage and renamed.
 //!
 //! This module does no I/O of its own beyond `Read` / `Write`: no sockets, files or terminals, so
 //! it can be tested and fuzzed on byte slices. bincode is used here and only here, so it can be
 //! swapped without touching the rest of the crate.
 
-mod batch;
 mod frame;
 mod messages;
 
-pub use batch::{
-    Answer, AnswersPart, Body, DigestsPart, Entry, EntryKind, FileVerdict, ManifestPart, Withdraw,
-};
 pub use frame::{
     FRAME_HEADER_LEN, FrameHeader, FrameKind, read_frame_header, read_message, write_frame_header,
     write_message,
 };
 pub use messages::{
-    Digest, HashAlg, Message, Offer, RejectCode, Reply, Trailer, Verdict, bounded_reason, decode_message,
-    encode_message,
+    Answer, AnswersPart, Body, Digest, DigestsPart, Entry, EntryKind, FileVerdict, HashAlg, ManifestPart,
+    Message, Reject, RejectCode, Verdict, Withdraw, bounded_reason, decode_message, encode_message,
 };
 
 use std::io::{self, Read, Write};
@@ -44,7 +46,7 @@ pub const MAGIC: [u8; 8] = *b"\x89XFR\r\n\x1a\n";
 
 /// The protocol version this build speaks. Bumped for any incompatible change to frames or
 /// messages; message variants are never renumbered within a version.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 
 /// Digests per `DigestsPart` a sender puts in one message (33 bytes each, well within a frame).
 pub const MAX_DIGESTS_PER_PART: usize = 1024;
@@ -52,9 +54,9 @@ pub const MAX_DIGESTS_PER_PART: usize = 1024;
 /// Size of the hello: magic plus version.
 pub const HELLO_LEN: usize = MAGIC.len() + 2;
 
-/// Largest control message payload. Offers carry at most a name of [`MAX_NAME_LEN`] bytes plus a
-/// digest; replies and verdicts carry at most a reason of [`MAX_REASON_LEN`] bytes. 64 KiB leaves
-/// room for later fields while keeping a hostile peer's allocation small.
+/// Largest control message payload. Manifest, answers and digests parts are cut to fit it; a
+/// verdict or a refusal carries at most a reason of [`MAX_REASON_LEN`] bytes. 64 KiB keeps a
+/// hostile peer's allocation small.
 pub const MAX_MESSAGE_LEN: u32 = 64 * 1024;
 
 /// Largest data chunk. Bounds the receiver's buffer per transfer; `--chunk-size` may not exceed

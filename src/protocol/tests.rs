@@ -29,32 +29,20 @@ fn frame_of(msg: &Message) -> Vec<u8> {
 }
 
 fn golden() -> Vec<(&'static str, Message)> {
+    let file = |path: &[&str], size, mode, mtime| Entry {
+        path: path.iter().map(|c| c.to_string()).collect(),
+        kind: EntryKind::File { size, hash: HashAlg::Sha256, tag: std::array::from_fn(|i| i as u8) },
+        mode,
+        mtime,
+    };
     vec![
         (
-            "offer.hex",
-            Message::Offer(Offer {
-                name: "img.jpg".into(),
-                size: 3,
-                hash: HashAlg::Sha256,
-                digest: Some(sha(b"abc")),
-                tag: std::array::from_fn(|i| i as u8),
+            "manifest-single.hex",
+            Message::Manifest(ManifestPart {
+                entries: vec![file(&["img.jpg"], 3, 0o644, (1_600_000_000, 0))],
+                last: true,
             }),
         ),
-        ("reply-accept.hex", Message::Reply(Reply::Accept { offset: 0 })),
-        ("reply-need-digest.hex", Message::Reply(Reply::NeedDigest)),
-        ("trailer.hex", Message::Trailer(Trailer { digest: Some(sha(b"abc")) })),
-        ("reply-already-have.hex", Message::Reply(Reply::AlreadyHave { name: "img.jpg".into() })),
-        (
-            "reply-reject.hex",
-            Message::Reply(Reply::Reject { code: RejectCode::InvalidName, reason: "name is empty".into() }),
-        ),
-        ("verdict-verified.hex", Message::Verdict(Verdict::Verified { name: "img (1).jpg".into() })),
-        (
-            "verdict-hash-mismatch.hex",
-            Message::Verdict(Verdict::HashMismatch { expected: sha(b"abc"), actual: sha(b"") }),
-        ),
-        ("verdict-size-mismatch.hex", Message::Verdict(Verdict::SizeMismatch { expected: 3, received: 2 })),
-        ("verdict-failed.hex", Message::Verdict(Verdict::Failed { reason: "disk full".into() })),
         (
             "manifest-part.hex",
             Message::Manifest(ManifestPart {
@@ -65,16 +53,12 @@ fn golden() -> Vec<(&'static str, Message)> {
                         mode: 0o755,
                         mtime: (1_600_000_000, 0),
                     },
-                    Entry {
-                        path: vec!["docs".into(), "a.txt".into()],
-                        kind: EntryKind::File { size: 3, hash: HashAlg::Sha256 },
-                        mode: 0o644,
-                        mtime: (1_600_000_000, 500),
-                    },
+                    file(&["docs", "a.txt"], 3, 0o644, (1_600_000_000, 500)),
                 ],
                 last: true,
             }),
         ),
+        ("answers-accept.hex", Message::Answers(AnswersPart { answers: vec![], last: false })),
         (
             "answers-part.hex",
             Message::Answers(AnswersPart {
@@ -90,6 +74,7 @@ fn golden() -> Vec<(&'static str, Message)> {
             "digests-part.hex",
             Message::Digests(DigestsPart { first: 0, digests: vec![Some(sha(b"abc")), None] }),
         ),
+        ("digests-keepalive.hex", Message::Digests(DigestsPart { first: 1, digests: vec![] })),
         ("body.hex", Message::Body(Body { index: 1 })),
         ("withdraw.hex", Message::Withdraw(Withdraw { index: 1, reason: "changed".into() })),
         (
@@ -99,7 +84,71 @@ fn golden() -> Vec<(&'static str, Message)> {
                 verdict: Verdict::Verified { name: "a.txt".into() },
             }),
         ),
+        (
+            "file-verdict-verified-as.hex",
+            Message::FileVerdict(FileVerdict {
+                index: 0,
+                verdict: Verdict::Verified { name: "img (1).jpg".into() },
+            }),
+        ),
+        (
+            "file-verdict-hash-mismatch.hex",
+            Message::FileVerdict(FileVerdict {
+                index: 0,
+                verdict: Verdict::HashMismatch { expected: sha(b"abc"), actual: sha(b"") },
+            }),
+        ),
+        (
+            "file-verdict-size-mismatch.hex",
+            Message::FileVerdict(FileVerdict {
+                index: 0,
+                verdict: Verdict::SizeMismatch { expected: 3, received: 2 },
+            }),
+        ),
+        (
+            "file-verdict-failed.hex",
+            Message::FileVerdict(FileVerdict {
+                index: 0,
+                verdict: Verdict::Failed { reason: "disk full".into() },
+            }),
+        ),
+        (
+            "reject.hex",
+            Message::Reject(Reject { code: RejectCode::InvalidName, reason: "name is empty".into() }),
+        ),
     ]
+}
+
+/// `XFER_WRITE_FIXTURES=1 cargo test --lib write_golden_fixtures -- --ignored` rewrites the
+/// vectors (after a deliberate change of the wire format), 16 bytes a line after the header.
+#[test]
+#[ignore]
+fn write_golden_fixtures() {
+    if std::env::var_os("XFER_WRITE_FIXTURES").is_none() {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/wire");
+    for (file, msg) in golden() {
+        let bytes = frame_of(&msg);
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ");
+        let mut text = format!("# {msg:?}\n");
+        text.push_str(&format!(
+            "{:<50}# frame header: payload length {}, kind message\n",
+            hex(&bytes[..5]),
+            bytes.len() - 5
+        ));
+        text.push_str(&format!(
+            "{:<50}# Message::{} (variant {}, u32)\n",
+            hex(&bytes[5..9]),
+            msg.name(),
+            bytes[8]
+        ));
+        for line in bytes[9..].chunks(16) {
+            text.push_str(&hex(line));
+            text.push('\n');
+        }
+        std::fs::write(dir.join(file), text).unwrap();
+    }
 }
 
 #[test]
@@ -173,8 +222,8 @@ fn data_frame_where_message_expected_is_refused() {
 
 #[test]
 fn malformed_payloads_are_refused() {
-    let offer = frame_of(&golden()[0].1);
-    let payload = &offer[FRAME_HEADER_LEN..];
+    let manifest = frame_of(&golden()[0].1);
+    let payload = &manifest[FRAME_HEADER_LEN..];
     // Every strict prefix is incomplete.
     for cut in 0..payload.len() {
         assert!(decode_message(&payload[..cut]).is_err(), "prefix of {cut} bytes decoded");
@@ -185,34 +234,39 @@ fn malformed_payloads_are_refused() {
     assert!(matches!(decode_message(&long), Err(ProtocolError::Malformed(m)) if m.contains("trailing")));
     // Unknown variants.
     assert!(decode_message(&[0, 0, 0, 9]).is_err(), "unknown message variant");
+    // variant, entry count, path count, "img.jpg", kind, size, then the HashAlg's last byte
     let mut bad_alg = payload.to_vec();
-    bad_alg[4 + 8 + 7 + 8 + 3] = 7; // HashAlg variant 7
+    let alg = 4 + 8 + 8 + 8 + 7 + 4 + 8 + 3;
+    assert_eq!(bad_alg[alg], 0, "SHA-256 is variant 0");
+    bad_alg[alg] = 7;
     assert!(decode_message(&bad_alg).is_err(), "unknown hash algorithm");
     // A string length far beyond the payload (and the limit) must fail, not allocate.
     let mut huge = vec![0, 0, 0, 0];
     huge.extend_from_slice(&u64::MAX.to_be_bytes());
     assert!(decode_message(&huge).is_err());
     // Invalid UTF-8 in a name.
-    let mut bad_utf8 = vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff];
-    bad_utf8.extend_from_slice(&[0; 8 + 4 + 32]);
+    let mut bad_utf8 = payload.to_vec();
+    bad_utf8[4 + 8 + 8 + 8] = 0xff;
     assert!(decode_message(&bad_utf8).is_err());
 }
 
 #[test]
 fn largest_legal_messages_fit_the_frame_limit() {
-    let name = "n".repeat(MAX_NAME_LEN);
-    let offer = Message::Offer(Offer {
-        name,
-        size: u64::MAX,
-        hash: HashAlg::Sha256,
-        digest: Some(Digest([0xff; 32])),
-        tag: [0xff; 16],
-    });
-    assert!(encode_message(&offer).len() < MAX_MESSAGE_LEN as usize);
+    // One entry at the path length limit fits a part with room to spare.
+    let deep = Entry {
+        path: vec!["n".repeat(MAX_NAME_LEN); MAX_PATH_LEN / MAX_NAME_LEN],
+        kind: EntryKind::File { size: u64::MAX, hash: HashAlg::Sha256, tag: [0xff; 16] },
+        mode: u32::MAX,
+        mtime: (i64::MAX, u32::MAX),
+    };
+    let part = Message::Manifest(ManifestPart { entries: vec![deep], last: true });
+    assert!(encode_message(&part).len() < MAX_MESSAGE_LEN as usize);
     let reason = bounded_reason("é".repeat(MAX_REASON_LEN));
     assert!(reason.len() <= MAX_REASON_LEN && reason.len() > MAX_REASON_LEN - 2);
-    let reject = Message::Reply(Reply::Reject { code: RejectCode::Failed, reason });
+    let reject = Message::Reject(Reject { code: RejectCode::Failed, reason: reason.clone() });
     assert!(encode_message(&reject).len() < MAX_MESSAGE_LEN as usize);
+    let failed = Message::FileVerdict(FileVerdict { index: u32::MAX, verdict: Verdict::Failed { reason } });
+    assert!(encode_message(&failed).len() < MAX_MESSAGE_LEN as usize);
     let digests = Message::Digests(DigestsPart {
         first: u32::MAX,
         digests: vec![Some(Digest([0xff; 32])); MAX_DIGESTS_PER_PART],
@@ -233,38 +287,42 @@ fn arb_message() -> impl Strategy<Value = Message> {
         Just(RejectCode::Failed),
         Just(RejectCode::InvalidManifest),
     ];
-    prop_oneof![
-        (".{0,64}", any::<u64>(), prop::option::of(arb_digest()), any::<[u8; 16]>()).prop_map(
-            |(name, size, digest, tag)| Message::Offer(Offer {
-                name,
-                size,
-                hash: HashAlg::Blake3,
-                digest,
-                tag
-            })
-        ),
-        Just(Message::Reply(Reply::NeedDigest)),
-        prop::option::of(arb_digest()).prop_map(|digest| Message::Trailer(Trailer { digest })),
-        any::<u64>().prop_map(|offset| Message::Reply(Reply::Accept { offset })),
-        ".{0,64}".prop_map(|name| Message::Reply(Reply::AlreadyHave { name })),
-        (code, ".{0,64}").prop_map(|(code, reason)| Message::Reply(Reply::Reject { code, reason })),
-        ".{0,64}".prop_map(|name| Message::Verdict(Verdict::Verified { name })),
+    let verdict = prop_oneof![
+        ".{0,64}".prop_map(|name| Verdict::Verified { name }),
         (arb_digest(), arb_digest())
-            .prop_map(|(expected, actual)| Message::Verdict(Verdict::HashMismatch { expected, actual })),
+            .prop_map(|(expected, actual)| Verdict::HashMismatch { expected, actual }),
         (any::<u64>(), any::<u64>())
-            .prop_map(|(expected, received)| Message::Verdict(Verdict::SizeMismatch { expected, received })),
-        ".{0,64}".prop_map(|reason| Message::Verdict(Verdict::Failed { reason })),
+            .prop_map(|(expected, received)| Verdict::SizeMismatch { expected, received }),
+        ".{0,64}".prop_map(|reason| Verdict::Failed { reason }),
+    ];
+    let answer = prop_oneof![
+        any::<u64>().prop_map(|offset| Answer::Send { offset }),
+        ".{0,64}".prop_map(|name| Answer::Have { name }),
+        (code.clone(), ".{0,64}").prop_map(|(code, reason)| Answer::Reject { code, reason }),
+    ];
+    prop_oneof![
+        (prop::collection::vec(arb_entry(), 0..4), any::<bool>())
+            .prop_map(|(entries, last)| Message::Manifest(ManifestPart { entries, last })),
+        (prop::collection::vec(answer, 0..4), any::<bool>())
+            .prop_map(|(answers, last)| Message::Answers(AnswersPart { answers, last })),
         (any::<u32>(), prop::collection::vec(prop::option::of(arb_digest()), 0..8))
             .prop_map(|(first, digests)| Message::Digests(DigestsPart { first, digests })),
         any::<u32>().prop_map(|index| Message::Body(Body { index })),
         (any::<u32>(), ".{0,64}").prop_map(|(index, reason)| Message::Withdraw(Withdraw { index, reason })),
+        (any::<u32>(), verdict)
+            .prop_map(|(index, verdict)| Message::FileVerdict(FileVerdict { index, verdict })),
+        (code, ".{0,64}").prop_map(|(code, reason)| Message::Reject(Reject { code, reason })),
     ]
 }
 
 fn arb_entry() -> impl Strategy<Value = Entry> {
     let kind = prop_oneof![
         Just(EntryKind::Dir),
-        any::<u64>().prop_map(|size| EntryKind::File { size, hash: HashAlg::Sha256 }),
+        (any::<u64>(), any::<[u8; 16]>()).prop_map(|(size, tag)| EntryKind::File {
+            size,
+            hash: HashAlg::Blake3,
+            tag
+        }),
     ];
     (prop::collection::vec(".{0,20}", 0..5), kind, any::<u32>(), any::<(i64, u32)>())
         .prop_map(|(path, kind, mode, mtime)| Entry { path, kind, mode, mtime })

@@ -1,59 +1,12 @@
-//! Receiving one body: frames from the socket into a partial file, hashed on the way.
+//! Receiving one body: data frames from the connection into a partial file, hashed on the way.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::sync::{Mutex, mpsc};
-use std::time::Instant;
+use std::io::{self, Write};
+use std::sync::mpsc;
 
 use crate::hash::Hasher;
-use crate::partial::Partial;
-use crate::protocol::{self, FrameKind, ProtocolError, WireError, read_frame_header};
-
-/// Read size from the socket into the file: one buffer per transfer, whatever the chunk size, so
-/// memory stays flat however large the file or the sender's chunks.
-pub(crate) const RECV_BUF: usize = 256 * 1024;
-
-/// Bytes a transfer still has to write, counted in the shared pool. Shrinks as data lands (the
-/// file system's free space shrinks by the same amount) and returns the rest when dropped.
-pub(super) struct Reservation<'a> {
-    pub(super) pool: &'a Mutex<u64>,
-    pub(super) left: u64,
-}
-
-impl Reservation<'_> {
-    fn consume(&mut self, n: u64) {
-        let n = n.min(self.left);
-        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) -= n;
-        self.left -= n;
-    }
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) -= self.left;
-    }
-}
-
-/// A socket reader with an overall deadline: before each read the socket's timeout is set to the
-/// time left, so a peer trickling one byte at a time cannot stretch the handshake. Without a
-/// deadline it reads with whatever idle timeout the socket has.
-pub(super) struct DeadlineReader<'a> {
-    pub(super) stream: &'a TcpStream,
-    pub(super) until: Option<Instant>,
-}
-
-impl Read for DeadlineReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if let Some(until) = self.until {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake deadline passed"));
-            }
-            self.stream.set_read_timeout(Some(left))?;
-        }
-        (&mut &*self.stream).read(buf)
-    }
-}
+use crate::protocol::{self, FrameKind, ProtocolError, WireError};
+use crate::store::{Partial, Reservation};
+use crate::transport::{FrameReader, RECV_BUF};
 
 pub(super) enum BodyError {
     /// The connection failed or the peer broke framing.
@@ -67,9 +20,11 @@ pub(super) enum BodyError {
 }
 
 /// Reads the next frame header of a body with `remaining` bytes still to come, and checks it is
-/// a data frame that does not run past them. Returns its length.
-fn next_data_frame(r: &mut BufReader<DeadlineReader<'_>>, remaining: u64) -> Result<usize, BodyError> {
-    data_frame_len(read_frame_header(r).map_err(BodyError::Wire)?, remaining)
+/// a data frame that does not run past them. Returns its length. `direct`: see
+/// [`FrameReader::header_direct`].
+fn next_data_frame(r: &mut FrameReader, remaining: u64, direct: bool) -> Result<usize, BodyError> {
+    let h = if direct { r.header_direct() } else { r.header() };
+    data_frame_len(h.map_err(BodyError::Wire)?, remaining)
 }
 
 /// Checks a body's frame header: a data frame that does not run past the `remaining` bytes.
@@ -84,58 +39,20 @@ fn data_frame_len(h: protocol::FrameHeader, remaining: u64) -> Result<usize, Bod
     Ok(h.len as usize)
 }
 
-/// Like [`next_data_frame`], but a header that is not already buffered is read straight from
-/// the socket, so the `BufReader` does not fill up with the frame's payload (which would then be
-/// copied out of it: a large body bypasses the buffer, see [`read_payload`]).
-fn next_data_frame_direct(r: &mut BufReader<DeadlineReader<'_>>, remaining: u64) -> Result<usize, BodyError> {
-    if !r.buffer().is_empty() {
-        return next_data_frame(r, remaining);
-    }
-    let mut h = [0u8; protocol::FRAME_HEADER_LEN];
-    r.get_mut().read_exact(&mut h).map_err(|e| BodyError::Wire(e.into()))?;
-    data_frame_len(protocol::FrameHeader::decode(h).map_err(|e| BodyError::Wire(e.into()))?, remaining)
-}
-
-/// Fills `dst` with payload bytes: first what the `BufReader` holds, then straight from the
-/// socket into `dst`, without passing through the buffer (one copy less per byte).
-fn read_payload(r: &mut BufReader<DeadlineReader<'_>>, dst: &mut [u8]) -> io::Result<()> {
-    let held = r.buffer();
-    let n = held.len().min(dst.len());
-    dst[..n].copy_from_slice(&held[..n]);
-    r.consume(n);
-    if n < dst.len() {
-        r.get_mut().read_exact(&mut dst[n..])?;
-    }
-    Ok(())
-}
-
 /// Reads and discards the rest of a body: `frame_left` bytes of the frame under way, then data
 /// frames carrying `frames` more bytes. Keeps a batch in step when one file cannot be stored.
-pub(super) fn skip_body(
-    r: &mut BufReader<DeadlineReader<'_>>,
-    frame_left: u64,
-    frames: u64,
-) -> Result<(), WireError> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut discard = |r: &mut BufReader<DeadlineReader<'_>>, mut n: u64| -> Result<(), WireError> {
-        while n > 0 {
-            let k = n.min(buf.len() as u64) as usize;
-            r.read_exact(&mut buf[..k])?;
-            n -= k as u64;
-        }
-        Ok(())
-    };
-    discard(r, frame_left)?;
+pub(super) fn skip_body(r: &mut FrameReader, frame_left: u64, frames: u64) -> Result<(), WireError> {
+    r.skip(frame_left)?;
     let mut left = frames;
     while left > 0 {
-        let len = match next_data_frame(r, left) {
+        let len = match next_data_frame(r, left, false) {
             Ok(len) => len as u64,
             Err(BodyError::Wire(e)) => return Err(e),
             Err(_) => {
                 return Err(ProtocolError::Malformed("body frames run past the announced size".into()).into());
             }
         };
-        discard(r, len)?;
+        r.skip(len)?;
         left -= len;
     }
     Ok(())
@@ -149,7 +66,7 @@ pub(crate) const PIPELINE_BUFFERS: usize = 4;
 /// (SHA-256 is the slowest stage by far), fed full buffers after they are written, so socket reads
 /// and file writes overlap with it. Small data frames are gathered into full buffers first.
 pub(super) fn receive_body(
-    r: &mut BufReader<DeadlineReader<'_>>,
+    r: &mut FrameReader,
     partial: &Partial,
     (size, offset, hasher): (u64, u64, Hasher),
     received: &mut u64,
@@ -190,13 +107,13 @@ pub(super) fn receive_body(
                 if offset + *received >= size {
                     break 'body Ok(());
                 }
-                let mut left = match next_data_frame_direct(r, size - offset - *received) {
+                let mut left = match next_data_frame(r, size - offset - *received, true) {
                     Ok(len) => len,
                     Err(e) => break 'body Err(e),
                 };
                 while left > 0 {
                     let n = left.min(RECV_BUF - filled);
-                    if let Err(e) = read_payload(r, &mut buf[filled..filled + n]) {
+                    if let Err(e) = r.payload(&mut buf[filled..filled + n]) {
                         break 'body Err(BodyError::Wire(e.into()));
                     }
                     filled += n;
@@ -227,7 +144,7 @@ pub(super) fn receive_body(
 
 /// [`receive_body`] for a body of at most one buffer: read, write, hash, on this thread.
 fn receive_small(
-    r: &mut BufReader<DeadlineReader<'_>>,
+    r: &mut FrameReader,
     partial: &Partial,
     (size, offset, mut hasher): (u64, u64, Hasher),
     received: &mut u64,
@@ -241,7 +158,7 @@ fn receive_small(
         if filled == want {
             break Ok(());
         }
-        let len = match next_data_frame(r, (want - filled) as u64) {
+        let len = match next_data_frame(r, (want - filled) as u64, false) {
             Ok(len) => len,
             Err(e) => break Err(e),
         };

@@ -1,7 +1,7 @@
 //! Telling connections past the limits why they are turned away.
 //!
 //! A connection over the connection limit (or over its address's share of it) is not handed a
-//! thread. It gets the hello and a `Reply::Reject { Busy, reason }` in one non-blocking write, its
+//! thread. It gets the hello and a `Reject { Busy, reason }` in one non-blocking write, its
 //! sending side is shut down, and one background thread reads and discards what the peer still
 //! sends until the peer hangs up or `LINGER` passes. Closing at once instead would make the kernel
 //! answer the peer's hello with a reset, which can destroy the refusal before the peer reads it.
@@ -16,7 +16,7 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
-use crate::protocol::{self, Message, RejectCode, Reply, bounded_reason, write_message};
+use crate::protocol::{self, Message, Reject, RejectCode, bounded_reason, write_message};
 
 /// How long a refused connection is kept open for its peer to read the refusal.
 pub(crate) const LINGER: Duration = Duration::from_secs(1);
@@ -55,9 +55,9 @@ impl Refuser {
 /// The hello and the refusal, as one buffer.
 fn refusal(reason: String) -> Vec<u8> {
     let mut bytes = Vec::new();
-    let reject = Reply::Reject { code: RejectCode::Busy, reason: bounded_reason(reason) };
+    let reject = Reject { code: RejectCode::Busy, reason: bounded_reason(reason) };
     protocol::write_hello(&mut bytes).expect("writing to a Vec cannot fail");
-    write_message(&mut bytes, &Message::Reply(reject)).expect("writing to a Vec cannot fail");
+    write_message(&mut bytes, &Message::Reject(reject)).expect("writing to a Vec cannot fail");
     bytes
 }
 

@@ -1,12 +1,14 @@
 //! The sender's digest cache: a repeat send does not hash again, a changed file always is, the
 //! cache can never turn a wrong digest into "verified", and a file changed mid-send fails.
 
-use std::io::{Read, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::mpsc;
 
-use xfer::protocol::{self, Message, Reply, Verdict};
+use sha2::Digest as _;
+use xfer::protocol::{self, Answer, AnswersPart, FileVerdict, Message, Verdict};
 
+use crate::hostile_receiver::{accept_manifest, read_body, read_digest, size_of, until_closed};
 use crate::util::{Receiver, random_bytes, sha256, source_file, xfer_in};
 
 fn send_with_cache(file: &Path, to: &str, cache: &Path, extra: &[&str]) -> crate::util::Run {
@@ -60,52 +62,58 @@ fn a_lying_cache_cannot_make_a_transfer_verified() {
 
 #[test]
 fn a_file_changed_while_being_sent_is_never_verified() {
-    // A receiver that reads the first frame, lets the test modify the file, then drains the
-    // body and says "verified" regardless: the sender must still fail.
+    // A receiver that waits for the digest (as a real one does when a file of that size is
+    // there), answers "send", reads the first frame, lets the test change the file, then drains
+    // the body and says "verified" regardless: the sender must still fail.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (paused_tx, paused_rx) = mpsc::channel();
     let (go_tx, go_rx) = mpsc::channel::<()>();
-    let (trailer_tx, trailer_rx) = mpsc::channel();
+    let (told_tx, told_rx) = mpsc::channel();
     std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
         protocol::write_hello(&mut s).unwrap();
         protocol::read_hello(&mut s).unwrap();
-        let Message::Offer(offer) = protocol::read_message(&mut s).unwrap() else { panic!("no offer") };
-        protocol::write_message(&mut s, &Message::Reply(Reply::Accept { offset: 0 })).unwrap();
-        let mut got = 0u64;
-        let mut buf = Vec::new();
-        while got < offer.size {
-            let h = protocol::read_frame_header(&mut s).unwrap();
-            buf.resize(h.len as usize, 0);
-            s.read_exact(&mut buf).unwrap();
-            if got == 0 {
+        let entries = accept_manifest(&mut s);
+        let told = read_digest(&mut s);
+        let answers = vec![Answer::Send { offset: 0 }];
+        protocol::write_message(&mut s, &Message::Answers(AnswersPart { answers, last: true })).unwrap();
+        let mut hasher = sha2::Sha256::new();
+        let mut first = true;
+        read_body(&mut s, size_of(&entries[0]), |bytes| {
+            hasher.update(bytes);
+            if std::mem::take(&mut first) {
                 paused_tx.send(()).unwrap();
                 go_rx.recv().unwrap();
             }
-            got += u64::from(h.len);
-        }
-        // Offered without a digest (--no-cache): the sender's trailer comes after the body.
-        trailer_tx.send((offer.digest, protocol::read_message(&mut s).ok())).unwrap();
-        let v = Verdict::Verified { name: offer.name };
-        protocol::write_message(&mut s, &Message::Verdict(v)).unwrap();
+        });
+        told_tx.send((told, protocol::Digest(hasher.finalize().into()))).unwrap();
+        let name = entries[0].path.join("/");
+        let v = FileVerdict { index: 0, verdict: Verdict::Verified { name } };
+        protocol::write_message(&mut s, &Message::FileVerdict(v)).unwrap();
+        until_closed(&mut s);
     });
     // Far larger than loopback socket buffers, so the sender is still reading the file.
-    let (_src, path) = source_file("growing.log", &random_bytes(64 << 20, 8));
+    let data = random_bytes(64 << 20, 8);
+    let (_src, path) = source_file("growing.log", &data);
     let sender = {
         let path = path.clone();
         std::thread::spawn(move || crate::util::send(&path, &addr, &["--no-cache"]))
     };
     paused_rx.recv().unwrap();
-    let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
-    f.write_all(b"appended while sending").unwrap();
+    // Rewritten near its end, in place: bytes the sender has not read yet.
+    let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.seek(SeekFrom::Start(data.len() as u64 - 100)).unwrap();
+    f.write_all(b"changed while sending").unwrap();
     drop(f);
     go_tx.send(()).unwrap();
     let run = sender.join().unwrap().expect(5);
     assert!(run.stderr().contains("changed while it was being sent"), "{}", run.report());
     assert_eq!(run.stdout(), "", "no success summary\n{}", run.report());
-    // And the receiver was told: no digest describes what was sent.
-    let (offered, trailer) = trailer_rx.recv().unwrap();
-    assert_eq!(offered, None, "--no-cache offers no digest up front");
-    assert_eq!(trailer, Some(Message::Trailer(protocol::Trailer { digest: None })));
+    // And the receiver was never told a digest that vouches for what it got: the one it was
+    // told (the file as listed) differs, so a real receiver stores nothing.
+    let (told, received) = told_rx.recv().unwrap();
+    assert_eq!(told, Some(sha256(&data)), "the digest of the file as it was listed");
+    assert_ne!(told, Some(received), "the digest vouches for bytes that changed");
 }

@@ -2,17 +2,24 @@
 
 use std::time::{Duration, Instant};
 
-use xfer::protocol::{Message, Reply};
+use xfer::protocol::{Answer, Message, Reject, RejectCode};
 
-use crate::util::{RawPeer, Receiver, random_bytes, send, sha256, source_file};
+use crate::util::{RawPeer, Receiver, is_accept, random_bytes, send, sha256, source_file};
+
+/// Offers one file as the real sender does; checks it is accepted and answered "send it all".
+fn offer_accepted(p: &mut RawPeer, name: &str, size: u64) {
+    let first = p.offer(name, size, sha256(name.as_bytes()));
+    assert!(is_accept(&first), "{name}: expected the manifest's acceptance, got {first:?}");
+    assert_eq!(p.answer(), Answer::Send { offset: 0 }, "{name}");
+}
 
 #[test]
 fn eight_senders_at_once_and_a_stalled_one() {
     let rx = Receiver::start(&["--quiet", "--timeout", "8"]);
     // A sender that offers a file, sends part of it, then goes silent.
     let mut stalled = RawPeer::greet(rx.addr);
-    stalled.offer("stalled", 1 << 20, sha256(b"never completed"));
-    assert_eq!(stalled.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
+    offer_accepted(&mut stalled, "stalled", 1 << 20);
+    stalled.body(0);
     stalled.data(&random_bytes(1000, 0));
 
     let start = Instant::now();
@@ -46,8 +53,7 @@ fn eight_senders_at_once_and_a_stalled_one() {
 fn past_the_transfer_limit_senders_are_refused_as_busy() {
     let rx = Receiver::start(&["--quiet", "--max-transfers", "1"]);
     let mut holder = RawPeer::greet(rx.addr);
-    holder.offer("holder", 100, sha256(b"x"));
-    assert_eq!(holder.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
+    offer_accepted(&mut holder, "holder", 100);
     let (_src, path) = source_file("second", b"second");
     let run = send(&path, &rx.target(), &[]).expect(4);
     assert!(run.stderr().contains("receiver busy"), "{}", run.report());
@@ -65,18 +71,15 @@ fn concurrent_offers_cannot_overbook_free_space() {
     // Two offers of 60% of the free space each: the first is accepted and reserved, the second
     // must be refused although the disk is still (almost) empty.
     let mut first = RawPeer::greet(rx.addr);
-    first.offer("first", free / 10 * 6, sha256(b""));
-    assert_eq!(first.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
+    offer_accepted(&mut first, "first", free / 10 * 6);
     let mut second = RawPeer::greet(rx.addr);
-    second.offer("second", free / 10 * 6, sha256(b""));
-    match second.read().unwrap() {
-        Message::Reply(Reply::Reject { code: xfer::protocol::RejectCode::InsufficientSpace, .. }) => {}
+    match second.offer("second", free / 10 * 6, sha256(b"")) {
+        Message::Reject(Reject { code: RejectCode::InsufficientSpace, .. }) => {}
         other => panic!("second offer should be refused for space, got {other:?}"),
     }
     // Once the first gives up, its reservation is returned.
     drop(first);
     rx.wait_log("\"first\"");
     let mut third = RawPeer::greet(rx.addr);
-    third.offer("third", free / 10 * 6, sha256(b""));
-    assert_eq!(third.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
+    offer_accepted(&mut third, "third", free / 10 * 6);
 }

@@ -1,52 +1,69 @@
-//! Random hostile conversations against one long-running receiver, three kinds mixed:
-//! - a peer following the single-file conversation (reading the replies) but with mutations:
-//!   wrong or missing digests, wrong sizes, another file's bytes, a flipped byte, a cut, a stray
-//!   message injected at any step;
-//! - the same for batches: manifests of files and folders that may collide, digests right, wrong
-//!   or missing, bodies for the files answered Send with the same mutations, withdrawals, wrong
-//!   indexes;
+//! Random hostile conversations against one long-running receiver, two kinds mixed:
+//! - a peer following the v4 conversation (reading the answers as a sender does) but with
+//!   mutations: a manifest of one file (at the top) or of files and folders that may collide,
+//!   folders listed before or after the files; digests right, wrong or missing (`None`), some
+//!   sent up front and the rest only after their file's body, or once the receiver falls silent
+//!   waiting for them, with or without keepalives in between; wrong sizes, another file's
+//!   bytes, a flipped byte, a cut (or a stall) at any point of a body or between a body and its
+//!   digest, no digest after a body, withdrawals, wrong indexes, a stray message injected at any
+//!   step;
 //! - noise: any sequence of well-formed and malformed messages, frames and raw bytes.
 //!
 //! State carries over from one conversation to the next (files already there, partials to
 //! resume, keep-both names). After every conversation: nothing beside DIR; in DIR, every file
 //! under a final name holds exactly the content of one of the files the peers had (no part, no
 //! mix, no altered byte), the rest are hidden partials; every file the receiver acknowledged
-//! (verified or already there) is where it said, with the content that was offered; and the
-//! receiver still runs. At the end an honest sender gets through.
+//! (`Have`, or a `FileVerdict` saying `Verified`) is where it said, with the content that was
+//! offered; every folder it said it created or has is a folder; it kept the rules a sender checks
+//! (no resume past the end, no `Have` before the digest, no verdict for a body never sent, no
+//! answers past the manifest); an honest conversation got an answer for every entry and a verdict
+//! for every body; and the receiver still runs. At the end an honest sender gets through.
 
-use std::io::{Read, Write};
+use std::cell::{Cell, RefCell};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use xfer::hash::Hasher;
 use xfer::protocol::{
-    self, Answer, Body, Digest, DigestsPart, Entry, EntryKind, FileVerdict, HashAlg, ManifestPart, Message,
-    Offer, Reply, Trailer, Verdict, Withdraw,
+    self, Answer, AnswersPart, Body, Digest, DigestsPart, Entry, EntryKind, FileVerdict, HashAlg,
+    ManifestPart, Message, Reject, RejectCode, Verdict, WireError, Withdraw,
 };
 
-use crate::util::{Receiver, data_frame, random_bytes, send, source_file};
+use crate::util::{Receiver, data_frame, is_accept, random_bytes, send, source_file};
 
-/// The files peers have: empty, small, and large enough (1.5 MiB) to leave resumable partials.
+/// The files peers have: empty, small, and large enough (1.5 MiB, past the 1 MiB below which a
+/// batch keeps no resume record) to leave resumable partials.
 fn contents() -> Vec<Vec<u8>> {
     vec![Vec::new(), b"eleven byte".to_vec(), random_bytes(3 << 19, 99)]
 }
 
-const NAMES: [&str; 3] = ["a", "b", "c.txt"];
+/// Names of a single file (a manifest of one entry at the top).
+static NAMES: [&str; 3] = ["a", "b", "c.txt"];
+/// Paths of a batch's entries.
 const PATHS: [&[&str]; 5] = [&["a"], &["d"], &["d", "a"], &["d", "e"], &["b"]];
 
-/// What a peer claims about a content's digest.
+/// How long the peer waits for an answer before it takes the receiver's silence to mean it waits
+/// for the next digest (v3's `NeedDigest`). A slow receiver only makes the digest go out sooner.
+const WAIT_FOR_DIGEST: Duration = Duration::from_millis(50);
+/// How long the peer waits for anything else the receiver should say.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a peer says about a content's digest.
 #[derive(Debug, Clone, Copy)]
 enum Claim {
     Right,
     Wrong,
+    /// `None`: the sender could not read the file (or it changed); nothing may be stored.
     Missing,
 }
 
 #[derive(Debug, Clone)]
 enum Op {
+    /// A manifest of one file at the top (v3's offer), and its digest right after unless missing.
     Offer {
         name: usize,
         content: usize,
@@ -62,13 +79,15 @@ enum Op {
         len: usize,
         flip: bool,
     },
-    Trailer {
+    /// One digest for file 0 (v3's trailer): the digest that follows a single file's body.
+    Digest {
         content: usize,
         claim: Claim,
         blake3: bool,
     },
+    /// Entries: path, content if a file (else a folder), BLAKE3, tag.
     Manifest {
-        entries: Vec<(usize, Option<usize>, bool)>,
+        entries: Vec<(usize, Option<usize>, bool, u8)>,
         last: bool,
     },
     Digests {
@@ -79,6 +98,11 @@ enum Op {
         index: u32,
     },
     Withdraw {
+        index: u32,
+    },
+    /// One of the receiver's own messages, sent the wrong way: answers, a verdict, a refusal.
+    Backwards {
+        which: u8,
         index: u32,
     },
     Raw(Vec<u8>),
@@ -94,13 +118,14 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(name, content, size_delta, claim, blake3, tag)| Op::Offer { name, content, size_delta, claim, blake3, tag }),
         4 => (0..3usize, 0..4usize, prop_oneof![1..64usize, 1000..300_000usize], prop::bool::weighted(0.2))
             .prop_map(|(content, at, len, flip)| Op::Data { content, at, len, flip }),
-        1 => (0..3usize, claim(), any::<bool>()).prop_map(|(content, claim, blake3)| Op::Trailer { content, claim, blake3 }),
-        2 => (prop::collection::vec((0..PATHS.len(), prop::option::of(0..3usize), any::<bool>()), 0..5), prop::bool::weighted(0.8))
+        1 => (0..3usize, claim(), any::<bool>()).prop_map(|(content, claim, blake3)| Op::Digest { content, claim, blake3 }),
+        2 => (prop::collection::vec((0..PATHS.len(), prop::option::of(0..3usize), any::<bool>(), 0..2u8), 0..5), prop::bool::weighted(0.8))
             .prop_map(|(entries, last)| Op::Manifest { entries, last }),
         2 => (0..4u32, prop::collection::vec((0..3usize, claim(), any::<bool>()), 0..4))
             .prop_map(|(first, digests)| Op::Digests { first, digests }),
         2 => (0..5u32).prop_map(|index| Op::Body { index }),
         1 => (0..5u32).prop_map(|index| Op::Withdraw { index }),
+        1 => (0..3u8, 0..5u32).prop_map(|(which, index)| Op::Backwards { which, index }),
         1 => prop::collection::vec(any::<u8>(), 1..40).prop_map(Op::Raw),
     ]
 }
@@ -118,16 +143,31 @@ fn alg(blake3: bool) -> HashAlg {
     if blake3 { HashAlg::Blake3 } else { HashAlg::Sha256 }
 }
 
-fn encode(op: &Op, pool: &[Vec<u8>]) -> Vec<u8> {
+fn entry(path: &[&str], kind: EntryKind) -> Entry {
+    Entry { path: path.iter().map(|c| c.to_string()).collect(), kind, mode: 0o644, mtime: (1_700_000_000, 0) }
+}
+
+fn file_kind(size: u64, blake3: bool, tag: u8) -> EntryKind {
+    EntryKind::File { size, hash: alg(blake3), tag: [tag; 16] }
+}
+
+fn encoded(msg: &Message) -> Vec<u8> {
     let mut out = Vec::new();
+    protocol::write_message(&mut out, msg).unwrap();
+    out
+}
+
+fn encode(op: &Op, pool: &[Vec<u8>]) -> Vec<u8> {
     let msg = match op {
-        Op::Offer { name, content, size_delta, claim, blake3, tag } => Message::Offer(Offer {
-            name: NAMES[*name].into(),
-            size: (pool[*content].len() as u64).saturating_add_signed((*size_delta).into()),
-            hash: alg(*blake3),
-            digest: digest(&pool[*content], *claim, alg(*blake3)),
-            tag: [*tag; 16],
-        }),
+        Op::Offer { name, content, size_delta, claim, blake3, tag } => {
+            let size = (pool[*content].len() as u64).saturating_add_signed((*size_delta).into());
+            let file = entry(&[NAMES[*name]], file_kind(size, *blake3, *tag));
+            let mut out = encoded(&Message::Manifest(ManifestPart { entries: vec![file], last: true }));
+            if let Some(d) = digest(&pool[*content], *claim, alg(*blake3)) {
+                out.extend(encoded(&Message::Digests(DigestsPart { first: 0, digests: vec![Some(d)] })));
+            }
+            return out;
+        }
         Op::Data { content, at, len, flip } => {
             let data = &pool[*content];
             let from = data.len() * at / 4;
@@ -140,20 +180,19 @@ fn encode(op: &Op, pool: &[Vec<u8>]) -> Vec<u8> {
             }
             return data_frame(&piece);
         }
-        Op::Trailer { content, claim, blake3 } => {
-            Message::Trailer(Trailer { digest: digest(&pool[*content], *claim, alg(*blake3)) })
-        }
+        Op::Digest { content, claim, blake3 } => Message::Digests(DigestsPart {
+            first: 0,
+            digests: vec![digest(&pool[*content], *claim, alg(*blake3))],
+        }),
         Op::Manifest { entries, last } => Message::Manifest(ManifestPart {
             entries: entries
                 .iter()
-                .map(|(path, file, blake3)| Entry {
-                    path: PATHS[*path].iter().map(|s| s.to_string()).collect(),
-                    kind: match file {
-                        Some(c) => EntryKind::File { size: pool[*c].len() as u64, hash: alg(*blake3) },
+                .map(|(path, file, blake3, tag)| {
+                    let kind = match file {
+                        Some(c) => file_kind(pool[*c].len() as u64, *blake3, *tag),
                         None => EntryKind::Dir,
-                    },
-                    mode: 0o644,
-                    mtime: (1_700_000_000, 0),
+                    };
+                    entry(PATHS[*path], kind)
                 })
                 .collect(),
             last: *last,
@@ -164,17 +203,24 @@ fn encode(op: &Op, pool: &[Vec<u8>]) -> Vec<u8> {
         }),
         Op::Body { index } => Message::Body(Body { index: *index }),
         Op::Withdraw { index } => Message::Withdraw(Withdraw { index: *index, reason: "gone".into() }),
+        Op::Backwards { which: 0, .. } => {
+            Message::Answers(AnswersPart { answers: vec![Answer::Send { offset: 0 }], last: true })
+        }
+        Op::Backwards { which: 1, index } => Message::FileVerdict(FileVerdict {
+            index: *index,
+            verdict: Verdict::Verified { name: "a".into() },
+        }),
+        Op::Backwards { .. } => Message::Reject(Reject { code: RejectCode::Failed, reason: "no".into() }),
         Op::Raw(bytes) => return bytes.clone(),
     };
-    protocol::write_message(&mut out, &msg).unwrap();
-    out
+    encoded(&msg)
 }
 
 /// Says everything, reading whatever comes back on another thread, then hangs up and waits for
 /// the receiver to close its side.
 fn play_noise(rx: &Receiver, hello: bool, ops: &[Op], pool: &[Vec<u8>]) {
     let mut stream = TcpStream::connect(rx.addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
     let mut reader = stream.try_clone().unwrap();
     let drain = std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 << 10];
@@ -212,22 +258,31 @@ enum Mutation {
         file: usize,
         at: u16,
     },
-    /// Hang up `at` per mille into the bytes sent for file `file`.
+    /// Stop `at` per mille into the bytes sent for file `file` (1000: after its last byte, before
+    /// its digest if that was to follow the body): hang up, or with `stall` fall silent until the
+    /// receiver gives up.
     Cut {
         file: usize,
         at: u16,
+        stall: bool,
     },
-    /// Say `op` at step `step` (0: before the offer or manifest, 1: after it, 2: in the middle of
-    /// the first body, 3: after the bodies).
+    /// Say `op` at step `step`: 0 before the manifest, 1 after it, 2 after the digests sent up
+    /// front, 3 after the first data frame of the first body, 4 after the first body (before its
+    /// digest, if that follows it), 5 after the bodies.
     Inject {
         step: u8,
         op: Op,
     },
-    /// Withdraw file `file` instead of sending it (batch), or send no trailer (single file).
+    /// Withdraw file `file` instead of sending its body.
     Withdraw {
         file: usize,
     },
-    /// Announce the body of the entry after the one due (batch).
+    /// Send no digest after the body of file `file` where it is due, and go on as if it had been
+    /// (the next body, or hang up): v3's missing trailer.
+    NoDigest {
+        file: usize,
+    },
+    /// Announce the body of the entry after the one due.
     WrongIndex {
         file: usize,
     },
@@ -235,13 +290,45 @@ enum Mutation {
 
 #[derive(Debug, Clone)]
 struct Plan {
+    /// A batch of files and folders at `PATHS`, or a single file at `NAMES`.
     batch: bool,
     files: Vec<FilePlan>,
-    /// Folders listed in a batch, as indexes into `PATHS`; they come after the files.
+    /// Folders listed in a batch, as indexes into `PATHS`.
     dirs: Vec<usize>,
+    /// The folders come before the files in the manifest (as a walk lists them), else after.
+    dirs_first: bool,
+    /// Digests sent right after the acceptance, for the first `told` files; each of the others
+    /// goes out right after its file's body, or when the receiver falls silent waiting for it.
+    told: usize,
+    /// An empty digests part (the keepalive of a sender still hashing) after every body and
+    /// before every digest sent because the receiver waits: the receiver then acknowledges what
+    /// it verified so far, in the middle of the transfer.
+    keepalives: bool,
     /// Data frame size.
     chunk: usize,
     mutation: Mutation,
+}
+
+impl Plan {
+    /// The file number (position among the files) of entry `i`, or `None` for a folder.
+    fn file_no(&self, i: usize) -> Option<usize> {
+        let k = if self.dirs_first { i.checked_sub(self.dirs.len())? } else { i };
+        (k < self.files.len()).then_some(k)
+    }
+
+    /// The path of entry `i`.
+    fn path(&self, i: usize) -> &'static [&'static str] {
+        match self.file_no(i).map(|k| &self.files[k]) {
+            Some(f) if self.batch => PATHS[f.place],
+            Some(f) => std::slice::from_ref(&NAMES[f.place]),
+            None if self.dirs_first => PATHS[self.dirs[i]],
+            None => PATHS[self.dirs[i - self.files.len()]],
+        }
+    }
+
+    fn entries(&self) -> usize {
+        self.files.len() + self.dirs.len()
+    }
 }
 
 fn file_plan() -> impl Strategy<Value = FilePlan> {
@@ -269,33 +356,75 @@ fn plan() -> impl Strategy<Value = Plan> {
     let mutation = prop_oneof![
         4 => Just(Mutation::None),
         2 => (0..3usize, 0..1000u16).prop_map(|(file, at)| Mutation::Flip { file, at }),
-        2 => (0..3usize, 0..1000u16).prop_map(|(file, at)| Mutation::Cut { file, at }),
-        2 => (0..4u8, op()).prop_map(|(step, op)| Mutation::Inject { step, op }),
+        2 => (0..3usize, 0..=1000u16, prop::bool::weighted(0.05))
+            .prop_map(|(file, at, stall)| Mutation::Cut { file, at, stall }),
+        2 => (0..6u8, op()).prop_map(|(step, op)| Mutation::Inject { step, op }),
         1 => (0..3usize).prop_map(|file| Mutation::Withdraw { file }),
+        1 => (0..3usize).prop_map(|file| Mutation::NoDigest { file }),
         1 => (0..3usize).prop_map(|file| Mutation::WrongIndex { file }),
     ];
     (
         any::<bool>(),
         prop::collection::vec(file_plan(), 1..4),
-        prop::collection::vec(0..PATHS.len(), 0..2),
+        (prop::collection::vec(0..PATHS.len(), 0..2), any::<bool>()),
+        (0..4usize, prop::bool::weighted(0.25)),
         prop_oneof![Just(1000usize), Just(65536), Just(1 << 20)],
         mutation,
     )
-        .prop_map(|(batch, mut files, dirs, chunk, mutation)| {
+        .prop_map(|(batch, mut files, (mut dirs, dirs_first), (told, keepalives), chunk, mutation)| {
             if !batch {
                 files.truncate(1);
                 files[0].place %= NAMES.len();
+                dirs.clear();
             }
-            Plan { batch, files, dirs, chunk, mutation }
+            let told = told.min(files.len());
+            Plan { batch, files, dirs, dirs_first, told, keepalives, chunk, mutation }
         })
 }
 
 /// An acknowledgement the receiver gave: this content is stored at this path under DIR.
 struct Acked {
-    path: std::path::PathBuf,
+    path: PathBuf,
     content: usize,
     /// The receiver's words, for the failure message.
     said: &'static str,
+}
+
+/// What the peers saw over a whole run, for the record.
+#[derive(Default)]
+struct Stats {
+    acks: Cell<usize>,
+    /// Files answered `Send` before their digest was sent.
+    early: Cell<usize>,
+    /// Digests sent because the receiver fell silent waiting for them.
+    waited: Cell<usize>,
+    /// Digests sent right after their file's body.
+    late: Cell<usize>,
+    /// `Send` answers at an offset past 0.
+    resumed: Cell<usize>,
+    have: Cell<usize>,
+    /// Folders answered `Send`: created by the transfer.
+    created: Cell<usize>,
+    rejected: Cell<usize>,
+    refused: Cell<usize>,
+    /// Verdicts: verified, hash mismatch, size mismatch, failed.
+    verdicts: [Cell<usize>; 4],
+    /// Verdicts that came while the peer was still sending (after a keepalive, or a stall).
+    verdicts_midway: Cell<usize>,
+}
+
+fn bump(c: &Cell<usize>) {
+    c.set(c.get() + 1);
+}
+
+/// What one conversation showed.
+#[derive(Default)]
+struct Played {
+    acked: Vec<Acked>,
+    /// Folders the receiver said it created or has.
+    dirs: Vec<PathBuf>,
+    /// Rules of the conversation the receiver broke.
+    violations: Vec<String>,
 }
 
 /// A peer following `plan`, reading the receiver's answers as a sender does.
@@ -303,8 +432,22 @@ struct Peer<'a> {
     stream: TcpStream,
     plan: &'a Plan,
     pool: &'a [Vec<u8>],
-    acked: Vec<Acked>,
-    /// Set once something was injected: the answers may then be to it, so none are attributed.
+    stats: &'a Stats,
+    played: Played,
+    /// Answers received, in manifest order.
+    answers: Vec<Answer>,
+    /// Files whose digest (or its absence) was sent.
+    told: usize,
+    /// Entries whose body (or withdrawal) was announced and whose verdict has not come.
+    owed: Vec<bool>,
+    /// The receiver refused the whole transfer.
+    refused: bool,
+    /// The peer has hung up.
+    hung_up: bool,
+    /// A digest due after a body was held back (`Mutation::NoDigest`).
+    withheld: bool,
+    /// Set once something was injected: the answers may then be to it, so none are attributed
+    /// or judged.
     injected: bool,
 }
 
@@ -314,18 +457,20 @@ impl Peer<'_> {
     }
 
     fn message(&mut self, m: &Message) -> bool {
-        let mut out = Vec::new();
-        protocol::write_message(&mut out, m).unwrap();
-        self.say(&out)
+        self.say(&encoded(m))
     }
 
-    fn read(&mut self) -> Option<Message> {
-        protocol::read_message(&mut self.stream).ok()
+    fn read(&mut self) -> Result<Message, WireError> {
+        protocol::read_message(&mut self.stream)
+    }
+
+    fn violation(&mut self, what: String) {
+        self.played.violations.push(what);
     }
 
     fn inject(&mut self, step: u8) -> bool {
         match &self.plan.mutation {
-            Mutation::Inject { step: s, op } if *s == step => {
+            Mutation::Inject { step: s, op } if *s == step && !self.injected => {
                 self.injected = true;
                 let bytes = encode(op, self.pool);
                 self.say(&bytes)
@@ -334,190 +479,344 @@ impl Peer<'_> {
         }
     }
 
-    /// Sends file `i`'s body from `offset` as data frames, applying the plan's mutations. False if
-    /// the peer hangs up (a cut) or the receiver did.
-    fn body(&mut self, i: usize, offset: u64) -> bool {
-        let f = &self.plan.files[i];
-        let size = (self.pool[f.content].len() as u64).saturating_add_signed(f.size_delta.into()) as usize;
+    /// The size listed for file `k`.
+    fn size(&self, k: usize) -> u64 {
+        let f = &self.plan.files[k];
+        (self.pool[f.content].len() as u64).saturating_add_signed(f.size_delta.into())
+    }
+
+    /// Sends the digests of the files up to (not including) `upto` not sent yet, as claimed.
+    fn tell(&mut self, upto: usize) -> bool {
+        let digests = (self.told..upto)
+            .map(|k| {
+                let f = &self.plan.files[k];
+                digest(&self.pool[f.content], f.claim, alg(f.blake3))
+            })
+            .collect();
+        let first = self.told as u32;
+        self.told = upto;
+        self.message(&Message::Digests(DigestsPart { first, digests }))
+    }
+
+    /// An empty digests part, if the plan has them: "still hashing".
+    fn keepalive(&mut self) -> bool {
+        let first = self.told as u32;
+        !self.plan.keepalives || self.message(&Message::Digests(DigestsPart { first, digests: Vec::new() }))
+    }
+
+    /// True if the receiver says nothing for `wait`.
+    fn silent_for(&mut self, wait: Duration) -> bool {
+        self.stream.set_read_timeout(Some(wait)).unwrap();
+        let silent = matches!(self.stream.peek(&mut [0u8; 1]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut));
+        self.stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        silent
+    }
+
+    /// Records an acknowledgement that entry `i` (a file) is stored as `name` in its folder.
+    fn ack(&mut self, i: usize, name: &str, said: &'static str) {
+        let Some(f) = self.plan.file_no(i).map(|k| &self.plan.files[k]) else {
+            return self.violation(format!("{said} {name:?} for entry {i}, a folder"));
+        };
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return self.violation(format!("{said} {name:?} for entry {i}: not a name in its folder"));
+        }
+        let path = self.plan.path(i).iter().collect::<PathBuf>().with_file_name(name);
+        self.played.acked.push(Acked { path, content: f.content, said });
+    }
+
+    /// Takes what the receiver said during the transfer. False for a message it never sends.
+    fn take(&mut self, m: Message) -> bool {
+        match m {
+            Message::Answers(part) => self.take_answers(part),
+            Message::FileVerdict(v) => self.take_verdict(v),
+            other => {
+                self.violation(format!("the receiver sent a {} during the transfer", other.name()));
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Takes answers for the next entries, checking the receiver could have given them (the
+    /// rules the real sender enforces), and records what they acknowledge.
+    fn take_answers(&mut self, part: AnswersPart) {
+        let stats = self.stats;
+        for a in part.answers {
+            let i = self.answers.len();
+            if i >= self.plan.entries() {
+                return self.violation(format!("more answers than the {} entries", self.plan.entries()));
+            }
+            let file = self.plan.file_no(i);
+            let dir: PathBuf = self.plan.path(i).iter().collect();
+            match (&a, file) {
+                (Answer::Send { offset }, Some(k)) => {
+                    if *offset > self.size(k) {
+                        let size = self.size(k);
+                        self.violation(format!("entry {i}: resume at byte {offset} of a {size}-byte file"));
+                    }
+                    if k >= self.told {
+                        bump(&stats.early);
+                    }
+                    if *offset > 0 {
+                        bump(&stats.resumed);
+                    }
+                }
+                (Answer::Send { offset }, None) => {
+                    if *offset != 0 {
+                        self.violation(format!("folder entry {i}: Send at offset {offset}"));
+                    }
+                    bump(&stats.created);
+                    self.played.dirs.push(dir);
+                }
+                (Answer::Have { name }, Some(k)) => {
+                    bump(&stats.have);
+                    if k >= self.told {
+                        self.violation(format!("entry {i}: Have {name:?} before its digest was sent"));
+                    }
+                    self.ack(i, name, "Have");
+                }
+                (Answer::Have { .. }, None) => self.played.dirs.push(dir),
+                (Answer::Reject { .. }, _) => bump(&stats.rejected),
+            }
+            self.answers.push(a);
+        }
+        let done = self.answers.len() == self.plan.entries();
+        if part.last != done {
+            let (n, all) = (self.answers.len(), self.plan.entries());
+            self.violation(format!("answers part with last: {} after {n} of {all} answers", part.last));
+        }
+    }
+
+    fn take_verdict(&mut self, v: FileVerdict) {
+        let i = v.index as usize;
+        if !self.owed.get(i).copied().unwrap_or(false) {
+            return self.violation(format!("{v:?}: for an entry whose body was not sent, or judged twice"));
+        }
+        self.owed[i] = false;
+        if !self.hung_up {
+            bump(&self.stats.verdicts_midway);
+        }
+        let kind = match v.verdict {
+            Verdict::Verified { name } => {
+                self.ack(i, &name, "FileVerdict Verified");
+                0
+            }
+            Verdict::HashMismatch { .. } => 1,
+            Verdict::SizeMismatch { .. } => 2,
+            Verdict::Failed { .. } => 3,
+        };
+        bump(&self.stats.verdicts[kind]);
+    }
+
+    /// Sends file `k`'s body from `offset` as data frames, applying the plan's mutations. False if
+    /// the peer stops (a cut) or the receiver hung up.
+    fn body(&mut self, k: usize, offset: u64) -> bool {
+        let f = &self.plan.files[k];
         let mut body = self.pool[f.other_body.unwrap_or(f.content)].clone();
-        body.resize(size, b'#');
+        body.resize(self.size(k) as usize, b'#');
         let mut rest = body.get(offset as usize..).unwrap_or(&[]).to_vec();
         let cut = match self.plan.mutation {
-            Mutation::Flip { file, at } if file == i && !rest.is_empty() => {
+            Mutation::Flip { file, at } if file == k && !rest.is_empty() => {
                 let at = rest.len() * at as usize / 1000;
                 rest[at] ^= 0x20;
                 None
             }
-            Mutation::Cut { file, at } if file == i => Some(rest.len() * at as usize / 1000),
+            Mutation::Cut { file, at, stall } if file == k => Some((rest.len() * at as usize / 1000, stall)),
             _ => None,
         };
         let mut sent = 0;
         for piece in rest.chunks(self.plan.chunk) {
-            if let Some(cut) = cut
+            if let Some((cut, stall)) = cut
                 && sent + piece.len() > cut
             {
                 // The header announces the whole piece; only its first `cut - sent` bytes follow.
                 let frame = data_frame(piece);
                 let _ = self.say(&frame[..protocol::FRAME_HEADER_LEN + cut - sent]);
-                return false;
+                return self.stop(stall);
             }
-            if !self.say(&data_frame(piece)) || (sent == 0 && !self.inject(2)) {
+            if !self.say(&data_frame(piece)) || (sent == 0 && !self.inject(3)) {
                 return false;
             }
             sent += piece.len();
         }
-        true
-    }
-
-    fn digest_of(&self, i: usize, claim: Claim) -> Option<Digest> {
-        let f = &self.plan.files[i];
-        digest(&self.pool[f.content], claim, alg(f.blake3))
-    }
-
-    fn single(&mut self) {
-        let f = self.plan.files[0].clone();
-        let size = (self.pool[f.content].len() as u64).saturating_add_signed(f.size_delta.into());
-        let mut offer = Offer {
-            name: NAMES[f.place].into(),
-            size,
-            hash: alg(f.blake3),
-            digest: self.digest_of(0, f.claim),
-            tag: [f.tag; 16],
-        };
-        if !self.inject(0) || !self.message(&Message::Offer(offer.clone())) || !self.inject(1) {
-            return;
+        match cut {
+            // Cut after the last byte: before the digest, if it was to follow.
+            Some((_, stall)) => self.stop(stall),
+            None => true,
         }
-        loop {
-            match self.read() {
-                Some(Message::Reply(Reply::NeedDigest)) => {
-                    offer.digest = self.digest_of(0, Claim::Right);
-                    if !self.message(&Message::Offer(offer.clone())) {
-                        return;
-                    }
-                }
-                Some(Message::Reply(Reply::Accept { offset })) => {
-                    if !self.body(0, offset) || !self.inject(3) {
-                        return;
-                    }
-                    if offer.digest.is_none() && !matches!(self.plan.mutation, Mutation::Withdraw { .. }) {
-                        let trailer = Trailer { digest: self.digest_of(0, Claim::Right) };
-                        if !self.message(&Message::Trailer(trailer)) {
-                            return;
-                        }
-                    }
-                    if let Some(Message::Verdict(Verdict::Verified { name })) = self.read() {
-                        self.acked.push(Acked { path: name.into(), content: f.content, said: "Verified" });
-                    }
-                    return;
-                }
-                Some(Message::Reply(Reply::AlreadyHave { name })) => {
-                    self.acked.push(Acked { path: name.into(), content: f.content, said: "AlreadyHave" });
-                    return;
-                }
-                _ => return,
+    }
+
+    /// A cut: hang up (the caller does), or fall silent and listen until the receiver gives up.
+    fn stop(&mut self, stall: bool) -> bool {
+        if stall {
+            while let Ok(m) = self.read() {
+                self.take(m);
             }
         }
+        false
     }
 
-    fn batch(&mut self) {
+    /// Acts on the answer for entry `i`: a body (or a withdrawal) for a file answered `Send`, its
+    /// digest right behind it if not sent before. False if the conversation is over.
+    fn act(&mut self, i: usize) -> bool {
+        let (Answer::Send { offset }, Some(k)) = (&self.answers[i], self.plan.file_no(i)) else {
+            return true;
+        };
+        let offset = *offset;
+        let index = match self.plan.mutation {
+            Mutation::WrongIndex { file } if file == k => i + 1,
+            _ => i,
+        };
+        if let Some(owed) = self.owed.get_mut(index) {
+            *owed = true;
+        }
+        if let Mutation::Withdraw { file } = self.plan.mutation
+            && file == k
+        {
+            return self
+                .message(&Message::Withdraw(Withdraw { index: index as u32, reason: "changed".into() }));
+        }
+        if !self.message(&Message::Body(Body { index: index as u32 }))
+            || !self.body(k, offset)
+            || !self.inject(4)
+            || !self.keepalive()
+        {
+            return false;
+        }
+        if self.told > k {
+            return true;
+        }
+        if matches!(self.plan.mutation, Mutation::NoDigest { file } if file == k) {
+            self.withheld = true;
+            return true;
+        }
+        bump(&self.stats.late);
+        self.tell(k + 1)
+    }
+
+    /// The conversation, up to the last body. Returns when it is over or either side gives up.
+    fn converse(&mut self) {
         let plan = self.plan;
-        let mut entries = Vec::new();
-        for f in &plan.files {
-            let size = (self.pool[f.content].len() as u64).saturating_add_signed(f.size_delta.into());
-            entries.push((PATHS[f.place], EntryKind::File { size, hash: alg(f.blake3) }));
-        }
-        for &d in &plan.dirs {
-            entries.push((PATHS[d], EntryKind::Dir));
-        }
-        let manifest: Vec<Entry> = entries
-            .iter()
-            .map(|(path, kind)| Entry {
-                path: path.iter().map(|c| c.to_string()).collect(),
-                kind: kind.clone(),
-                mode: 0o644,
-                mtime: (1_700_000_000, 0),
+        let entries = (0..plan.entries())
+            .map(|i| match plan.file_no(i) {
+                Some(k) => {
+                    let f = &plan.files[k];
+                    entry(plan.path(i), file_kind(self.size(k), f.blake3, f.tag))
+                }
+                None => entry(plan.path(i), EntryKind::Dir),
             })
             .collect();
-        let part = Message::Manifest(ManifestPart { entries: manifest, last: true });
-        if !self.inject(0) || !self.message(&part) || !self.inject(1) {
+        let manifest = Message::Manifest(ManifestPart { entries, last: true });
+        if !self.inject(0) || !self.message(&manifest) || !self.inject(1) {
             return;
         }
         match self.read() {
-            Some(Message::Answers(a)) if a.answers.is_empty() => {}
-            _ => return,
+            Ok(m) if is_accept(&m) => {}
+            Ok(Message::Reject(_)) => {
+                self.refused = true;
+                bump(&self.stats.refused);
+                return;
+            }
+            Ok(other) => return self.violation(format!("the receiver's first word was {other:?}")),
+            Err(e) => return self.violation(format!("no first word from the receiver: {e}")),
         }
-        let digests = (0..plan.files.len()).map(|i| self.digest_of(i, plan.files[i].claim)).collect();
-        if !self.message(&Message::Digests(DigestsPart { first: 0, digests })) {
+        if (plan.told > 0 && !self.tell(plan.told)) || !self.inject(2) {
             return;
         }
-        let mut answers = Vec::new();
-        while answers.len() < entries.len() {
-            match self.read() {
-                Some(Message::Answers(a)) => answers.extend(a.answers),
-                Some(Message::FileVerdict(_)) => {}
-                _ => return,
+        let mut acted = 0;
+        while acted < plan.entries() {
+            if acted < self.answers.len() {
+                if !self.act(acted) {
+                    return;
+                }
+                acted += 1;
+                continue;
             }
-        }
-        for (i, answer) in answers.iter().enumerate().take(plan.files.len()) {
-            let path: std::path::PathBuf = PATHS[plan.files[i].place].iter().collect();
-            match answer {
-                // Where the receiver says the content is: the entry's own name or a keep-both copy.
-                Answer::Have { name } => self.acked.push(Acked {
-                    path: path.with_file_name(name),
-                    content: plan.files[i].content,
-                    said: "Have",
-                }),
-                Answer::Send { offset } => {
-                    let index = match plan.mutation {
-                        Mutation::WrongIndex { file } if file == i => i as u32 + 1,
-                        _ => i as u32,
-                    };
-                    let sent = match plan.mutation {
-                        Mutation::Withdraw { file } if file == i => {
-                            self.message(&Message::Withdraw(Withdraw { index, reason: "changed".into() }))
-                        }
-                        _ => self.message(&Message::Body(Body { index })) && self.body(i, *offset),
-                    };
-                    if !sent {
+            // Nothing to act on: after a moment of silence, the receiver waits for a digest. With
+            // one held back, it waits for that one: hang up rather than send it.
+            if self.withheld && self.silent_for(WAIT_FOR_DIGEST) {
+                return;
+            }
+            if !self.withheld && self.told < plan.files.len() && self.silent_for(WAIT_FOR_DIGEST) {
+                bump(&self.stats.waited);
+                if !self.keepalive() || !self.tell(self.told + 1) {
+                    return;
+                }
+                continue;
+            }
+            match self.read() {
+                Ok(m) => {
+                    if !self.take(m) {
                         return;
                     }
                 }
-                Answer::Reject { .. } => {}
-            }
-        }
-        if !self.inject(3) {
-            return;
-        }
-        let _ = self.stream.shutdown(Shutdown::Write);
-        while let Some(m) = self.read() {
-            if let Message::FileVerdict(FileVerdict { index, verdict: Verdict::Verified { name } }) = m {
-                let i = index as usize;
-                let Some(f) = plan.files.get(i) else { continue };
-                let mut path: std::path::PathBuf = PATHS[f.place].iter().collect();
-                if !name.contains('/') {
-                    path.set_file_name(&name);
-                } else {
-                    path = name.into();
+                Err(WireError::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    let n = self.answers.len();
+                    return self.violation(format!(
+                        "silent for {READ_TIMEOUT:?} after {n} answers, every digest sent"
+                    ));
                 }
-                self.acked.push(Acked { path, content: f.content, said: "FileVerdict Verified" });
+                Err(_) => return,
             }
         }
+        self.inject(5);
+    }
+
+    /// After the peer hung up: whatever the receiver still says (verdicts of what it verified),
+    /// until it closes.
+    fn drain(&mut self) {
+        while let Ok(m) = self.read() {
+            self.take(m);
+        }
+        let mut buf = vec![0u8; 64 << 10];
+        while matches!(self.stream.read(&mut buf), Ok(n) if n > 0) {}
     }
 }
 
 /// Plays `plan` to the end (or until either side gives up), hangs up, waits for the receiver to
-/// close, and returns what it acknowledged.
-fn play(rx: &Receiver, plan: &Plan, pool: &[Vec<u8>]) -> Vec<Acked> {
+/// close, and returns what it acknowledged and what rules it broke.
+fn play(rx: &Receiver, plan: &Plan, pool: &[Vec<u8>], stats: &Stats) -> Played {
     let stream = TcpStream::connect(rx.addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut peer = Peer { stream, plan, pool, acked: Vec::new(), injected: false };
-    if peer.say(&protocol::hello()) && protocol::read_hello(&mut peer.stream).is_ok() {
-        if plan.batch { peer.batch() } else { peer.single() }
+    stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    let mut peer = Peer {
+        stream,
+        plan,
+        pool,
+        stats,
+        played: Played::default(),
+        answers: Vec::new(),
+        told: 0,
+        owed: vec![false; plan.entries()],
+        refused: false,
+        hung_up: false,
+        withheld: false,
+        injected: false,
+    };
+    let greeted = peer.say(&protocol::hello()) && protocol::read_hello(&mut peer.stream).is_ok();
+    if greeted {
+        peer.converse();
+    } else {
+        peer.violation("no hello from the receiver".into());
     }
     let _ = peer.stream.shutdown(Shutdown::Write);
-    let mut buf = vec![0u8; 64 << 10];
-    while matches!(peer.stream.read(&mut buf), Ok(n) if n > 0) {}
-    if peer.injected { Vec::new() } else { peer.acked }
+    peer.hung_up = true;
+    peer.drain();
+    if peer.injected {
+        return Played::default();
+    }
+    // An honest peer (even one whose digests are wrong or missing) gets an answer for every
+    // entry and a verdict for every body.
+    if matches!(plan.mutation, Mutation::None) && !peer.refused {
+        if peer.answers.len() < plan.entries() {
+            let (n, all) = (peer.answers.len(), plan.entries());
+            peer.violation(format!("honest conversation: {n} of {all} entries answered"));
+        }
+        if let Some(i) = peer.owed.iter().position(|&o| o) {
+            peer.violation(format!("honest conversation: no verdict for entry {i}"));
+        }
+    }
+    peer.played
 }
 
 /// Nothing beside DIR; under DIR only whole, exact contents under final names, hidden partials,
@@ -569,7 +868,7 @@ fn random_hostile_conversations_with_overwrite_never_store_an_unverified_file() 
 /// Plays `cases()` random conversations against one receiver started with `args`.
 fn converse(args: &[&str]) {
     let args = [&["--quiet", "--timeout", "3", "--handshake-timeout", "3"], args].concat();
-    let rx = std::cell::RefCell::new(Receiver::start(&args));
+    let rx = RefCell::new(Receiver::start(&args));
     let pool = contents();
     let mut runner =
         TestRunner::new(Config { cases: cases(), failure_persistence: None, ..Config::default() });
@@ -577,16 +876,17 @@ fn converse(args: &[&str]) {
         1 => (prop::bool::weighted(0.95), prop::collection::vec(op(), 1..10)).prop_map(Conversation::Noise),
         4 => plan().prop_map(|plan| Conversation::Plan(plan, false)),
         // The large file cut somewhere, then the same plan again without the cut: a resume.
-        1 => (plan(), 0..1000u16).prop_map(|(mut plan, at)| {
+        1 => (plan(), 0..=1000u16).prop_map(|(mut plan, at)| {
             plan.files[0].content = 2;
             plan.files[0].size_delta = 0;
-            plan.mutation = Mutation::Cut { file: 0, at };
+            plan.mutation = Mutation::Cut { file: 0, at, stall: false };
             Conversation::Plan(plan, true)
         }),
     ];
     // Now and then DIR is emptied first, so the receiver does not end up having everything.
     let conversation = (prop::bool::weighted(0.1), kind);
-    let acks = std::cell::Cell::new(0usize);
+    let stats = Stats::default();
+    let started = std::time::Instant::now();
     runner
         .run(&conversation, |(empty_first, conversation)| {
             let mut rx = rx.borrow_mut();
@@ -608,8 +908,15 @@ fn converse(args: &[&str]) {
                 }
             };
             for plan in &plays {
-                for ack in play(&rx, plan, &pool) {
-                    acks.set(acks.get() + 1);
+                let played = play(&rx, plan, &pool, &stats);
+                prop_assert!(
+                    played.violations.is_empty(),
+                    "the receiver broke the conversation's rules: {:?}; receiver log:\n{}",
+                    played.violations,
+                    rx.stderr()
+                );
+                for ack in played.acked {
+                    bump(&stats.acks);
                     let stored = std::fs::read(rx.dir.join(&ack.path)).ok();
                     prop_assert!(
                         stored.as_ref() == Some(&pool[ack.content]),
@@ -621,6 +928,14 @@ fn converse(args: &[&str]) {
                         rx.stderr()
                     );
                 }
+                for dir in played.dirs {
+                    let meta = std::fs::symlink_metadata(rx.dir.join(&dir));
+                    prop_assert!(
+                        meta.is_ok_and(|m| m.is_dir()),
+                        "the receiver answered folder {} as created or there, but it is not a folder",
+                        dir.display()
+                    );
+                }
             }
             check(&rx, &pool)?;
             prop_assert!(rx.child.try_wait().unwrap().is_none(), "the receiver exited:\n{}", rx.stderr());
@@ -628,20 +943,46 @@ fn converse(args: &[&str]) {
         })
         .unwrap();
     let mut rx = rx.into_inner();
-    // What the conversations achieved, for the record (some must have stored files, or the test
-    // never reached the paths that write).
+    // What the conversations achieved, for the record (some must have stored files, and some
+    // must have been answered before their digest, or the test never reached those paths).
     let log = rx.stderr();
+    let n = |c: &Cell<usize>| c.get();
+    let [verified, hash, size, failed] = &stats.verdicts;
     println!(
-        "{} hostile conversations ({args:?}): {} acknowledgements checked on disk; receiver log: {} stored, \
-         {} resumed, {} already there, {} failed",
+        "{} hostile conversations ({args:?}) in {:.1} s: {} acknowledgements checked on disk; peers saw \
+         {} answered Send before their digest, {} resumes, {} Have, {} folders created, {} rejected, \
+         {} transfers refused, {} digests sent after their body, {} after the receiver waited for them; \
+         verdicts: {} verified, {} hash mismatch, {} size mismatch, {} failed ({} of them while the peer \
+         was still sending); receiver log: {} single files stored, {} resumed, {} already there, {} failed",
         cases(),
-        acks.get(),
+        started.elapsed().as_secs_f64(),
+        n(&stats.acks),
+        n(&stats.early),
+        n(&stats.resumed),
+        n(&stats.have),
+        n(&stats.created),
+        n(&stats.rejected),
+        n(&stats.refused),
+        n(&stats.late),
+        n(&stats.waited),
+        n(verified),
+        n(hash),
+        n(size),
+        n(failed),
+        n(&stats.verdicts_midway),
         log.matches("verified, stored as").count(),
         log.matches("(resumed at").count(),
         log.matches("already have it").count(),
         log.matches(": failed: ").count(),
     );
-    assert!(acks.get() >= cases() as usize / 10, "too few conversations got as far as an acknowledgement");
+    assert!(
+        n(&stats.acks) >= cases() as usize / 10,
+        "too few conversations got as far as an acknowledgement"
+    );
+    assert!(
+        n(&stats.early) > 0 && n(&stats.late) > 0,
+        "no file was answered before its digest, or none had its digest sent after its body"
+    );
     if std::env::var("SHOWLOG").is_ok() {
         println!("{log}");
     }

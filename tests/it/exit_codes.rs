@@ -1,37 +1,35 @@
 //! Every exit code in README's table, provoked for real. Fake receivers here speak the wire
 //! format by hand to produce verdicts a real receiver gives only under faults.
 
-use std::io::Read;
 use std::net::TcpListener;
 use std::time::Duration;
 
-use xfer::protocol::{self, Message, Reply, Verdict};
+use xfer::protocol::{self, Answer, AnswersPart, FileVerdict, Message, Reject, Verdict};
 
-use crate::util::{Receiver, send, sha256, source_file, xfer};
+use crate::hostile_receiver::{accept_manifest, read_body, size_of, until_closed};
+use crate::util::{Receiver, is_accept, send, sha256, source_file, xfer};
 
-/// A one-shot fake receiver: greets with `hello`, reads the offer, accepts it, drains the body,
-/// then answers `verdict`.
+/// A one-shot fake receiver: greets with `hello`, reads the manifest of one file, accepts it,
+/// answers "send it all", reads the digest and the body, then gives `verdict` on the file.
 fn fake_receiver(hello: [u8; 10], verdict: Option<Verdict>) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         std::io::Write::write_all(&mut s, &hello).unwrap();
         let Some(verdict) = verdict else {
             std::thread::sleep(Duration::from_millis(500));
             return;
         };
         protocol::read_hello(&mut s).unwrap();
-        let Message::Offer(offer) = protocol::read_message(&mut s).unwrap() else { panic!("no offer") };
-        protocol::write_message(&mut s, &Message::Reply(Reply::Accept { offset: 0 })).unwrap();
-        let mut left = offer.size;
-        while left > 0 {
-            let h = protocol::read_frame_header(&mut s).unwrap();
-            let mut buf = vec![0; h.len as usize];
-            s.read_exact(&mut buf).unwrap();
-            left -= u64::from(h.len);
-        }
-        protocol::write_message(&mut s, &Message::Verdict(verdict)).unwrap();
+        let entries = accept_manifest(&mut s);
+        assert_eq!(entries.len(), 1, "one file: {entries:?}");
+        let answers = vec![Answer::Send { offset: 0 }];
+        protocol::write_message(&mut s, &Message::Answers(AnswersPart { answers, last: true })).unwrap();
+        read_body(&mut s, size_of(&entries[0]), |_| {});
+        protocol::write_message(&mut s, &Message::FileVerdict(FileVerdict { index: 0, verdict })).unwrap();
+        until_closed(&mut s);
     });
     addr
 }
@@ -82,8 +80,7 @@ fn rejected_exits_4() {
     // A real receiver refuses the offer: another sender holds its only transfer slot.
     let rx = Receiver::start(&["--quiet", "--max-transfers", "1"]);
     let mut holder = crate::util::RawPeer::greet(rx.addr);
-    holder.offer("holder", 10, sha256(b""));
-    assert!(holder.read().is_ok());
+    assert!(is_accept(&holder.offer("holder", 10, sha256(b""))));
     let (_src, path) = source_file("f", b"x");
     let run = send(&path, &rx.target(), &[]).expect(4);
     assert!(run.stderr().starts_with("xfer: error: receiver rejected f: "), "{}", run.report());
@@ -136,8 +133,9 @@ fn peer_text_is_escaped_on_the_sender() {
         protocol::read_hello(&mut s).unwrap();
         let _ = protocol::read_message(&mut s).unwrap();
         let reason = "evil\x1b]0;owned\x07\r\nxfer: verified\u{202e}".to_string();
-        let reply = Reply::Reject { code: protocol::RejectCode::InvalidName, reason };
-        protocol::write_message(&mut s, &Message::Reply(reply)).unwrap();
+        let reject = Reject { code: protocol::RejectCode::InvalidName, reason };
+        protocol::write_message(&mut s, &Message::Reject(reject)).unwrap();
+        until_closed(&mut s);
     });
     let (_src, path) = source_file("f", b"x");
     let run = send(&path, &addr, &[]).expect(4);

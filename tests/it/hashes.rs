@@ -1,11 +1,11 @@
-//! `--hash blake3`: announced in the offer or manifest, verified by the receiver with that
+//! `--hash blake3`: announced in the manifest, verified by the receiver with that
 //! algorithm, cached apart from SHA-256 digests.
 
 use std::fs;
 
-use xfer::protocol::{self, Digest, HashAlg, Message, Offer, Verdict};
+use xfer::protocol::{Answer, Digest, Entry, EntryKind, FileVerdict, HashAlg, Message, Verdict};
 
-use crate::util::{RawPeer, Receiver, random_bytes, send, sha256, source_file};
+use crate::util::{RawPeer, Receiver, file_entry, is_accept, random_bytes, send, sha256, source_file};
 
 fn blake3(data: &[u8]) -> Digest {
     Digest(*::blake3::hash(data).as_bytes())
@@ -37,19 +37,21 @@ fn the_receiver_verifies_with_the_announced_algorithm() {
         ("wrong", HashAlg::Blake3, sha256(data), false),
     ] {
         let mut p = RawPeer::greet(rx.addr);
-        let offer = Offer {
-            name: name.into(),
-            size: data.len() as u64,
-            hash: alg,
-            digest: Some(digest),
-            tag: [0; 16],
-        };
-        protocol::write_message(&mut p.stream, &Message::Offer(offer)).unwrap();
-        assert!(matches!(p.read().unwrap(), Message::Reply(protocol::Reply::Accept { offset: 0 })));
+        let size = data.len() as u64;
+        let entry =
+            Entry { kind: EntryKind::File { size, hash: alg, tag: [0; 16] }, ..file_entry(&[name], size) };
+        p.manifest(vec![entry]);
+        assert!(is_accept(&p.read().unwrap()));
+        p.digests(0, vec![Some(digest)]);
+        assert_eq!(p.answer(), Answer::Send { offset: 0 });
+        p.body(0);
         p.data(data);
         match (p.read().unwrap(), ok) {
-            (Message::Verdict(Verdict::Verified { .. }), true) => {}
-            (Message::Verdict(Verdict::HashMismatch { actual, .. }), false) => {
+            (Message::FileVerdict(FileVerdict { verdict: Verdict::Verified { .. }, .. }), true) => {}
+            (
+                Message::FileVerdict(FileVerdict { verdict: Verdict::HashMismatch { actual, .. }, .. }),
+                false,
+            ) => {
                 assert_eq!(actual, blake3(data))
             }
             (other, _) => panic!("{name}: unexpected {other:?}"),

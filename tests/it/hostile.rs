@@ -4,9 +4,9 @@
 
 use std::net::Shutdown;
 
-use xfer::protocol::{Message, RejectCode, Reply, Verdict, hello};
+use xfer::protocol::{self, Answer, Body, FileVerdict, Message, Reject, RejectCode, Verdict, hello};
 
-use crate::util::{RawPeer, Receiver, random_bytes, send, sha256, source_file};
+use crate::util::{RawPeer, Receiver, file_entry, is_accept, random_bytes, send, sha256, source_file};
 
 /// After an attack: the folder is empty again and an honest sender still gets through.
 pub(crate) fn still_serves(rx: &Receiver, round: usize) {
@@ -19,21 +19,50 @@ pub(crate) fn still_serves(rx: &Receiver, round: usize) {
     std::fs::remove_file(rx.dir.join(&name)).unwrap();
 }
 
+/// Offers one file as the real sender does and checks the manifest is accepted and the file
+/// answered "send it all".
+fn offer_accepted(p: &mut RawPeer, name: &str, size: u64, digest: xfer::protocol::Digest) {
+    let first = p.offer(name, size, digest);
+    assert!(is_accept(&first), "{name}: expected the manifest's acceptance, got {first:?}");
+    assert_eq!(p.answer(), Answer::Send { offset: 0 }, "{name}");
+    p.body(0);
+}
+
+/// Reads the verdict on the transfer's only file.
+fn verdict(p: &mut RawPeer) -> Verdict {
+    match p.read().unwrap() {
+        Message::FileVerdict(FileVerdict { index: 0, verdict }) => verdict,
+        other => panic!("expected the file's verdict, got {other:?}"),
+    }
+}
+
 #[test]
 fn hostile_names_are_rejected_with_a_reason() {
     let rx = Receiver::start(&["--quiet"]);
     let long = "x".repeat(10 * 1024);
     let names = ["../x", "/etc/x", "a/b", "..", ".", "", "C:\\x", "\\\\srv\\x", "a\0b", "a\x1b[2Jb", &long];
     for (i, name) in names.iter().enumerate() {
+        // The long name is shown by its start only: a failure message stays readable.
+        let shown = if name.len() > 40 {
+            format!("{:?}... ({} bytes)", &name[..40], name.len())
+        } else {
+            format!("{name:?}")
+        };
         let mut p = RawPeer::greet(rx.addr);
-        p.offer(name, 4, sha256(b"evil"));
-        match p.read().unwrap() {
-            Message::Reply(Reply::Reject { code: RejectCode::InvalidName, reason }) => {
-                assert!(reason.starts_with("name "), "{name:?}: reason {reason:?}");
+        match p.offer(name, 4, sha256(b"evil")) {
+            Message::Reject(Reject { code: RejectCode::InvalidName, reason }) => {
+                // The rule it broke, whatever the name's length.
+                let rule = reason.find("\": component 1 is refused: name ");
+                let tail = &reason[reason.len().saturating_sub(100)..];
+                assert!(reason.starts_with("manifest refused: \""), "{shown}: reason ends {tail:?}");
+                assert!(rule.is_some(), "{shown}: the reason does not say the rule; it ends {tail:?}");
             }
-            other => panic!("{name:?}: expected an InvalidName rejection, got {other:?}"),
+            other => panic!("{shown}: expected an InvalidName rejection, got {other:?}"),
         }
         // Sending a body anyway must not create anything either.
+        let mut body = Vec::new();
+        protocol::write_message(&mut body, &Message::Body(Body { index: 0 })).unwrap();
+        p.send_raw(&body);
         p.data(b"evil");
         assert!(p.closed_by_peer(), "{name:?}: receiver kept the connection open");
         still_serves(&rx, i);
@@ -58,11 +87,10 @@ fn four_gib_frame_is_refused_without_allocating() {
 fn four_gib_data_frame_in_the_body_is_refused() {
     let rx = Receiver::start(&["--quiet"]);
     let mut p = RawPeer::greet(rx.addr);
-    p.offer("body", 10, sha256(&[0; 10]));
-    assert_eq!(p.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
+    offer_accepted(&mut p, "body", 10, sha256(&[0; 10]));
     p.send_raw(&[0xff, 0xff, 0xff, 0xff, 0x02]);
-    match p.read().unwrap() {
-        Message::Verdict(Verdict::Failed { reason }) => {
+    match verdict(&mut p) {
+        Verdict::Failed { reason } => {
             assert!(reason.contains("exceeds the data limit"), "{reason}")
         }
         other => panic!("expected a failed verdict, got {other:?}"),
@@ -75,17 +103,21 @@ fn truncated_body_then_close_is_a_size_mismatch_and_kept_for_resume() {
     let rx = Receiver::start(&["--quiet"]);
     let data = random_bytes(1000, 1);
     let mut p = RawPeer::greet(rx.addr);
-    p.offer("short", 1000, sha256(&data));
-    assert_eq!(p.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
+    offer_accepted(&mut p, "short", 1000, sha256(&data));
     p.data(&data[..500]);
     p.stream.shutdown(Shutdown::Write).unwrap();
-    assert_eq!(p.read().unwrap(), Message::Verdict(Verdict::SizeMismatch { expected: 1000, received: 500 }));
+    assert_eq!(verdict(&mut p), Verdict::SizeMismatch { expected: 1000, received: 500 });
     rx.wait_log("closed early");
     // No final name; the 500 bytes wait, hidden, for the rest.
     assert_eq!(rx.assert_files_and_partial(&[], "short"), 500);
-    let (_src, path) = source_file("short", &data);
-    let run = send(&path, &rx.target(), &[]).expect(0);
-    assert!(run.stdout().contains("resumed at 500 bytes"), "{}", run.report());
+    // The same sender again (its version tag matches the record): only the rest is asked for.
+    let mut p = RawPeer::greet(rx.addr);
+    assert!(is_accept(&p.offer("short", 1000, sha256(&data))));
+    assert_eq!(p.answer(), Answer::Send { offset: 500 });
+    p.body(0);
+    p.data(&data[500..]);
+    assert_eq!(verdict(&mut p), Verdict::Verified { name: "short".into() });
+    rx.wait_log("(resumed at 500 bytes)");
     rx.assert_files(&["short"]);
     assert!(std::fs::read(rx.dir.join("short")).unwrap() == data);
 }
@@ -95,8 +127,7 @@ fn truncated_body_then_reset_leaves_no_final_name() {
     let rx = Receiver::start(&["--quiet"]);
     let data = random_bytes(4 << 20, 1);
     let mut p = RawPeer::greet(rx.addr);
-    p.offer("cut", 4 << 20, sha256(&data));
-    assert_eq!(p.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
+    offer_accepted(&mut p, "cut", 4 << 20, sha256(&data));
     p.data(&data[..1 << 20]);
     // SO_LINGER 0: close sends a reset, not an orderly end of stream.
     rustix::net::sockopt::set_socket_linger(&p.stream, Some(std::time::Duration::ZERO)).unwrap();
@@ -104,18 +135,26 @@ fn truncated_body_then_reset_leaves_no_final_name() {
     rx.wait_log("\"cut\"");
     // A reset may discard what was still queued unread, so the partial holds up to 1 MiB, or
     // nothing at all (then it is removed); never a final name.
-    let stem = xfer::partial::stem_for("cut");
+    let stem = xfer::store::stem_for("cut");
     let part = rx.dir.join(format!("{stem}.part"));
-    match std::fs::metadata(&part) {
+    let kept = match std::fs::metadata(&part) {
         Ok(m) => {
             assert!(m.len() <= 1 << 20, "kept {} bytes of 1 MiB sent", m.len());
-            rx.assert_files_and_partial(&[], "cut");
+            rx.assert_files_and_partial(&[], "cut")
         }
-        Err(_) => rx.assert_files(&[]),
-    }
-    // Resending completes from what was kept.
-    let (_src, path) = source_file("cut", &data);
-    send(&path, &rx.target(), &[]).expect(0);
+        Err(_) => {
+            rx.assert_files(&[]);
+            0
+        }
+    };
+    // Resending (the same sender: its version tag matches the record) completes from what was
+    // kept.
+    let mut p = RawPeer::greet(rx.addr);
+    assert!(is_accept(&p.offer("cut", 4 << 20, sha256(&data))));
+    assert_eq!(p.answer(), Answer::Send { offset: kept });
+    p.body(0);
+    p.data(&data[kept as usize..]);
+    assert_eq!(verdict(&mut p), Verdict::Verified { name: "cut".into() });
     rx.assert_files(&["cut"]);
     assert!(std::fs::read(rx.dir.join("cut")).unwrap() == data);
 }
@@ -125,11 +164,10 @@ fn body_longer_than_offered_is_refused() {
     let rx = Receiver::start(&["--quiet"]);
     let data = random_bytes(20, 2);
     let mut p = RawPeer::greet(rx.addr);
-    p.offer("long", 10, sha256(&data[..10]));
-    assert_eq!(p.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
+    offer_accepted(&mut p, "long", 10, sha256(&data[..10]));
     p.data(&data);
-    assert_eq!(p.read().unwrap(), Message::Verdict(Verdict::SizeMismatch { expected: 10, received: 20 }));
-    rx.wait_log("body longer than offered");
+    assert_eq!(verdict(&mut p), Verdict::SizeMismatch { expected: 10, received: 20 });
+    rx.wait_log("body longer than listed");
     still_serves(&rx, 0);
 }
 
@@ -138,11 +176,10 @@ fn wrong_digest_is_a_hash_mismatch() {
     let rx = Receiver::start(&["--quiet"]);
     let data = random_bytes(5000, 3);
     let mut p = RawPeer::greet(rx.addr);
-    p.offer("forged", 5000, sha256(b"something else"));
-    assert_eq!(p.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
+    offer_accepted(&mut p, "forged", 5000, sha256(b"something else"));
     p.data(&data);
     let want = Verdict::HashMismatch { expected: sha256(b"something else"), actual: sha256(&data) };
-    assert_eq!(p.read().unwrap(), Message::Verdict(want));
+    assert_eq!(verdict(&mut p), want);
     rx.wait_log("content hashed to");
     still_serves(&rx, 0);
 }
@@ -151,10 +188,14 @@ fn wrong_digest_is_a_hash_mismatch() {
 fn message_in_place_of_data_is_refused() {
     let rx = Receiver::start(&["--quiet"]);
     let mut p = RawPeer::greet(rx.addr);
-    p.offer("mixed", 10, sha256(&[0; 10]));
-    assert_eq!(p.read().unwrap(), Message::Reply(Reply::Accept { offset: 0 }));
-    p.offer("again", 10, sha256(&[0; 10]));
-    assert!(matches!(p.read().unwrap(), Message::Verdict(Verdict::Failed { .. })));
+    offer_accepted(&mut p, "mixed", 10, sha256(&[0; 10]));
+    p.manifest(vec![file_entry(&["again"], 10)]);
+    match verdict(&mut p) {
+        Verdict::Failed { reason } => {
+            assert!(reason.contains("expected a data frame, got a message frame"), "{reason}")
+        }
+        other => panic!("expected a failed verdict, got {other:?}"),
+    }
     still_serves(&rx, 0);
 }
 
@@ -188,9 +229,9 @@ fn wrong_version_names_both_versions() {
 fn file_larger_than_free_space_is_refused_before_the_body() {
     let rx = Receiver::start(&["--quiet"]);
     let mut p = RawPeer::greet(rx.addr);
-    p.offer("huge", u64::MAX / 2, sha256(b""));
-    match p.read().unwrap() {
-        Message::Reply(Reply::Reject { code: RejectCode::InsufficientSpace, reason }) => {
+    // 512 TiB: more than any disk here, within the 2^50-byte limit of a transfer.
+    match p.offer("huge", 1 << 49, sha256(b"")) {
+        Message::Reject(Reject { code: RejectCode::InsufficientSpace, reason }) => {
             assert!(reason.contains("free"), "{reason}");
         }
         other => panic!("expected an InsufficientSpace rejection, got {other:?}"),
@@ -217,23 +258,30 @@ fn offer_naming_a_huge_existing_file_is_answered_quickly() {
     big.set_len(8 << 30).unwrap();
     let mut p = RawPeer::greet(rx.addr);
     let start = std::time::Instant::now();
-    p.offer("big.img", 8 << 30, sha256(b"not the content"));
-    let reply = p.read().unwrap();
-    assert!(start.elapsed() < std::time::Duration::from_secs(5), "reply took {:?}", start.elapsed());
-    assert!(!matches!(reply, Message::Reply(Reply::AlreadyHave { .. })), "{reply:?}");
+    assert!(is_accept(&p.offer("big.img", 8 << 30, sha256(b"not the content"))));
+    let answer = p.answer();
+    assert!(start.elapsed() < std::time::Duration::from_secs(5), "answer took {:?}", start.elapsed());
+    assert!(!matches!(answer, Answer::Have { .. }), "{answer:?}");
 }
 
 #[test]
 fn symlinks_planted_at_partial_names_are_not_followed() {
     let rx = Receiver::start(&["--quiet"]);
-    let stem = xfer::partial::stem_for("victim");
+    let stem = xfer::store::stem_for("victim");
     let outside = rx.root.path().join("outside");
     for suffix in [".part", ".meta"] {
         let link = rx.dir.join(format!("{stem}{suffix}"));
         std::os::unix::fs::symlink(&outside, &link).unwrap();
         let (_src, path) = source_file("victim", b"payload");
         let run = send(&path, &rx.target(), &[]).expect(1);
-        assert!(run.stderr().contains("partial"), "{}", run.report());
+        // O_NOFOLLOW refused the link (ELOOP), and the receiver said so.
+        let err = run.stderr();
+        assert!(
+            err.starts_with("xfer: error: receiver failed to store the file: victim: "),
+            "{}",
+            run.report()
+        );
+        assert!(err.contains("symbolic links"), "{}", run.report());
         assert!(!outside.exists(), "wrote through a symlink planted at {suffix}");
         assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
         std::fs::remove_file(&link).unwrap();

@@ -1,13 +1,18 @@
 //! The sender facing a hostile receiver (scp's CVE-2019-6111 was a client trusting its server):
 //! offsets past the end, oversized frames, answers and verdicts it never asked for, names full of
 //! escapes. Each time the sender stops with a protocol error (exit 7) or prints the receiver's
-//! words escaped, and it never writes anything.
+//! words escaped, and it never writes anything. Also the fake receivers' half of the v4
+//! conversation, used by other tests that need a receiver saying what a real one would not.
 
+use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use xfer::protocol::{self, Answer, AnswersPart, FileVerdict, Message, Reply, Verdict};
+use xfer::protocol::{
+    self, Answer, AnswersPart, Digest, Entry, EntryKind, FileVerdict, FrameKind, ManifestPart, Message,
+    Verdict,
+};
 
 use crate::util::{random_bytes, send, source_file};
 
@@ -29,15 +34,87 @@ fn fake(script: impl FnOnce(&mut TcpStream, Message) + Send + 'static) -> (Strin
     (addr, handle)
 }
 
-fn say(s: &mut TcpStream, m: Message) {
+pub(crate) fn say(s: &mut TcpStream, m: Message) {
     let _ = protocol::write_message(s, &m);
+}
+
+/// The receiver's acceptance of a manifest: an empty answers part.
+pub(crate) fn acceptance() -> Message {
+    Message::Answers(AnswersPart { answers: vec![], last: false })
+}
+
+/// Reads the sender's manifest (which must come in one part) and accepts it.
+pub(crate) fn accept_manifest(s: &mut TcpStream) -> Vec<Entry> {
+    match protocol::read_message(s).unwrap() {
+        Message::Manifest(ManifestPart { entries, last: true }) => {
+            say(s, acceptance());
+            entries
+        }
+        other => panic!("expected a one-part manifest, got {other:?}"),
+    }
+}
+
+/// The size of a file entry.
+pub(crate) fn size_of(e: &Entry) -> u64 {
+    match e.kind {
+        EntryKind::File { size, .. } => size,
+        EntryKind::Dir => panic!("{:?} is a folder", e.path),
+    }
+}
+
+/// Reads the sender's digests parts (keepalives included) until one carries a digest.
+pub(crate) fn read_digest(s: &mut TcpStream) -> Option<Digest> {
+    loop {
+        match protocol::read_message(s).unwrap() {
+            Message::Digests(part) if part.digests.is_empty() => continue,
+            Message::Digests(part) => return part.digests[0],
+            other => panic!("expected digests, got {other:?}"),
+        }
+    }
+}
+
+/// Reads what the sender says about the one file answered `Send { offset: 0 }` until its body
+/// of `size` bytes is in: digests parts (before or after the body), `Body`, data frames, each of
+/// which is passed to `frame`. Returns the digests sent so far (none if it is still to come).
+pub(crate) fn read_body(s: &mut TcpStream, size: u64, mut frame: impl FnMut(&[u8])) -> Vec<Option<Digest>> {
+    let (mut got, mut announced, mut digests) = (0u64, false, Vec::new());
+    let mut buf = Vec::new();
+    while got < size || !announced {
+        let h = protocol::read_frame_header(s).unwrap();
+        buf.resize(h.len as usize, 0);
+        s.read_exact(&mut buf).unwrap();
+        match h.kind {
+            FrameKind::Data => {
+                assert!(announced, "a data frame before the body was announced");
+                got += u64::from(h.len);
+                frame(&buf);
+            }
+            FrameKind::Message => match protocol::decode_message(&buf).unwrap() {
+                Message::Digests(part) => digests.extend(part.digests),
+                Message::Body(b) if !announced && b.index == 0 => announced = true,
+                other => panic!("expected digests, the body or its data, got {other:?}"),
+            },
+        }
+    }
+    assert_eq!(got, size, "the body ran past the file's size");
+    digests
+}
+
+/// Reads until the sender closes the connection, so that what was said last is read before the
+/// connection goes (a close with unread data would reset it).
+pub(crate) fn until_closed(s: &mut TcpStream) {
+    let mut buf = [0u8; 64 * 1024];
+    while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
 }
 
 #[test]
 fn an_offset_past_the_end_is_refused() {
     for offset in [100_001, u64::MAX] {
         let (_src, path) = source_file("f.bin", &random_bytes(100_000, 1));
-        let (addr, fake) = fake(move |s, _| say(s, Message::Reply(Reply::Accept { offset })));
+        let (addr, fake) = fake(move |s, _| {
+            say(s, acceptance());
+            say(s, Message::Answers(AnswersPart { answers: vec![Answer::Send { offset }], last: true }));
+        });
         let run = send(&path, &addr, &["--quiet"]).expect(7);
         assert!(
             run.stderr().contains(&format!("resume at byte {offset} of a 100000-byte file")),
@@ -66,17 +143,13 @@ fn a_stored_name_full_of_escapes_is_printed_inert() {
     let data = random_bytes(3000, 2);
     let (_src, path) = source_file("f.bin", &data);
     let (addr, fake) = fake(move |s, _| {
-        say(s, Message::Reply(Reply::Accept { offset: 0 }));
-        let mut left = 3000u64;
-        while left > 0 {
-            let h = protocol::read_frame_header(s).unwrap();
-            let mut buf = vec![0; h.len as usize];
-            std::io::Read::read_exact(s, &mut buf).unwrap();
-            left = left.saturating_sub(h.len.into());
-        }
-        // A verdict may come before or after a trailer; the sender reads it either way.
+        say(s, acceptance());
+        say(s, Message::Answers(AnswersPart { answers: vec![Answer::Send { offset: 0 }], last: true }));
+        // A verdict may come before or after the file's digest; the sender reads it either way.
+        read_body(s, 3000, |_| {});
         let name = "../../.ssh/authorized_keys\x1b]0;owned\x07\x1b[2J\u{202e}gpj.exe".to_string();
-        say(s, Message::Verdict(Verdict::Verified { name }));
+        say(s, Message::FileVerdict(FileVerdict { index: 0, verdict: Verdict::Verified { name } }));
+        until_closed(s);
     });
     let run = send(&path, &addr, &[]);
     let out = format!("{}{}", run.stdout(), run.stderr());
@@ -88,27 +161,106 @@ fn a_stored_name_full_of_escapes_is_printed_inert() {
 }
 
 #[test]
+fn a_send_answered_before_its_digest_is_sent_and_its_digest_follows_the_body() {
+    // Answering Send before a file's digest came is legal: the sender sends the body at once,
+    // and the digest by the end of it at the latest. `a` is large (256 MiB, sparse), so it is
+    // still being hashed when its answer comes.
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("t");
+    std::fs::create_dir(&tree).unwrap();
+    std::fs::File::create(tree.join("a")).unwrap().set_len(256 << 20).unwrap();
+    std::fs::write(tree.join("b"), b"bee").unwrap();
+    let (addr, fake) = fake(move |s, first| {
+        let Message::Manifest(part) = first else { panic!("expected a manifest, got {first:?}") };
+        let paths: Vec<String> = part.entries.iter().map(|e| e.path.join("/")).collect();
+        assert_eq!(paths, ["t", "t/a", "t/b"]);
+        say(s, acceptance());
+        let answers =
+            vec![Answer::Have { name: "t".into() }, Answer::Send { offset: 0 }, Answer::Send { offset: 0 }];
+        say(s, Message::Answers(AnswersPart { answers, last: true }));
+        // Everything up to the end of b's body, in order: digests may come anywhere between
+        // bodies, and both must be in by the end of b's body (each by the end of its own).
+        let mut digests = Vec::new();
+        let (mut body, mut left) = (0u32, 0u64);
+        while body < 2 || left > 0 {
+            let h = protocol::read_frame_header(s).unwrap();
+            let mut buf = vec![0; h.len as usize];
+            s.read_exact(&mut buf).unwrap();
+            if h.kind == FrameKind::Data {
+                assert!(left >= u64::from(h.len), "data past the end of a body");
+                left -= u64::from(h.len);
+                continue;
+            }
+            assert_eq!(left, 0, "a message inside a body");
+            match protocol::decode_message(&buf).unwrap() {
+                Message::Digests(part) => {
+                    assert_eq!(part.first as usize, digests.len());
+                    digests.extend(part.digests);
+                }
+                Message::Body(b) => {
+                    // Only digests may come between a body's end and its digest.
+                    assert!(
+                        digests.len() >= body as usize,
+                        "body {} began before body {body}'s digest",
+                        body + 1
+                    );
+                    body += 1;
+                    assert_eq!(b.index, body, "bodies in manifest order");
+                    left = if body == 1 { 256 << 20 } else { 3 };
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // b's digest may follow its body right away.
+        while digests.len() < 2 {
+            match protocol::read_message(s).unwrap() {
+                Message::Digests(part) => digests.extend(part.digests),
+                other => panic!("expected b's digest after its body, got {other:?}"),
+            }
+        }
+        let zeros = {
+            use sha2::Digest as _;
+            let mut h = sha2::Sha256::new();
+            let mib = vec![0u8; 1 << 20];
+            (0..256).for_each(|_| h.update(&mib));
+            Digest(h.finalize().into())
+        };
+        assert_eq!(digests, [Some(zeros), Some(crate::util::sha256(b"bee"))]);
+        for (index, name) in [(1, "a"), (2, "b")] {
+            let verdict = Verdict::Verified { name: name.into() };
+            say(s, Message::FileVerdict(FileVerdict { index, verdict }));
+        }
+        until_closed(s);
+    });
+    let run = send(&tree, &addr, &["--quiet", "--no-cache"]).expect(0);
+    assert!(run.stdout().contains("2 verified, 1 already there, 0 failed"), "{}", run.report());
+    fake.join().unwrap();
+}
+
+#[test]
 fn a_batch_receiver_that_answers_what_it_was_not_asked_is_a_protocol_error() {
     type Script = fn(&mut TcpStream, usize);
     // (what the sender must say, whether `a` is large (256 MiB, sparse), the receiver's script)
     let cases: [(&str, bool, Script); 4] = [
         ("more answers than the", false, |s, n| {
-            say(s, Message::Answers(AnswersPart { answers: vec![], last: false }));
+            say(s, acceptance());
             let _ = protocol::read_message(s);
             let answers = vec![Answer::Have { name: "x".into() }; n + 1];
             say(s, Message::Answers(AnswersPart { answers, last: true }));
         }),
-        ("offset lies past its file's end", false, |s, n| {
-            say(s, Message::Answers(AnswersPart { answers: vec![], last: false }));
+        ("receiver asked to resume at byte 18446744073709551615 of a 1-byte file", false, |s, n| {
+            say(s, acceptance());
             // Wait for the digests, so only the offset is wrong.
             let _ = protocol::read_message(s);
             let mut answers = vec![Answer::Have { name: "x".into() }; n];
             answers[n - 1] = Answer::Send { offset: u64::MAX };
             say(s, Message::Answers(AnswersPart { answers, last: true }));
         }),
-        // Answers right behind the acceptance, while the sender is still hashing the large `a`.
+        // "Have" right behind the acceptance, while the sender is still hashing the large `a`:
+        // only a receiver that has the digest can know it has the content. (A Send before the
+        // digest is legal, see above.)
         ("before its digest was sent", true, |s, n| {
-            say(s, Message::Answers(AnswersPart { answers: vec![], last: false }));
+            say(s, acceptance());
             say(
                 s,
                 Message::Answers(AnswersPart {
@@ -118,7 +270,7 @@ fn a_batch_receiver_that_answers_what_it_was_not_asked_is_a_protocol_error() {
             );
         }),
         ("which was not sent", false, |s, _| {
-            say(s, Message::Answers(AnswersPart { answers: vec![], last: false }));
+            say(s, acceptance());
             let verdict = Verdict::Verified { name: "x".into() };
             say(s, Message::FileVerdict(FileVerdict { index: 0, verdict }));
         }),

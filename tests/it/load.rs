@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::util::{Receiver, random_bytes, send, source_file};
-use xfer::protocol::{Message, RejectCode, Reply};
+use xfer::protocol::{Message, Reject, RejectCode};
 
 /// Open descriptors and peak resident memory (KiB) of a process, from /proc.
 fn fds_and_peak_rss(pid: u32) -> (usize, u64) {
@@ -162,7 +162,7 @@ fn connections_past_the_limits_are_told_busy_not_just_closed() {
 fn protocol_hello_then_busy(raw: &mut crate::util::RawPeer) {
     xfer::protocol::read_hello(&mut raw.stream).unwrap();
     match raw.read() {
-        Ok(Message::Reply(Reply::Reject { code: RejectCode::Busy, reason })) => {
+        Ok(Message::Reject(Reject { code: RejectCode::Busy, reason })) => {
             assert!(reason.contains("connections open"), "{reason}")
         }
         other => panic!("expected Reject {{ Busy }}, got {other:?}"),

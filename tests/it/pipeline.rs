@@ -1,5 +1,6 @@
 //! Hashing overlaps sending: the manifest goes out before any digest, digests follow as files are
-//! hashed, and the receiver answers and stores each file without waiting for the rest.
+//! hashed, and the receiver answers and stores each file without waiting for the rest: at once
+//! when nothing on its disk could match the file, otherwise as soon as its digest comes.
 
 use std::fs;
 use std::process::{Command, Stdio};
@@ -16,7 +17,7 @@ use crate::util::{BIN, RawPeer, Receiver, random_bytes, sha256, test_cache_home}
 fn file(name: &str, size: u64) -> Entry {
     Entry {
         path: vec![name.into()],
-        kind: EntryKind::File { size, hash: HashAlg::Sha256 },
+        kind: EntryKind::File { size, hash: HashAlg::Sha256, tag: [0; 16] },
         mode: 0o644,
         mtime: (0, 0),
     }
@@ -53,6 +54,8 @@ fn verdict(p: &mut RawPeer) -> FileVerdict {
 #[test]
 fn a_file_is_answered_stored_and_acknowledged_before_later_digests_exist() {
     let rx = Receiver::start(&["--quiet"]);
+    // A file of z's size is there, so z's answer waits for its digest; nothing could match `a`.
+    fs::write(rx.dir.join("z"), b"zzz?").unwrap();
     let mut p = accepted(&rx, vec![file("a", 3), file("z", 4)]);
     // Only the first digest: the receiver answers that file alone and takes its body.
     say(&mut p, Message::Digests(DigestsPart { first: 0, digests: vec![Some(sha256(b"abc"))] }));
@@ -78,13 +81,18 @@ fn a_file_is_answered_stored_and_acknowledged_before_later_digests_exist() {
     }
     assert!(p.closed_by_peer());
     rx.wait_log("1 received, 0 already there, 1 failed");
+    assert_eq!(fs::read(rx.dir.join("z")).unwrap(), b"zzz?");
     fs::remove_file(rx.dir.join("a")).unwrap();
+    fs::remove_file(rx.dir.join("z")).unwrap();
     still_serves(&rx, 0);
 }
 
 #[test]
 fn a_file_the_sender_could_not_hash_is_refused_and_the_rest_goes_on() {
     let rx = Receiver::start(&["--quiet"]);
+    // Not answered yet when its missing digest comes (a file of its size is there, so its answer
+    // waits for the digest): refused, and the next file is answered and stored.
+    fs::write(rx.dir.join("bad"), b"other").unwrap();
     let mut p = accepted(&rx, vec![file("bad", 5), file("good", 2)]);
     say(&mut p, Message::Digests(DigestsPart { first: 0, digests: vec![None, Some(sha256(b"ok"))] }));
     let got = answers(&mut p);
@@ -93,7 +101,21 @@ fn a_file_the_sender_could_not_hash_is_refused_and_the_rest_goes_on() {
     p.data(b"ok");
     let v = verdict(&mut p);
     assert_eq!((v.index, v.verdict), (1, Verdict::Verified { name: "good".into() }));
-    rx.assert_files(&["good"]);
+    rx.assert_files(&["bad", "good"]);
+    assert_eq!(fs::read(rx.dir.join("bad")).unwrap(), b"other");
+    // Already answered "send" when its missing digest comes (nothing could match it): the
+    // sender withdraws it, it fails alone, and the next file is stored.
+    let mut p = accepted(&rx, vec![file("bad2", 5), file("good2", 2)]);
+    assert_eq!(answers(&mut p), vec![Answer::Send { offset: 0 }, Answer::Send { offset: 0 }]);
+    say(&mut p, Message::Digests(DigestsPart { first: 0, digests: vec![None, Some(sha256(b"ok"))] }));
+    say(&mut p, Message::Withdraw(Withdraw { index: 0, reason: "cannot read bad2".into() }));
+    let v = verdict(&mut p);
+    assert!(matches!(&v.verdict, Verdict::Failed { .. }) && v.index == 0, "{v:?}");
+    say(&mut p, Message::Body(Body { index: 1 }));
+    p.data(b"ok");
+    let v = verdict(&mut p);
+    assert_eq!((v.index, v.verdict), (1, Verdict::Verified { name: "good2".into() }));
+    rx.assert_files(&["bad", "good", "good2"]);
 }
 
 #[test]
@@ -109,14 +131,25 @@ fn digests_and_bodies_out_of_step_are_protocol_errors() {
     say(&mut p, Message::Digests(DigestsPart { first: 0, digests: vec![Some(sha256(b"abc")); 2] }));
     assert!(p.closed_by_peer());
     rx.wait_log("digests for files 0..2 when 0 of 1 are known");
-    // A body for a file that was not answered Send (or not yet answered at all).
+    // A body for a file that is not the next one due (both were answered at once: nothing
+    // could match them).
     let mut p = accepted(&rx, vec![file("a", 3), file("b", 3)]);
     say(&mut p, Message::Digests(DigestsPart { first: 0, digests: vec![Some(sha256(b"abc"))] }));
-    assert_eq!(answers(&mut p), vec![Answer::Send { offset: 0 }]);
+    assert_eq!(answers(&mut p), vec![Answer::Send { offset: 0 }, Answer::Send { offset: 0 }]);
     say(&mut p, Message::Body(Body { index: 1 }));
     p.data(b"abc");
     assert!(p.closed_by_peer());
     rx.wait_log("body of entry 1 when entry 0 is due");
+    // A body for a file not answered at all yet (a file of its size is there, so its answer
+    // waits for its digest).
+    fs::write(rx.dir.join("a"), b"aaa").unwrap();
+    let mut p = accepted(&rx, vec![file("a", 3)]);
+    say(&mut p, Message::Body(Body { index: 0 }));
+    p.data(b"abc");
+    assert!(p.closed_by_peer());
+    rx.wait_log("body of entry 0 when entry none is due");
+    assert_eq!(fs::read(rx.dir.join("a")).unwrap(), b"aaa");
+    fs::remove_file(rx.dir.join("a")).unwrap();
     still_serves(&rx, 0);
 }
 
@@ -137,15 +170,21 @@ fn spawn_send(paths: &[&std::path::Path], to: &str) -> std::process::Child {
 #[test]
 fn the_first_file_is_stored_while_a_later_one_is_still_being_hashed() {
     // `a` is tiny; `z` is large enough that hashing it takes over a second (SHA-256 runs at
-    // 0.3-1.6 GB/s here), so the sender is still hashing `z` when `a` is answered and sent, and
-    // its keepalive makes the receiver acknowledge `a`. Hashing everything first would store
-    // `a` only after `z`'s body, in the same group.
+    // 0.3-1.6 GB/s here). The receiver holds a file of z's size at z's path, so z's answer waits
+    // for its digest (a file answered at once would have its body sent while it is hashed).
+    // Meanwhile `a` is answered and sent, and the sender's keepalive while it hashes z makes the
+    // receiver acknowledge `a`. Hashing everything first would store `a` only once `z` is
+    // hashed.
     let src = tempfile::tempdir().unwrap();
     let dir = src.path().join("batch");
     fs::create_dir(&dir).unwrap();
     fs::write(dir.join("a"), b"first").unwrap();
     fs::File::create(dir.join("z")).unwrap().set_len(3 << 30).unwrap();
     let rx = Receiver::start(&["--quiet"]);
+    fs::create_dir(rx.dir.join("batch")).unwrap();
+    let there = rx.dir.join("batch/z");
+    fs::write(&there, b"another z").unwrap();
+    fs::File::options().write(true).open(&there).unwrap().set_len(3 << 30).unwrap();
     let mut child = spawn_send(&[&dir], &rx.target());
     let stored = rx.dir.join("batch/a");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -155,12 +194,37 @@ fn the_first_file_is_stored_while_a_later_one_is_still_being_hashed() {
         std::thread::sleep(Duration::from_millis(10));
     }
     // Nothing of `z` has arrived yet: its digest was not even known when `a` was acknowledged.
-    let largest =
-        fs::read_dir(rx.dir.join("batch")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).max();
-    assert_eq!(largest, Some(5), "z's body had started: {:?}", crate::util::list(&rx.dir.join("batch")));
+    assert_eq!(crate::util::list(&rx.dir.join("batch")), ["a", "z"], "z's body had started");
+    assert_eq!(fs::metadata(&there).unwrap().len(), 3 << 30);
     assert!(child.try_wait().unwrap().is_none(), "the sender is still busy with z");
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+#[test]
+fn a_large_body_does_not_hold_back_the_files_before_it() {
+    // `z` is answered at once (nothing at its path could match it), so its body goes out while it
+    // is hashed, and it fills a durability group (256 MiB) on its own: the receiver makes `a`
+    // durable and acknowledges it before z's body arrives, not after it in the same group.
+    let src = tempfile::tempdir().unwrap();
+    let dir = src.path().join("batch");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("a"), b"first").unwrap();
+    fs::File::create(dir.join("z")).unwrap().set_len(512 << 20).unwrap();
+    let rx = Receiver::start(&["--quiet"]);
+    let child = spawn_send(&[&dir], &rx.target());
+    let (stored, z) = (rx.dir.join("batch/a"), rx.dir.join("batch/z"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !stored.exists() {
+        assert!(Instant::now() < deadline, "a never stored; receiver: {}", rx.stderr());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!z.exists(), "a was held back until z had arrived");
+    let out = child.wait_with_output().unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{report}");
+    assert_eq!(fs::metadata(&z).unwrap().len(), 512 << 20);
+    assert_eq!(fs::read(&stored).unwrap(), b"first");
 }
 
 #[test]
@@ -199,7 +263,8 @@ fn a_file_that_keeps_changing_fails_alone() {
         "{report}"
     );
     assert!(stdout.contains("failed \"batch/2-busy\"") && stdout.contains("1 failed"), "{report}");
-    assert!(stderr.contains("2-busy changed while"), "{report}");
+    // Caught when it was listed, hashed or sent, whichever came first.
+    assert!(stderr.contains("2-busy changed ") && stderr.contains("send it again"), "{report}");
     rx.wait_log("1 failed");
     assert_eq!(fs::read(rx.dir.join("batch/1-first")).unwrap(), first);
     assert_eq!(fs::read(rx.dir.join("batch/3-last")).unwrap(), b"last");

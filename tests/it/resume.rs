@@ -198,7 +198,7 @@ fn old_partials_are_swept_and_fresh_ones_kept() {
     std::fs::create_dir_all(dir.join("sub/deeper")).unwrap();
     let week_ago = std::time::SystemTime::now() - Duration::from_secs(8 * 24 * 3600);
     for (name, old) in [("old.bin", true), ("fresh.bin", false)] {
-        let stem = xfer::partial::stem_for(name);
+        let stem = xfer::store::stem_for(name);
         for suffix in [".part", ".meta"] {
             let f = std::fs::File::create(dir.join(format!("{stem}{suffix}"))).unwrap();
             f.set_len(10).unwrap();
@@ -208,7 +208,7 @@ fn old_partials_are_swept_and_fresh_ones_kept() {
         }
     }
     // An old partial of a batch, in a subfolder.
-    let deep = dir.join("sub/deeper").join(format!("{}.part", xfer::partial::stem_for("deep.bin")));
+    let deep = dir.join("sub/deeper").join(format!("{}.part", xfer::store::stem_for("deep.bin")));
     std::fs::File::create(&deep).unwrap().set_modified(week_ago).unwrap();
     let rx = Receiver::start_in(root, dir, &[]);
     rx.wait_log("removed 2 partial file(s) older than --keep-partials");

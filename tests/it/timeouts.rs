@@ -61,8 +61,8 @@ fn once_exits_with_the_status_of_its_transfer() {
     assert!(rx.child.try_wait().unwrap().is_none(), "--once ended without a transfer\n{}", rx.stderr());
     // A refused offer is a transfer: exit 4.
     let mut p = RawPeer::greet(rx.addr);
-    p.offer("../escape", 1, crate::util::sha256(b"x"));
-    assert!(p.read().is_ok());
+    let refused = p.offer("../escape", 1, crate::util::sha256(b"x"));
+    assert!(matches!(refused, xfer::protocol::Message::Reject(_)), "{refused:?}");
     assert_eq!(rx.wait_exit(), 4, "{}", rx.stderr());
     // The exit can beat the last stderr bytes to the reader thread: wait for them.
     rx.wait_log("xfer: error: ");

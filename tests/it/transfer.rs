@@ -91,28 +91,24 @@ fn missing_dir_is_created() {
 
 #[test]
 fn chunk_size_sets_the_frame_sizes_on_the_wire() {
-    use std::io::Read;
-    use xfer::protocol::{self, FrameKind, Message, Reply, Verdict};
+    use crate::hostile_receiver::{accept_manifest, read_body, size_of, until_closed};
+    use xfer::protocol::{self, Answer, AnswersPart, FileVerdict, Message, Verdict};
     // A recording receiver: accepts, notes every data frame's length, verifies nothing.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let recorder = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
         protocol::write_hello(&mut s).unwrap();
         protocol::read_hello(&mut s).unwrap();
-        let Message::Offer(offer) = protocol::read_message(&mut s).unwrap() else { panic!("no offer") };
-        protocol::write_message(&mut s, &Message::Reply(Reply::Accept { offset: 0 })).unwrap();
-        let (mut lens, mut got) = (Vec::new(), 0u64);
-        while got < offer.size {
-            let h = protocol::read_frame_header(&mut s).unwrap();
-            assert_eq!(h.kind, FrameKind::Data);
-            let mut buf = vec![0; h.len as usize];
-            s.read_exact(&mut buf).unwrap();
-            lens.push(h.len);
-            got += u64::from(h.len);
-        }
-        let v = Verdict::Verified { name: offer.name };
-        protocol::write_message(&mut s, &Message::Verdict(v)).unwrap();
+        let entries = accept_manifest(&mut s);
+        let answers = vec![Answer::Send { offset: 0 }];
+        protocol::write_message(&mut s, &Message::Answers(AnswersPart { answers, last: true })).unwrap();
+        let mut lens = Vec::new();
+        read_body(&mut s, size_of(&entries[0]), |frame| lens.push(frame.len()));
+        let v = FileVerdict { index: 0, verdict: Verdict::Verified { name: entries[0].path.join("/") } };
+        protocol::write_message(&mut s, &Message::FileVerdict(v)).unwrap();
+        until_closed(&mut s);
         lens
     });
     let (_src, path) = source_file("framed", &random_bytes(2500, 4));

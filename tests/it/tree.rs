@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use xfer::protocol::{self, Entry, EntryKind, HashAlg, Message, RejectCode, Reply};
+use xfer::protocol::{self, Entry, EntryKind, HashAlg, Message, Reject, RejectCode};
 
 use crate::util::{RawPeer, Receiver, SmallDisk, random_bytes, send};
 
@@ -120,7 +120,7 @@ fn several_paths_and_skipped_entries() {
 fn file(path: &[&str], data: &[u8]) -> Entry {
     Entry {
         path: path.iter().map(|s| s.to_string()).collect(),
-        kind: EntryKind::File { size: data.len() as u64, hash: HashAlg::Sha256 },
+        kind: EntryKind::File { size: data.len() as u64, hash: HashAlg::Sha256, tag: [0; 16] },
         mode: 0o644,
         mtime: (0, 0),
     }
@@ -148,7 +148,7 @@ fn offer_manifest(rx: &Receiver, entries: Vec<Entry>) -> Message {
 
 fn assert_refused(msg: Message, code: RejectCode, needle: &str) {
     match msg {
-        Message::Reply(Reply::Reject { code: c, reason }) => {
+        Message::Reject(Reject { code: c, reason }) => {
             assert_eq!(c, code, "{reason}");
             assert!(reason.contains(needle), "reason {reason:?} lacks {needle:?}");
         }
@@ -159,25 +159,31 @@ fn assert_refused(msg: Message, code: RejectCode, needle: &str) {
 #[test]
 fn hostile_manifests_are_refused_before_any_write() {
     let rx = Receiver::start(&["--quiet"]);
-    let cases: Vec<(Vec<Entry>, &str)> = vec![
-        (vec![dir(&["a"]), file(&["a", "..", "b"], b"x")], "`.` or `..`"),
-        (vec![file(&["..", "etc", "passwd"], b"x")], "`.` or `..`"),
-        (vec![file(&["a/b"], b"x")], "path separator"),
-        (vec![file(&["ok"], b"x"), file(&["ok", "deeper"], b"y")], "below"),
-        (vec![file(&["x"], b"x"), dir(&["x"])], "same path"),
-        (vec![file(&["\u{c9}t\u{e9}.txt"], b"1"), file(&["E\u{301}te\u{301}.txt"], b"2")], "same path"),
-        (vec![file(&["Readme"], b"1"), file(&["README"], b"2")], "README"),
-        (vec![], "empty"),
+    // A bad name is refused as such; the other rules concern the manifest as a whole.
+    let (name, whole) = (RejectCode::InvalidName, RejectCode::InvalidManifest);
+    let cases: Vec<(Vec<Entry>, RejectCode, &str)> = vec![
+        (vec![dir(&["a"]), file(&["a", "..", "b"], b"x")], name, "`.` or `..`"),
+        (vec![file(&["..", "etc", "passwd"], b"x")], name, "`.` or `..`"),
+        (vec![file(&["a/b"], b"x")], name, "path separator"),
+        (vec![file(&["ok"], b"x"), file(&["ok", "deeper"], b"y")], whole, "below"),
+        (vec![file(&["x"], b"x"), dir(&["x"])], whole, "same path"),
+        (
+            vec![file(&["\u{c9}t\u{e9}.txt"], b"1"), file(&["E\u{301}te\u{301}.txt"], b"2")],
+            whole,
+            "same path",
+        ),
+        (vec![file(&["Readme"], b"1"), file(&["README"], b"2")], whole, "README"),
+        (vec![], whole, "empty"),
     ];
-    for (entries, needle) in cases {
+    for (entries, code, needle) in cases {
         let reply = offer_manifest(&rx, entries);
-        assert_refused(reply, RejectCode::InvalidManifest, needle);
+        assert_refused(reply, code, needle);
         rx.assert_files(&[]);
     }
     // A total beyond free space.
     let free = xfer::store::free_space(&rx.dir).unwrap();
     let mut huge = file(&["huge"], b"");
-    huge.kind = EntryKind::File { size: free + (1 << 30), hash: HashAlg::Sha256 };
+    huge.kind = EntryKind::File { size: free + (1 << 30), hash: HashAlg::Sha256, tag: [0; 16] };
     assert_refused(offer_manifest(&rx, vec![dir(&["t"]), huge]), RejectCode::InsufficientSpace, "free");
     rx.assert_files(&[]);
 }

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::Digest as _;
-use xfer::protocol::{self, Digest, HashAlg, Message, Offer};
+use xfer::protocol::{
+    self, Answer, AnswersPart, Body, Digest, DigestsPart, Entry, EntryKind, HashAlg, ManifestPart, Message,
+};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_xfer");
 
@@ -115,7 +117,7 @@ impl Receiver {
 
     /// The partial file kept for `name` (after an interruption), and its length.
     pub fn partial(&self, name: &str) -> (String, u64) {
-        let stem = xfer::partial::stem_for(name);
+        let stem = xfer::store::stem_for(name);
         let part = format!("{stem}.part");
         let len = std::fs::metadata(self.dir.join(&part)).map(|m| m.len()).unwrap_or_else(|e| {
             panic!("no partial for {name:?} ({part}): {e}; folder holds {:?}", self.files())
@@ -299,15 +301,42 @@ impl RawPeer {
         let _ = self.stream.write_all(bytes);
     }
 
-    pub fn offer(&mut self, name: &str, size: u64, digest: Digest) {
-        let msg = Message::Offer(Offer {
-            name: name.into(),
-            size,
-            hash: HashAlg::Sha256,
-            digest: Some(digest),
-            tag: [0; 16],
-        });
+    /// Sends a manifest of `entries` in one part.
+    pub fn manifest(&mut self, entries: Vec<Entry>) {
+        let msg = Message::Manifest(ManifestPart { entries, last: true });
         protocol::write_message(&mut self.stream, &msg).unwrap();
+    }
+
+    /// Offers one file as the real sender does (a manifest of one SHA-256 file entry, tag zero),
+    /// and returns the receiver's first word. If that is the acceptance (an empty answers part),
+    /// the file's digest is sent right after it; the answer for the file is then the next thing
+    /// to read (see [`RawPeer::answer`]).
+    pub fn offer(&mut self, name: &str, size: u64, digest: Digest) -> Message {
+        self.manifest(vec![file_entry(&[name], size)]);
+        let first = self.read().expect("the receiver's first word");
+        if is_accept(&first) {
+            self.digests(0, vec![Some(digest)]);
+        }
+        first
+    }
+
+    /// Sends a digests part.
+    pub fn digests(&mut self, first: u32, digests: Vec<Option<Digest>>) {
+        let msg = Message::Digests(DigestsPart { first, digests });
+        protocol::write_message(&mut self.stream, &msg).unwrap();
+    }
+
+    /// Reads the next message, which must be an answers part with exactly one answer.
+    pub fn answer(&mut self) -> Answer {
+        match self.read().expect("an answer") {
+            Message::Answers(AnswersPart { mut answers, .. }) if answers.len() == 1 => answers.remove(0),
+            other => panic!("expected one answer, got {other:?}"),
+        }
+    }
+
+    /// Announces the body of entry `index`.
+    pub fn body(&mut self, index: u32) {
+        protocol::write_message(&mut self.stream, &Message::Body(Body { index })).unwrap();
     }
 
     pub fn data(&mut self, bytes: &[u8]) {
@@ -330,6 +359,21 @@ impl RawPeer {
             }
         }
     }
+}
+
+/// A file entry for a manifest: SHA-256, mode 0644, tag zero.
+pub fn file_entry(path: &[&str], size: u64) -> Entry {
+    Entry {
+        path: path.iter().map(|c| c.to_string()).collect(),
+        kind: EntryKind::File { size, hash: HashAlg::Sha256, tag: [0; 16] },
+        mode: 0o644,
+        mtime: (1_600_000_000, 0),
+    }
+}
+
+/// True for the receiver's acceptance of a manifest: an empty answers part.
+pub fn is_accept(m: &Message) -> bool {
+    matches!(m, Message::Answers(AnswersPart { answers, last: false }) if answers.is_empty())
 }
 
 /// A small tmpfs mounted for one test, unmounted when dropped. Needs root (as CI has).

@@ -1,0 +1,225 @@
+//! One announced body on the receiver: received into its partial, checked against the file's
+//! digest (which may still be on its way: it is due by the end of the body), queued for its
+//! durable group; or failed alone with a verdict that says why. Also the end of a transfer's
+//! files: groups flushed and acknowledged, partials of a broken-off transfer cleaned up.
+
+use super::answer::Plan;
+use super::body::{BodyError, receive_body, skip_body};
+use super::conn::Seen;
+use super::durable::{GroupError, Pending};
+use super::transfer::Transfer;
+use crate::error::Error;
+use crate::hash::Hasher;
+use crate::protocol::{Digest, EntryKind, FileVerdict, Message, ProtocolError, Verdict, bounded_reason};
+use crate::sanitize::{escape, peer_text};
+use crate::store::{Partial, SafeDir};
+
+impl Transfer<'_> {
+    /// Sends a file's failed verdict and counts it.
+    pub(super) fn verdict_failed(&mut self, plan: &Plan, verdict: Verdict, e: Error) -> Result<(), Error> {
+        self.failed += 1;
+        self.fail(e);
+        self.send(&Message::FileVerdict(FileVerdict { index: plan.index as u32, verdict }))
+    }
+
+    pub(super) fn withdrawn(&mut self, plan: Plan, reason: String) -> Result<(), Error> {
+        let reason = bounded_reason(format!("not sent: {}", peer_text(reason)));
+        self.abandon(std::iter::once(&plan));
+        self.verdict_failed(
+            &plan,
+            Verdict::Failed { reason: reason.clone() },
+            Error::Integrity(format!("the sender withdrew it ({reason})")),
+        )
+    }
+
+    /// Receives the body `plan` announced, checks it against the file's digest and queues it for
+    /// its group; or takes it off the wire and says why it could not be stored.
+    pub(super) fn body(&mut self, mut plan: Plan, seen: &mut Seen) -> Result<(), Error> {
+        self.bodies += 1;
+        let entry = &self.entries[plan.index];
+        let EntryKind::File { size, hash, .. } = entry.kind else { unreachable!("plans hold files") };
+        let (parent, name) = entry.path.split_at(entry.path.len() - 1);
+        let name = name[0].clone();
+        if self.single {
+            seen.resumed = plan.offset;
+        }
+        let opened = match plan.held.take() {
+            Some(p) => Ok(p),
+            None => self
+                .body_dirs
+                .get(parent)
+                .and_then(SafeDir::try_clone)
+                .and_then(|d| Partial::reopen(d, &name, plan.offset, plan.record))
+                .and_then(|p| p.ok_or_else(|| std::io::Error::other("the partial file is in use or gone"))),
+        };
+        let partial = match opened {
+            Ok(p) => p,
+            Err(e) => {
+                // The body comes anyway (it was promised): take it off the wire and say why.
+                skip_body(self.r, 0, size - plan.offset).map_err(|w| self.r.error("receiving a body", w))?;
+                let reason = bounded_reason(format!("{}: {e}", escape(&entry.path.join("/"))));
+                return self.verdict_failed(
+                    &plan,
+                    Verdict::Failed { reason: reason.clone() },
+                    Error::io(reason, e),
+                );
+            }
+        };
+        let mut received = 0u64;
+        let hasher = plan.hasher.take().unwrap_or_else(|| Hasher::new(hash));
+        let body = receive_body(
+            self.r,
+            &partial,
+            (size, plan.offset, hasher),
+            &mut received,
+            &mut self.reservation,
+            &self.bar,
+        );
+        seen.received += received;
+        let at = plan.offset + received;
+        let actual = match body {
+            Ok(d) => d,
+            Err(BodyError::Wire(e)) => {
+                let err = self.r.error("receiving the body", e);
+                // The peer may have closed only its writing half: tell it what we saw. Only a body
+                // that ended early is a size mismatch; a timeout or broken framing is a failure.
+                let v = match &err {
+                    Error::Connection { .. } => Verdict::SizeMismatch { expected: size, received: at },
+                    _ => Verdict::Failed { reason: bounded_reason(format!("receiver: {err}")) },
+                };
+                let _ =
+                    self.send(&Message::FileVerdict(FileVerdict { index: plan.index as u32, verdict: v }));
+                // An interruption keeps what arrived for a resume; broken framing does not.
+                if matches!(err, Error::Protocol { .. }) {
+                    partial.discard();
+                } else {
+                    partial.keep();
+                }
+                return Err(err);
+            }
+            Err(BodyError::TooLong(len)) => {
+                partial.discard();
+                let v = Verdict::SizeMismatch { expected: size, received: at + u64::from(len) };
+                let _ =
+                    self.send(&Message::FileVerdict(FileVerdict { index: plan.index as u32, verdict: v }));
+                return Err(Error::Integrity(format!(
+                    "body longer than listed: a {len}-byte chunk at byte {at} of {size}"
+                )));
+            }
+            Err(BodyError::Local(e, frame_left)) => {
+                partial.discard();
+                // The rest of this body is still on the wire: skip it to stay in step.
+                skip_body(self.r, frame_left, size - at - frame_left)
+                    .map_err(|w| self.r.error("receiving a body", w))?;
+                let reason = bounded_reason(format!("writing the file: {e}"));
+                return self.verdict_failed(
+                    &plan,
+                    Verdict::Failed { reason },
+                    Error::io("writing the received file", e),
+                );
+            }
+        };
+        // The digest may still be on its way: it is due by the end of the body.
+        let expected = match self.digest_of(plan.file_no) {
+            Ok(d) => d,
+            Err(e) => {
+                if matches!(e, Error::Protocol { .. }) {
+                    partial.discard();
+                } else {
+                    partial.keep();
+                }
+                return Err(e);
+            }
+        };
+        let Some(expected) = expected else {
+            partial.discard();
+            let reason = "the sender's file changed while it was being sent; nothing was stored";
+            return self.verdict_failed(
+                &plan,
+                Verdict::Failed { reason: reason.into() },
+                Error::Integrity(reason.into()),
+            );
+        };
+        if actual != expected {
+            partial.discard();
+            let e =
+                Error::Integrity(format!("content hashed to {actual}, the sender's digest is {expected}"));
+            return self.verdict_failed(&plan, Verdict::HashMismatch { expected, actual }, e);
+        }
+        let entry = &self.entries[plan.index];
+        if let Err(e) = partial.set_attributes(entry.mode, entry.mtime) {
+            partial.discard();
+            let reason = bounded_reason(format!("storing the file: {e}"));
+            return self.verdict_failed(
+                &plan,
+                Verdict::Failed { reason },
+                Error::io("storing the received file", e),
+            );
+        }
+        self.group.push(Pending { index: plan.index as u32, partial, name, size });
+        Ok(())
+    }
+
+    /// The digest of file `n`, reading further `Digests` parts (and keepalives) if it has not
+    /// come yet: nothing else may come between a body and its digest.
+    pub(super) fn digest_of(&mut self, n: usize) -> Result<Option<Digest>, Error> {
+        while self.digests.len() <= n {
+            match self.r.message().map_err(|e| self.r.error("waiting for the digest", e))? {
+                Message::Digests(part) => self.take_digests(part.first, part.digests)?,
+                other => {
+                    let source =
+                        ProtocolError::UnexpectedMessage { expected: "the file's digest", got: other.name() };
+                    return Err(Error::Protocol { peer: self.r.peer().to_string(), source });
+                }
+            }
+        }
+        Ok(self.digests[n])
+    }
+
+    /// Makes the verified files durable, renames and acknowledges them.
+    pub(super) fn flush_group(&mut self) -> Result<(), Error> {
+        if self.group.is_empty() {
+            return Ok(());
+        }
+        let stored =
+            self.group.flush(&self.root, self.w, self.shared.opts.overwrite).map_err(|e| match e {
+                GroupError::Local(e) => Error::io("making received files durable", e),
+                GroupError::Wire(e) => self.w.error("acknowledging files", e.into()),
+            })?;
+        for (_, outcome) in stored {
+            match outcome {
+                Ok(name) => {
+                    self.verified += 1;
+                    self.stored = Some((name, false));
+                }
+                Err(e) => {
+                    self.failed += 1;
+                    self.fail(Error::io("storing the received file", e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After the transfer broke off: partials created while answering that never got a byte are
+    /// removed (resumed ones keep their data for next time).
+    pub(super) fn abandon_plans(&mut self) {
+        let plans: Vec<Plan> = self.plans.drain(..).collect();
+        self.abandon(plans.iter());
+    }
+
+    pub(super) fn abandon<'p>(&self, plans: impl Iterator<Item = &'p Plan>) {
+        for plan in plans {
+            if plan.offset > 0 || !plan.record {
+                continue;
+            }
+            let path = &self.entries[plan.index].path;
+            let (parent, name) = path.split_at(path.len() - 1);
+            if let Ok(dir) = self.root.walk(parent, false)
+                && let Ok(Some(p)) = Partial::reopen(dir, &name[0], 0, true)
+            {
+                p.discard();
+            }
+        }
+    }
+}

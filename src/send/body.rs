@@ -1,0 +1,126 @@
+//! Acting on one answered entry on the sender: an outcome the answer decides (already there,
+//! refused, a folder created), or a body: `Body`, the bytes from the offset, and the file's
+//! digest right behind it if the receiver has not had it yet.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+
+use super::events::{Event, open_unchanged};
+use super::report::{EntryOutcome, beside};
+use super::run::Run;
+use crate::cache::Stamp;
+use crate::error::Error;
+use crate::protocol::{Answer, Body, EntryKind, Message, RejectCode, Withdraw, bounded_reason};
+use crate::sanitize::{escape, peer_text};
+use crate::transport::{FileError, FrameWriter};
+
+impl Run<'_> {
+    /// Acts on the next answered entry: records the outcome the answer decides, or sends its body
+    /// and makes sure its digest follows it.
+    pub(super) fn act(
+        &mut self,
+        inbox: &mpsc::Receiver<Event>,
+        w: &mut FrameWriter,
+        local_busy: &AtomicBool,
+    ) -> Result<(), Error> {
+        let i = self.acted;
+        self.acted += 1;
+        let entry = &self.entries[i];
+        let is_file = matches!(entry.kind, EntryKind::File { .. });
+        self.acted_files += usize::from(is_file);
+        let size = match entry.kind {
+            EntryKind::File { size, .. } => size,
+            EntryKind::Dir => 0,
+        };
+        let shown = entry.path.join("/");
+        let outcome = match (&self.answers[i], &entry.kind) {
+            // The receiver names the file in its folder (untrusted: it is only ever printed escaped).
+            (Answer::Have { name }, _) => Some(EntryOutcome::AlreadyThere(beside(&entry.path, name))),
+            // A folder answered Send was created by the receiver.
+            (Answer::Send { .. }, EntryKind::Dir) => Some(EntryOutcome::Verified(shown.clone())),
+            (Answer::Reject { code: RejectCode::Failed, reason }, _) => {
+                Some(EntryOutcome::Failed(Error::RemoteFailed(peer_text(reason.clone()))))
+            }
+            (Answer::Reject { code, reason }, _) => Some(EntryOutcome::Failed(Error::Rejected {
+                name: escape(&shown),
+                code: *code,
+                reason: peer_text(reason.clone()),
+            })),
+            (Answer::Send { .. }, EntryKind::File { .. }) => None,
+        };
+        self.done += 1;
+        if self.entries.len() > 1 {
+            self.bar.set_message(format!("{}/{} entries", self.done, self.entries.len()));
+        }
+        if let Some(o) = outcome {
+            self.bar.inc(size);
+            if !self.local[i] {
+                self.outcomes[i] = Some(o);
+            }
+            return Ok(());
+        }
+        let Answer::Send { offset } = self.answers[i] else { unreachable!("matched above") };
+        self.owed[i] = true;
+        self.owing += 1;
+        self.offsets[i] = offset;
+        self.bar.inc(offset);
+        let item = &self.items[i];
+        let path = item.source.display().to_string();
+        let stamp = item.file.expect("files have stamps");
+        let opened = if self.local[i] {
+            Err(Error::Usage("it could not be read".into()))
+        } else {
+            open_unchanged(&item.source, stamp)
+        };
+        let mut f = match opened {
+            Ok(f) => f,
+            Err(e) => {
+                let reason = bounded_reason(e.to_string());
+                self.local[i] = true;
+                self.outcomes[i].get_or_insert(EntryOutcome::Failed(e));
+                self.bar.inc(size - offset);
+                let withdraw = Message::Withdraw(Withdraw { index: i as u32, reason });
+                return w.message(&withdraw).map_err(|e| w.error("sending bodies", e.into()));
+            }
+        };
+        if offset > 0 && self.entries.len() == 1 {
+            let line = format!("xfer: resuming \"{}\" at byte {offset} of {size}", escape(&shown));
+            self.progress.line(&line, false);
+        }
+        w.message(&Message::Body(Body { index: i as u32 }))
+            .map_err(|e| w.error("sending bodies", e.into()))?;
+        match w.file_body(&mut f, (offset, size), self.opts.chunk_size, self.bar) {
+            Ok(()) => {}
+            Err(FileError::Net(e)) => return Err(w.error("sending the body", e.into())),
+            // The body cannot be completed: the connection is out of step, so it ends here.
+            Err(FileError::Local(e)) => {
+                return Err(Error::io(format!("cannot read {path} (did it shrink while being sent?)"), e));
+            }
+        }
+        self.sent += size - offset;
+        self.resumed += offset;
+        if f.metadata().map(|m| Stamp::of(&m)).ok() != Some(stamp) {
+            let msg = format!("{path} changed while it was being sent; send it again");
+            self.local[i] = true;
+            self.outcomes[i] = Some(EntryOutcome::Failed(Error::Integrity(msg)));
+        }
+        // Its digest is due by the end of its body: wait for the hashing thread if need be.
+        let n = self.entry_file[i];
+        while self.told <= n {
+            while self.hashed <= n {
+                let event = match inbox.try_recv() {
+                    Ok(e) => Some(e),
+                    Err(_) => {
+                        w.flush().map_err(|e| w.error("sending", e.into()))?;
+                        self.wait(inbox, w, local_busy)?
+                    }
+                };
+                if let Some(e) = event {
+                    self.take(e)?;
+                }
+            }
+            self.tell(w)?;
+        }
+        Ok(())
+    }
+}
