@@ -46,6 +46,8 @@ pub(super) struct Transfer<'a> {
     /// Next entry to answer, and how many files came before it.
     pub(super) cursor: usize,
     pub(super) file_no: usize,
+    /// The entry at `cursor` needs its digest before it can be answered.
+    pub(super) waiting_for_digest: bool,
     pub(super) answer_dirs: Dirs,
     pub(super) body_dirs: Dirs,
     /// Files answered `Send` whose body has not come yet, in order.
@@ -92,6 +94,7 @@ impl<'a> Transfer<'a> {
             digests: Vec::new(),
             cursor: 0,
             file_no: 0,
+            waiting_for_digest: false,
             plans: VecDeque::new(),
             held: 0,
             created_dirs: Vec::new(),
@@ -215,6 +218,11 @@ impl<'a> Transfer<'a> {
     /// Answers entries in order until one needs a digest that has not come, sending the answers
     /// in parts cut by size and by time.
     fn answer_what_can_be(&mut self) -> Result<(), Error> {
+        // The next entry was found to need its digest: nothing to do until it comes.
+        if self.waiting_for_digest && self.digests.len() <= self.file_no {
+            return Ok(());
+        }
+        self.waiting_for_digest = false;
         let opts = &self.shared.opts;
         let compare_for = opts.timeout.map_or(Duration::from_secs(60), |t| t / 2);
         let mut part = Vec::new();
@@ -247,7 +255,10 @@ impl<'a> Transfer<'a> {
             let (answer, plan) = match answered {
                 Ok(Some(a)) => a,
                 // Needs its digest: what is answered goes out now, the rest waits.
-                Ok(None) => break,
+                Ok(None) => {
+                    self.waiting_for_digest = true;
+                    break;
+                }
                 Err(e) => {
                     let reason = bounded_reason(format!("{}: {e}", escape(&entry.path.join("/"))));
                     failure = Some(Error::io(reason.clone(), e));
