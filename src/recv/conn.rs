@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::answer::likely_needed;
 use super::manifest::{self, ManifestError};
-use super::transfer::Transfer;
+use super::transfer::{Seen, Transfer};
 use super::{Shared, Stored, take_slot};
 use crate::error::{Error, Limit};
 use crate::progress::{human_bytes, human_rate};
@@ -15,18 +15,6 @@ use crate::protocol::{AnswersPart, EntryKind, Message, ProtocolError, Reject, Re
 use crate::sanitize::escape;
 use crate::store::SafeDir;
 use crate::transport::{self, FrameWriter};
-
-/// What is known about a transfer so far, for its log line.
-#[derive(Default)]
-pub(super) struct Seen {
-    /// The file's name for a single file, a summary for several.
-    pub name: Option<String>,
-    pub size: Option<u64>,
-    /// Offset the body resumed from (single files).
-    pub resumed: u64,
-    /// Body bytes received on this connection.
-    pub received: u64,
-}
 
 /// Handles one connection and logs one line about it. Also says whether a manifest was read
 /// (`--once` counts transfers, not port scans). The connection is closed and `held` (its slots)

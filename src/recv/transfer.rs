@@ -11,7 +11,6 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::answer::{Dirs, Plan, Rules, answer_dir, answer_file};
-use super::conn::Seen;
 use super::durable::Group;
 use super::manifest::Summary;
 use super::{Shared, Stored};
@@ -29,6 +28,18 @@ use crate::transport::{FrameReader, FrameWriter};
 pub(crate) const MAX_HELD: usize = 64;
 /// An answers part goes out at least this often, so the sender's idle timeout is fed.
 pub(crate) const ANSWER_FLUSH: Duration = Duration::from_secs(1);
+
+/// What is known about a transfer so far, for its log line.
+#[derive(Default)]
+pub(super) struct Seen {
+    /// The file's name for a single file, a summary for several.
+    pub name: Option<String>,
+    pub size: Option<u64>,
+    /// Offset the body resumed from (single files).
+    pub resumed: u64,
+    /// Body bytes received on this connection.
+    pub received: u64,
+}
 
 /// One transfer in progress.
 pub(super) struct Transfer<'a> {

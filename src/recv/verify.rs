@@ -5,9 +5,8 @@
 
 use super::answer::Plan;
 use super::body::{BodyError, receive_body, skip_body};
-use super::conn::Seen;
 use super::durable::{GroupError, Pending};
-use super::transfer::Transfer;
+use super::transfer::{Seen, Transfer};
 use crate::error::Error;
 use crate::hash::Hasher;
 use crate::protocol::{Digest, EntryKind, FileVerdict, Message, ProtocolError, Verdict, bounded_reason};
