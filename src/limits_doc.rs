@@ -88,6 +88,8 @@ fn expected() -> Vec<(&'static str, String)> {
         ("MAX_HELD", n(transfer::MAX_HELD as u64)),
         ("TELL_AHEAD", n(crate::send::run::TELL_AHEAD as u64)),
         ("RESUME_MIN", bytes(answer::RESUME_MIN)),
+        ("MAX_RECORD", bytes(crate::store::partial::MAX_RECORD)),
+        ("EVENT_QUEUE", n(crate::send::events::EVENT_QUEUE as u64)),
     ]
 }
 

@@ -29,6 +29,13 @@ pub(super) enum Event {
     Broken(Error),
 }
 
+/// Events queued for the main loop at most. Both threads wait when it is full: the hashing thread
+/// stops running ahead, and the reader stops reading, so a receiver that floods messages meets
+/// TCP back-pressure instead of growing the sender's memory. The main loop drains the queue at
+/// every turn; a receiver says far less than this between two bodies (a group's verdicts, a
+/// few answers parts).
+pub(crate) const EVENT_QUEUE: usize = 1024;
+
 /// How often the hashing thread appends new digests to the cache file.
 const CACHE_SAVE: Duration = Duration::from_secs(1);
 
@@ -38,7 +45,7 @@ pub(super) fn spawn_hashing(
     (cache, alg): (bool, HashAlg),
     bar: ProgressBar,
     label: Option<String>,
-    events: mpsc::Sender<Event>,
+    events: mpsc::SyncSender<Event>,
 ) -> std::thread::JoinHandle<()> {
     let files: Vec<(PathBuf, Stamp)> =
         items.iter().filter_map(|i| i.file.map(|s| (i.source.clone(), s))).collect();
@@ -116,7 +123,7 @@ pub(super) fn open_unchanged(source: &Path, stamp: Stamp) -> Result<File, Error>
 /// Reads answers and verdicts until the connection ends, passing them on. Quiet stretches are
 /// reported, not fatal: only the main loop knows whether the receiver owes it anything (while
 /// this side is busy hashing, `local_busy`, they are not even reported).
-pub(super) fn read_events(r: &mut FrameReader, events: mpsc::Sender<Event>, local_busy: &AtomicBool) {
+pub(super) fn read_events(r: &mut FrameReader, events: mpsc::SyncSender<Event>, local_busy: &AtomicBool) {
     loop {
         let event = match r.message() {
             Ok(Message::Answers(part)) => Event::Answers(part),

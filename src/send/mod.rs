@@ -19,7 +19,7 @@ use crate::sanitize::{escape, peer_text};
 use crate::transport::{self, FrameWriter};
 
 mod body;
-mod events;
+pub(crate) mod events;
 pub mod plan;
 mod report;
 pub(crate) mod run;
@@ -86,7 +86,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
 
     // Hashing starts at once, on its own thread, while we connect and the receiver validates the
     // manifest; its digests go out as they come, between bodies (or right after its body).
-    let (events, inbox) = mpsc::channel();
+    let (events, inbox) = mpsc::sync_channel(events::EVENT_QUEUE);
     let hashing_bar =
         progress.bytes("hashing", label.as_deref().unwrap_or(&format!("0/{files} files")), bytes);
     let hashing = events::spawn_hashing(
@@ -148,7 +148,9 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
             w.shutdown(Shutdown::Write);
             run.drain(&inbox);
         }
-        // The reader thread ends when the connection does.
+        // The reader thread ends when the connection does, or when it finds nobody listening
+        // (it may be waiting for room in a full queue).
+        drop(inbox);
         w.shutdown(Shutdown::Both);
         cause
     });

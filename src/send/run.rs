@@ -276,6 +276,10 @@ impl<'a> Run<'a> {
 
     /// Takes answers for the next entries, checking the receiver could have given them.
     fn take_answers(&mut self, answers: Vec<Answer>) -> Result<(), Error> {
+        // Only the acceptance is empty: an empty part later says nothing and could go on forever.
+        if answers.is_empty() {
+            return Err(self.protocol("an empty answers part after the manifest was accepted".into()));
+        }
         for a in answers {
             let i = self.answers.len();
             let Some(entry) = self.entries.get(i) else {

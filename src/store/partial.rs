@@ -96,11 +96,9 @@ impl FileId {
     /// would resume if it named its digest: same name, size and algorithm, a digest recorded,
     /// and not this sender version's tag.
     pub fn digest_would_resume(&self, dir: &SafeDir, name: &str) -> bool {
-        let mut record = String::new();
-        let read = dir.open_read(&format!("{}{RECORD_SUFFIX}", stem_for(name)));
-        if read.and_then(|mut r| r.read_to_string(&mut record)).is_err() {
+        let Ok(record) = read_record(dir, &format!("{}{RECORD_SUFFIX}", stem_for(name))) else {
             return false;
-        }
+        };
         let with_digest = |d: Digest| FileId { digest: Some(d), tag: None, ..self.clone() };
         let recorded = record.lines().find_map(|l| l.strip_prefix("digest ")).and_then(Digest::from_hex);
         self.digest.is_none()
@@ -150,20 +148,21 @@ impl Partial {
     ) -> io::Result<Opened> {
         let stem = stem_for(name);
         let (part_name, record_name) = (format!("{stem}{PART_SUFFIX}"), format!("{stem}{RECORD_SUFFIX}"));
-        let file = dir.open_rw(&part_name, false)?;
-        check_own(&file, &part_name)?;
-        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(e) if e == rustix::io::Errno::WOULDBLOCK => return Ok(Opened::Busy),
-            Err(e) => return Err(e.into()),
-        }
+        let Some((file, len)) = open_locked(&dir, &part_name)? else {
+            return Ok(Opened::Busy);
+        };
         let (size, alg) = (id.size, id.alg);
         let want = id.record(name);
-        let mut have = String::new();
-        if let Ok(mut r) = dir.open_read(&record_name) {
-            let _ = r.read_to_string(&mut have);
-        }
-        let len = file.metadata()?.len();
+        let mut have = match read_record(&dir, &record_name) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+            // Not a record we wrote (a fifo, a huge or unreadable file): discarded like a
+            // corrupt one, so the new record can take its place.
+            Err(_) => {
+                let _ = dir.remove_file(&record_name);
+                String::new()
+            }
+        };
         let (hasher, offset) = if id.matches(name, &have) && len <= size {
             hash_prefix(&file, len, alg, deadline)?
         } else {
@@ -206,11 +205,9 @@ impl Partial {
     /// a record was written for it.
     pub fn reopen(dir: SafeDir, name: &str, offset: u64, record: bool) -> io::Result<Option<Partial>> {
         let stem = stem_for(name);
-        let file = dir.open_rw(&format!("{stem}{PART_SUFFIX}"), false)?;
-        let len = check_own(&file, &stem)?;
-        if rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+        let Some((file, len)) = open_locked(&dir, &format!("{stem}{PART_SUFFIX}"))? else {
             return Ok(None);
-        }
+        };
         if len < offset {
             return Ok(None);
         }
@@ -308,15 +305,71 @@ impl Partial {
     }
 }
 
-/// A partial must be a regular file with no other names: a hard link planted under a partial's
-/// name by someone with access to the folder would otherwise receive the writes.
-/// Returns its length.
-fn check_own(file: &File, what: &str) -> io::Result<u64> {
+/// Opens (creating it if missing) and locks the partial `part_name`; returns it with its length,
+/// or `None` if another transfer holds it. See [`lock_verified`].
+fn open_locked(dir: &SafeDir, part_name: &str) -> io::Result<Option<(File, u64)>> {
+    // A lost race (the name was committed between our open and our lock) is retried: the next
+    // open creates a fresh partial under the name. Three losses in a row count as busy.
+    for _ in 0..3 {
+        let file = dir.open_rw(part_name, false)?;
+        match lock_verified(dir, part_name, &file)? {
+            Locked::Ours(len) => return Ok(Some((file, len))),
+            Locked::Busy => return Ok(None),
+            Locked::Gone => continue,
+        }
+    }
+    Ok(None)
+}
+
+/// What locking an opened partial found.
+#[derive(Debug, PartialEq, Eq)]
+enum Locked {
+    /// Locked, and still the file under the partial's name: its length.
+    Ours(u64),
+    /// Another transfer holds the lock.
+    Busy,
+    /// The name no longer refers to this file: a transfer that held it committed it (renamed it
+    /// to a final name) after we opened it. It must not be touched: it is a stored file now.
+    Gone,
+}
+
+/// Locks `file`, opened as `part_name` in `dir`, and then checks it is still ours: a regular file
+/// with no other names (a hard link planted under a partial's name would otherwise receive the
+/// writes), and still the file that `part_name` names. Checking after the lock closes the window
+/// in which a committed file could be reopened, locked and truncated by a newcomer.
+fn lock_verified(dir: &SafeDir, part_name: &str, file: &File) -> io::Result<Locked> {
+    match rustix::fs::flock(file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => return Ok(Locked::Busy),
+        Err(e) => return Err(e.into()),
+    }
     let meta = file.metadata()?;
     if !meta.is_file() || meta.nlink() > 1 {
-        return Err(io::Error::other(format!("{what}: not a plain regular file (type or hard links)")));
+        return Err(io::Error::other(format!("{part_name}: not a plain regular file (type or hard links)")));
     }
-    Ok(meta.len())
+    match dir.stat(part_name) {
+        Ok(st) if st.st_dev == meta.dev() && st.st_ino == meta.ino() => Ok(Locked::Ours(meta.len())),
+        Ok(_) => Ok(Locked::Gone),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Locked::Gone),
+        Err(e) => Err(e),
+    }
+}
+
+/// Largest record read: a record is a few lines (size, hash, digest, tag, name).
+pub(crate) const MAX_RECORD: u64 = 4096;
+
+/// Reads the record `record_name`: only a regular file of at most [`MAX_RECORD`] bytes, opened
+/// without blocking. Anything else in DIR under that name (a fifo, a device, a huge or sparse
+/// file) is an error, never a hang or an allocation of its size.
+fn read_record(dir: &SafeDir, record_name: &str) -> io::Result<String> {
+    let f = dir.open_read(record_name)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() || meta.len() > MAX_RECORD {
+        return Err(io::Error::other(format!("{record_name}: not a record (type or size)")));
+    }
+    let mut text = String::new();
+    f.take(MAX_RECORD).read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// Hashes the first `len` bytes of `file`, stopping early at `deadline` on a block boundary.
@@ -378,4 +431,65 @@ fn sweep_in(dir: &SafeDir, listing: &Path, max_age: Duration, depth: usize) -> i
         let _ = dir.remove_file(name);
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn folder() -> (tempfile::TempDir, SafeDir) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = SafeDir::open_root(tmp.path()).unwrap();
+        (tmp, dir)
+    }
+
+    #[test]
+    fn a_partial_committed_between_open_and_lock_is_never_ours() {
+        let (tmp, dir) = folder();
+        let part = format!("{}{PART_SUFFIX}", stem_for("f"));
+        // A newcomer opens the partial's name...
+        let newcomer = dir.open_rw(&part, false).unwrap();
+        // ...then the transfer that held it commits it under its final name.
+        std::fs::write(tmp.path().join(&part), b"verified content").unwrap();
+        dir.rename(&part, "f", false).unwrap();
+        // Locking what the newcomer opened must not hand it the stored file.
+        assert_eq!(lock_verified(&dir, &part, &newcomer).unwrap(), Locked::Gone);
+        // Through the real entry point, the newcomer gets a fresh, empty partial instead.
+        let (fresh, len) = open_locked(&dir, &part).unwrap().expect("not busy");
+        assert_eq!(len, 0);
+        assert_ne!(fresh.metadata().unwrap().ino(), std::fs::metadata(tmp.path().join("f")).unwrap().ino());
+        assert_eq!(std::fs::read(tmp.path().join("f")).unwrap(), b"verified content");
+    }
+
+    #[test]
+    fn a_locked_partial_is_busy_and_a_hard_linked_one_refused() {
+        let (tmp, dir) = folder();
+        let part = format!("{}{PART_SUFFIX}", stem_for("g"));
+        let (held, _) = open_locked(&dir, &part).unwrap().unwrap();
+        assert!(open_locked(&dir, &part).unwrap().is_none(), "a second holder");
+        drop(held);
+        std::fs::hard_link(tmp.path().join(&part), tmp.path().join("elsewhere")).unwrap();
+        assert!(open_locked(&dir, &part).is_err(), "a partial with another name");
+    }
+
+    #[test]
+    fn records_are_read_only_when_small_and_regular() {
+        let (tmp, dir) = folder();
+        std::fs::write(tmp.path().join("ok.meta"), b"size 1\n").unwrap();
+        assert_eq!(read_record(&dir, "ok.meta").unwrap(), "size 1\n");
+        // A fifo would block a plain open forever; a sparse giant would cost its size in memory.
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            tmp.path().join("fifo.meta"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert!(read_record(&dir, "fifo.meta").is_err());
+        let big = std::fs::File::create(tmp.path().join("big.meta")).unwrap();
+        big.set_len(256 << 20).unwrap();
+        assert!(read_record(&dir, "big.meta").is_err());
+        assert!(read_record(&dir, "missing.meta").unwrap_err().kind() == io::ErrorKind::NotFound);
+    }
 }

@@ -85,9 +85,11 @@ impl SafeDir {
         Ok(File::from(rustix::fs::openat(&*self.fd, name, flags, Mode::from_raw_mode(0o600))?))
     }
 
-    /// Opens the file `name` for reading, never through a symlink.
+    /// Opens the file `name` for reading, never through a symlink, and without blocking: a fifo
+    /// planted in the folder opens at once (and is then refused by its type) instead of holding
+    /// the thread until someone writes to it. `O_NONBLOCK` changes nothing for regular files.
     pub fn open_read(&self, name: &str) -> io::Result<File> {
-        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
         Ok(File::from(rustix::fs::openat(&*self.fd, name, flags, Mode::empty())?))
     }
 

@@ -269,23 +269,69 @@ fn symlinks_planted_at_partial_names_are_not_followed() {
     let rx = Receiver::start(&["--quiet"]);
     let stem = xfer::store::stem_for("victim");
     let outside = rx.root.path().join("outside");
-    for suffix in [".part", ".meta"] {
-        let link = rx.dir.join(format!("{stem}{suffix}"));
-        std::os::unix::fs::symlink(&outside, &link).unwrap();
-        let (_src, path) = source_file("victim", b"payload");
-        let run = send(&path, &rx.target(), &[]).expect(1);
-        // O_NOFOLLOW refused the link (ELOOP), and the receiver said so.
-        let err = run.stderr();
-        assert!(
-            err.starts_with("xfer: error: receiver failed to store the file: victim: "),
-            "{}",
-            run.report()
-        );
-        assert!(err.contains("symbolic links"), "{}", run.report());
-        assert!(!outside.exists(), "wrote through a symlink planted at {suffix}");
-        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
-        std::fs::remove_file(&link).unwrap();
-        rx.assert_files(&[]);
-    }
+    // A symlink at the record's name is not a record: discarded (the link itself, never what it
+    // points to) like a corrupt one, and the file is stored.
+    let link = rx.dir.join(format!("{stem}.meta"));
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let (_src, path) = source_file("victim", b"payload");
+    send(&path, &rx.target(), &[]).expect(0);
+    assert!(!outside.exists(), "wrote through a symlink planted at .meta");
+    rx.assert_files(&["victim"]);
+    std::fs::remove_file(rx.dir.join("victim")).unwrap();
+    // At the partial's name it is refused.
+    let suffix = ".part";
+    let link = rx.dir.join(format!("{stem}{suffix}"));
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let (_src, path) = source_file("victim", b"payload");
+    let run = send(&path, &rx.target(), &[]).expect(1);
+    // O_NOFOLLOW refused the link (ELOOP), and the receiver said so.
+    let err = run.stderr();
+    assert!(err.starts_with("xfer: error: receiver failed to store the file: victim: "), "{}", run.report());
+    assert!(err.contains("symbolic links"), "{}", run.report());
+    assert!(!outside.exists(), "wrote through a symlink planted at {suffix}");
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    std::fs::remove_file(&link).unwrap();
+    rx.assert_files(&[]);
     still_serves(&rx, 0);
+}
+
+/// The receiver's peak resident memory so far, from /proc.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn records_planted_in_dir_are_data_not_trust() {
+    let rx = Receiver::start(&["--quiet"]);
+    let data = random_bytes(2 << 20, 9);
+    // A fifo where a partial's record would be: opening it plainly would block until someone
+    // writes to it, holding the transfer (and its slot) forever.
+    let stem = xfer::store::stem_for("rec");
+    let fifo = rx.dir.join(format!("{stem}.meta"));
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    std::fs::write(rx.dir.join(format!("{stem}.part")), &data[..1000]).unwrap();
+    let (_src, path) = source_file("rec", &data);
+    send(&path, &rx.target(), &["--timeout", "5"]).expect(0);
+    assert!(std::fs::read(rx.dir.join("rec")).unwrap() == data);
+    // A 256 MiB sparse file as a record: read with a bound, never into memory whole.
+    let stem = xfer::store::stem_for("big");
+    let record = std::fs::File::create(rx.dir.join(format!("{stem}.meta"))).unwrap();
+    record.set_len(256 << 20).unwrap();
+    std::fs::write(rx.dir.join(format!("{stem}.part")), &data[..1000]).unwrap();
+    let (_src, path) = source_file("big", &data);
+    send(&path, &rx.target(), &["--timeout", "5"]).expect(0);
+    assert!(std::fs::read(rx.dir.join("big")).unwrap() == data);
+    rx.assert_files(&["big", "rec"]);
+    let peak = peak_rss_kib(rx.child.id());
+    assert!(peak < 64 * 1024, "receiver peak RSS {peak} KiB: the record was read whole");
+    eprintln!("receiver peak RSS with a 256 MiB planted record: {} KiB", peak);
 }

@@ -295,3 +295,25 @@ fn a_batch_receiver_that_answers_what_it_was_not_asked_is_a_protocol_error() {
         fake.join().unwrap();
     }
 }
+
+#[test]
+fn a_receiver_flooding_empty_answers_is_stopped_at_once() {
+    // Before: every empty answers part was queued for the sender's main loop in an unbounded
+    // channel (about 95 bytes each: 1 GiB in 5 s), and the send never ended. Now an empty part
+    // after the acceptance is a protocol error, and the queue is bounded anyway.
+    let (addr, handle) = fake(|s, first| {
+        assert!(matches!(first, Message::Manifest(_)), "{first:?}");
+        say(s, acceptance());
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if protocol::write_message(s, &acceptance()).is_err() {
+                break;
+            }
+        }
+    });
+    let (_src, path) = source_file("f", &random_bytes(1000, 3));
+    let run = send(&path, &addr, &[]).expect(7);
+    assert!(run.stderr().contains("empty answers part"), "{}", run.report());
+    assert!(run.elapsed < Duration::from_secs(5), "took {:?}", run.elapsed);
+    handle.join().unwrap();
+}
