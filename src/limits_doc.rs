@@ -67,6 +67,8 @@ fn expected() -> Vec<(&'static str, String)> {
         ("MAX_ENTRIES", n(MAX_ENTRIES as u64)),
         ("MAX_TOTAL_SIZE", bytes(MAX_TOTAL_SIZE)),
         ("MAX_MANIFEST_BYTES", bytes(manifest::MAX_MANIFEST_BYTES as u64)),
+        ("PRE_SLOT_MANIFEST", bytes(manifest::PRE_SLOT_MANIFEST as u64)),
+        ("MANIFEST_MEMORY", bytes(manifest::MANIFEST_MEMORY as u64)),
         ("MAX_KEEP_BOTH", n(crate::store::MAX_KEEP_BOTH.into())),
         ("--handshake-timeout", format!("{} s", recv.handshake_timeout)),
         ("--timeout", format!("{} s", recv.timeout)),

@@ -2,11 +2,12 @@
 //! take the transfer (a valid manifest, a transfer slot, room on the disk), then
 //! [`Transfer::run`], and one log line at the end.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Instant;
 
 use super::answer::likely_needed;
 use super::manifest::{self, ManifestError};
+use super::refuse::LINGER;
 use super::transfer::{Seen, Transfer};
 use super::{Shared, Stored, take_slot};
 use crate::error::{Error, Limit};
@@ -14,7 +15,7 @@ use crate::progress::{human_bytes, human_rate};
 use crate::protocol::{AnswersPart, EntryKind, Message, ProtocolError, Reject, RejectCode, bounded_reason};
 use crate::sanitize::escape;
 use crate::store::SafeDir;
-use crate::transport::{self, FrameWriter};
+use crate::transport::{self, FrameReader, FrameWriter};
 
 /// Handles one connection and logs one line about it. Also says whether a manifest was read
 /// (`--once` counts transfers, not port scans). The connection is closed and `held` (its slots)
@@ -53,17 +54,21 @@ pub(super) fn handle_logged<H>(
 }
 
 /// Refuses the whole transfer (the sender may already be gone: the refusal is logged either
-/// way). Returns the error this side reports: a local failure for code `Failed`.
+/// way). The sender may still be sending its manifest: what it sends is read and dropped for up
+/// to `LINGER` after the refusal, so closing does not reset the connection before the refusal is
+/// read. Returns the error this side reports: a local failure for code `Failed`.
 fn refuse(
-    w: &mut FrameWriter,
+    (r, w): (&mut FrameReader, &mut FrameWriter),
     code: RejectCode,
     reason: String,
     what: &str,
     local: Option<std::io::Error>,
 ) -> Error {
-    let _ = w
-        .message(&Message::Reject(Reject { code, reason: bounded_reason(reason.clone()) }))
-        .and_then(|()| w.flush());
+    let sent = w.message(&Message::Reject(Reject { code, reason: bounded_reason(reason.clone()) }));
+    if sent.is_ok() {
+        w.shutdown(Shutdown::Write);
+        r.discard_until(Instant::now() + LINGER);
+    }
     match local {
         Some(e) => Error::io(reason, e),
         None => Error::Rejected { name: what.to_string(), code, reason },
@@ -76,9 +81,8 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
     // Until the first manifest part is in, one deadline from accept applies: a silent or
     // trickling connection costs a thread for seconds, not for the idle timeout.
     let hs = Limit { secs: opts.handshake_timeout.as_secs(), option: "--handshake-timeout" };
-    let deadline = |r: &mut transport::FrameReader, at| {
-        r.set_deadline(at).map_err(|e| Error::io("configuring the socket", e))
-    };
+    let deadline =
+        |r: &mut FrameReader, at| r.set_deadline(at).map_err(|e| Error::io("configuring the socket", e));
     deadline(&mut r, Some((Instant::now() + opts.handshake_timeout, hs)))?;
     transport::exchange_hellos(&mut r, &mut w)?;
     let first = match r.message().map_err(|e| r.error("waiting for the manifest", e))? {
@@ -88,21 +92,45 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
             return Err(Error::Protocol { peer: peer.to_string(), source });
         }
     };
-    // The rest of the manifest may be long: it has a deadline of its own.
+    // The rest of the manifest may be long: it has a deadline of its own, and past a small
+    // budget it is read only by a transfer that holds a slot and the memory for it.
     let deadline_limit =
         Limit { secs: manifest::MANIFEST_DEADLINE.as_secs(), option: "the manifest deadline" };
     deadline(&mut r, Some((Instant::now() + manifest::MANIFEST_DEADLINE, deadline_limit)))?;
-    let read = manifest::read_rest(&mut r, first)?;
-    deadline(&mut r, None)?;
-    let entries = read.entries;
-    let single = entries.len() == 1 && matches!(entries[0].kind, EntryKind::File { .. });
+    let mut m = manifest::Reading::new(first);
+    while !m.last && !m.over_limits() && m.cost <= manifest::PRE_SLOT_MANIFEST {
+        m.read_part(&mut r)?;
+    }
+    let single = m.entries.len() == 1 && matches!(m.entries[0].kind, EntryKind::File { .. });
     // How the transfer is named in messages: a single file by its name.
-    let what = if single { escape(&entries[0].path.join("/")) } else { "the batch".to_string() };
-    seen.name =
-        Some(if single { entries[0].path.join("/") } else { format!("batch of {} entries", entries.len()) });
-    if read.too_big {
-        let reason = format!("manifest refused: more than {} bytes of paths", manifest::MAX_MANIFEST_BYTES);
-        return Err(refuse(&mut w, RejectCode::InvalidManifest, reason, &what, None));
+    let what = if single { escape(&m.entries[0].path.join("/")) } else { "the batch".to_string() };
+    seen.name = Some(if single { m.entries[0].path.join("/") } else { "batch".to_string() });
+    let Some(_slot) = take_slot(&shared.transfers, opts.max_transfers) else {
+        let reason = format!("receiver busy: {} transfers in progress, try again later", opts.max_transfers);
+        return Err(refuse((&mut r, &mut w), RejectCode::Busy, reason, &what, None));
+    };
+    let memory_busy =
+        || "receiver busy: the memory set aside for manifests is in use, try again later".to_string();
+    let Some(mut memory) = shared.manifests.take(m.cost) else {
+        return Err(refuse((&mut r, &mut w), RejectCode::Busy, memory_busy(), &what, None));
+    };
+    while !m.last && !m.over_limits() {
+        let more = m.read_part(&mut r)?;
+        if !memory.grow(more) {
+            return Err(refuse((&mut r, &mut w), RejectCode::Busy, memory_busy(), &what, None));
+        }
+    }
+    deadline(&mut r, None)?;
+    let entries = m.entries;
+    if !single {
+        seen.name = Some(format!("batch of {} entries", entries.len()));
+    }
+    if m.cost > manifest::MAX_MANIFEST_BYTES {
+        let reason = format!(
+            "manifest refused: it would take more than {} of memory (MAX_MANIFEST_BYTES)",
+            human_bytes(manifest::MAX_MANIFEST_BYTES as u64)
+        );
+        return Err(refuse((&mut r, &mut w), RejectCode::InvalidManifest, reason, &what, None));
     }
     let summary = match manifest::validate(&entries) {
         Ok(s) => s,
@@ -112,46 +140,37 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
             } else {
                 RejectCode::InvalidManifest
             };
-            return Err(refuse(&mut w, code, format!("manifest refused: {e}"), &what, None));
+            return Err(refuse((&mut r, &mut w), code, format!("manifest refused: {e}"), &what, None));
         }
     };
     seen.size = Some(summary.total_bytes);
-    let Some(_slot) = take_slot(&shared.transfers, opts.max_transfers) else {
-        let reason = format!("receiver busy: {} transfers in progress, try again later", opts.max_transfers);
-        return Err(refuse(&mut w, RejectCode::Busy, reason, &what, None));
-    };
     let root = match SafeDir::open_root(&opts.dir) {
         Ok(d) => d,
         Err(e) => {
-            return Err(refuse(
-                &mut w,
-                RejectCode::Failed,
-                "cannot open the target folder".into(),
-                &what,
-                Some(e),
-            ));
+            let reason = "cannot open the target folder".to_string();
+            return Err(refuse((&mut r, &mut w), RejectCode::Failed, reason, &what, Some(e)));
         }
     };
     // Space for what will probably be sent: files with a same-size file already at their path
     // are most likely there (re-sending a tree must not need its size twice). If one turns out to
     // differ, writing it may meet a full disk, which fails that file cleanly.
-    let reservation = match likely_needed(&root, &entries)
-        .and_then(|need| Ok((need, shared.space.reserve(need)?)))
-    {
-        Ok((_, Ok(r))) => r,
-        Ok((need, Err(available))) => {
-            let reason = format!(
-                "{} needs {} ({need} bytes) but the receiver has {} free",
-                if single { "file" } else { "batch" },
-                human_bytes(need),
-                human_bytes(available)
-            );
-            return Err(refuse(&mut w, RejectCode::InsufficientSpace, reason, &what, None));
-        }
-        Err(e) => {
-            return Err(refuse(&mut w, RejectCode::Failed, "cannot read free space".into(), &what, Some(e)));
-        }
-    };
+    let reservation =
+        match likely_needed(&root, &entries).and_then(|need| Ok((need, shared.space.reserve(need)?))) {
+            Ok((_, Ok(r))) => r,
+            Ok((need, Err(available))) => {
+                let reason = format!(
+                    "{} needs {} ({need} bytes) but the receiver has {} free",
+                    if single { "file" } else { "batch" },
+                    human_bytes(need),
+                    human_bytes(available)
+                );
+                return Err(refuse((&mut r, &mut w), RejectCode::InsufficientSpace, reason, &what, None));
+            }
+            Err(e) => {
+                let reason = "cannot read free space".to_string();
+                return Err(refuse((&mut r, &mut w), RejectCode::Failed, reason, &what, Some(e)));
+            }
+        };
     // Accepted: an empty answers part says so, and the sender starts sending digests.
     w.message(&Message::Answers(AnswersPart { answers: Vec::new(), last: false }))
         .and_then(|()| w.flush())

@@ -9,6 +9,7 @@
 //! or nothing of it lands.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use unicode_normalization::UnicodeNormalization;
@@ -23,43 +24,114 @@ use crate::transport::FrameReader;
 
 /// Time allowed for the whole manifest to arrive after its first part, however it trickles.
 pub(crate) const MANIFEST_DEADLINE: Duration = Duration::from_secs(120);
-/// Largest manifest, in bytes of path text plus a fixed cost per entry.
-pub(crate) const MAX_MANIFEST_BYTES: usize = 64 << 20;
+/// Largest manifest, in bytes of modelled memory ([`entry_cost`]).
+pub(crate) const MAX_MANIFEST_BYTES: usize = 160 << 20;
+/// Memory a connection may spend on a manifest before it has a transfer slot: a manifest that is
+/// not complete by then takes a slot (or is refused as busy) before another part is read.
+pub(crate) const PRE_SLOT_MANIFEST: usize = 512 << 10;
+/// Memory set aside for the manifests of all transfers holding a slot together; a manifest that
+/// finds it used up is refused as busy.
+pub(crate) const MANIFEST_MEMORY: usize = 160 << 20;
 
-/// A manifest as read: its entries, and whether reading stopped at [`MAX_MANIFEST_BYTES`]
-/// (entries stop at just past [`MAX_ENTRIES`], which [`validate`] refuses).
-pub(super) struct Read {
+/// A manifest being read: its entries so far and what they cost.
+pub(super) struct Reading {
     pub entries: Vec<Entry>,
-    pub too_big: bool,
+    pub cost: usize,
+    pub last: bool,
 }
 
-/// Reads the parts after `first` until the last one, or until a bound is passed.
-pub(super) fn read_rest(r: &mut FrameReader, first: ManifestPart) -> Result<Read, Error> {
-    let mut bytes = cost(&first);
-    let mut entries = first.entries;
-    let mut last = first.last;
-    while !last && entries.len() <= MAX_ENTRIES && bytes <= MAX_MANIFEST_BYTES {
+impl Reading {
+    pub fn new(first: ManifestPart) -> Reading {
+        Reading { cost: cost(&first), entries: first.entries, last: first.last }
+    }
+
+    /// Past [`MAX_ENTRIES`] or [`MAX_MANIFEST_BYTES`]: no more is read ([`validate`] refuses the
+    /// first; the caller refuses the second).
+    pub fn over_limits(&self) -> bool {
+        self.entries.len() > MAX_ENTRIES || self.cost > MAX_MANIFEST_BYTES
+    }
+
+    /// Reads the next part. Returns what it cost.
+    pub fn read_part(&mut self, r: &mut FrameReader) -> Result<usize, Error> {
         let source = match r.message().map_err(|e| r.error("reading the manifest", e))? {
             Message::Manifest(part) if part.entries.is_empty() && !part.last => {
                 ProtocolError::Malformed("empty manifest part".into())
             }
             Message::Manifest(part) => {
-                bytes += cost(&part);
-                entries.extend(part.entries);
-                last = part.last;
-                continue;
+                let more = cost(&part);
+                self.cost += more;
+                self.entries.extend(part.entries);
+                self.last = part.last;
+                return Ok(more);
             }
             other => ProtocolError::UnexpectedMessage { expected: "manifest", got: other.name() },
         };
-        return Err(Error::Protocol { peer: r.peer().to_string(), source });
+        Err(Error::Protocol { peer: r.peer().to_string(), source })
     }
-    Ok(Read { entries, too_big: bytes > MAX_MANIFEST_BYTES })
+}
+
+/// The memory set aside for manifests ([`MANIFEST_MEMORY`]), shared by all transfers.
+pub(crate) struct MemoryPool {
+    used: Mutex<usize>,
+    cap: usize,
+}
+
+/// A transfer's share of the pool, returned when dropped.
+pub(crate) struct Held<'a> {
+    pool: &'a MemoryPool,
+    bytes: usize,
+}
+
+impl MemoryPool {
+    pub fn new(cap: usize) -> MemoryPool {
+        MemoryPool { used: Mutex::new(0), cap }
+    }
+
+    /// Takes `bytes` from the pool, if it has them.
+    pub fn take(&self, bytes: usize) -> Option<Held<'_>> {
+        let mut held = Held { pool: self, bytes: 0 };
+        held.grow(bytes).then_some(held)
+    }
+}
+
+impl Held<'_> {
+    /// Takes `bytes` more; false (and nothing taken) if the pool has not got them.
+    pub fn grow(&mut self, bytes: usize) -> bool {
+        let mut used = self.pool.used.lock().unwrap_or_else(|e| e.into_inner());
+        if *used + bytes > self.pool.cap {
+            return false;
+        }
+        *used += bytes;
+        self.bytes += bytes;
+        true
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        *self.pool.used.lock().unwrap_or_else(|e| e.into_inner()) -= self.bytes;
+    }
 }
 
 /// Bytes a manifest part costs to hold: its path text plus a fixed amount per entry.
 fn cost(part: &ManifestPart) -> usize {
-    part.entries.iter().map(|e| 96 + e.path.iter().map(|c| c.len() + 24).sum::<usize>()).sum()
+    part.entries.iter().map(entry_cost).sum()
 }
+
+/// What one entry costs the receiver in memory, from its decoding to the end of [`validate`]: a
+/// model of the heap it takes (the entry, each component's `String`, and the folded copy and map
+/// slot that validation adds per component). The unit test `memory::the_cost_model_covers_the_heap`
+/// measures the real heap of the worst shapes with a counting allocator and holds the model to it.
+pub(crate) fn entry_cost(e: &Entry) -> usize {
+    ENTRY_COST + e.path.iter().map(|c| COMPONENT_COST + 2 * c.len()).sum::<usize>()
+}
+
+/// Heap per entry beyond its components (the `Entry` in its vector, which may be doubling).
+const ENTRY_COST: usize = 200;
+/// Heap per component: its `String` (header and allocation), the folded copy that validation
+/// keys its map with, the map slot, and the node list. Measured: about 230 bytes for a one-letter
+/// component; the bytes of the name count twice (the original and the folded copy).
+const COMPONENT_COST: usize = 256;
 
 /// Why a manifest was refused as a whole. Paths are stored as they are displayed: each component
 /// escaped with [`escape`] and joined with `/`, so the error is safe to print or send as is and
@@ -466,6 +538,120 @@ mod tests {
             if let Ok(s) = result {
                 prop_assert_eq!(s.files + s.dirs, m.len());
             }
+        }
+    }
+
+    /// The heap a manifest really takes, measured with a counting allocator, against the model.
+    mod memory {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        use super::*;
+
+        struct Counting;
+
+        thread_local! {
+            static ON: Cell<bool> = const { Cell::new(false) };
+            static LIVE: Cell<isize> = const { Cell::new(0) };
+            static PEAK: Cell<isize> = const { Cell::new(0) };
+        }
+
+        // SAFETY: forwards to the system allocator; only counts, on the measuring thread.
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+                count(l.size() as isize);
+                unsafe { System.alloc(l) }
+            }
+            unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+                count(-(l.size() as isize));
+                unsafe { System.dealloc(p, l) }
+            }
+            unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+                count(new as isize - l.size() as isize);
+                unsafe { System.realloc(p, l, new) }
+            }
+        }
+
+        /// Counts `delta` bytes, plus malloc's own overhead: glibc rounds a request up to 16 bytes
+        /// and adds 8, with a 32-byte minimum chunk.
+        fn count(delta: isize) {
+            let _ = ON.try_with(|on| {
+                if on.get() {
+                    let chunk = |n: isize| {
+                        if n == 0 { 0 } else { ((n.abs() + 8 + 15) / 16 * 16).max(32) * n.signum() }
+                    };
+                    LIVE.with(|l| l.set(l.get() + chunk(delta)));
+                    PEAK.with(|p| p.set(p.get().max(LIVE.with(Cell::get))));
+                }
+            });
+        }
+
+        #[global_allocator]
+        static A: Counting = Counting;
+
+        /// Peak heap of decoding `entries` from the wire, holding them and validating them.
+        fn peak_heap(entries: Vec<Entry>) -> usize {
+            // As the sender cuts it: parts that each fit a message.
+            let mut payloads = Vec::new();
+            let mut part = Vec::new();
+            for e in entries {
+                if part.iter().map(Entry::encoded_len).sum::<usize>() + e.encoded_len() > 60_000 {
+                    let m =
+                        Message::Manifest(ManifestPart { entries: std::mem::take(&mut part), last: false });
+                    payloads.push(crate::protocol::encode_message(&m));
+                }
+                part.push(e);
+            }
+            payloads.push(crate::protocol::encode_message(&Message::Manifest(ManifestPart {
+                entries: part,
+                last: true,
+            })));
+            LIVE.with(|l| l.set(0));
+            PEAK.with(|p| p.set(0));
+            ON.with(|on| on.set(true));
+            // As the receiver reads it: each part decoded, its entries appended.
+            let (mut all, mut model) = (Vec::new(), 0);
+            for payload in &payloads {
+                let Ok(Message::Manifest(part)) = crate::protocol::decode_message(payload) else {
+                    unreachable!()
+                };
+                model += cost(&part);
+                all.extend(part.entries);
+            }
+            let summary = validate(&all);
+            drop(all);
+            ON.with(|on| on.set(false));
+            assert!(summary.is_ok(), "{summary:?}");
+            let peak = PEAK.with(Cell::get) as usize;
+            eprintln!("peak heap {peak} bytes, model {model}: {:.2}x", peak as f64 / model as f64);
+            assert!(peak <= model, "the model ({model} bytes) is below the measured heap ({peak} bytes)");
+            peak
+        }
+
+        fn name(i: usize) -> String {
+            format!("{i:x}")
+        }
+
+        #[test]
+        fn the_cost_model_covers_the_heap() {
+            // Deep one-letter paths, every node distinct: the most components per wire byte.
+            let deep = (0..500)
+                .map(|i| Entry {
+                    path: std::iter::once(name(i)).chain((1..MAX_DEPTH).map(|_| "a".into())).collect(),
+                    ..dir("x")
+                })
+                .collect();
+            peak_heap(deep);
+            // Many shallow files with short names.
+            peak_heap((0..20_000).map(|i| Entry { path: vec![name(i)], ..file("x", 1) }).collect());
+            // Long components.
+            let long = (0..200)
+                .map(|i| Entry {
+                    path: (0..16).map(|j| format!("{}{}", name(i * 16 + j), "n".repeat(240))).collect(),
+                    ..dir("x")
+                })
+                .collect();
+            peak_heap(long);
         }
     }
 }

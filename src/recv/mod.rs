@@ -82,6 +82,8 @@ struct Shared {
     per_peer: Mutex<HashMap<IpAddr, usize>>,
     /// Free space promised to transfers in flight, so concurrent ones cannot overbook the disk.
     space: SpacePool,
+    /// Memory set aside for the manifests of transfers in flight.
+    manifests: manifest::MemoryPool,
 }
 
 impl Shared {
@@ -162,6 +164,7 @@ impl Receiver {
             connections: AtomicUsize::new(0),
             per_peer: Mutex::new(HashMap::new()),
             space,
+            manifests: manifest::MemoryPool::new(manifest::MANIFEST_MEMORY),
         };
         Ok(Receiver { listener, shared: Arc::new(shared) })
     }

@@ -119,6 +119,15 @@ impl FrameReader {
         Ok(())
     }
 
+    /// Reads and discards whatever the peer sends until it closes or `until` passes (after a
+    /// refusal, so the peer reads it instead of a reset caused by unread bytes).
+    pub fn discard_until(&mut self, until: Instant) {
+        let mut buf = [0u8; 16 * 1024];
+        let d = self.inner.get_mut();
+        d.until = Some(until);
+        while matches!(d.read(&mut buf), Ok(n) if n > 0) {}
+    }
+
     /// Reads and discards `n` payload bytes.
     pub fn skip(&mut self, n: u64) -> io::Result<()> {
         let copied = io::copy(&mut (&mut self.inner).take(n), &mut io::sink())?;

@@ -169,3 +169,85 @@ fn protocol_hello_then_busy(raw: &mut crate::util::RawPeer) {
     }
     assert!(raw.closed_by_peer());
 }
+
+/// A manifest part of `n` entries whose paths are 64 one-letter components under a first
+/// component unique to (`conn`, `part`, entry): the most receiver memory per byte on the wire.
+fn deep_part(conn: usize, part: usize, n: usize) -> Message {
+    use xfer::protocol::{Entry, EntryKind, ManifestPart};
+    let entries = (0..n)
+        .map(|i| Entry {
+            path: std::iter::once(format!("{conn}-{part}-{i}"))
+                .chain((1..xfer::protocol::MAX_DEPTH).map(|_| "a".to_string()))
+                .collect(),
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            mtime: (0, 0),
+        })
+        .collect();
+    Message::Manifest(ManifestPart { entries, last: false })
+}
+
+#[test]
+fn maximal_manifests_from_every_connection_keep_memory_bounded() {
+    // Before: a manifest was read whole before a transfer slot was taken, and its memory was
+    // modelled at less than half of what it took; four connections holding manifests just under
+    // the limit took a receiver from 3 to 557 MiB, sixteen to 2.2 GiB (the defaults allow 64).
+    // Now: every connection the defaults allow (64: half from each of two addresses) sends
+    // manifest parts as fast as it can and never ends its manifest.
+    let rx = Receiver::start(&["--quiet"]);
+    let conns = 64;
+    let flood: Vec<_> = (0..conns)
+        .map(|c| {
+            let to = rx.addr;
+            std::thread::spawn(move || {
+                let from = if c % 2 == 0 { [127, 0, 0, 1] } else { [127, 0, 0, 2] };
+                let Ok(mut s) = connect_from(from, to) else { return 0 };
+                s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+                if xfer::protocol::write_hello(&mut s).is_err() {
+                    return 0;
+                }
+                // Up to 200 MiB of modelled memory each (more than MAX_MANIFEST_BYTES). One in
+                // four ends its manifest after 10 MiB with an entry named `..`: the receiver then
+                // validates all of it (its peak) before it refuses it.
+                let mut sent = 0;
+                for part in 0..400 {
+                    let mut m = deep_part(c, part, 30);
+                    if c % 4 == 0
+                        && part == 20
+                        && let Message::Manifest(p) = &mut m
+                    {
+                        p.entries.last_mut().unwrap().path[1] = "..".into();
+                        p.last = true;
+                    }
+                    if xfer::protocol::write_message(&mut s, &m).is_err() {
+                        break;
+                    }
+                    sent += 1;
+                    if c % 4 == 0 && part == 20 {
+                        break;
+                    }
+                }
+                // Hold the connection (and whatever the receiver kept of it) for a moment.
+                std::thread::sleep(Duration::from_secs(2));
+                sent
+            })
+        })
+        .collect();
+    let mut peak = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while flood.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+        peak = peak.max(fds_and_peak_rss(rx.child.id()).1);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let parts: usize = flood.into_iter().map(|t| t.join().unwrap()).sum();
+    let peak = peak.max(fds_and_peak_rss(rx.child.id()).1);
+    println!("{conns} connections sent {parts} manifest parts; receiver peak RSS {} MiB", peak / 1024);
+    assert!(peak < 256 * 1024, "receiver peak RSS {peak} KiB, over 256 MiB");
+    // The refusals were said, and an honest sender still gets through.
+    rx.wait_log("receiver busy");
+    rx.wait_log("component 2 is refused");
+    let data = random_bytes(100_000, 5);
+    let (_src, path) = source_file("after-the-flood", &data);
+    send(&path, &rx.target(), &["--quiet"]).expect(0);
+    assert!(std::fs::read(rx.dir.join("after-the-flood")).unwrap() == data);
+}
