@@ -24,6 +24,8 @@ struct Deadlined {
     stream: Socket,
     until: Option<Instant>,
     idle: Option<Duration>,
+    /// The last read under a deadline waited for the idle timeout, not the deadline.
+    idle_fired: bool,
 }
 
 impl Read for Deadlined {
@@ -31,9 +33,14 @@ impl Read for Deadlined {
         if let Some(until) = self.until {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                self.idle_fired = false;
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
             }
-            self.stream.tcp().set_read_timeout(Some(left))?;
+            // The idle timeout applies under a deadline too: a peer silent that long is dropped
+            // even when the deadline is further away.
+            self.idle_fired = self.idle.is_some_and(|idle| idle < left);
+            let wait = self.idle.map_or(left, |idle| idle.min(left));
+            self.stream.tcp().set_read_timeout(Some(wait))?;
         }
         self.stream.read(buf)
     }
@@ -41,7 +48,8 @@ impl Read for Deadlined {
 
 impl FrameReader {
     pub(super) fn new(stream: Socket, peer: &str, idle: Option<Duration>, limit: Limit) -> FrameReader {
-        let inner = BufReader::with_capacity(RECV_BUF, Deadlined { stream, until: None, idle });
+        let inner =
+            BufReader::with_capacity(RECV_BUF, Deadlined { stream, until: None, idle, idle_fired: false });
         FrameReader { inner, peer: peer.to_string(), limit, idle_limit: limit }
     }
 
@@ -71,7 +79,8 @@ impl FrameReader {
     /// Turns a failure on this connection into the error a user sees: a timeout naming the rule
     /// in force, a drop, or the peer's protocol violation. `what` says what this side was doing.
     pub fn error(&self, what: &'static str, e: WireError) -> Error {
-        Error::wire(&self.peer, what, self.limit, e)
+        let limit = if self.inner.get_ref().idle_fired { self.idle_limit } else { self.limit };
+        Error::wire(&self.peer, what, limit, e)
     }
 
     /// Reads and checks the peer's hello.

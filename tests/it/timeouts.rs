@@ -73,3 +73,28 @@ fn once_exits_with_the_status_of_its_transfer() {
     assert_eq!(rx.wait_exit(), 0, "{}", rx.stderr());
     rx.assert_files(&["one"]);
 }
+
+#[test]
+fn a_manifest_that_stops_arriving_is_dropped_at_the_idle_timeout() {
+    // Before: once the first manifest part was in, only the 120 s manifest deadline applied, so
+    // four connections that sent one part and then nothing held every connection of a
+    // `--max-transfers 1` receiver for two minutes. Now the idle timeout applies too.
+    let rx =
+        Receiver::start(&["--quiet", "--timeout", "2", "--handshake-timeout", "2", "--max-transfers", "1"]);
+    let stalled: Vec<RawPeer> = (0..4)
+        .map(|i| {
+            let mut p = RawPeer::greet(rx.addr);
+            p.send_raw(&crate::util::manifest_frame(
+                vec![crate::util::file_entry(&[&format!("f{i}")], 1)],
+                false,
+            ));
+            p
+        })
+        .collect();
+    let start = Instant::now();
+    rx.wait_log("see --timeout");
+    assert!(start.elapsed() < Duration::from_secs(8), "dropped after {:?}", start.elapsed());
+    let (_src, path) = source_file("honest", b"honest");
+    send(&path, &rx.target(), &[]).expect(0);
+    drop(stalled);
+}

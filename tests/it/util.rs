@@ -371,6 +371,13 @@ pub fn file_entry(path: &[&str], size: u64) -> Entry {
     }
 }
 
+/// A manifest part as one frame's bytes.
+pub fn manifest_frame(entries: Vec<Entry>, last: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    protocol::write_message(&mut out, &Message::Manifest(ManifestPart { entries, last })).unwrap();
+    out
+}
+
 /// True for the receiver's acceptance of a manifest: an empty answers part.
 pub fn is_accept(m: &Message) -> bool {
     matches!(m, Message::Answers(AnswersPart { answers, last: false }) if answers.is_empty())
