@@ -176,6 +176,14 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// A file's size; 0 for a folder.
+    pub fn size(&self) -> u64 {
+        match self.kind {
+            EntryKind::File { size, .. } => size,
+            EntryKind::Dir => 0,
+        }
+    }
+
     /// Bytes this entry takes inside an encoded message (see PROTOCOL.md: u64 lengths, u32
     /// variants, fixed-width integers), without encoding it: a sender splits a 10,000-entry
     /// manifest into frames with it.

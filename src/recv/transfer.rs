@@ -26,6 +26,9 @@ use crate::transport::{FrameReader, FrameWriter};
 /// Resumed partials kept locked from their answer to their body, so nothing can change them in
 /// between; past this many, further partials are answered from offset 0.
 pub(crate) const MAX_HELD: usize = 64;
+/// The slowest hashing a receiver waits for: a sender's keepalives for a file's digest are
+/// accepted for the idle timeout plus the file's size at this rate, in bytes a second.
+pub(crate) const MIN_HASH_RATE: u64 = 1 << 20;
 /// An answers part goes out at least this often, so the sender's idle timeout is fed.
 pub(crate) const ANSWER_FLUSH: Duration = Duration::from_secs(1);
 
@@ -59,6 +62,8 @@ pub(super) struct Transfer<'a> {
     pub(super) file_no: usize,
     /// The entry at `cursor` needs its digest before it can be answered.
     pub(super) waiting_for_digest: bool,
+    /// When the sender last sent something other than a keepalive.
+    pub(super) progress_at: Instant,
     pub(super) answer_dirs: Dirs,
     pub(super) body_dirs: Dirs,
     /// Files answered `Send` whose body has not come yet, in order.
@@ -106,6 +111,7 @@ impl<'a> Transfer<'a> {
             cursor: 0,
             file_no: 0,
             waiting_for_digest: false,
+            progress_at: Instant::now(),
             plans: VecDeque::new(),
             held: 0,
             created_dirs: Vec::new(),
@@ -166,6 +172,9 @@ impl<'a> Transfer<'a> {
                 return Ok(());
             }
             let message = self.r.message().map_err(|e| self.r.error("reading the transfer", e))?;
+            // Keepalives while the sender hashes the file whose digest the answer waits for.
+            let hashing = if self.waiting_for_digest { self.entries[self.cursor].size() } else { 0 };
+            self.note_progress(&message, hashing)?;
             match message {
                 Message::Digests(part) => {
                     // An empty part: the sender is still hashing. A good moment to acknowledge
@@ -206,6 +215,27 @@ impl<'a> Transfer<'a> {
                 }
             }
         }
+    }
+
+    /// Keeps the progress clock: any message but a keepalive (an empty `Digests` part) is
+    /// progress. Keepalives alone are accepted for the idle timeout, plus the time a sender
+    /// hashing at [`MIN_HASH_RATE`] needs for the `hashing` bytes whose digest is awaited; past
+    /// that the transfer ends, so keepalives cannot hold a slot forever.
+    pub(super) fn note_progress(&mut self, message: &Message, hashing: u64) -> Result<(), Error> {
+        if !matches!(message, Message::Digests(p) if p.digests.is_empty()) {
+            self.progress_at = Instant::now();
+            return Ok(());
+        }
+        let Some(idle) = self.shared.opts.timeout else { return Ok(()) };
+        let allowed = idle + Duration::from_secs(hashing / MIN_HASH_RATE);
+        if self.progress_at.elapsed() > allowed {
+            return Err(Error::Timeout {
+                peer: self.r.peer().to_string(),
+                what: "sending nothing but keepalives",
+                limit: crate::transport::idle_limit(self.shared.opts.timeout),
+            });
+        }
+        Ok(())
     }
 
     pub(super) fn malformed(&self, what: String) -> Error {

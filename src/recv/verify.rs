@@ -119,7 +119,8 @@ impl Transfer<'_> {
             }
         };
         // The digest may still be on its way: it is due by the end of the body.
-        let expected = match self.digest_of(plan.file_no) {
+        self.progress_at = std::time::Instant::now();
+        let expected = match self.digest_of(plan.file_no, size) {
             Ok(d) => d,
             Err(e) => {
                 if matches!(e, Error::Protocol { .. }) {
@@ -161,9 +162,11 @@ impl Transfer<'_> {
 
     /// The digest of file `n`, reading further `Digests` parts (and keepalives) if it has not
     /// come yet: nothing else may come between a body and its digest.
-    pub(super) fn digest_of(&mut self, n: usize) -> Result<Option<Digest>, Error> {
+    pub(super) fn digest_of(&mut self, n: usize, size: u64) -> Result<Option<Digest>, Error> {
         while self.digests.len() <= n {
-            match self.r.message().map_err(|e| self.r.error("waiting for the digest", e))? {
+            let message = self.r.message().map_err(|e| self.r.error("waiting for the digest", e))?;
+            self.note_progress(&message, size)?;
+            match message {
                 Message::Digests(part) => self.take_digests(part.first, part.digests)?,
                 other => {
                     let source =

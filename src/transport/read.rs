@@ -26,6 +26,11 @@ struct Deadlined {
     idle: Option<Duration>,
     /// The last read under a deadline waited for the idle timeout, not the deadline.
     idle_fired: bool,
+    /// While a body arrives: the least bytes a second over each window of `idle` spent waiting,
+    /// and the current window's wait and bytes.
+    min_rate: Option<u64>,
+    waited: Duration,
+    got: u64,
 }
 
 impl Read for Deadlined {
@@ -42,14 +47,41 @@ impl Read for Deadlined {
             let wait = self.idle.map_or(left, |idle| idle.min(left));
             self.stream.tcp().set_read_timeout(Some(wait))?;
         }
-        self.stream.read(buf)
+        let (Some(rate), Some(window)) = (self.min_rate, self.idle) else {
+            return self.stream.read(buf);
+        };
+        let start = Instant::now();
+        let n = self.stream.read(buf)?;
+        // Only the time spent waiting for the peer counts, not this side's own work.
+        self.waited += start.elapsed();
+        self.got += n as u64;
+        if self.waited >= window {
+            if self.got < rate.saturating_mul(window.as_secs().max(1)) {
+                return Err(io::Error::other(format!(
+                    "less than {rate} bytes/s for {} s (MIN_RATE; see --timeout)",
+                    window.as_secs()
+                )));
+            }
+            (self.waited, self.got) = (Duration::ZERO, 0);
+        }
+        Ok(n)
     }
 }
 
 impl FrameReader {
     pub(super) fn new(stream: Socket, peer: &str, idle: Option<Duration>, limit: Limit) -> FrameReader {
-        let inner =
-            BufReader::with_capacity(RECV_BUF, Deadlined { stream, until: None, idle, idle_fired: false });
+        let inner = BufReader::with_capacity(
+            RECV_BUF,
+            Deadlined {
+                stream,
+                until: None,
+                idle,
+                idle_fired: false,
+                min_rate: None,
+                waited: Duration::ZERO,
+                got: 0,
+            },
+        );
         FrameReader { inner, peer: peer.to_string(), limit, idle_limit: limit }
     }
 
@@ -69,6 +101,15 @@ impl FrameReader {
             }
         }
         Ok(())
+    }
+
+    /// Requires at least `rate` bytes a second from the peer (with `None`, no minimum), measured
+    /// over windows of the idle timeout spent waiting in reads while it is set: a body trickled a
+    /// byte at a time, each just inside the idle timeout, fails instead of holding its transfer
+    /// slot forever. The window carries over from one body to the next, so many tiny bodies
+    /// cannot trickle either.
+    pub fn set_min_rate(&mut self, rate: Option<u64>) {
+        self.inner.get_mut().min_rate = rate;
     }
 
     /// The peer's address, as shown in messages.

@@ -98,3 +98,55 @@ fn a_manifest_that_stops_arriving_is_dropped_at_the_idle_timeout() {
     send(&path, &rx.target(), &[]).expect(0);
     drop(stalled);
 }
+
+#[test]
+fn a_body_trickled_just_inside_the_idle_timeout_loses_its_slot() {
+    // Before: one byte every (timeout - ε) is never idle, so it held its transfer slot for as
+    // long as the peer liked. Now a body must move MIN_RATE bytes a second over each window of
+    // the idle timeout.
+    let rx = Receiver::start(&["--quiet", "--timeout", "2", "--max-transfers", "1"]);
+    let data = crate::util::random_bytes(100_000, 4);
+    let mut p = RawPeer::greet(rx.addr);
+    assert!(crate::util::is_accept(&p.offer("slow", data.len() as u64, crate::util::sha256(&data))));
+    assert_eq!(p.answer(), xfer::protocol::Answer::Send { offset: 0 });
+    p.body(0);
+    let start = Instant::now();
+    // One frame of the whole body, then its bytes one at a time, 1.5 s apart.
+    let mut header = Vec::new();
+    xfer::protocol::write_frame_header(&mut header, xfer::protocol::FrameKind::Data, data.len() as u32)
+        .unwrap();
+    p.send_raw(&header);
+    for byte in &data[..10] {
+        p.send_raw(&[*byte]);
+        std::thread::sleep(Duration::from_millis(1500));
+        if rx.stderr().contains("bytes/s") {
+            break;
+        }
+    }
+    rx.wait_log("bytes/s for 2 s");
+    assert!(start.elapsed() < Duration::from_secs(8), "held for {:?}", start.elapsed());
+    let (_src, path) = source_file("honest", b"honest");
+    send(&path, &rx.target(), &[]).expect(0);
+}
+
+#[test]
+fn keepalives_alone_do_not_hold_a_slot() {
+    // Before: empty Digests parts every second kept a transfer alive forever. Now keepalives
+    // count only while the sender may be hashing what the receiver waits for: the idle timeout
+    // plus the awaited file's size at MIN_HASH_RATE.
+    let rx = Receiver::start(&["--quiet", "--timeout", "2", "--max-transfers", "1"]);
+    // A file of the offered size is there, so the answer waits for the digest.
+    std::fs::write(rx.dir.join("k"), b"0123456789").unwrap();
+    let mut p = RawPeer::greet(rx.addr);
+    p.manifest(vec![crate::util::file_entry(&["k"], 10)]);
+    assert!(crate::util::is_accept(&p.read().unwrap()));
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) && !rx.stderr().contains("keepalives") {
+        p.digests(0, vec![]);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    rx.wait_log("timed out while sending nothing but keepalives");
+    assert!(start.elapsed() < Duration::from_secs(6), "held for {:?}", start.elapsed());
+    let (_src, path) = source_file("honest", b"honest");
+    send(&path, &rx.target(), &[]).expect(0);
+}
