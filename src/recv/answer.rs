@@ -25,6 +25,8 @@ pub(super) struct Plan {
     pub hasher: Option<Hasher>,
     /// A resume record was written for it.
     pub record: bool,
+    /// Its partial did not exist before this answer: if the body never comes, it goes.
+    pub fresh: bool,
     /// The partial, still locked, for a resumed file.
     pub held: Option<Partial>,
 }
@@ -36,8 +38,10 @@ pub(super) struct Rules {
     pub until: Instant,
     /// A resumed partial may stay locked until its body (see `MAX_HELD`).
     pub hold: bool,
-    /// Files up to `RESUME_MIN` get a resume record too (a transfer of one file).
-    pub record_small: bool,
+    /// A transfer of one file: it keeps a resume record whatever its size, and its partial stays
+    /// locked from its answer to its body, so a second sender of the same name is told busy at
+    /// once instead of after sending its whole body.
+    pub single: bool,
 }
 
 /// In a transfer of many files, files up to this size keep no record while they arrive, so they
@@ -67,13 +71,14 @@ pub(super) fn answer_file(
     let EntryKind::File { size, hash: alg, tag } = entry.kind else {
         unreachable!("answer_file takes files")
     };
-    let resumable = size > RESUME_MIN || rules.record_small;
-    let plan = |offset, hasher, record, held| Plan { index, file_no, offset, hasher, record, held };
+    let resumable = size > RESUME_MIN || rules.single;
+    let plan =
+        |offset, hasher, record, held, fresh| Plan { index, file_no, offset, hasher, record, held, fresh };
     let send = |plan| Ok(Some((Answer::Send { offset: 0 }, Some(plan))));
     // In a folder this transfer just created there is nothing to compare with or resume:
     // no lookups at all (the renames stay no-replace, whatever appears meanwhile).
     if !resumable && dirs.created.contains(parent_path) {
-        return send(plan(0, None, false, None));
+        return send(plan(0, None, false, None, true));
     }
     let parent = dirs.get(parent_path)?;
     let id = FileId { size, alg, digest: digest.copied(), tag: Some(tag) };
@@ -94,20 +99,22 @@ pub(super) fn answer_file(
         }
     }
     // Nothing to resume and nothing worth a record: answer without touching the disk.
-    if !resumable && Partial::absent(parent, name) {
-        return send(plan(0, None, false, None));
+    let fresh = Partial::absent(parent, name);
+    if !resumable && fresh {
+        return send(plan(0, None, false, None, true));
     }
     match Partial::open(parent.try_clone()?, name, &id, rules.until, resumable)? {
         Opened::Ready { partial, offset, hasher } => {
             let record = partial.has_record();
             // A resumed partial stays locked until its body: its prefix was hashed and nothing
-            // may change it in between. Past MAX_HELD it starts over instead.
-            if offset > 0 && rules.hold {
-                let p = plan(offset, Some(hasher), record, Some(partial));
+            // may change it in between. Past MAX_HELD it starts over instead. A single file's
+            // stays locked too (see `Rules::single`).
+            if (offset > 0 || rules.single) && rules.hold {
+                let p = plan(offset, Some(hasher), record, Some(partial), fresh);
                 return Ok(Some((Answer::Send { offset }, Some(p))));
             }
             drop(partial);
-            send(plan(0, None, record, None))
+            send(plan(0, None, record, None, fresh))
         }
         Opened::Busy => {
             let reason = "another transfer of this file is in progress, try again later".into();
@@ -116,16 +123,22 @@ pub(super) fn answer_file(
     }
 }
 
-/// Bytes the transfer will probably need: files without a same-size regular file at their path.
+/// Bytes the transfer will probably need: files without a same-size regular file at their path,
+/// less what a partial of the same version already holds (a resume needs only the rest).
 pub(super) fn likely_needed(root: &SafeDir, entries: &[Entry]) -> io::Result<u64> {
     let mut dirs = Dirs::new(root)?;
     Ok(entries
         .iter()
-        .filter_map(|e| match &e.kind {
-            EntryKind::File { size, .. } => {
+        .filter_map(|e| match e.kind {
+            EntryKind::File { size, hash, tag } => {
                 let (parent, name) = e.path.split_at(e.path.len() - 1);
-                let there = dirs.peek(parent).and_then(|d| d.kind(&name[0])).ok();
-                (there != Some(Kind::File(*size))).then_some(*size)
+                // A folder that is not there yet holds nothing of it.
+                let Ok(dir) = dirs.peek(parent) else { return Some(size) };
+                if dir.kind(&name[0]).ok() == Some(Kind::File(size)) {
+                    return None;
+                }
+                let id = FileId { size, alg: hash, digest: None, tag: Some(tag) };
+                Some(size - Partial::held_for(dir, &name[0], &id))
             }
             EntryKind::Dir => None,
         })

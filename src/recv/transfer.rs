@@ -276,7 +276,7 @@ impl<'a> Transfer<'a> {
                 overwrite: opts.overwrite,
                 until: Instant::now() + compare_for,
                 hold: self.held < MAX_HELD,
-                record_small: self.single,
+                single: self.single,
             };
             let is_file = matches!(entry.kind, EntryKind::File { .. });
             let answered = match (&entry.kind, self.digests.get(self.file_no)) {

@@ -23,12 +23,10 @@ impl Transfer<'_> {
 
     pub(super) fn withdrawn(&mut self, plan: Plan, reason: String) -> Result<(), Error> {
         let reason = bounded_reason(format!("not sent: {}", peer_text(reason)));
-        self.abandon(std::iter::once(&plan));
-        self.verdict_failed(
-            &plan,
-            Verdict::Failed { reason: reason.clone() },
-            Error::Integrity(format!("the sender withdrew it ({reason})")),
-        )
+        let e = Error::Integrity(format!("the sender withdrew it ({reason})"));
+        let sent = self.verdict_failed(&plan, Verdict::Failed { reason }, e);
+        self.abandon(plan);
+        sent
     }
 
     /// Receives the body `plan` announced, checks it against the file's digest and queues it for
@@ -207,21 +205,27 @@ impl Transfer<'_> {
     /// removed (resumed ones keep their data for next time).
     pub(super) fn abandon_plans(&mut self) {
         let plans: Vec<Plan> = self.plans.drain(..).collect();
-        self.abandon(plans.iter());
+        for plan in plans {
+            self.abandon(plan);
+        }
     }
 
-    pub(super) fn abandon<'p>(&self, plans: impl Iterator<Item = &'p Plan>) {
-        for plan in plans {
-            if plan.offset > 0 || !plan.record {
-                continue;
-            }
-            let path = &self.entries[plan.index].path;
-            let (parent, name) = path.split_at(path.len() - 1);
-            if let Ok(dir) = self.root.walk(parent, false)
-                && let Ok(Some(p)) = Partial::reopen(dir, &name[0], 0, true)
-            {
-                p.discard();
-            }
+    /// A file answered `Send` whose body will not come: its partial goes if this transfer made
+    /// it and it holds nothing (a resumable one, or one from an earlier transfer, stays).
+    pub(super) fn abandon(&self, mut plan: Plan) {
+        if plan.offset > 0 || !plan.record || !plan.fresh {
+            return;
+        }
+        if let Some(p) = plan.held.take() {
+            p.discard();
+            return;
+        }
+        let path = &self.entries[plan.index].path;
+        let (parent, name) = path.split_at(path.len() - 1);
+        if let Ok(dir) = self.root.walk(parent, false)
+            && let Ok(Some(p)) = Partial::reopen(dir, &name[0], 0, true)
+        {
+            p.discard();
         }
     }
 }

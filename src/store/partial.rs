@@ -193,6 +193,18 @@ impl Partial {
         Ok(Opened::Ready { partial, offset, hasher })
     }
 
+    /// Bytes the partial of `name` in `dir` already holds of the file `id` describes (by its
+    /// record: same name, size, algorithm and version tag), so a resume reserves only the rest.
+    /// 0 when there is no such partial; a lookup, nothing is opened for writing.
+    pub fn held_for(dir: &SafeDir, name: &str, id: &FileId) -> u64 {
+        let stem = stem_for(name);
+        let matches = read_record(dir, &format!("{stem}{RECORD_SUFFIX}")).is_ok_and(|r| id.matches(name, &r));
+        match dir.kind(&format!("{stem}{PART_SUFFIX}")) {
+            Ok(Kind::File(len)) if matches => len.min(id.size),
+            _ => 0,
+        }
+    }
+
     /// True if `name` has no partial in `dir`: a fresh, unresumable file can then be answered
     /// without creating anything, and [`Partial::reopen`] creates it when its body comes.
     pub fn absent(dir: &SafeDir, name: &str) -> bool {

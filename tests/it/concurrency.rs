@@ -83,3 +83,27 @@ fn concurrent_offers_cannot_overbook_free_space() {
     let mut third = RawPeer::greet(rx.addr);
     offer_accepted(&mut third, "third", free / 10 * 6);
 }
+
+#[test]
+fn a_second_sender_of_the_same_name_is_told_busy_at_once() {
+    // The first transfer of "same" is answered and its body has not started: its partial stays
+    // locked, so a second sender is refused before it sends anything (before: it was answered,
+    // sent its whole body and then failed, or won the race and was stored under the first's feet).
+    let rx = Receiver::start(&["--quiet"]);
+    let mut first = RawPeer::greet(rx.addr);
+    assert!(crate::util::is_accept(&first.offer("same", 10, sha256(b"0123456789"))));
+    assert_eq!(first.answer(), xfer::protocol::Answer::Send { offset: 0 });
+    let (_src, path) = crate::util::source_file("same", &crate::util::random_bytes(1 << 20, 8));
+    let run = crate::util::send(&path, &rx.target(), &[]).expect(4);
+    assert!(run.stderr().contains("another transfer of this file is in progress"), "{}", run.report());
+    // The first one goes on undisturbed.
+    first.body(0);
+    first.data(b"0123456789");
+    match first.read().unwrap() {
+        Message::FileVerdict(v) => {
+            assert_eq!(v.verdict, xfer::protocol::Verdict::Verified { name: "same".into() })
+        }
+        other => panic!("expected a verdict, got {other:?}"),
+    }
+    rx.assert_files(&["same"]);
+}

@@ -368,3 +368,40 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn a_resume_needs_room_only_for_the_rest() {
+    // A 30 MiB file into a 40 MiB disk, cut after 22 MiB: 18 MiB free is enough for the 8 MiB
+    // still missing. Before, the whole size was reserved again and the resend was refused.
+    let disk = crate::util::SmallDisk::mount("40m");
+    let dir = disk.0.path().join("dir");
+    std::fs::create_dir(&dir).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let rx = Receiver::start_in(root, dir, &["--quiet"]);
+    let data = random_bytes(30 << 20, 12);
+    let (_src, path) = source_file("big", &data);
+    // The first attempt, as the real sender would make it (the same version tag), cut short.
+    let tag = xfer::cache::Stamp::of(&std::fs::metadata(&path).unwrap()).tag();
+    let mut p = crate::util::RawPeer::greet(rx.addr);
+    let mut entry = crate::util::file_entry(&["big"], data.len() as u64);
+    entry.kind = xfer::protocol::EntryKind::File {
+        size: data.len() as u64,
+        hash: xfer::protocol::HashAlg::Sha256,
+        tag,
+    };
+    p.manifest(vec![entry]);
+    assert!(crate::util::is_accept(&p.read().unwrap()));
+    assert_eq!(p.answer(), xfer::protocol::Answer::Send { offset: 0 });
+    p.body(0);
+    for chunk in data[..22 << 20].chunks(1 << 20) {
+        p.data(chunk);
+    }
+    p.stream.shutdown(Shutdown::Write).unwrap();
+    let _ = p.read();
+    drop(p);
+    rx.wait_log("\"big\"");
+    assert_eq!(rx.partial("big").1, 22 << 20);
+    let run = send(&path, &rx.target(), &[]).expect(0);
+    assert!(run.stdout().contains(&format!("resumed at {} bytes", 22 << 20)), "{}", run.report());
+    assert!(std::fs::read(rx.dir.join("big")).unwrap() == data);
+}
