@@ -54,6 +54,7 @@ pub(super) fn answer_dir(dirs: &mut Dirs, entry: &Entry) -> io::Result<Answer> {
     let (_, created) = dirs.get(parent_path)?.subdir(&name[0], true)?;
     if created {
         dirs.created.insert(entry.path.clone());
+        dirs.made = true;
     }
     Ok(if created { Answer::Send { offset: 0 } } else { Answer::Have { name: name[0].clone() } })
 }
@@ -155,16 +156,38 @@ pub(super) struct Dirs {
     missing: Option<Vec<String>>,
     /// Folders this transfer created (answer phase only).
     pub created: HashSet<Vec<String>>,
+    /// Some folder was created through this handle: new folder entries need a durable flush of
+    /// their own before a file in them is acknowledged.
+    pub made: bool,
 }
 
 impl Dirs {
     pub fn new(root: &SafeDir) -> io::Result<Dirs> {
-        Ok(Dirs { root: root.try_clone()?, path: None, dir: None, missing: None, created: HashSet::new() })
+        Ok(Dirs {
+            root: root.try_clone()?,
+            path: None,
+            dir: None,
+            missing: None,
+            created: HashSet::new(),
+            made: false,
+        })
     }
 
     /// The folder at `path` below the target folder, created if missing.
     pub fn get(&mut self, path: &[String]) -> io::Result<&SafeDir> {
         self.open(path, true)
+    }
+
+    /// Opens the folder at `path` one component at a time (see `SafeDir::subdir`), noting
+    /// whether it created any.
+    fn walk(&mut self, path: &[String], create: bool) -> io::Result<SafeDir> {
+        let mut dir = self.root.try_clone()?;
+        for c in path {
+            let (sub, created) = dir.subdir(c, create)?;
+            self.made |= created;
+            dir = sub;
+        }
+        Ok(dir)
     }
 
     /// Like `get`, without creating folders.
@@ -178,7 +201,7 @@ impl Dirs {
         }
         if self.path.as_deref() != Some(path) || self.dir.is_none() {
             self.dir = None;
-            match self.root.walk(path, create) {
+            match self.walk(path, create) {
                 Ok(d) => self.dir = Some(d),
                 Err(e) => {
                     if e.kind() == io::ErrorKind::NotFound {

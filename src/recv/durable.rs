@@ -5,8 +5,9 @@
 //! body that would fill the group on its own begins).
 //! Then one `syncfs` makes their data durable, they are renamed to their final names, a second
 //! `syncfs` makes the names durable, and only then are their verdicts sent. A group of one file
-//! (a single file, the tail of a batch) is flushed with `fsync` of the file and its folder
-//! instead, which costs less than flushing the whole file system. A crash at any point leaves
+//! (a single file; a batch's tail, or a file flushed early) in a transfer that created no folder
+//! is flushed with `fsync` of the file and its folder instead, which costs less than flushing
+//! the whole file system. A crash at any point leaves
 //! each file either hidden under its partial name or complete under its final name.
 
 use std::io;
@@ -67,15 +68,17 @@ impl Group {
     }
 
     /// Makes the group durable, names its files and acknowledges them (see the module docs).
+    /// `new_folders`: the transfer created folders, whose entries only a `syncfs` makes durable
+    /// (an `fsync` of the file's folder does not cover its parents), so even one file takes it.
     pub fn flush(
         &mut self,
         root: &SafeDir,
         w: &mut FrameWriter,
-        overwrite: bool,
+        (overwrite, new_folders): (bool, bool),
     ) -> Result<Stored, GroupError> {
         self.bytes = 0;
         let files = std::mem::take(&mut self.files);
-        let one = files.len() == 1;
+        let one = files.len() == 1 && !new_folders;
         if files.is_empty() {
             return Ok(Vec::new());
         }

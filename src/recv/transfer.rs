@@ -245,7 +245,10 @@ impl<'a> Transfer<'a> {
     /// Digests for files `first..`: they must continue where the last part stopped.
     pub(super) fn take_digests(&mut self, first: u32, digests: Vec<Option<Digest>>) -> Result<(), Error> {
         let known = self.digests.len();
-        if first as usize != known || digests.len() > self.summary.files - known {
+        if first as usize != known
+            || digests.len() > self.summary.files - known
+            || digests.len() > crate::protocol::MAX_DIGESTS_PER_PART
+        {
             return Err(self.malformed(format!(
                 "digests for files {first}..{} when {known} of {} are known",
                 first as usize + digests.len(),

@@ -181,8 +181,11 @@ impl Transfer<'_> {
         if self.group.is_empty() {
             return Ok(());
         }
-        let stored =
-            self.group.flush(&self.root, self.w, self.shared.opts.overwrite).map_err(|e| match e {
+        let new_folders = self.answer_dirs.made || self.body_dirs.made;
+        let stored = self
+            .group
+            .flush(&self.root, self.w, (self.shared.opts.overwrite, new_folders))
+            .map_err(|e| match e {
                 GroupError::Local(e) => Error::io("making received files durable", e),
                 GroupError::Wire(e) => self.w.error("acknowledging files", e.into()),
             })?;

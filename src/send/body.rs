@@ -94,7 +94,11 @@ impl Run<'_> {
             Err(FileError::Net(e)) => return Err(w.error("sending the body", e.into())),
             // The body cannot be completed: the connection is out of step, so it ends here.
             Err(FileError::Local(e)) => {
-                return Err(Error::io(format!("cannot read {path} (did it shrink while being sent?)"), e));
+                // Ours, whatever the receiver then says about the short body.
+                let context = format!("cannot read {path} (did it shrink while being sent?)");
+                self.local[i] = true;
+                self.outcomes[i] = Some(EntryOutcome::Failed(Error::io(context.clone(), e)));
+                return Err(Error::io(context, std::io::ErrorKind::UnexpectedEof.into()));
             }
         }
         self.sent += size - offset;

@@ -16,6 +16,7 @@ use crate::error::Error;
 use crate::progress::Progress;
 use crate::protocol::{
     Answer, Digest, DigestsPart, Entry, EntryKind, FileVerdict, MAX_DIGESTS_PER_PART, Message, ProtocolError,
+    Verdict,
 };
 use crate::transport::FrameWriter;
 
@@ -312,6 +313,11 @@ impl<'a> Run<'a> {
         let i = v.index as usize;
         if !self.owed.get(i).copied().unwrap_or(false) {
             return Err(self.protocol(format!("verdict for entry {i}, which was not sent")));
+        }
+        // Only a receiver that has the digest can have verified the file (or found it differs).
+        let needs_digest = matches!(v.verdict, Verdict::Verified { .. } | Verdict::HashMismatch { .. });
+        if needs_digest && self.entry_file[i] >= self.told {
+            return Err(self.protocol(format!("verdict for entry {i} before its digest was sent")));
         }
         self.owed[i] = false;
         self.owing -= 1;

@@ -34,7 +34,9 @@ pub fn find_existing(
         match dir.kind(&candidate)? {
             Kind::Missing => return Ok(None),
             Kind::File(len) if len == size => {
-                let file = dir.open_read(&candidate)?;
+                // One this receiver may not read (its mode came from a sender) is not this content
+                // as far as it can tell: the next name is tried.
+                let Ok(file) = dir.open_read(&candidate) else { continue };
                 match hash_reader_until(alg, file, &ProgressBar::hidden(), Some(deadline))? {
                     Some((d, _)) if &d == digest => return Ok(Some(candidate)),
                     Some(_) => {}
