@@ -112,7 +112,7 @@ pub struct RecvArgs {
     /// Drop a sender that is silent this long, in seconds (0: wait forever).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub timeout: u64,
-    /// Drop a connection that has not offered a file within this many seconds.
+    /// Drop a connection that has not started its list of files within this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub handshake_timeout: u64,
     /// Remove partial files of interrupted transfers not touched for this many hours (checked at

@@ -99,7 +99,7 @@ pub enum RejectCode {
     InsufficientSpace,
     /// The receiver is at its limit of concurrent transfers (variant 2).
     Busy,
-    /// The receiver does not support the offer's hash algorithm (variant 3).
+    /// The receiver does not support the entry's hash algorithm (variant 3).
     UnsupportedHash,
     /// The receiver could not prepare the file, e.g. a local I/O error (variant 4).
     Failed,

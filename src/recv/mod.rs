@@ -36,7 +36,7 @@ mod verify;
 use conn::handle_logged;
 
 /// Connections (not transfers) held at once, as a multiple of `--max-transfers`: room to read an
-/// offer and refuse it as busy, while a flood of idle connections is turned away at accept.
+/// manifest and refuse it as busy, while a flood of idle connections is turned away at accept.
 pub(crate) const CONNECTIONS_PER_TRANSFER: usize = 4;
 
 /// Of those connections, the share one peer address may hold (half: twice `--max-transfers`), so
@@ -57,7 +57,7 @@ pub struct RecvOpts {
     pub max_transfers: usize,
     /// Idle timeout once a transfer is under way; `None` waits forever.
     pub timeout: Option<Duration>,
-    /// Time allowed from accept to a complete offer.
+    /// Time allowed from accept to the first part of the manifest.
     pub handshake_timeout: Duration,
     /// Age after which unused partial files are removed.
     pub keep_partials: Duration,

@@ -304,8 +304,9 @@ impl<'a> Transfer<'a> {
                     break;
                 }
                 Err(e) => {
-                    let reason = bounded_reason(format!("{}: {e}", escape(&entry.path.join("/"))));
-                    failure = Some(Error::io(reason.clone(), e));
+                    let shown = escape(&entry.path.join("/"));
+                    let reason = bounded_reason(format!("{shown}: {e}"));
+                    failure = Some(Error::io(shown, e));
                     (Answer::Reject { code: RejectCode::Failed, reason }, None)
                 }
             };

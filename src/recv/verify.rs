@@ -54,12 +54,10 @@ impl Transfer<'_> {
             Err(e) => {
                 // The body comes anyway (it was promised): take it off the wire and say why.
                 skip_body(self.r, 0, size - plan.offset).map_err(|w| self.r.error("receiving a body", w))?;
-                let reason = bounded_reason(format!("{}: {e}", escape(&entry.path.join("/"))));
-                return self.verdict_failed(
-                    &plan,
-                    Verdict::Failed { reason: reason.clone() },
-                    Error::io(reason, e),
-                );
+                seen.received += size - plan.offset;
+                let shown = escape(&entry.path.join("/"));
+                let reason = bounded_reason(format!("{shown}: {e}"));
+                return self.verdict_failed(&plan, Verdict::Failed { reason }, Error::io(shown, e));
             }
         };
         let mut received = 0u64;
@@ -108,6 +106,7 @@ impl Transfer<'_> {
                 // The rest of this body is still on the wire: skip it to stay in step.
                 skip_body(self.r, frame_left, size - at - frame_left)
                     .map_err(|w| self.r.error("receiving a body", w))?;
+                seen.received += size - at;
                 let reason = bounded_reason(format!("writing the file: {e}"));
                 return self.verdict_failed(
                     &plan,

@@ -46,7 +46,7 @@ pub struct SendOpts {
     pub verbose: bool,
     /// `HOST:PORT`, ready for `ToSocketAddrs`.
     pub to: String,
-    /// Name to offer instead of the file's own.
+    /// Name to send the file under instead of its own.
     pub name: Option<String>,
     pub chunk_size: u32,
     /// Idle timeout on the connection; `None` waits forever.

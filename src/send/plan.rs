@@ -1,4 +1,4 @@
-//! What a send will offer: the paths on the command line turned into manifest entries, each with
+//! What a send will list: the paths on the command line turned into manifest entries, each with
 //! where its bytes come from. A single regular file is checked strictly (its name must be one the
 //! receiver accepts, or `--as` picks another); folders and several paths are walked (`walk`), and
 //! what cannot be sent is set aside to be reported, not fatal.

@@ -1,5 +1,5 @@
 //! Files already in the target folder, recognised by content: "already have it" answers, and
-//! whether an offer needs its digest before it can be answered. Names given here are already
+//! whether an entry needs its digest before it can be answered. Names given here are already
 //! validated single components, looked up through a [`SafeDir`].
 
 use std::io;
@@ -50,7 +50,7 @@ pub fn find_existing(
 }
 
 /// Whether a regular file of `size` bytes is stored as `name` or (unless `overwrite`) one of its
-/// keep-both variants: only then can an offer be "already here", so only then is its digest
+/// keep-both variants: only then can an entry be "already here", so only then is its digest
 /// needed before the body.
 pub fn same_size_exists(dir: &SafeDir, name: &str, size: u64, overwrite: bool) -> io::Result<bool> {
     let last = if overwrite { 0 } else { MAX_KEEP_BOTH };

@@ -3,7 +3,7 @@
 //!
 //! Each final name has one partial, `.xfer-<id>.part`, where `<id>` is derived from the name, and
 //! a record `.xfer-<id>.meta` saying what it belongs to (size, hash algorithm, digest if known,
-//! the sender's version tag if known, name). An offer resumes only if the record matches it (see
+//! the sender's version tag if known, name). An entry resumes only if the record matches it (see
 //! [`FileId::matches`]); a partial of any other version is truncated and started over. The prefix already on disk is hashed again before the offset is
 //! promised (for at most a deadline: whatever could not be hashed in time is dropped and sent
 //! again), so the final whole-file check covers every byte. A partial is locked (`flock`) while a
@@ -53,7 +53,7 @@ pub struct Partial {
     record: bool,
 }
 
-/// What opening a partial for an offer gave.
+/// What opening a partial for an entry gave.
 // One per transfer and moved out at once: boxing the hash state would buy nothing.
 #[allow(clippy::large_enum_variant)]
 pub enum Opened {
@@ -75,7 +75,7 @@ pub struct FileId {
     pub alg: HashAlg,
     /// The whole file's digest, when the sender knew it up front.
     pub digest: Option<Digest>,
-    /// The sender's version tag (single files; batches send digests instead).
+    /// The sender's version tag of the file (every file entry carries one).
     pub tag: Option<[u8; 16]>,
 }
 
@@ -92,7 +92,7 @@ impl FileId {
         s
     }
 
-    /// Whether the record kept for `name` in `dir` is one that this offer (which has no digest)
+    /// Whether the record kept for `name` in `dir` is one that this entry (whose digest is not here)
     /// would resume if it named its digest: same name, size and algorithm, a digest recorded,
     /// and not this sender version's tag.
     pub fn digest_would_resume(&self, dir: &SafeDir, name: &str) -> bool {
@@ -135,7 +135,7 @@ fn tag_hex(bytes: &[u8; 16]) -> String {
 }
 
 impl Partial {
-    /// Opens the partial for `name` in `dir` for an offer of `size` bytes with `digest`, resuming
+    /// Opens the partial for `name` in `dir` for an entry of `size` bytes with `digest`, resuming
     /// from what it holds if it belongs to exactly that file. The prefix is re-hashed until
     /// `deadline` at most.
     /// Without `resumable` no record is written, so an interruption leaves nothing to resume.
