@@ -320,6 +320,19 @@ impl Partial {
 /// Opens (creating it if missing) and locks the partial `part_name`; returns it with its length,
 /// or `None` if another transfer holds it. See [`lock_verified`].
 fn open_locked(dir: &SafeDir, part_name: &str) -> io::Result<Option<(File, u64)>> {
+    // A partial this call creates is ours: nobody can have committed it under another name
+    // before we lock it (the common case, a fresh file: no lookup by name needed).
+    match dir.create_new(part_name) {
+        Ok(file) => {
+            return match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => Ok(Some((file, 0))),
+                Err(e) if e == rustix::io::Errno::WOULDBLOCK => Ok(None),
+                Err(e) => Err(e.into()),
+            };
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
     // A lost race (the name was committed between our open and our lock) is retried: the next
     // open creates a fresh partial under the name. Three losses in a row count as busy.
     for _ in 0..3 {

@@ -85,6 +85,13 @@ impl SafeDir {
         Ok(File::from(rustix::fs::openat(&*self.fd, name, flags, Mode::from_raw_mode(0o600))?))
     }
 
+    /// Creates the file `name` (mode 0600) for reading and writing; fails with `AlreadyExists` if
+    /// anything is there (a symlink included).
+    pub fn create_new(&self, name: &str) -> io::Result<File> {
+        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        Ok(File::from(rustix::fs::openat(&*self.fd, name, flags, Mode::from_raw_mode(0o600))?))
+    }
+
     /// Opens the file `name` for reading, never through a symlink, and without blocking: a fifo
     /// planted in the folder opens at once (and is then refused by its type) instead of holding
     /// the thread until someone writes to it. `O_NONBLOCK` changes nothing for regular files.

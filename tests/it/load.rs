@@ -196,9 +196,16 @@ fn maximal_manifests_from_every_connection_keep_memory_bounded() {
     // manifest parts as fast as it can and never ends its manifest.
     let rx = Receiver::start(&["--quiet"]);
     let conns = 64;
-    let flood: Vec<_> = (0..conns)
+    // The ones that end their manifest start first, so they get slots and are validated.
+    let order: Vec<usize> =
+        (0..conns).filter(|c| c % 4 == 0).chain((0..conns).filter(|c| c % 4 != 0)).collect();
+    let flood: Vec<_> = order
+        .into_iter()
         .map(|c| {
             let to = rx.addr;
+            if c == 1 {
+                std::thread::sleep(Duration::from_millis(300));
+            }
             std::thread::spawn(move || {
                 let from = if c % 2 == 0 { [127, 0, 0, 1] } else { [127, 0, 0, 2] };
                 let Ok(mut s) = connect_from(from, to) else { return 0 };
