@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::{RECV_BUF, Socket};
 use crate::error::{Error, Limit};
-use crate::protocol::{self, FRAME_HEADER_LEN, FrameHeader, Message, WireError};
+use crate::protocol::{self, FRAME_HEADER_LEN, FrameHeader, FrameKind, Message, ProtocolError, WireError};
 
 /// Reads the peer's frames. Owns the read buffer and the time rules: an overall deadline (the
 /// handshake, a manifest) or the idle timeout (no byte for that long).
@@ -26,6 +26,8 @@ struct Deadlined {
     idle: Option<Duration>,
     /// The last read under a deadline waited for the idle timeout, not the deadline.
     idle_fired: bool,
+    /// The socket's read timeout was set for a deadline and must go back to the idle timeout.
+    armed: bool,
     /// While a body arrives: the least bytes a second over each window of `idle` spent waiting,
     /// and the current window's wait and bytes.
     min_rate: Option<u64>,
@@ -46,6 +48,7 @@ impl Read for Deadlined {
             self.idle_fired = self.idle.is_some_and(|idle| idle < left);
             let wait = self.idle.map_or(left, |idle| idle.min(left));
             self.stream.tcp().set_read_timeout(Some(wait))?;
+            self.armed = true;
         }
         let (Some(rate), Some(window)) = (self.min_rate, self.idle) else {
             return self.stream.read(buf);
@@ -77,6 +80,7 @@ impl FrameReader {
                 until: None,
                 idle,
                 idle_fired: false,
+                armed: false,
                 min_rate: None,
                 waited: Duration::ZERO,
                 got: 0,
@@ -96,6 +100,7 @@ impl FrameReader {
             }
             None => {
                 d.until = None;
+                d.armed = false;
                 d.stream.tcp().set_read_timeout(d.idle)?;
                 self.limit = self.idle_limit;
             }
@@ -129,9 +134,40 @@ impl FrameReader {
         protocol::read_hello(&mut self.inner)
     }
 
-    /// Reads one frame that must be a message.
+    /// Reads one frame that must be a message. Waiting for its first byte is waiting (the idle
+    /// timeout, or the deadline in force); once it has begun, the whole message must be in within
+    /// one idle timeout, so a peer cannot trickle a message a byte at a time, each just inside
+    /// the idle timeout, and hold this side for as long as it likes.
     pub fn message(&mut self) -> Result<Message, WireError> {
-        protocol::read_message(&mut self.inner)
+        let mut first = [0u8; 1];
+        self.inner.read_exact(&mut first)?;
+        let d = self.inner.get_mut();
+        let saved = d.until;
+        if let Some(idle) = d.idle {
+            let by = Instant::now() + idle;
+            d.until = Some(saved.map_or(by, |s| s.min(by)));
+        }
+        let read = (|| {
+            let mut rest = [0u8; FRAME_HEADER_LEN - 1];
+            self.inner.read_exact(&mut rest)?;
+            let h = FrameHeader::decode([first[0], rest[0], rest[1], rest[2], rest[3]])?;
+            if h.kind != FrameKind::Message {
+                return Err(
+                    ProtocolError::UnexpectedFrame { expected: FrameKind::Message, got: h.kind }.into()
+                );
+            }
+            // The length was checked against MAX_MESSAGE_LEN by `decode`: a bounded allocation.
+            let mut payload = vec![0u8; h.len as usize];
+            self.inner.read_exact(&mut payload)?;
+            Ok(protocol::decode_message(&payload)?)
+        })();
+        let d = self.inner.get_mut();
+        d.until = saved;
+        if saved.is_none() && d.armed {
+            d.armed = false;
+            let _ = d.stream.tcp().set_read_timeout(d.idle);
+        }
+        read
     }
 
     /// Reads one frame header.

@@ -328,3 +328,33 @@ fn a_receiver_flooding_empty_answers_is_stopped_at_once() {
     assert!(run.elapsed < Duration::from_secs(5), "took {:?}", run.elapsed);
     handle.join().unwrap();
 }
+
+#[test]
+fn a_receiver_trickling_its_verdict_is_given_up_on() {
+    // Before: a verdict sent a byte every (timeout - ε) was never idle, so the sender waited as
+    // long as the receiver liked. Now a message, once begun, must be in within one idle timeout.
+    let (addr, handle) = fake(|s, first| {
+        let Message::Manifest(part) = first else { panic!("expected a manifest, got {first:?}") };
+        let size = size_of(&part.entries[0]);
+        say(s, acceptance());
+        say(s, Message::Answers(AnswersPart { answers: vec![Answer::Send { offset: 0 }], last: true }));
+        if read_body(s, size, |_| {}).is_empty() {
+            read_digest(s);
+        }
+        let mut bytes = Vec::new();
+        let verdict = Verdict::Verified { name: "f".into() };
+        protocol::write_message(&mut bytes, &Message::FileVerdict(FileVerdict { index: 0, verdict }))
+            .unwrap();
+        for b in bytes {
+            if std::io::Write::write_all(s, &[b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+    });
+    let (_src, path) = source_file("f", &random_bytes(1000, 6));
+    let run = send(&path, &addr, &["--timeout", "2"]).expect(3);
+    assert!(run.elapsed < Duration::from_secs(8), "took {:?}\n{}", run.elapsed, run.report());
+    assert!(run.stderr().contains("see --timeout"), "{}", run.report());
+    drop(handle);
+}
