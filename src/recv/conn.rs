@@ -9,7 +9,7 @@ use super::answer::likely_needed;
 use super::manifest::{self, ManifestError};
 use super::refuse::LINGER;
 use super::transfer::{Seen, Transfer};
-use super::{Shared, Stored, take_slot};
+use super::{PEER_SHARE, Shared, Stored, peer_key, take_slot};
 use crate::error::{Error, Limit};
 use crate::progress::{human_bytes, human_rate};
 use crate::protocol::{AnswersPart, EntryKind, Message, ProtocolError, Reject, RejectCode, bounded_reason};
@@ -76,6 +76,7 @@ fn refuse(
 }
 
 fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Result<Stored, Error> {
+    let ip = stream.peer_addr().map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| peer_key(a.ip()));
     let opts = &shared.opts;
     let (mut r, mut w) = transport::split(stream, peer, opts.timeout)?;
     // Until the first manifest part is in, one deadline from accept applies: a silent or
@@ -105,18 +106,29 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
     // How the transfer is named in messages: a single file by its name.
     let what = if single { escape(&m.entries[0].path.join("/")) } else { "the batch".to_string() };
     seen.name = Some(if single { m.entries[0].path.join("/") } else { "batch".to_string() });
-    let Some(_slot) = take_slot(&shared.transfers, opts.max_transfers) else {
+    // Slots and memory are let go before a refusal lingers, so a refused peer holds nothing.
+    // One address may hold at most its share of the transfer slots, as of the connections.
+    let share = (opts.max_transfers / PEER_SHARE).max(1);
+    let Some(mine) = shared.per_peer_transfers.slot(ip, share) else {
+        let reason = format!("receiver busy: {share} transfers already in progress from this address");
+        return Err(refuse((&mut r, &mut w), RejectCode::Busy, reason, &what, None));
+    };
+    let Some(slot) = take_slot(&shared.transfers, opts.max_transfers) else {
+        drop(mine);
         let reason = format!("receiver busy: {} transfers in progress, try again later", opts.max_transfers);
         return Err(refuse((&mut r, &mut w), RejectCode::Busy, reason, &what, None));
     };
     let memory_busy =
         || "receiver busy: the memory set aside for manifests is in use, try again later".to_string();
-    let Some(mut memory) = shared.manifests.take(m.cost) else {
+    let Some(memory) = shared.manifests.take(m.cost) else {
+        drop((slot, mine));
         return Err(refuse((&mut r, &mut w), RejectCode::Busy, memory_busy(), &what, None));
     };
+    let mut held = (slot, mine, memory);
     while !m.last && !m.over_limits() {
         let more = m.read_part(&mut r)?;
-        if !memory.grow(more) {
+        if !held.2.grow(more) {
+            drop(held);
             return Err(refuse((&mut r, &mut w), RejectCode::Busy, memory_busy(), &what, None));
         }
     }
@@ -130,6 +142,7 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
             "manifest refused: it would take more than {} of memory (MAX_MANIFEST_BYTES)",
             human_bytes(manifest::MAX_MANIFEST_BYTES as u64)
         );
+        drop(held);
         return Err(refuse((&mut r, &mut w), RejectCode::InvalidManifest, reason, &what, None));
     }
     let summary = match manifest::validate(&entries) {
@@ -140,6 +153,7 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
             } else {
                 RejectCode::InvalidManifest
             };
+            drop(held);
             return Err(refuse((&mut r, &mut w), code, format!("manifest refused: {e}"), &what, None));
         }
     };
@@ -147,6 +161,7 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
     let root = match SafeDir::open_root(&opts.dir) {
         Ok(d) => d,
         Err(e) => {
+            drop(held);
             let reason = "cannot open the target folder".to_string();
             return Err(refuse((&mut r, &mut w), RejectCode::Failed, reason, &what, Some(e)));
         }
@@ -164,9 +179,11 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
                     human_bytes(need),
                     human_bytes(available)
                 );
+                drop(held);
                 return Err(refuse((&mut r, &mut w), RejectCode::InsufficientSpace, reason, &what, None));
             }
             Err(e) => {
+                drop(held);
                 let reason = "cannot read free space".to_string();
                 return Err(refuse((&mut r, &mut w), RejectCode::Failed, reason, &what, Some(e)));
             }

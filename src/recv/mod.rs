@@ -79,17 +79,23 @@ struct Shared {
     transfers: AtomicUsize,
     connections: AtomicUsize,
     /// Connections open per peer address.
-    per_peer: Mutex<HashMap<IpAddr, usize>>,
+    per_peer: PeerCounts,
+    /// Transfer slots held per peer address.
+    per_peer_transfers: PeerCounts,
     /// Free space promised to transfers in flight, so concurrent ones cannot overbook the disk.
     space: SpacePool,
     /// Memory set aside for the manifests of transfers in flight.
     manifests: manifest::MemoryPool,
 }
 
-impl Shared {
-    /// Counts a connection from `ip` unless that address already holds `limit`.
-    fn take_peer_slot(&self, ip: IpAddr, limit: usize) -> bool {
-        let mut map = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+/// How many connections (or transfers) each peer address holds.
+#[derive(Default)]
+struct PeerCounts(Mutex<HashMap<IpAddr, usize>>);
+
+impl PeerCounts {
+    /// Counts one more for `ip` unless that address already holds `limit`.
+    fn take(&self, ip: IpAddr, limit: usize) -> bool {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(ip).or_insert(0);
         if *n >= limit {
             return false;
@@ -98,8 +104,8 @@ impl Shared {
         true
     }
 
-    fn release_peer_slot(&self, ip: IpAddr) {
-        let mut map = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+    fn release(&self, ip: IpAddr) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = map.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
@@ -122,12 +128,19 @@ fn peer_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// A connection counted against its peer address until dropped.
-struct PeerSlot<'a>(&'a Shared, IpAddr);
+/// A connection (or transfer) counted against its peer address until dropped.
+struct PeerSlot<'a>(&'a PeerCounts, IpAddr);
 
 impl Drop for PeerSlot<'_> {
     fn drop(&mut self) {
-        self.0.release_peer_slot(self.1);
+        self.0.release(self.1);
+    }
+}
+
+impl PeerCounts {
+    /// Like `take`, as a slot released when dropped.
+    fn slot(&self, ip: IpAddr, limit: usize) -> Option<PeerSlot<'_>> {
+        self.take(ip, limit).then_some(PeerSlot(self, ip))
     }
 }
 
@@ -162,7 +175,8 @@ impl Receiver {
             progress,
             transfers: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
-            per_peer: Mutex::new(HashMap::new()),
+            per_peer: PeerCounts::default(),
+            per_peer_transfers: PeerCounts::default(),
             space,
             manifests: manifest::MemoryPool::new(manifest::MANIFEST_MEMORY),
         };
@@ -225,7 +239,7 @@ impl Receiver {
             };
             let peer = stream.peer_addr().map_or_else(|_| "unknown".to_string(), |a| a.to_string());
             let ip = stream.peer_addr().map_or(IpAddr::from([0, 0, 0, 0]), |a| peer_key(a.ip()));
-            if !self.shared.take_peer_slot(ip, per_peer) {
+            if !self.shared.per_peer.take(ip, per_peer) {
                 let from = if ip.is_ipv6() { "this /64 network" } else { "this address" };
                 let reason = format!("receiver busy: {per_peer} connections already open from {from}");
                 self.shared.progress.line(&format!("{peer}: refused: {reason}"), true);
@@ -233,7 +247,7 @@ impl Receiver {
                 continue;
             }
             if take_slot(&self.shared.connections, max_conns).map(std::mem::forget).is_none() {
-                self.shared.release_peer_slot(ip);
+                self.shared.per_peer.release(ip);
                 let reason = format!("receiver busy: {max_conns} connections open, try again later");
                 self.shared.progress.line(&format!("{peer}: refused: {reason}"), true);
                 refuser.refuse(stream, reason);
@@ -241,13 +255,13 @@ impl Receiver {
             }
             let shared = Arc::clone(&self.shared);
             let spawned = std::thread::Builder::new().name(format!("xfer {peer}")).spawn(move || {
-                let slots = (Slot(&shared.connections), PeerSlot(&shared, ip));
+                let slots = (Slot(&shared.connections), PeerSlot(&shared.per_peer, ip));
                 let addr = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
                 let _ = handle_logged(&shared, stream, addr, slots);
             });
             if let Err(e) = spawned {
                 self.shared.connections.fetch_sub(1, Ordering::SeqCst);
-                self.shared.release_peer_slot(ip);
+                self.shared.per_peer.release(ip);
                 self.shared.progress.line(&format!("{peer}: cannot start a thread: {e}"), true);
             }
         }

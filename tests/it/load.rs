@@ -31,7 +31,8 @@ fn connect_from(from: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
 
 #[test]
 fn sixty_four_senders_at_once_all_verified_with_bounded_memory_and_descriptors() {
-    let rx = Receiver::start(&["--quiet", "--max-transfers", "64"]);
+    // 128: all 64 come from one address, whose share is half the slots.
+    let rx = Receiver::start(&["--quiet", "--max-transfers", "128"]);
     let pid = rx.child.id();
     let (base_fds, _) = fds_and_peak_rss(pid);
     let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -257,4 +258,32 @@ fn maximal_manifests_from_every_connection_keep_memory_bounded() {
     let (_src, path) = source_file("after-the-flood", &data);
     send(&path, &rx.target(), &["--quiet"]).expect(0);
     assert!(std::fs::read(rx.dir.join("after-the-flood")).unwrap() == data);
+}
+
+#[test]
+fn one_address_holds_at_most_its_share_of_the_transfer_slots() {
+    // Before: connections had a per-address share but transfer slots did not, so one address
+    // could hold every slot. Now it holds at most half (`PEER_SHARE`), as for connections.
+    let rx = Receiver::start(&["--quiet", "--max-transfers", "2"]);
+    let offer = |from: [u8; 4], name: &str| {
+        let stream = connect_from(from, rx.addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut p = crate::util::RawPeer { stream };
+        xfer::protocol::write_hello(&mut p.stream).unwrap();
+        xfer::protocol::read_hello(&mut p.stream).unwrap();
+        p.manifest(vec![crate::util::file_entry(&[name], 10)]);
+        let first = p.read().unwrap();
+        (p, first)
+    };
+    let (_held, first) = offer([127, 0, 0, 1], "a");
+    assert!(crate::util::is_accept(&first), "{first:?}");
+    let (_refused, second) = offer([127, 0, 0, 1], "b");
+    match second {
+        Message::Reject(Reject { code: RejectCode::Busy, reason }) => {
+            assert!(reason.contains("1 transfers already in progress from this address"), "{reason}")
+        }
+        other => panic!("expected busy, got {other:?}"),
+    }
+    let (_other, third) = offer([127, 0, 0, 2], "c");
+    assert!(crate::util::is_accept(&third), "another address still gets the free slot: {third:?}");
 }
