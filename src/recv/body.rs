@@ -73,23 +73,6 @@ pub(super) fn receive_body(
     reservation: &mut Reservation<'_>,
     bar: &indicatif::ProgressBar,
 ) -> Result<protocol::Digest, BodyError> {
-    r.set_min_rate(Some(MIN_RATE));
-    let body = receive_pipelined(r, partial, (size, offset, hasher), received, reservation, bar);
-    r.set_min_rate(None);
-    body
-}
-
-/// The least a body must move, in bytes a second, over each window of the idle timeout.
-pub(crate) const MIN_RATE: u64 = 1024;
-
-fn receive_pipelined(
-    r: &mut FrameReader,
-    partial: &Partial,
-    (size, offset, hasher): (u64, u64, Hasher),
-    received: &mut u64,
-    reservation: &mut Reservation<'_>,
-    bar: &indicatif::ProgressBar,
-) -> Result<protocol::Digest, BodyError> {
     // A body that fits one buffer (most files of a batch) is hashed inline: a thread and four
     // 256 KiB buffers per small file would cost more than the file.
     if size - offset <= RECV_BUF as u64 {

@@ -31,7 +31,7 @@ pub(crate) mod durable;
 pub mod manifest;
 pub(crate) mod refuse;
 pub(crate) mod transfer;
-mod verify;
+pub(crate) mod verify;
 
 use conn::handle_logged;
 

@@ -13,6 +13,10 @@ use crate::protocol::{Digest, EntryKind, FileVerdict, Message, ProtocolError, Ve
 use crate::sanitize::{escape, peer_text};
 use crate::store::{Partial, SafeDir};
 
+/// The least a body must move, in bytes a second, over each window of the idle timeout spent
+/// waiting for it (see `FrameReader::set_min_rate`).
+pub(crate) const MIN_RATE: u64 = 1024;
+
 impl Transfer<'_> {
     /// Sends a file's failed verdict and counts it.
     pub(super) fn verdict_failed(&mut self, plan: &Plan, verdict: Verdict, e: Error) -> Result<(), Error> {
@@ -62,6 +66,7 @@ impl Transfer<'_> {
         };
         let mut received = 0u64;
         let hasher = plan.hasher.take().unwrap_or_else(|| Hasher::new(hash));
+        self.r.set_min_rate(Some(MIN_RATE));
         let body = receive_body(
             self.r,
             &partial,
@@ -70,6 +75,7 @@ impl Transfer<'_> {
             &mut self.reservation,
             &self.bar,
         );
+        self.r.set_min_rate(None);
         seen.received += received;
         let at = plan.offset + received;
         let actual = match body {
