@@ -74,6 +74,7 @@ fn expected() -> Vec<(&'static str, String)> {
         ("--timeout", format!("{} s", recv.timeout)),
         ("MANIFEST_DEADLINE", secs(manifest::MANIFEST_DEADLINE)),
         ("ANSWER_FLUSH", secs(transfer::ANSWER_FLUSH)),
+        ("KEEPALIVE_FLUSH", secs(transfer::KEEPALIVE_FLUSH)),
         ("MIN_RATE", format!("{} bytes/s", thousands(crate::recv::verify::MIN_RATE))),
         ("MIN_HASH_RATE", format!("{} bytes/s", thousands(transfer::MIN_HASH_RATE))),
         ("KEEPALIVE", secs(crate::send::run::KEEPALIVE)),

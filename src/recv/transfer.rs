@@ -29,6 +29,8 @@ pub(crate) const MAX_HELD: usize = 64;
 /// The slowest hashing a receiver waits for: a sender's keepalives for a file's digest are
 /// accepted for the idle timeout plus the file's size at this rate, in bytes a second.
 pub(crate) const MIN_HASH_RATE: u64 = 1 << 20;
+/// Keepalives make the receiver flush its group of verified files at most this often.
+pub(crate) const KEEPALIVE_FLUSH: Duration = Duration::from_secs(1);
 /// An answers part goes out at least this often, so the sender's idle timeout is fed.
 pub(crate) const ANSWER_FLUSH: Duration = Duration::from_secs(1);
 
@@ -64,6 +66,8 @@ pub(super) struct Transfer<'a> {
     pub(super) waiting_for_digest: bool,
     /// When the sender last sent something other than a keepalive.
     pub(super) progress_at: Instant,
+    /// When the group was last flushed.
+    pub(super) flushed_at: Instant,
     pub(super) answer_dirs: Dirs,
     pub(super) body_dirs: Dirs,
     /// Files answered `Send` whose body has not come yet, in order.
@@ -112,6 +116,8 @@ impl<'a> Transfer<'a> {
             file_no: 0,
             waiting_for_digest: false,
             progress_at: Instant::now(),
+            // The first keepalive may flush at once.
+            flushed_at: Instant::now().checked_sub(KEEPALIVE_FLUSH).unwrap_or_else(Instant::now),
             plans: VecDeque::new(),
             held: 0,
             created_dirs: Vec::new(),
@@ -178,8 +184,10 @@ impl<'a> Transfer<'a> {
             match message {
                 Message::Digests(part) => {
                     // An empty part: the sender is still hashing. A good moment to acknowledge
-                    // what is verified, rather than keep it waiting for a group not coming soon.
-                    if part.digests.is_empty() {
+                    // what is verified, rather than keep it waiting for a group not coming soon;
+                    // at most once per KEEPALIVE_FLUSH, so keepalives cannot force a file
+                    // system flush per message.
+                    if part.digests.is_empty() && self.flushed_at.elapsed() >= KEEPALIVE_FLUSH {
                         self.flush_group()?;
                     }
                     self.take_digests(part.first, part.digests)?;

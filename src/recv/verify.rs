@@ -186,6 +186,7 @@ impl Transfer<'_> {
         if self.group.is_empty() {
             return Ok(());
         }
+        self.flushed_at = std::time::Instant::now();
         let new_folders = self.answer_dirs.made || self.body_dirs.made;
         let stored = self
             .group

@@ -272,3 +272,43 @@ fn a_file_that_keeps_changing_fails_alone() {
     assert_eq!(fs::read(rx.dir.join("batch/3-last")).unwrap(), b"last");
     assert!(!rx.dir.join("batch/2-busy").exists());
 }
+
+#[test]
+fn keepalives_cannot_force_a_flush_per_message() {
+    // Before: every empty Digests part made the receiver flush its verified files, so a peer
+    // sending empty files each followed by a keepalive forced a file system flush per ~34 bytes.
+    // Now keepalives flush at most once per KEEPALIVE_FLUSH (1 s).
+    let rx = Receiver::start(&["--quiet"]);
+    // n empty files, and a last one whose body is held back so the transfer stays open.
+    let n = 40;
+    let names: Vec<String> = (0..=n).map(|i| format!("e{i:02}")).collect();
+    let mut p = accepted(&rx, names.iter().map(|name| file(name, 0)).collect());
+    say(&mut p, Message::Digests(DigestsPart { first: 0, digests: vec![Some(sha256(b"")); n + 1] }));
+    let mut got = Vec::new();
+    while got.len() <= n {
+        got.extend(answers(&mut p));
+    }
+    let start = Instant::now();
+    for i in 0..n {
+        say(&mut p, Message::Body(Body { index: i as u32 }));
+        say(&mut p, Message::Digests(DigestsPart { first: n as u32 + 1, digests: vec![] }));
+    }
+    // Whatever verdicts the keepalives caused arrive now; count them for a moment.
+    p.stream.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut early = 0;
+    while let Ok(Message::FileVerdict(_)) = p.read() {
+        early += 1;
+    }
+    assert!(start.elapsed() < Duration::from_secs(1), "the bodies took {:?}", start.elapsed());
+    assert!(early <= 1, "{early} verdicts before the end: a flush per keepalive");
+    // The end of the transfer acknowledges them all.
+    say(&mut p, Message::Body(Body { index: n as u32 }));
+    p.stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut all = early;
+    while let Ok(Message::FileVerdict(v)) = p.read() {
+        assert!(matches!(v.verdict, Verdict::Verified { .. }), "{v:?}");
+        all += 1;
+    }
+    assert_eq!(all, n + 1);
+    rx.wait_log(&format!("{} received", n + 1));
+}
