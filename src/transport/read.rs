@@ -4,7 +4,7 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::time::{Duration, Instant};
 
 use super::{RECV_BUF, Socket};
-use crate::error::{Error, Limit};
+use crate::error::{Error, Limit, is_timeout};
 use crate::protocol::{self, FRAME_HEADER_LEN, FrameHeader, FrameKind, Message, ProtocolError, WireError};
 
 /// Reads the peer's frames. Owns the read buffer and the time rules: an overall deadline (the
@@ -143,8 +143,11 @@ impl FrameReader {
         self.inner.read_exact(&mut first)?;
         let d = self.inner.get_mut();
         let saved = d.until;
+        // Whether the phase's own deadline comes first (then it is the one a timeout reports).
+        let mut outer_first = saved.is_some();
         if let Some(idle) = d.idle {
             let by = Instant::now() + idle;
+            outer_first = saved.is_some_and(|s| s <= by);
             d.until = Some(saved.map_or(by, |s| s.min(by)));
         }
         let read = (|| {
@@ -167,7 +170,15 @@ impl FrameReader {
             d.armed = false;
             let _ = d.stream.tcp().set_read_timeout(d.idle);
         }
-        read
+        // Stopped in the middle of a message: the stream is out of step, so this is not a quiet
+        // spell to wait out (as a timeout before the first byte is) but the end of the connection.
+        read.map_err(|e| match e {
+            WireError::Io(io) if is_timeout(&io) && !outer_first => WireError::Io(io::Error::other(format!(
+                "a message was not complete within {} s of its first byte (see --timeout)",
+                self.idle_limit.secs
+            ))),
+            other => other,
+        })
     }
 
     /// Reads one frame header.
