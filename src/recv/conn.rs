@@ -106,28 +106,32 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
     // How the transfer is named in messages: a single file by its name.
     let what = if single { escape(&m.entries[0].path.join("/")) } else { "the batch".to_string() };
     seen.name = Some(if single { m.entries[0].path.join("/") } else { "batch".to_string() });
-    // Slots and memory are let go before a refusal lingers, so a refused peer holds nothing.
+    // The manifest's memory, then its share of the pool and the slots, are let go before a
+    // refusal lingers, so a refused peer holds nothing (freeing the entries before the pool
+    // credit keeps the pool true to what is allocated).
     // One address may hold at most its share of the transfer slots, as of the connections.
     let share = (opts.max_transfers / PEER_SHARE).max(1);
     let Some(mine) = shared.per_peer_transfers.slot(ip, share) else {
+        drop(m);
         let reason = format!("receiver busy: {share} transfers already in progress from this address");
         return Err(refuse((&mut r, &mut w), RejectCode::Busy, reason, &what, None));
     };
     let Some(slot) = take_slot(&shared.transfers, opts.max_transfers) else {
-        drop(mine);
+        drop((m, mine));
         let reason = format!("receiver busy: {} transfers in progress, try again later", opts.max_transfers);
         return Err(refuse((&mut r, &mut w), RejectCode::Busy, reason, &what, None));
     };
     let memory_busy =
         || "receiver busy: the memory set aside for manifests is in use, try again later".to_string();
     let Some(memory) = shared.manifests.take(m.cost) else {
-        drop((slot, mine));
+        drop((m, slot, mine));
         return Err(refuse((&mut r, &mut w), RejectCode::Busy, memory_busy(), &what, None));
     };
     let mut held = (slot, mine, memory);
     while !m.last && !m.over_limits() {
         let more = m.read_part(&mut r)?;
         if !held.2.grow(more) {
+            drop(m);
             drop(held);
             return Err(refuse((&mut r, &mut w), RejectCode::Busy, memory_busy(), &what, None));
         }
@@ -142,6 +146,7 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
             "manifest refused: it would take more than {} of memory (MAX_MANIFEST_BYTES)",
             human_bytes(manifest::MAX_MANIFEST_BYTES as u64)
         );
+        drop(entries);
         drop(held);
         return Err(refuse((&mut r, &mut w), RejectCode::InvalidManifest, reason, &what, None));
     }
@@ -153,14 +158,17 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
             } else {
                 RejectCode::InvalidManifest
             };
+            let reason = format!("manifest refused: {e}");
+            drop(entries);
             drop(held);
-            return Err(refuse((&mut r, &mut w), code, format!("manifest refused: {e}"), &what, None));
+            return Err(refuse((&mut r, &mut w), code, reason, &what, None));
         }
     };
     seen.size = Some(summary.total_bytes);
     let root = match SafeDir::open_root(&opts.dir) {
         Ok(d) => d,
         Err(e) => {
+            drop(entries);
             drop(held);
             let reason = "cannot open the target folder".to_string();
             return Err(refuse((&mut r, &mut w), RejectCode::Failed, reason, &what, Some(e)));
@@ -179,10 +187,12 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
                     human_bytes(need),
                     human_bytes(available)
                 );
+                drop(entries);
                 drop(held);
                 return Err(refuse((&mut r, &mut w), RejectCode::InsufficientSpace, reason, &what, None));
             }
             Err(e) => {
+                drop(entries);
                 drop(held);
                 let reason = "cannot read free space".to_string();
                 return Err(refuse((&mut r, &mut w), RejectCode::Failed, reason, &what, Some(e)));
