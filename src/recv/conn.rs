@@ -12,7 +12,7 @@ use super::transfer::{Seen, Transfer};
 use super::{PEER_SHARE, Shared, Stored, peer_key, take_slot};
 use crate::error::{Error, Limit};
 use crate::progress::{human_bytes, human_rate};
-use crate::protocol::{AnswersPart, EntryKind, Message, ProtocolError, Reject, RejectCode, bounded_reason};
+use crate::protocol::{AnswersPart, Message, ProtocolError, Reject, RejectCode, bounded_reason};
 use crate::sanitize::escape;
 use crate::store::SafeDir;
 use crate::transport::{self, FrameReader, FrameWriter};
@@ -102,7 +102,7 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
     while !m.last && !m.over_limits() && m.cost <= manifest::PRE_SLOT_MANIFEST {
         m.read_part(&mut r)?;
     }
-    let single = m.entries.len() == 1 && matches!(m.entries[0].kind, EntryKind::File { .. });
+    let single = manifest::is_single(&m.entries);
     // How the transfer is named in messages: a single file by its name.
     let what = if single { escape(&m.entries[0].path.join("/")) } else { "the batch".to_string() };
     seen.name = Some(if single { m.entries[0].path.join("/") } else { "batch".to_string() });

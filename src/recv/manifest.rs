@@ -33,6 +33,12 @@ pub(crate) const PRE_SLOT_MANIFEST: usize = 512 << 10;
 /// finds it used up is refused as busy.
 pub(crate) const MANIFEST_MEMORY: usize = 160 << 20;
 
+/// A transfer of a single file: a manifest of exactly one entry, a file. Its failure is reported
+/// as itself, its log line names it, and it always keeps a resume record.
+pub(super) fn is_single(entries: &[Entry]) -> bool {
+    matches!(entries, [e] if matches!(e.kind, EntryKind::File { .. }))
+}
+
 /// A manifest being read: its entries so far and what they cost.
 pub(super) struct Reading {
     pub entries: Vec<Entry>,

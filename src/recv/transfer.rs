@@ -95,7 +95,7 @@ impl<'a> Transfer<'a> {
         root: SafeDir,
         reservation: Reservation<'a>,
     ) -> Result<Transfer<'a>, Error> {
-        let single = entries.len() == 1 && summary.files == 1;
+        let single = super::manifest::is_single(&entries);
         let label =
             if single { escape(&entries[0].path.join("/")) } else { format!("{} files", summary.files) };
         let bar = shared.progress.bytes("receiving", &label, summary.total_bytes);
@@ -199,9 +199,7 @@ impl<'a> Transfer<'a> {
                     self.held -= usize::from(plan.held.is_some());
                     // A body that will fill the group anyway must not hold back the verdicts of
                     // the files before it while it arrives (a large file after small ones).
-                    if let EntryKind::File { size, .. } = self.entries[plan.index].kind
-                        && self.group.would_fill(size - plan.offset)
-                    {
+                    if self.group.would_fill(self.entries[plan.index].size() - plan.offset) {
                         self.flush_group()?;
                     }
                     match message {

@@ -28,10 +28,7 @@ impl Run<'_> {
         let entry = &self.entries[i];
         let is_file = matches!(entry.kind, EntryKind::File { .. });
         self.acted_files += usize::from(is_file);
-        let size = match entry.kind {
-            EntryKind::File { size, .. } => size,
-            EntryKind::Dir => 0,
-        };
+        let size = entry.size();
         let shown = entry.path.join("/");
         let outcome = match (&self.answers[i], &entry.kind) {
             // The receiver names the file in its folder (untrusted: it is only ever printed escaped).

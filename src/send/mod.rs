@@ -179,10 +179,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
             }),
             (None, None) => EntryOutcome::Failed(Error::RemoteFailed("no verdict arrived".into())),
         };
-        let (is_dir, size) = match entry.kind {
-            EntryKind::Dir => (true, 0),
-            EntryKind::File { size, .. } => (false, size),
-        };
+        let (is_dir, size) = (matches!(entry.kind, EntryKind::Dir), entry.size());
         entries.push(EntryReport {
             path: entry.path.join("/"),
             is_dir,
