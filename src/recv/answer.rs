@@ -6,13 +6,15 @@
 //! its digest could match. Then its body goes out at once and is checked against the digest that
 //! follows it. Otherwise the answer waits for the digest.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::time::Instant;
 
 use crate::hash::Hasher;
+use crate::progress::human_bytes;
 use crate::protocol::{Answer, Digest, Entry, EntryKind, RejectCode};
-use crate::store::{self, FileId, Kind, Opened, Partial, SafeDir};
+use crate::store::space::round_up;
+use crate::store::{self, FileId, Kind, Opened, Partial, Reservation, Room, SafeDir};
 
 /// What the receiver decided for one file answered `Send`, kept until its body comes.
 pub(super) struct Plan {
@@ -25,8 +27,6 @@ pub(super) struct Plan {
     pub hasher: Option<Hasher>,
     /// A resume record was written for it.
     pub record: bool,
-    /// Its partial did not exist before this answer: if the body never comes, it goes.
-    pub fresh: bool,
     /// The partial, still locked, for a resumed file.
     pub held: Option<Partial>,
 }
@@ -61,11 +61,14 @@ pub(super) fn answer_dir(dirs: &mut Dirs, entry: &Entry) -> io::Result<Answer> {
 
 /// The answer for a file, with its digest if it has arrived. `Ok(None)`: the digest is needed
 /// first (something here may hold this content, or a partial only the digest can resume).
+/// `room`: the acceptance did not count this file (a same-size file was at its path), so it
+/// reserves its room here before it is answered `Send`, or is refused for space.
 pub(super) fn answer_file(
     dirs: &mut Dirs,
     (index, file_no, entry): (usize, usize, &Entry),
     digest: Option<&Digest>,
     rules: &Rules,
+    room: Option<&mut Reservation<'_>>,
 ) -> io::Result<Option<(Answer, Option<Plan>)>> {
     let (parent_path, name) = entry.path.split_at(entry.path.len() - 1);
     let name = &name[0];
@@ -73,13 +76,12 @@ pub(super) fn answer_file(
         unreachable!("answer_file takes files")
     };
     let resumable = size > RESUME_MIN || rules.single;
-    let plan =
-        |offset, hasher, record, held, fresh| Plan { index, file_no, offset, hasher, record, held, fresh };
+    let plan = |offset, hasher, record, held| Plan { index, file_no, offset, hasher, record, held };
     let send = |plan| Ok(Some((Answer::Send { offset: 0 }, Some(plan))));
     // In a folder this transfer just created there is nothing to compare with or resume:
     // no lookups at all (the renames stay no-replace, whatever appears meanwhile).
     if !resumable && dirs.created.contains(parent_path) {
-        return send(plan(0, None, false, None, true));
+        return send(plan(0, None, false, None));
     }
     let parent = dirs.get(parent_path)?;
     let id = FileId { size, alg, digest: digest.copied(), tag: Some(tag) };
@@ -99,10 +101,18 @@ pub(super) fn answer_file(
             }
         }
     }
+    if let Some(reservation) = room {
+        let need = Room::file(size, resumable, reservation.block());
+        if let Err(available) = reservation.grow(need)? {
+            let what =
+                if rules.overwrite { "a replacement" } else { "a copy beside a file of the same size" };
+            let reason = no_room(what, need, available);
+            return Ok(Some((Answer::Reject { code: RejectCode::InsufficientSpace, reason }, None)));
+        }
+    }
     // Nothing to resume and nothing worth a record: answer without touching the disk.
-    let fresh = Partial::absent(parent, name);
-    if !resumable && fresh {
-        return send(plan(0, None, false, None, true));
+    if !resumable && Partial::absent(parent, name) {
+        return send(plan(0, None, false, None));
     }
     match Partial::open(parent.try_clone()?, name, &id, rules.until, resumable)? {
         Opened::Ready { partial, offset, hasher } => {
@@ -111,11 +121,11 @@ pub(super) fn answer_file(
             // may change it in between. Past MAX_HELD it starts over instead. A single file's
             // stays locked too (see `Rules::single`).
             if (offset > 0 || rules.single) && rules.hold {
-                let p = plan(offset, Some(hasher), record, Some(partial), fresh);
+                let p = plan(offset, Some(hasher), record, Some(partial));
                 return Ok(Some((Answer::Send { offset }, Some(p))));
             }
             drop(partial);
-            send(plan(0, None, record, None, fresh))
+            send(plan(0, None, record, None))
         }
         Opened::Busy => {
             let reason = "another transfer of this file is in progress, try again later".into();
@@ -124,26 +134,85 @@ pub(super) fn answer_file(
     }
 }
 
-/// Bytes the transfer will probably need: files without a same-size regular file at their path,
-/// less what a partial of the same version already holds (a resume needs only the rest).
-pub(super) fn likely_needed(root: &SafeDir, entries: &[Entry]) -> io::Result<u64> {
+/// Why `need` was refused with `available` left, for a refusal's reason.
+pub(super) fn no_room(what: &str, need: Room, available: Room) -> String {
+    if need.bytes > available.bytes {
+        format!(
+            "{what} needs {} ({} bytes) but the receiver has {} free",
+            human_bytes(need.bytes),
+            need.bytes,
+            human_bytes(available.bytes)
+        )
+    } else {
+        format!(
+            "{what} needs {} files and folders but the receiver's file system has room for {} more (free inodes)",
+            need.inodes, available.inodes
+        )
+    }
+}
+
+/// What the transfer will probably need, reserved when it is accepted.
+pub(super) struct Needed {
+    pub room: Room,
+    /// By entry: a file not counted because a same-size regular file is at its path (most likely
+    /// the same content: re-sending a tree must not need its size twice). If it is not, it
+    /// reserves its own room before it is answered `Send` (see [`answer_file`]).
+    pub uncounted: Vec<bool>,
+}
+
+/// Room the transfer will probably need: for each file its blocks and an inode (less what a
+/// partial of the same version already holds: a resume needs only the rest) and, if it keeps a
+/// resume record, a block and an inode for it; a block and an inode for each folder not there
+/// yet. Files with a same-size regular file at their path are not counted (see [`Needed`]).
+pub(super) fn likely_needed(root: &SafeDir, entries: &[Entry], block: u64) -> io::Result<Needed> {
+    let single = super::manifest::is_single(entries);
     let mut dirs = Dirs::new(root)?;
-    Ok(entries
-        .iter()
-        .filter_map(|e| match e.kind {
-            EntryKind::File { size, hash, tag } => {
-                let (parent, name) = e.path.split_at(e.path.len() - 1);
-                // A folder that is not there yet holds nothing of it.
-                let Ok(dir) = dirs.peek(parent) else { return Some(size) };
-                if dir.kind(&name[0]).ok() == Some(Kind::File(size)) {
-                    return None;
-                }
-                let id = FileId { size, alg: hash, digest: None, tag: Some(tag) };
-                Some(size - Partial::held_for(dir, &name[0], &id))
-            }
-            EntryKind::Dir => None,
-        })
-        .sum())
+    let mut room = Room::entry(block) * new_folders(&mut dirs, entries);
+    let mut uncounted = vec![false; entries.len()];
+    for (i, e) in entries.iter().enumerate() {
+        let EntryKind::File { size, hash, tag } = e.kind else { continue };
+        let resumable = size > RESUME_MIN || single;
+        let (parent, name) = e.path.split_at(e.path.len() - 1);
+        // A folder that is not there yet holds nothing of it.
+        let Ok(dir) = dirs.peek(parent) else {
+            room += Room::file(size, resumable, block);
+            continue;
+        };
+        if dir.kind(&name[0]).ok() == Some(Kind::File(size)) {
+            uncounted[i] = true;
+            continue;
+        }
+        let id = FileId { size, alg: hash, digest: None, tag: Some(tag) };
+        room += match Partial::held_for(dir, &name[0], &id) {
+            0 => Room::file(size, resumable, block),
+            // The partial and its record are there: only the rest of the bytes.
+            held => Room { bytes: round_up(size - held, block), inodes: 0 },
+        };
+    }
+    Ok(Needed { room, uncounted })
+}
+
+/// How many folders the entries need that are not there: folders listed, and folders implied by
+/// a deeper path. Each is looked up once (a folder below a missing one is missing too).
+fn new_folders(dirs: &mut Dirs, entries: &[Entry]) -> u64 {
+    let mut there: HashMap<&[String], bool> = HashMap::new();
+    let mut new = 0;
+    for e in entries {
+        let depth = if matches!(e.kind, EntryKind::Dir) { e.path.len() } else { e.path.len() - 1 };
+        // The deepest folder of this path already decided; the ones below it are decided now.
+        let mut known = depth;
+        while known > 0 && !there.contains_key(&e.path[..known]) {
+            known -= 1;
+        }
+        let mut is_there = known == 0 || there[&e.path[..known]];
+        for d in known + 1..=depth {
+            let path = &e.path[..d];
+            is_there = is_there && dirs.peek(path).is_ok();
+            new += u64::from(!is_there);
+            there.insert(path, is_there);
+        }
+    }
+    new
 }
 
 /// The folder of the previous entry, kept open: entries come in walk order, so siblings share it

@@ -5,7 +5,7 @@
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Instant;
 
-use super::answer::likely_needed;
+use super::answer::{likely_needed, no_room};
 use super::manifest::{self, ManifestError};
 use super::refuse::LINGER;
 use super::transfer::{Seen, Transfer};
@@ -174,33 +174,32 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
             return Err(refuse((&mut r, &mut w), RejectCode::Failed, reason, &what, Some(e)));
         }
     };
-    // Space for what will probably be sent: files with a same-size file already at their path
-    // are most likely there (re-sending a tree must not need its size twice). If one turns out to
-    // differ, writing it may meet a full disk, which fails that file cleanly.
-    let reservation =
-        match likely_needed(&root, &entries).and_then(|need| Ok((need, shared.space.reserve(need)?))) {
-            Ok((_, Ok(r))) => r,
-            Ok((need, Err(available))) => {
-                let reason = format!(
-                    "{} needs {} ({need} bytes) but the receiver has {} free",
-                    if single { "file" } else { "batch" },
-                    human_bytes(need),
-                    human_bytes(available)
-                );
-                drop(entries);
-                drop(held);
-                return Err(refuse((&mut r, &mut w), RejectCode::InsufficientSpace, reason, &what, None));
-            }
-            Err(e) => {
-                drop(entries);
-                drop(held);
-                let reason = "cannot read free space".to_string();
-                return Err(refuse((&mut r, &mut w), RejectCode::Failed, reason, &what, Some(e)));
-            }
-        };
+    // Room for what will probably be written (see `likely_needed`): files, records, folders, in
+    // blocks and inodes; a file it does not count reserves its own before it is answered.
+    let needed = shared
+        .space
+        .block_size()
+        .and_then(|block| likely_needed(&root, &entries, block))
+        .and_then(|needed| Ok((shared.space.reserve(needed.room)?, needed)));
+    let (reservation, uncounted) = match needed {
+        Ok((Ok(r), needed)) => (r, needed.uncounted),
+        Ok((Err(available), needed)) => {
+            let reason = no_room(if single { "file" } else { "batch" }, needed.room, available);
+            drop((entries, needed));
+            drop(held);
+            return Err(refuse((&mut r, &mut w), RejectCode::InsufficientSpace, reason, &what, None));
+        }
+        Err(e) => {
+            drop(entries);
+            drop(held);
+            let reason = "cannot read free space".to_string();
+            return Err(refuse((&mut r, &mut w), RejectCode::Failed, reason, &what, Some(e)));
+        }
+    };
     // Accepted: an empty answers part says so, and the sender starts sending digests.
     w.message(&Message::Answers(AnswersPart { answers: Vec::new(), last: false }))
         .and_then(|()| w.flush())
         .map_err(|e| w.error("accepting the manifest", e.into()))?;
-    Transfer::new(shared, (&mut r, &mut w), entries, summary, root, reservation)?.run(seen)
+    let room = (reservation, uncounted);
+    Transfer::new(shared, (&mut r, &mut w), (ip, entries, summary), root, room)?.run(seen)
 }

@@ -10,7 +10,8 @@
 //! log line), `manifest` (reading and validating it), `transfer` (the engine: answers, bodies,
 //! verdicts), `answer` (one entry against the disk), `verify` (one announced body checked and
 //! queued, or failed alone), `body` (frames into a partial, hashed on the way),
-//! `durable` (groups made durable before they are acknowledged).
+//! `durable` (groups made durable before they are acknowledged), `litter` (the partials each
+//! address leaves behind, bounded).
 
 use std::collections::HashMap;
 use std::io;
@@ -28,6 +29,7 @@ pub(crate) mod answer;
 pub(crate) mod body;
 mod conn;
 pub(crate) mod durable;
+pub(crate) mod litter;
 pub mod manifest;
 pub(crate) mod refuse;
 pub(crate) mod transfer;
@@ -86,6 +88,8 @@ struct Shared {
     space: SpacePool,
     /// Memory set aside for the manifests of transfers in flight.
     manifests: manifest::MemoryPool,
+    /// Partials each address left behind, bounded per address.
+    litter: litter::Litter,
 }
 
 /// How many connections (or transfers) each peer address holds.
@@ -179,6 +183,7 @@ impl Receiver {
             per_peer_transfers: PeerCounts::default(),
             space,
             manifests: manifest::MemoryPool::new(manifest::MANIFEST_MEMORY),
+            litter: litter::Litter::default(),
         };
         Ok(Receiver { listener, shared: Arc::new(shared) })
     }

@@ -8,6 +8,7 @@
 //! broken connection ends the transfer after acknowledging what was verified.
 
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::answer::{Dirs, Plan, Rules, answer_dir, answer_file};
@@ -20,7 +21,7 @@ use crate::protocol::{
     Withdraw, bounded_reason, encode_message,
 };
 use crate::sanitize::escape;
-use crate::store::{Reservation, SafeDir};
+use crate::store::{Reservation, Room, SafeDir};
 use crate::transport::{FrameReader, FrameWriter};
 
 /// Resumed partials kept locked from their answer to their body, so nothing can change them in
@@ -55,6 +56,10 @@ pub(super) struct Transfer<'a> {
     pub(super) summary: Summary,
     pub(super) root: SafeDir,
     pub(super) reservation: Reservation<'a>,
+    /// By entry: files the acceptance did not reserve room for (see `answer::Needed`).
+    pub(super) uncounted: Vec<bool>,
+    /// The peer's address as its share is counted (see `peer_key`), for the partials it leaves.
+    pub(super) peer: IpAddr,
     /// One entry, a file: its failure is reported as itself, not as a batch summary.
     pub(super) single: bool,
     /// Digests received, by file number (`None`: the sender could not read that file).
@@ -90,10 +95,9 @@ impl<'a> Transfer<'a> {
     pub fn new(
         shared: &'a Shared,
         (r, w): (&'a mut FrameReader, &'a mut FrameWriter),
-        entries: Vec<Entry>,
-        summary: Summary,
+        (peer, entries, summary): (IpAddr, Vec<Entry>, Summary),
         root: SafeDir,
-        reservation: Reservation<'a>,
+        (reservation, uncounted): (Reservation<'a>, Vec<bool>),
     ) -> Result<Transfer<'a>, Error> {
         let single = super::manifest::is_single(&entries);
         let label =
@@ -110,6 +114,8 @@ impl<'a> Transfer<'a> {
             summary,
             root,
             reservation,
+            uncounted,
+            peer,
             single,
             digests: Vec::new(),
             cursor: 0,
@@ -298,6 +304,7 @@ impl<'a> Transfer<'a> {
                     (index, self.file_no, entry),
                     digest.map(|d| d.as_ref().expect("matched above")),
                     &rules,
+                    self.uncounted[index].then_some(&mut self.reservation),
                 ),
                 (EntryKind::Dir, _) => answer_dir(&mut self.answer_dirs, entry).map(|a| Some((a, None))),
             };
@@ -324,7 +331,11 @@ impl<'a> Transfer<'a> {
                     }
                     self.plans.push_back(p);
                 }
-                (Answer::Send { .. }, None) => self.created_dirs.push(index),
+                (Answer::Send { .. }, None) => {
+                    // A new folder: its block and inode now show as used in the file system.
+                    self.reservation.release(Room::entry(self.reservation.block()));
+                    self.created_dirs.push(index);
+                }
                 (Answer::Reject { code, reason }, _) => {
                     self.failed += 1;
                     let name = escape(&entry.path.join("/"));

@@ -11,7 +11,8 @@ use crate::error::Error;
 use crate::hash::Hasher;
 use crate::protocol::{Digest, EntryKind, FileVerdict, Message, ProtocolError, Verdict, bounded_reason};
 use crate::sanitize::{escape, peer_text};
-use crate::store::{Partial, SafeDir};
+use crate::store::space::round_up;
+use crate::store::{self, Partial, Room, SafeDir};
 
 /// The least a body must move, in bytes a second, over each window of the idle timeout spent
 /// waiting for it (see `FrameReader::set_min_rate`).
@@ -34,8 +35,25 @@ impl Transfer<'_> {
     }
 
     /// Receives the body `plan` announced, checks it against the file's digest and queues it for
-    /// its group; or takes it off the wire and says why it could not be stored.
-    pub(super) fn body(&mut self, mut plan: Plan, seen: &mut Seen) -> Result<(), Error> {
+    /// its group; or takes it off the wire and says why it could not be stored. Either way the
+    /// file's room is settled: what was written shows in the file system now, and the rest of its
+    /// blocks, its inode and its record's are no longer reserved (the file is there, or gone).
+    pub(super) fn body(&mut self, plan: Plan, seen: &mut Seen) -> Result<(), Error> {
+        let block = self.reservation.block();
+        let size = self.entries[plan.index].size();
+        // As the acceptance counted it (`likely_needed`): a resume only the blocks it lacks.
+        let room = match plan.offset {
+            0 => Room::file(size, plan.record, block),
+            offset => Room { bytes: round_up(size - offset, block), inodes: 0 },
+        };
+        let before = self.reservation.left().bytes;
+        let outcome = self.receive(plan, seen);
+        let written = before - self.reservation.left().bytes;
+        self.reservation.release(Room { bytes: room.bytes.saturating_sub(written), inodes: room.inodes });
+        outcome
+    }
+
+    fn receive(&mut self, mut plan: Plan, seen: &mut Seen) -> Result<(), Error> {
         self.bodies += 1;
         let entry = &self.entries[plan.index];
         let EntryKind::File { size, hash, .. } = entry.kind else { unreachable!("plans hold files") };
@@ -94,7 +112,7 @@ impl Transfer<'_> {
                 if matches!(err, Error::Protocol { .. }) {
                     partial.discard();
                 } else {
-                    partial.keep();
+                    self.keep(plan.index, partial);
                 }
                 return Err(err);
             }
@@ -129,7 +147,7 @@ impl Transfer<'_> {
                 if matches!(e, Error::Protocol { .. }) {
                     partial.discard();
                 } else {
-                    partial.keep();
+                    self.keep(plan.index, partial);
                 }
                 return Err(e);
             }
@@ -219,10 +237,11 @@ impl Transfer<'_> {
         }
     }
 
-    /// A file answered `Send` whose body will not come: its partial goes if this transfer made
-    /// it and it holds nothing (a resumable one, or one from an earlier transfer, stays).
+    /// A file answered `Send` whose body will not come: its partial goes if it is empty (this
+    /// answer created it, or truncated another version's). A partial that holds bytes stays for
+    /// a resume: resumed data, or one another transfer has written meanwhile.
     pub(super) fn abandon(&self, mut plan: Plan) {
-        if plan.offset > 0 || !plan.record || !plan.fresh {
+        if plan.offset > 0 {
             return;
         }
         if let Some(p) = plan.held.take() {
@@ -231,10 +250,17 @@ impl Transfer<'_> {
         }
         let path = &self.entries[plan.index].path;
         let (parent, name) = path.split_at(path.len() - 1);
-        if let Ok(dir) = self.root.walk(parent, false)
-            && let Ok(Some(p)) = Partial::reopen(dir, &name[0], 0, true)
-        {
-            p.discard();
+        if let Ok(dir) = self.root.walk(parent, false) {
+            let _ = store::remove_if_empty(&dir, &name[0]);
         }
+    }
+
+    /// Leaves the partial of entry `index` for a resume, noted against the peer's address: past
+    /// its bounds, its oldest partials go (see `litter`).
+    fn keep(&self, index: usize, partial: Partial) {
+        let Some(left) = partial.keep() else { return };
+        let path = &self.entries[index].path;
+        let folder = path[..path.len() - 1].to_vec();
+        self.shared.litter.left_behind(&self.root, self.peer, folder, left);
     }
 }

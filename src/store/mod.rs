@@ -5,7 +5,7 @@
 //! - [`partial`]: hidden partial files and their records while a body arrives, resume, and the
 //!   commit to a final name (durability: fsync, or a group's syncfs by the caller).
 //! - [`existing`]: files already there, recognised by content ("already have it").
-//! - [`space`]: free space reserved by transfers in flight.
+//! - [`space`]: free space and inodes reserved by transfers in flight.
 
 pub mod existing;
 pub mod partial;
@@ -13,6 +13,6 @@ pub mod safedir;
 pub mod space;
 
 pub use existing::{MAX_KEEP_BOTH, find_existing, same_size_exists};
-pub use partial::{Durability, FileId, Opened, Partial, stem_for};
+pub use partial::{Durability, FileId, Left, Opened, Partial, remove_if_empty, remove_left, stem_for};
 pub use safedir::{Kind, SafeDir};
-pub use space::{Reservation, SpacePool, free_space};
+pub use space::{Reservation, Room, SpacePool, free_room, free_space};

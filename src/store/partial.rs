@@ -256,13 +256,14 @@ impl Partial {
     }
 
     /// Leaves the partial for a later resume (an empty one is removed: nothing to resume).
-    /// Returns the number of bytes kept.
-    pub fn keep(self) -> u64 {
-        let len = self.file.metadata().map(|m| m.len()).unwrap_or(0);
-        if len == 0 {
+    /// Returns what was left, for the litter notes of the peer that left it.
+    pub fn keep(self) -> Option<Left> {
+        let meta = self.file.metadata().ok().filter(|m| m.len() > 0);
+        let Some(meta) = meta else {
             self.discard();
-        }
-        len
+            return None;
+        };
+        Some(Left { stem: self.stem.clone(), dev: meta.dev(), ino: meta.ino(), bytes: meta.len() })
     }
 
     /// Sets the file's permission bits (only 0o777) and modification time before it is stored.
@@ -315,6 +316,47 @@ impl Partial {
         }
         Ok(stored)
     }
+}
+
+/// A partial kept for a resume, as it was when its transfer ended: which file it is (its inode)
+/// and how many bytes it held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Left {
+    pub stem: String,
+    pub dev: u64,
+    pub ino: u64,
+    pub bytes: u64,
+}
+
+/// Removes the partial `left` describes, and its record, if its name still names that very file
+/// and no transfer holds it. Returns whether it was removed.
+pub fn remove_left(dir: &SafeDir, left: &Left) -> io::Result<bool> {
+    take_out(dir, &left.stem, |meta| (meta.dev(), meta.ino()) == (left.dev, left.ino))
+}
+
+/// Removes the partial of `name` in `dir`, and its record, if it is empty and no transfer holds
+/// it (an answer created or truncated it, and its body never came). Creates nothing.
+pub fn remove_if_empty(dir: &SafeDir, name: &str) -> io::Result<bool> {
+    take_out(dir, &stem_for(name), |meta| meta.len() == 0)
+}
+
+/// Removes the partial `stem` and its record if `wanted` says so of the file its name names, once
+/// locked (so not in use) and checked to be still under that name. The record goes first: a
+/// newcomer meanwhile finds the partial locked (busy), and after its removal creates its own.
+fn take_out(dir: &SafeDir, stem: &str, wanted: impl FnOnce(&fs::Metadata) -> bool) -> io::Result<bool> {
+    let part = format!("{stem}{PART_SUFFIX}");
+    let file = match dir.open_read(&part) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    // Held by a transfer, or no longer under the name: not ours to remove.
+    if !matches!(lock_verified(dir, &part, &file)?, Locked::Ours(_)) || !wanted(&file.metadata()?) {
+        return Ok(false);
+    }
+    let _ = dir.remove_file(&format!("{stem}{RECORD_SUFFIX}"));
+    dir.remove_file(&part)?;
+    Ok(true)
 }
 
 /// Opens (creating it if missing) and locks the partial `part_name`; returns it with its length,
