@@ -10,7 +10,7 @@ use crate::protocol::{
     MAX_CHUNK_LEN, MAX_DEPTH, MAX_DIGESTS_PER_PART, MAX_ENTRIES, MAX_MESSAGE_LEN, MAX_NAME_LEN, MAX_PATH_LEN,
     MAX_REASON_LEN, MAX_TOTAL_SIZE,
 };
-use crate::recv::{answer, body, durable, manifest, refuse, transfer};
+use crate::recv::{answer, body, durable, litter, manifest, refuse, transfer};
 
 const PROTOCOL_MD: &str = include_str!("../PROTOCOL.md");
 
@@ -81,6 +81,9 @@ fn expected() -> Vec<(&'static str, String)> {
         ("LINGER", secs(refuse::LINGER)),
         ("--keep-partials", format!("{} h", recv.keep_partials)),
         ("SWEEP_EVERY", secs(crate::recv::SWEEP_EVERY)),
+        ("PEER_PARTIALS", n(litter::PEER_PARTIALS as u64)),
+        ("PEER_PARTIAL_BYTES", bytes(litter::PEER_PARTIAL_BYTES)),
+        ("LITTER_NOTED", n(litter::LITTER_NOTED as u64)),
         ("--max-transfers", n(recv.max_transfers.into())),
         ("CONNECTIONS_PER_TRANSFER", n(crate::recv::CONNECTIONS_PER_TRANSFER as u64)),
         ("PEER_SHARE", n(crate::recv::PEER_SHARE as u64)),
