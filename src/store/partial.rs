@@ -540,6 +540,33 @@ mod tests {
     }
 
     #[test]
+    fn only_an_unchanged_unlocked_partial_is_removed_as_litter() {
+        let (tmp, dir) = folder();
+        let part = format!("{}{PART_SUFFIX}", stem_for("h"));
+        let record = format!("{}{RECORD_SUFFIX}", stem_for("h"));
+        let (held, _) = open_locked(&dir, &part).unwrap().unwrap();
+        std::fs::write(tmp.path().join(&record), b"size 3\n").unwrap();
+        (&held).write_all(b"abc").unwrap();
+        let meta = held.metadata().unwrap();
+        let left = Left { stem: stem_for("h"), dev: meta.dev(), ino: meta.ino(), bytes: 3 };
+        // In use: neither removed as litter nor as empty.
+        assert!(!remove_left(&dir, &left).unwrap());
+        drop(held);
+        assert!(!remove_if_empty(&dir, "h").unwrap(), "it holds bytes");
+        // Another file under the name now (the old one committed, a new partial made).
+        let other = Left { ino: left.ino + 1, ..left.clone() };
+        assert!(!remove_left(&dir, &other).unwrap());
+        assert!(remove_left(&dir, &left).unwrap());
+        assert!(!tmp.path().join(&part).exists() && !tmp.path().join(&record).exists());
+        // An empty one goes; a missing one is not created.
+        let (empty, _) = open_locked(&dir, &part).unwrap().unwrap();
+        drop(empty);
+        assert!(remove_if_empty(&dir, "h").unwrap());
+        assert!(!remove_if_empty(&dir, "h").unwrap());
+        assert!(!tmp.path().join(&part).exists());
+    }
+
+    #[test]
     fn records_are_read_only_when_small_and_regular() {
         let (tmp, dir) = folder();
         std::fs::write(tmp.path().join("ok.meta"), b"size 1\n").unwrap();
