@@ -19,7 +19,8 @@ use crate::store::{Left, SafeDir, remove_left};
 pub(crate) const PEER_PARTIALS: usize = 32;
 /// Bytes of partials one address may leave behind; past this its oldest go (its newest stays).
 pub(crate) const PEER_PARTIAL_BYTES: u64 = 16 << 30;
-/// Notes kept in all, each a few hundred bytes at most (the folder's path, up to MAX_PATH_LEN).
+/// Notes kept in all. A note holds its folder's path (at most MAX_PATH_LEN) and a few numbers,
+/// so all of them take at most about 17 MiB, usually a few hundred KiB.
 pub(crate) const LITTER_NOTED: usize = 4096;
 
 /// One partial left behind.
