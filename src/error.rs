@@ -26,6 +26,9 @@ pub enum Exit {
     Io = 6,
     /// The peer is not xfer, speaks another protocol version, or broke the protocol.
     Protocol = 7,
+    /// Authentication failed: a wrong code, a receiver whose key changed, a secure side facing
+    /// an `--insecure` one, or a handshake someone tampered with.
+    Auth = 8,
     /// Stopped by Ctrl-C (SIGINT), as shells report it: 128 + 2.
     Interrupted = 130,
     /// Stopped by SIGTERM: 128 + 15.
@@ -60,6 +63,8 @@ pub enum Error {
     Io { context: String, source: io::Error },
     #[error("{peer}: {source}")]
     Protocol { peer: String, source: ProtocolError },
+    #[error("{0}")]
+    Auth(String),
     #[error("{failed} of {total} entries failed; the first: {first}")]
     Batch { failed: usize, total: usize, first: String, code: Exit },
 }
@@ -75,6 +80,7 @@ impl Error {
             Error::RemoteFailed(_) => Exit::Failed,
             Error::Io { .. } => Exit::Io,
             Error::Protocol { .. } => Exit::Protocol,
+            Error::Auth(_) => Exit::Auth,
             Error::Batch { code, .. } => *code,
         }
     }
