@@ -76,7 +76,9 @@ impl Code {
             match found {
                 Some(w) => out.push(*w),
                 // The word itself is not echoed: a near-miss of a secret is still half a secret.
-                None => return Err(format!("word {} of the code is not in xfer's word list (a typo?)", i + 1)),
+                None => {
+                    return Err(format!("word {} of the code is not in xfer's word list (a typo?)", i + 1));
+                }
             }
         }
         Ok(Code(Zeroizing::new(out.join("-"))))

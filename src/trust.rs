@@ -84,7 +84,9 @@ impl TrustStore {
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
             .ok_or_else(|| {
-                Error::Usage("cannot find a config folder for xfer's keys: set XDG_CONFIG_HOME or HOME".into())
+                Error::Usage(
+                    "cannot find a config folder for xfer's keys: set XDG_CONFIG_HOME or HOME".into(),
+                )
             })?;
         Ok(TrustStore { dir: base.join("xfer") })
     }
@@ -125,8 +127,7 @@ impl TrustStore {
         let tmp = self.dir.join(format!(".{name}.{}.tmp", std::process::id()));
         let ctx = |e| Error::io(format!("cannot write {}", path.display()), e);
         let _ = fs::remove_file(&tmp);
-        let mut f =
-            OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(ctx)?;
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(ctx)?;
         f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(ctx)?;
         fs::rename(&tmp, &path).map_err(ctx)
     }
@@ -178,7 +179,8 @@ impl TrustStore {
 
     /// Pins `key` for `target` (replacing any earlier pin of that target).
     pub fn pin_receiver(&self, target: &str, key: [u8; 32], remembers: bool) -> Result<(), Error> {
-        let mut all: Vec<KnownReceiver> = self.receivers()?.into_iter().filter(|r| r.target != target).collect();
+        let mut all: Vec<KnownReceiver> =
+            self.receivers()?.into_iter().filter(|r| r.target != target).collect();
         all.push(KnownReceiver { target: target.to_string(), key, since: now(), remembers });
         let text: String = all
             .iter()

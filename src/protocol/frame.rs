@@ -8,7 +8,8 @@ use std::fmt;
 use std::io::{self, Read, Write};
 
 use super::{
-    MAX_CHUNK_LEN, MAX_HANDSHAKE_LEN, MAX_MESSAGE_LEN, MAX_RECORD_LEN, Message, ProtocolError, WireError, decode_message, encode_message,
+    MAX_CHUNK_LEN, MAX_HANDSHAKE_LEN, MAX_MESSAGE_LEN, MAX_RECORD_LEN, Message, ProtocolError, WireError,
+    decode_message, encode_message,
 };
 
 /// Size of a frame header: length then kind.

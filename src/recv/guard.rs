@@ -62,7 +62,8 @@ pub struct Guard {
 impl Guard {
     /// `renew` is called when the code is retired; `Some` is the code that replaces it.
     pub fn new(code: Code, renew: Renew) -> Guard {
-        let state = State { code: Some(code), wrong: 0, shared: Bucket::full(AUTH_BURST), peers: HashMap::new() };
+        let state =
+            State { code: Some(code), wrong: 0, shared: Bucket::full(AUTH_BURST), peers: HashMap::new() };
         Guard { state: Mutex::new(state), renew }
     }
 

@@ -75,7 +75,10 @@ impl Secure {
         let store = TrustStore::for_user()?;
         let identity = store.identity()?;
         let (code, source) = if let Ok(v) = std::env::var("XFER_CODE") {
-            (Code::parse(&v).map_err(|e| Error::Usage(format!("bad code in XFER_CODE: {e}")))?, Source::Operator)
+            (
+                Code::parse(&v).map_err(|e| Error::Usage(format!("bad code in XFER_CODE: {e}")))?,
+                Source::Operator,
+            )
         } else if let Some(path) = &opts.code_file {
             if path.exists() {
                 (read_code_file(path)?, Source::Operator)
@@ -136,7 +139,8 @@ impl Secure {
                         Some(new)
                     }
                     Err(e) => {
-                        progress.line(&format!("xfer: cannot write a new code to {}: {e}", path.display()), true);
+                        progress
+                            .line(&format!("xfer: cannot write a new code to {}: {e}", path.display()), true);
                         None
                     }
                 },

@@ -67,9 +67,9 @@ pub(crate) fn refusal(reject: Reject, to: &str, pinned: bool) -> Error {
             "wrong code: the receiver at {to} did not accept it ({reason}). Check the code \
              `xfer recv` shows and send again; each wrong code uses up one of its guesses"
         )),
-        RejectCode::UnknownSender => {
-            Error::Auth(format!("the receiver at {to} does not know this sender: pair with its code ({reason})"))
-        }
+        RejectCode::UnknownSender => Error::Auth(format!(
+            "the receiver at {to} does not know this sender: pair with its code ({reason})"
+        )),
         code => Error::Rejected { name: "the connection".into(), code, reason },
     }
 }
@@ -112,11 +112,8 @@ pub(crate) fn connect(opts: &SendOpts) -> Result<Connected, Error> {
     }
     let code = obtain_code(opts)?;
     let (mut r, mut w, peer) = dial(opts)?;
-    code_handshake(&mut r, &mut w, &code, &me, pin.as_ref(), &opts.to).map(|(receiver, remembers)| Connected {
-        r,
-        w,
-        peer,
-        auth: Auth::Code { store, receiver, remembers },
+    code_handshake(&mut r, &mut w, &code, &me, pin.as_ref(), &opts.to).map(|(receiver, remembers)| {
+        Connected { r, w, peer, auth: Auth::Code { store, receiver, remembers } }
     })
 }
 

@@ -109,7 +109,10 @@ fn remote_static(hs: &HandshakeState) -> Result<[u8; 32], HsError> {
 pub enum Random<'a> {
     System,
     /// SPAKE2 scalar seed and Noise ephemeral private key.
-    Fixed { spake: [u8; 32], ephemeral: &'a [u8; 32] },
+    Fixed {
+        spake: [u8; 32],
+        ephemeral: &'a [u8; 32],
+    },
 }
 
 /// A deterministic RNG over a seed, for the golden vectors only.
@@ -316,10 +319,16 @@ impl PinnedReply {
 }
 
 /// Switches both halves of a connection to records.
-pub fn start_records(r: &mut FrameReader, w: &mut FrameWriter, send: [u8; 32], recv: [u8; 32]) -> Result<(), Error> {
+pub fn start_records(
+    r: &mut FrameReader,
+    w: &mut FrameWriter,
+    send: [u8; 32],
+    recv: [u8; 32],
+) -> Result<(), Error> {
     let every = rekey_interval();
     r.open_records(CipherState::new(recv, every), crate::recv::verify::MIN_RATE);
-    w.seal_records(CipherState::new(send, every)).map_err(|e| w.error("starting the secure channel", e.into()))
+    w.seal_records(CipherState::new(send, every))
+        .map_err(|e| w.error("starting the secure channel", e.into()))
 }
 
 /// How the receiver takes a connection's handshake.
@@ -423,7 +432,12 @@ fn receive_code(r: &mut FrameReader, w: &mut FrameWriter, admit: &Admit, step1: 
     }
 }
 
-fn receive_pinned(r: &mut FrameReader, w: &mut FrameWriter, admit: &Admit, step1: &[u8]) -> Result<(), Error> {
+fn receive_pinned(
+    r: &mut FrameReader,
+    w: &mut FrameWriter,
+    admit: &Admit,
+    step1: &[u8],
+) -> Result<(), Error> {
     let me = admit.identity.expect("a secure receiver has an identity");
     let Some(store) = admit.remember else {
         return Err(refuse_plain(

@@ -76,7 +76,7 @@ impl CipherState {
     /// The nonce for the next record, moving to the next key when this one has done its share.
     fn advance(&mut self) -> Nonce {
         let n = self.next;
-        if n > 0 && n % self.rekey_every == 0 {
+        if n > 0 && n.is_multiple_of(self.rekey_every) {
             let new = rekey(&self.raw);
             self.raw.zeroize();
             self.raw = new;
