@@ -398,7 +398,7 @@ mod tests {
         impl Read for Trickle<'_> {
             fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
                 self.1 += 1;
-                if self.1 % 2 == 0 {
+                if self.1.is_multiple_of(2) {
                     return Err(io::ErrorKind::WouldBlock.into());
                 }
                 let n = self.0.len().min(3).min(buf.len());
