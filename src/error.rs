@@ -96,6 +96,12 @@ impl Error {
     pub fn wire(peer: &str, what: &'static str, limit: Limit, e: WireError) -> Error {
         match e {
             WireError::Protocol(source) => Error::Protocol { peer: peer.to_string(), source },
+            WireError::Io(source) if source.get_ref().is_some_and(|e| e.is::<ChannelBroken>()) => {
+                Error::Auth(format!(
+                    "connection to {peer} failed while {what}: {source}; someone may be tampering \
+                     with the connection"
+                ))
+            }
             WireError::Io(source) if is_timeout(&source) => {
                 Error::Timeout { peer: peer.to_string(), what, limit }
             }
@@ -108,6 +114,19 @@ impl Error {
         }
     }
 }
+
+/// A record of the secure channel failed to open, or something else arrived where a record was
+/// due: the bytes were changed, replayed, reordered or dropped on the way (exit 8).
+#[derive(Debug)]
+pub struct ChannelBroken(pub String);
+
+impl std::fmt::Display for ChannelBroken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "secure channel broken: {}", self.0)
+    }
+}
+
+impl std::error::Error for ChannelBroken {}
 
 /// A timeout that was in force, and the option that sets it, for error messages.
 #[derive(Debug, Clone, Copy)]

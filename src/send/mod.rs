@@ -91,6 +91,9 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
 
     // Hashing starts at once, on its own thread, while we connect and the receiver validates the
     // manifest; its digests go out as they come, between bodies (or right after its body).
+    // Keys, pin and (when this receiver needs one) the code come first: a prompt for the code
+    // must not fight with the hashing bar.
+    let ready = secure::prepare(opts)?;
     let (events, inbox) = mpsc::sync_channel(events::EVENT_QUEUE);
     let hashing_bar =
         progress.bytes("hashing", label.as_deref().unwrap_or(&format!("0/{files} files")), bytes);
@@ -102,7 +105,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
         events.clone(),
     );
 
-    let secure::Connected { mut r, mut w, peer, auth } = secure::connect(opts)?;
+    let secure::Connected { mut r, mut w, peer, auth } = secure::connect(opts, ready, &hashing_bar)?;
     // A receiver that refuses at once (busy) may hang up while the manifest is still going out:
     // its refusal, read next, says more than the broken pipe.
     let sent = write_manifest(&mut w, &plan.entries).map_err(|e| w.error("sending the manifest", e.into()));

@@ -16,7 +16,9 @@ use crate::protocol::{Reject, RejectCode};
 use crate::sanitize::peer_text;
 use crate::transport::handshake::{self, HsError, MODE_INSECURE, Random};
 use crate::transport::{self, FrameReader, FrameWriter, Handshake};
-use crate::trust::{KnownReceiver, TrustStore};
+use crate::trust::{Identity, KnownReceiver, TrustStore};
+
+use indicatif::ProgressBar;
 
 /// How this connection was authenticated, and what to pin once the receiver proved itself.
 pub(crate) enum Auth {
@@ -85,43 +87,64 @@ fn hs_failed(to: &str, e: HsError) -> Error {
     ))
 }
 
-/// Connects and authenticates as `opts` say.
-pub(crate) fn connect(opts: &SendOpts) -> Result<Connected, Error> {
+/// What is known before connecting: this user's keys, the receiver's pin, and the code when
+/// the receiver will ask for it.
+pub(crate) enum Ready {
+    Insecure,
+    Secure { store: TrustStore, me: Identity, pin: Option<KnownReceiver>, code: Option<Code> },
+}
+
+/// Loads keys and pin, and obtains the code now unless the pin says the receiver remembers
+/// this sender (then it is asked for only if the receiver turns out to have forgotten it).
+pub(crate) fn prepare(opts: &SendOpts) -> Result<Ready, Error> {
     if opts.insecure {
-        let (r, mut w, peer) = dial(opts)?;
-        w.handshake(&[MODE_INSECURE]).map_err(|e| w.error("starting the handshake", e.into()))?;
-        return Ok(Connected { r, w, peer, auth: Auth::Insecure });
+        return Ok(Ready::Insecure);
     }
     let store = TrustStore::for_user()?;
     let me = store.identity()?;
     let pin = store.receiver(&opts.to)?;
-    if let Some(p) = pin.as_ref().filter(|p| p.remembers) {
-        let (mut r, mut w, peer) = dial(opts)?;
-        let (st, step1) = handshake::sender_pinned_start(&me, &p.key, Random::System);
-        w.handshake(&step1).map_err(|e| w.error("starting the handshake", e.into()))?;
-        match r.handshake().map_err(|e| r.error("waiting for the handshake", e))? {
-            Handshake::Step(m2) => {
-                let keys = st.finish(&m2).map_err(|_| changed_key(&opts.to))?;
-                handshake::start_records(&mut r, &mut w, keys.to_receiver, keys.to_sender)?;
-                return Ok(Connected { r, w, peer, auth: Auth::Pinned });
+    let code = if pin.as_ref().is_some_and(|p| p.remembers) { None } else { Some(obtain_code(opts)?) };
+    Ok(Ready::Secure { store, me, pin, code })
+}
+
+/// Connects and authenticates as prepared. `bar` is hidden while a late prompt asks for a code.
+pub(crate) fn connect(opts: &SendOpts, ready: Ready, bar: &ProgressBar) -> Result<Connected, Error> {
+    let Ready::Secure { store, me, pin, code } = ready else {
+        let (r, mut w, peer) = dial(opts)?;
+        w.handshake(&[MODE_INSECURE]).map_err(|e| w.error("starting the handshake", e.into()))?;
+        return Ok(Connected { r, w, peer, auth: Auth::Insecure });
+    };
+    let code = match (code, &pin) {
+        (Some(code), _) => code,
+        (None, Some(p)) => {
+            let (mut r, mut w, peer) = dial(opts)?;
+            let (st, step1) = handshake::sender_pinned_start(&me, &p.key, Random::System);
+            w.handshake(&step1).map_err(|e| w.error("starting the handshake", e.into()))?;
+            match r.handshake().map_err(|e| r.error("waiting for the handshake", e))? {
+                Handshake::Step(m2) => {
+                    let keys = st.finish(&m2).map_err(|_| changed_key(&opts.to))?;
+                    handshake::start_records(&mut r, &mut w, keys.to_receiver, keys.to_sender)?;
+                    return Ok(Connected { r, w, peer, auth: Auth::Pinned });
+                }
+                // The receiver forgot this sender (or lost its list): pair again with the code.
+                Handshake::Refused(rej) if rej.code == RejectCode::UnknownSender => {
+                    bar.suspend(|| obtain_code(opts))?
+                }
+                Handshake::Refused(rej) => return Err(refusal(rej, &opts.to, true)),
             }
-            // The receiver forgot this sender (or lost its list): pair again with the code.
-            Handshake::Refused(rej) if rej.code == RejectCode::UnknownSender => {}
-            Handshake::Refused(rej) => return Err(refusal(rej, &opts.to, true)),
         }
-    }
-    let code = obtain_code(opts)?;
+        (None, None) => unreachable!("prepare asks for a code when nothing is pinned"),
+    };
     let (mut r, mut w, peer) = dial(opts)?;
-    code_handshake(&mut r, &mut w, &code, &me, pin.as_ref(), &opts.to).map(|(receiver, remembers)| {
-        Connected { r, w, peer, auth: Auth::Code { store, receiver, remembers } }
-    })
+    let (receiver, remembers) = code_handshake(&mut r, &mut w, &code, &me, pin.as_ref(), &opts.to)?;
+    Ok(Connected { r, w, peer, auth: Auth::Code { store, receiver, remembers } })
 }
 
 fn code_handshake(
     r: &mut FrameReader,
     w: &mut FrameWriter,
     code: &Code,
-    me: &crate::trust::Identity,
+    me: &Identity,
     pin: Option<&KnownReceiver>,
     to: &str,
 ) -> Result<([u8; 32], bool), Error> {

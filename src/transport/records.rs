@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use zeroize::Zeroize;
 
+use crate::error::ChannelBroken;
+
 use crate::protocol::{
     FRAME_HEADER_LEN, FrameHeader, FrameKind, MAX_RECORD_LEN, MAX_RECORD_PLAIN, ProtocolError,
 };
@@ -154,7 +156,7 @@ impl Sealer {
 
 /// Why a record could not be opened: always the end of the connection.
 fn broken(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("secure channel broken: {what}"))
+    io::Error::new(io::ErrorKind::InvalidData, ChannelBroken(what.to_string()))
 }
 
 /// Opens records read from an inner reader and hands out their plaintext.

@@ -50,8 +50,11 @@ impl Receiver {
     ) -> Receiver {
         let secure = args.iter().any(|a| *a == "--code-file" || *a == "--remember")
             || envs.iter().any(|(k, _)| *k == "XFER_CODE");
+        let listen = if args.contains(&"--listen") { &[][..] } else { &["--listen", "127.0.0.1:0"][..] };
         let mut child = Command::new(BIN)
-            .args(["recv", "--listen", "127.0.0.1:0", "--dir"])
+            .arg("recv")
+            .args(listen)
+            .arg("--dir")
             .arg(&dir)
             .args(if secure { &[][..] } else { &["--insecure"][..] })
             .args(args)
