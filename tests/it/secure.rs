@@ -595,10 +595,10 @@ fn on_terminals_the_code_is_shown_asked_and_typos_asked_again() {
         let mut buf = [0u8; 1024];
         let n = out.read(&mut buf).unwrap();
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        if let Some(rest) = seen.split("code for senders: ").nth(1) {
-            if let Some(code) = rest.split_whitespace().next().filter(|_| rest.contains("  ")) {
-                break code.to_string();
-            }
+        if let Some(rest) = seen.split("code for senders: ").nth(1)
+            && let Some(code) = rest.split_whitespace().next().filter(|_| rest.contains("  "))
+        {
+            break code.to_string();
         }
         assert!(Instant::now() < deadline, "no code shown: {seen}");
     };
