@@ -26,7 +26,7 @@ pub const DEFAULT_PORT: u16 = 8888;
         stores it under its final name only after the digests match and the data is on stable \
         storage. The sender exits 0 only when the receiver says so.",
     after_help = "Exit codes: 0 ok, 1 receiver failed, 2 usage, 3 connection, 4 rejected, \
-        5 integrity, 6 local I/O, 7 protocol. See README.md for details."
+        5 integrity, 6 local I/O, 7 protocol, 8 authentication. See README.md for details."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -39,6 +39,27 @@ pub enum Command {
     Send(SendArgs),
     /// Listen for senders and store what they send into a folder.
     Recv(RecvArgs),
+    /// List or forget the receivers and senders this user paired with.
+    Trust(TrustArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Keys and pins live in $XDG_CONFIG_HOME/xfer (or ~/.config/xfer).")]
+pub struct TrustArgs {
+    #[command(subcommand)]
+    pub action: TrustAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TrustAction {
+    /// Show this user's key, the receivers it paired with and the senders it remembers.
+    List,
+    /// Forget a receiver (HOST:PORT as you typed it when sending) or a key (8+ hex digits).
+    /// The next send to that receiver asks for its code again.
+    Forget {
+        #[arg(value_name = "HOST:PORT|KEY")]
+        what: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -47,7 +68,9 @@ pub enum Command {
     Prints one summary line on stdout (for one file: name, size, time, rate, SHA-256, outcome; \
     for a batch: totals, and with --verbose a line per entry first); progress and \
     errors go to stderr. Sending the same file again after an interruption resumes it. Exit codes: 0 verified or already there, 2 usage, 3 connection, \
-    4 rejected, 5 integrity, 6 local I/O, 7 protocol, 1 receiver failed.")]
+    4 rejected, 5 integrity, 6 local I/O, 7 protocol, 8 authentication, 1 receiver failed.\n\n\
+    The first send to a receiver asks for the code it shows (or reads XFER_CODE / --code-file); \
+    after that, a receiver run with --remember lets this user in without it.")]
 pub struct SendArgs {
     /// Files and folders to send (folders with everything in them).
     #[arg(required = true, value_name = "PATH")]
@@ -83,6 +106,14 @@ pub struct SendArgs {
     /// No progress bars or notes on stderr (the summary on stdout and errors remain).
     #[arg(short, long)]
     pub quiet: bool,
+    /// Read the receiver's code from this file (`-`: standard input) instead of asking on the
+    /// terminal. XFER_CODE in the environment works too. Codes are never taken on the command line.
+    #[arg(long, value_name = "PATH")]
+    pub code_file: Option<PathBuf>,
+    /// Send in the clear, unauthenticated (the receiver must run with --insecure too). Only on
+    /// a network you trust, e.g. for benchmarks.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 #[derive(Debug, Args)]
@@ -122,6 +153,19 @@ pub struct RecvArgs {
     /// No progress bars on stderr (per-transfer log lines and errors remain).
     #[arg(short, long)]
     pub quiet: bool,
+    /// The code senders must prove: read from PATH if it exists (yours, mode 0600), else made
+    /// up and written there (mode 0600). XFER_CODE in the environment works too. Without either,
+    /// a new code is shown on the terminal.
+    #[arg(long, value_name = "PATH")]
+    pub code_file: Option<PathBuf>,
+    /// Remember senders that proved the code, and let them in later without it (they are
+    /// listed by `xfer trust list` and removed by `xfer trust forget`).
+    #[arg(long)]
+    pub remember: bool,
+    /// Accept plaintext, unauthenticated senders only (they must use --insecure too): anyone
+    /// who reaches the port can store files, and anyone on the path can read and change them.
+    #[arg(long, conflicts_with_all = ["code_file", "remember"])]
+    pub insecure: bool,
 }
 
 /// Parses a size such as `1024`, `64K`, `64KiB`, `1M`. Suffixes are binary (K = 1024).
@@ -194,6 +238,8 @@ impl SendArgs {
             quiet: self.quiet,
             cache: !self.no_cache,
             hash: self.hash,
+            insecure: self.insecure,
+            code_file: self.code_file,
         })
     }
 }
@@ -226,6 +272,9 @@ impl RecvArgs {
             handshake_timeout: Duration::from_secs(self.handshake_timeout),
             keep_partials: Duration::from_secs(self.keep_partials.saturating_mul(3600)),
             quiet: self.quiet,
+            insecure: self.insecure,
+            code_file: self.code_file,
+            remember: self.remember,
         })
     }
 }

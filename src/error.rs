@@ -26,6 +26,9 @@ pub enum Exit {
     Io = 6,
     /// The peer is not xfer, speaks another protocol version, or broke the protocol.
     Protocol = 7,
+    /// Authentication failed: a wrong code, a receiver whose key changed, a secure side facing
+    /// an `--insecure` one, or a handshake someone tampered with.
+    Auth = 8,
     /// Stopped by Ctrl-C (SIGINT), as shells report it: 128 + 2.
     Interrupted = 130,
     /// Stopped by SIGTERM: 128 + 15.
@@ -60,6 +63,8 @@ pub enum Error {
     Io { context: String, source: io::Error },
     #[error("{peer}: {source}")]
     Protocol { peer: String, source: ProtocolError },
+    #[error("{0}")]
+    Auth(String),
     #[error("{failed} of {total} entries failed; the first: {first}")]
     Batch { failed: usize, total: usize, first: String, code: Exit },
 }
@@ -75,6 +80,7 @@ impl Error {
             Error::RemoteFailed(_) => Exit::Failed,
             Error::Io { .. } => Exit::Io,
             Error::Protocol { .. } => Exit::Protocol,
+            Error::Auth(_) => Exit::Auth,
             Error::Batch { code, .. } => *code,
         }
     }
@@ -90,6 +96,12 @@ impl Error {
     pub fn wire(peer: &str, what: &'static str, limit: Limit, e: WireError) -> Error {
         match e {
             WireError::Protocol(source) => Error::Protocol { peer: peer.to_string(), source },
+            WireError::Io(source) if source.get_ref().is_some_and(|e| e.is::<ChannelBroken>()) => {
+                Error::Auth(format!(
+                    "connection to {peer} failed while {what}: {source}; someone may be tampering \
+                     with the connection"
+                ))
+            }
             WireError::Io(source) if is_timeout(&source) => {
                 Error::Timeout { peer: peer.to_string(), what, limit }
             }
@@ -102,6 +114,19 @@ impl Error {
         }
     }
 }
+
+/// A record of the secure channel failed to open, or something else arrived where a record was
+/// due: the bytes were changed, replayed, reordered or dropped on the way (exit 8).
+#[derive(Debug)]
+pub struct ChannelBroken(pub String);
+
+impl std::fmt::Display for ChannelBroken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "secure channel broken: {}", self.0)
+    }
+}
+
+impl std::error::Error for ChannelBroken {}
 
 /// A timeout that was in force, and the option that sets it, for error messages.
 #[derive(Debug, Clone, Copy)]

@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod cli;
+pub mod code;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -18,3 +19,4 @@ pub mod sanitize;
 pub mod send;
 pub mod store;
 pub mod transport;
+pub mod trust;

@@ -5,12 +5,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use xfer::cli::{Cli, Command};
+use xfer::cli::{Cli, Command, TrustAction};
 use xfer::error::{Error, Exit};
 use xfer::progress::{Progress, human_bytes, human_rate};
 use xfer::recv::Receiver;
 use xfer::sanitize::escape;
 use xfer::send::{EntryOutcome, Report, send};
+use xfer::trust::{TrustStore, hex};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -72,8 +73,39 @@ fn run(cli: Cli) -> Result<(), Error> {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "listening on {addr}").and_then(|()| out.flush());
             drop(out);
+            let notice = receiver.notice();
+            if !notice.is_empty() {
+                eprintln!("{notice}");
+            }
             if once { receiver.serve_once().map(drop) } else { receiver.serve() }
         }
+        Command::Trust(args) => trust(args.action),
+    }
+}
+
+/// `xfer trust list|forget`.
+fn trust(action: TrustAction) -> Result<(), Error> {
+    let store = TrustStore::for_user()?;
+    match action {
+        TrustAction::List => {
+            let me = store.identity()?;
+            println!("this user's key: {}", hex(&me.public));
+            for r in store.receivers()? {
+                let how = if r.remembers { "no code needed" } else { "asks for its code" };
+                println!("receiver {} key {} paired {} ({how})", r.target, hex(&r.key), r.since);
+            }
+            for s in store.senders()? {
+                println!("sender key {} from {} since {}", hex(&s.key), s.from, s.since);
+            }
+            Ok(())
+        }
+        TrustAction::Forget { what } => match store.forget(&what)? {
+            0 => Err(Error::Usage(format!("nothing paired matches {what:?} (see xfer trust list)"))),
+            n => {
+                println!("forgot {n} entr{}", if n == 1 { "y" } else { "ies" });
+                Ok(())
+            }
+        },
     }
 }
 

@@ -8,7 +8,8 @@ use std::fmt;
 use std::io::{self, Read, Write};
 
 use super::{
-    MAX_CHUNK_LEN, MAX_MESSAGE_LEN, Message, ProtocolError, WireError, decode_message, encode_message,
+    MAX_CHUNK_LEN, MAX_HANDSHAKE_LEN, MAX_MESSAGE_LEN, MAX_RECORD_LEN, Message, ProtocolError, WireError,
+    decode_message, encode_message,
 };
 
 /// Size of a frame header: length then kind.
@@ -21,6 +22,12 @@ pub enum FrameKind {
     Message = 0x01,
     /// A piece of the file body.
     Data = 0x02,
+    /// A step of the secure-channel handshake, in the clear, before any record (PROTOCOL.md,
+    /// "Secure channel").
+    Handshake = 0x03,
+    /// An encrypted record: AES-256-GCM over a piece of the frame stream, the header as
+    /// associated data.
+    Record = 0x04,
 }
 
 impl FrameKind {
@@ -28,6 +35,8 @@ impl FrameKind {
         match b {
             0x01 => Ok(FrameKind::Message),
             0x02 => Ok(FrameKind::Data),
+            0x03 => Ok(FrameKind::Handshake),
+            0x04 => Ok(FrameKind::Record),
             other => Err(ProtocolError::UnknownFrameKind(other)),
         }
     }
@@ -37,6 +46,8 @@ impl FrameKind {
         match self {
             FrameKind::Message => MAX_MESSAGE_LEN,
             FrameKind::Data => MAX_CHUNK_LEN,
+            FrameKind::Handshake => MAX_HANDSHAKE_LEN,
+            FrameKind::Record => MAX_RECORD_LEN,
         }
     }
 }
@@ -46,6 +57,8 @@ impl fmt::Display for FrameKind {
         f.write_str(match self {
             FrameKind::Message => "message",
             FrameKind::Data => "data",
+            FrameKind::Handshake => "handshake",
+            FrameKind::Record => "record",
         })
     }
 }

@@ -105,6 +105,15 @@ pub enum RejectCode {
     Failed,
     /// A batch manifest breaks a rule as a whole: a bad path, a collision, a limit (variant 5).
     InvalidManifest,
+    /// The receiver accepts only authenticated senders; this one asked for plaintext (variant 6).
+    AuthRequired,
+    /// The sender's proof failed: a wrong code, or a pinned key the receiver does not hold
+    /// (variant 7).
+    AuthFailed,
+    /// The receiver runs with `--insecure`; this sender asked for a secure channel (variant 8).
+    InsecureOnly,
+    /// The sender came with a pinned key the receiver does not remember (variant 9).
+    UnknownSender,
 }
 
 /// Receiver → sender: the whole transfer is refused before anything was written (the manifest

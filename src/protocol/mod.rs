@@ -46,7 +46,7 @@ pub const MAGIC: [u8; 8] = *b"\x89XFR\r\n\x1a\n";
 
 /// The protocol version this build speaks. Bumped for any incompatible change to frames or
 /// messages; message variants are never renumbered within a version.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 
 /// Digests per `DigestsPart` a sender puts in one message (33 bytes each, well within a frame).
 pub const MAX_DIGESTS_PER_PART: usize = 1024;
@@ -62,6 +62,17 @@ pub const MAX_MESSAGE_LEN: u32 = 64 * 1024;
 /// Largest data chunk. Bounds the receiver's buffer per transfer; `--chunk-size` may not exceed
 /// it. 16 MiB is well past the point where larger chunks stop paying (see README).
 pub const MAX_CHUNK_LEN: u32 = 16 * 1024 * 1024;
+
+/// Largest handshake frame payload. The handshake's messages are under 200 bytes; 1 KiB leaves
+/// room and keeps what a stranger can make the receiver allocate before it proves anything tiny.
+pub const MAX_HANDSHAKE_LEN: u32 = 1024;
+
+/// Most plaintext bytes in one encrypted record: large enough that the per-record cost (a header,
+/// a tag, a seal) is lost in the noise, small enough to bound the buffer each side holds.
+pub const MAX_RECORD_PLAIN: u32 = 256 * 1024;
+
+/// Largest record payload: ciphertext plus the 16-byte AES-GCM tag.
+pub const MAX_RECORD_LEN: u32 = MAX_RECORD_PLAIN + 16;
 
 /// Longest file name, in bytes of UTF-8: NAME_MAX on Linux and most Unix file systems.
 pub const MAX_NAME_LEN: usize = 255;

@@ -15,6 +15,7 @@ use crate::progress::{human_bytes, human_rate};
 use crate::protocol::{AnswersPart, Message, ProtocolError, Reject, RejectCode, bounded_reason};
 use crate::sanitize::escape;
 use crate::store::SafeDir;
+use crate::transport::handshake::{self, Admit};
 use crate::transport::{self, FrameReader, FrameWriter};
 
 /// Handles one connection and logs one line about it. Also says whether a manifest was read
@@ -86,6 +87,21 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
         |r: &mut FrameReader, at| r.set_deadline(at).map_err(|e| Error::io("configuring the socket", e));
     deadline(&mut r, Some((Instant::now() + opts.handshake_timeout, hs)))?;
     transport::exchange_hellos(&mut r, &mut w)?;
+    let admit = Admit {
+        insecure: shared.secure.is_none(),
+        identity: shared.secure.as_ref().map(|s| &s.identity),
+        guard: shared.secure.as_ref().map(|s| &s.guard),
+        remember: shared.secure.as_ref().and_then(|s| s.remember.as_ref()),
+        ip,
+    };
+    if let Err(e) = handshake::receive(&mut r, &mut w, &admit) {
+        // A refusal in the clear was sent: let the sender read it before the connection closes.
+        if matches!(e, Error::Auth(_) | Error::Rejected { .. }) {
+            w.shutdown(Shutdown::Write);
+            r.discard_until(Instant::now() + LINGER);
+        }
+        return Err(e);
+    }
     let first = match r.message().map_err(|e| r.error("waiting for the manifest", e))? {
         Message::Manifest(part) => part,
         other => {

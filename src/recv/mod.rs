@@ -29,9 +29,11 @@ pub(crate) mod answer;
 pub(crate) mod body;
 mod conn;
 pub(crate) mod durable;
+pub mod guard;
 pub(crate) mod litter;
 pub mod manifest;
 pub(crate) mod refuse;
+mod secure;
 pub(crate) mod transfer;
 pub(crate) mod verify;
 
@@ -64,6 +66,12 @@ pub struct RecvOpts {
     /// Age after which unused partial files are removed.
     pub keep_partials: Duration,
     pub quiet: bool,
+    /// Plaintext senders only (`--insecure`).
+    pub insecure: bool,
+    /// Where the code is read from or written to.
+    pub code_file: Option<PathBuf>,
+    /// Remember paired senders (`--remember`).
+    pub remember: bool,
 }
 
 /// A finished, successful transfer.
@@ -90,6 +98,8 @@ struct Shared {
     manifests: manifest::MemoryPool,
     /// Partials each address left behind, bounded per address.
     litter: litter::Litter,
+    /// Keys, code and guess budget; `None` with `--insecure`.
+    secure: Option<secure::Secure>,
 }
 
 /// How many connections (or transfers) each peer address holds.
@@ -174,6 +184,7 @@ impl Receiver {
             .map_err(|e| Error::Connect { addr: format!("{} (listening)", opts.listen), source: e })?;
         let progress = Progress::new(opts.quiet);
         let space = SpacePool::new(&opts.dir);
+        let secure = if opts.insecure { None } else { Some(secure::Secure::setup(&opts, &progress)?) };
         let shared = Shared {
             opts,
             progress,
@@ -184,12 +195,34 @@ impl Receiver {
             space,
             manifests: manifest::MemoryPool::new(manifest::MANIFEST_MEMORY),
             litter: litter::Litter::default(),
+            secure,
         };
         Ok(Receiver { listener, shared: Arc::new(shared) })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// What to tell the person at the terminal once the receiver listens: the code senders
+    /// need, or that the channel is plaintext. Never part of stdout or of the log lines.
+    pub fn notice(&self) -> String {
+        let Some(s) = &self.shared.secure else {
+            return "xfer: --insecure: senders are not authenticated and files travel in the clear".into();
+        };
+        let remember = if s.remember.is_some() {
+            "; senders that pair once are remembered (xfer trust list)"
+        } else {
+            ""
+        };
+        match &s.shown {
+            Some(code) => format!(
+                "xfer: code for senders: {}  (they type it when xfer send asks; it stays valid while                  this receiver runs{remember})",
+                code.expose()
+            ),
+            None if s.remember.is_some() => format!("xfer: senders prove the code you set{remember}"),
+            None => String::new(),
+        }
     }
 
     /// Removes partials older than `--keep-partials` now, and then every hour in the background.

@@ -104,6 +104,11 @@ impl Transfer<'_> {
                 // that ended early is a size mismatch; a timeout or broken framing is a failure.
                 let v = match &err {
                     Error::Connection { .. } => Verdict::SizeMismatch { expected: size, received: at },
+                    Error::Auth(_) => Verdict::Failed {
+                        reason: bounded_reason(format!(
+                            "secure channel broken: what arrived for this file did not authenticate ({err})"
+                        )),
+                    },
                     _ => Verdict::Failed { reason: bounded_reason(format!("receiver: {err}")) },
                 };
                 let _ =

@@ -16,13 +16,14 @@ use crate::error::Error;
 use crate::progress::Progress;
 use crate::protocol::{EntryKind, HashAlg, MAX_MESSAGE_LEN, ManifestPart, Message, RejectCode};
 use crate::sanitize::{escape, peer_text};
-use crate::transport::{self, FrameWriter};
+use crate::transport::FrameWriter;
 
 mod body;
 pub(crate) mod events;
 pub mod plan;
 mod report;
 pub(crate) mod run;
+mod secure;
 pub mod walk;
 
 pub use report::{EntryOutcome, EntryReport, Report};
@@ -56,6 +57,10 @@ pub struct SendOpts {
     /// Use and update the digest cache (`--no-cache` turns it off).
     pub cache: bool,
     pub hash: HashAlg,
+    /// Plaintext, unauthenticated (`--insecure`).
+    pub insecure: bool,
+    /// Where the code comes from when one is needed (`-`: standard input).
+    pub code_file: Option<PathBuf>,
 }
 
 impl SendOpts {
@@ -86,6 +91,9 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
 
     // Hashing starts at once, on its own thread, while we connect and the receiver validates the
     // manifest; its digests go out as they come, between bodies (or right after its body).
+    // Keys, pin and (when this receiver needs one) the code come first: a prompt for the code
+    // must not fight with the hashing bar.
+    let ready = secure::prepare(opts)?;
     let (events, inbox) = mpsc::sync_channel(events::EVENT_QUEUE);
     let hashing_bar =
         progress.bytes("hashing", label.as_deref().unwrap_or(&format!("0/{files} files")), bytes);
@@ -97,10 +105,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
         events.clone(),
     );
 
-    let stream = transport::connect(&opts.to, opts.connect_timeout)?;
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| opts.to.clone());
-    let (mut r, mut w) = transport::split(stream, &peer, opts.timeout)?;
-    transport::exchange_hellos(&mut r, &mut w)?;
+    let secure::Connected { mut r, mut w, peer, auth } = secure::connect(opts, ready, &hashing_bar)?;
     // A receiver that refuses at once (busy) may hang up while the manifest is still going out:
     // its refusal, read next, says more than the broken pipe.
     let sent = write_manifest(&mut w, &plan.entries).map_err(|e| w.error("sending the manifest", e.into()));
@@ -111,8 +116,24 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
     if sent.is_err() && !matches!(first, Ok(Message::Reject(_))) {
         return Err(sent.expect_err("checked"));
     }
-    match first? {
+    let first = first?;
+    // The receiver's first record opened: it knew the code, and its key can be pinned.
+    if r.records_opened() {
+        secure::pin(&auth, &opts.to)?;
+    }
+    match first {
         Message::Answers(part) if part.answers.is_empty() => {}
+        Message::Reject(reject)
+            if matches!(
+                reject.code,
+                RejectCode::AuthRequired
+                    | RejectCode::AuthFailed
+                    | RejectCode::InsecureOnly
+                    | RejectCode::UnknownSender
+            ) =>
+        {
+            return Err(secure::refusal(reject, &opts.to, matches!(auth, secure::Auth::Pinned)));
+        }
         Message::Reject(reject) => {
             let reason = peer_text(reject.reason);
             if reject.code == RejectCode::Failed {

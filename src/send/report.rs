@@ -81,9 +81,17 @@ pub(crate) fn verdict_result(v: Verdict, name: &str, digest: Option<&Digest>) ->
             "receiver rejected \"{}\": got {received} bytes, expected {expected}",
             escape(name)
         ))),
+        // The receiver's word that what reached it did not authenticate: the path was tampered
+        // with (its verdict itself arrived sealed, so it is the receiver's).
+        Verdict::Failed { reason } if reason.starts_with(CHANNEL_BROKEN) => {
+            Err(Error::Auth(format!("the receiver says: {}", peer_text(reason))))
+        }
         Verdict::Failed { reason } => Err(Error::RemoteFailed(peer_text(reason))),
     }
 }
+
+/// How a receiver's `Failed` verdict begins when its side of the secure channel broke.
+pub(crate) const CHANNEL_BROKEN: &str = "secure channel broken";
 
 /// The display path of `name` in the folder of the entry at `path`: where the receiver says it
 /// stored (or already has) that entry, maybe under a keep-both name.

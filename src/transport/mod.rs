@@ -15,10 +15,12 @@ use std::time::Duration;
 
 use crate::error::{Error, Limit};
 
+pub mod handshake;
 mod read;
+pub(crate) mod records;
 mod write;
 
-pub use read::FrameReader;
+pub use read::{FrameReader, Handshake};
 pub use write::{FileError, FrameWriter};
 
 /// Capacity of the socket write buffer: small frames (down to 1-byte chunks) are coalesced into

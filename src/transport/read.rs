@@ -3,14 +3,21 @@
 use std::io::{self, BufRead, BufReader, Read};
 use std::time::{Duration, Instant};
 
+use super::records::{CipherState, Opener, PlainRefusal, PlainRefusalError};
 use super::{RECV_BUF, Socket};
 use crate::error::{Error, Limit, is_timeout};
 use crate::protocol::{self, FRAME_HEADER_LEN, FrameHeader, FrameKind, Message, ProtocolError, WireError};
 
+/// A handshake step read from the peer, or its refusal in the clear.
+pub enum Handshake {
+    Step(Vec<u8>),
+    Refused(crate::protocol::Reject),
+}
+
 /// Reads the peer's frames. Owns the read buffer and the time rules: an overall deadline (the
 /// handshake, a manifest) or the idle timeout (no byte for that long).
 pub struct FrameReader {
-    inner: BufReader<Deadlined>,
+    inner: BufReader<Channel>,
     peer: String,
     /// The rule in force, for error messages.
     limit: Limit,
@@ -33,6 +40,22 @@ struct Deadlined {
     min_rate: Option<u64>,
     waited: Duration,
     got: u64,
+}
+
+/// What the buffer reads from: the socket under its time rules, through the record opener once
+/// the secure channel is up.
+struct Channel {
+    raw: Deadlined,
+    open: Option<Opener>,
+}
+
+impl Read for Channel {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.open {
+            Some(o) => o.read(&mut self.raw, buf),
+            None => self.raw.read(buf),
+        }
+    }
 }
 
 impl Read for Deadlined {
@@ -73,26 +96,24 @@ impl Read for Deadlined {
 
 impl FrameReader {
     pub(super) fn new(stream: Socket, peer: &str, idle: Option<Duration>, limit: Limit) -> FrameReader {
-        let inner = BufReader::with_capacity(
-            RECV_BUF,
-            Deadlined {
-                stream,
-                until: None,
-                idle,
-                idle_fired: false,
-                armed: false,
-                min_rate: None,
-                waited: Duration::ZERO,
-                got: 0,
-            },
-        );
+        let raw = Deadlined {
+            stream,
+            until: None,
+            idle,
+            idle_fired: false,
+            armed: false,
+            min_rate: None,
+            waited: Duration::ZERO,
+            got: 0,
+        };
+        let inner = BufReader::with_capacity(RECV_BUF, Channel { raw, open: None });
         FrameReader { inner, peer: peer.to_string(), limit, idle_limit: limit }
     }
 
     /// Reads under one overall deadline from now on (`limit` names it in errors), or with `None`
     /// goes back to the idle timeout.
     pub fn set_deadline(&mut self, until: Option<(Instant, Limit)>) -> io::Result<()> {
-        let d = self.inner.get_mut();
+        let d = &mut self.inner.get_mut().raw;
         match until {
             Some((at, limit)) => {
                 d.until = Some(at);
@@ -114,7 +135,7 @@ impl FrameReader {
     /// slot forever. The window carries over from one body to the next, so many tiny bodies
     /// cannot trickle either.
     pub fn set_min_rate(&mut self, rate: Option<u64>) {
-        self.inner.get_mut().min_rate = rate;
+        self.inner.get_mut().raw.min_rate = rate;
     }
 
     /// The peer's address, as shown in messages.
@@ -125,13 +146,49 @@ impl FrameReader {
     /// Turns a failure on this connection into the error a user sees: a timeout naming the rule
     /// in force, a drop, or the peer's protocol violation. `what` says what this side was doing.
     pub fn error(&self, what: &'static str, e: WireError) -> Error {
-        let limit = if self.inner.get_ref().idle_fired { self.idle_limit } else { self.limit };
+        let limit = if self.inner.get_ref().raw.idle_fired { self.idle_limit } else { self.limit };
         Error::wire(&self.peer, what, limit, e)
     }
 
-    /// Reads and checks the peer's hello.
+    /// Reads and checks the peer's hello, straight from the socket: nothing past it may sit in
+    /// the buffer, since what follows may be records to open.
     pub fn hello(&mut self) -> Result<(), WireError> {
-        protocol::read_hello(&mut self.inner)
+        protocol::read_hello(&mut self.inner.get_mut().raw)
+    }
+
+    /// Reads one handshake frame, straight from the socket (see [`FrameReader::hello`]). The
+    /// peer may refuse in the clear instead: a `Reject` message.
+    pub fn handshake(&mut self) -> Result<Handshake, WireError> {
+        let raw = &mut self.inner.get_mut().raw;
+        let h = protocol::read_frame_header(raw)?;
+        // Lengths were checked against the kind's limit (1 KiB, 64 KiB) by the decoder.
+        let mut payload = vec![0u8; h.len as usize];
+        match h.kind {
+            FrameKind::Handshake => {
+                raw.read_exact(&mut payload)?;
+                Ok(Handshake::Step(payload))
+            }
+            FrameKind::Message => {
+                raw.read_exact(&mut payload)?;
+                match protocol::decode_message(&payload)? {
+                    Message::Reject(r) => Ok(Handshake::Refused(r)),
+                    other => Err(ProtocolError::UnexpectedMessage {
+                        expected: "a handshake step or a refusal",
+                        got: other.name(),
+                    }
+                    .into()),
+                }
+            }
+            got => Err(ProtocolError::UnexpectedFrame { expected: FrameKind::Handshake, got }.into()),
+        }
+    }
+
+    /// From now on, reads open records with `cipher` (the handshake is done). Nothing was
+    /// buffered: the hello and the handshake were read straight from the socket.
+    pub(crate) fn open_records(&mut self, cipher: CipherState, min_rate: u64) {
+        debug_assert!(self.inner.buffer().is_empty());
+        let ch = self.inner.get_mut();
+        ch.open = Some(Opener::new(cipher, ch.raw.idle, min_rate));
     }
 
     /// Reads one frame that must be a message. Waiting for its first byte is waiting (the idle
@@ -140,8 +197,13 @@ impl FrameReader {
     /// the idle timeout, and hold this side for as long as it likes.
     pub fn message(&mut self) -> Result<Message, WireError> {
         let mut first = [0u8; 1];
-        self.inner.read_exact(&mut first)?;
-        let d = self.inner.get_mut();
+        if let Err(e) = self.inner.read_exact(&mut first) {
+            return match e.get_ref().and_then(|i| i.downcast_ref::<PlainRefusalError>()) {
+                Some(&PlainRefusalError(len)) => self.plain_refusal(len),
+                None => Err(e.into()),
+            };
+        }
+        let d = &mut self.inner.get_mut().raw;
         let saved = d.until;
         // Whether the phase's own deadline comes first (then it is the one a timeout reports).
         let mut outer_first = saved.is_some();
@@ -164,7 +226,7 @@ impl FrameReader {
             self.inner.read_exact(&mut payload)?;
             Ok(protocol::decode_message(&payload)?)
         })();
-        let d = self.inner.get_mut();
+        let d = &mut self.inner.get_mut().raw;
         d.until = saved;
         if saved.is_none() && d.armed {
             d.armed = false;
@@ -179,6 +241,23 @@ impl FrameReader {
             ))),
             other => other,
         })
+    }
+
+    /// The first frame on a secure connection was a message in the clear: the peer's refusal
+    /// (its side of the handshake failed). Anything but a `Reject` there is a protocol error.
+    fn plain_refusal(&mut self, len: u32) -> Result<Message, WireError> {
+        let ch = self.inner.get_mut();
+        let opener = ch.open.as_mut().expect("only an opener reports a plaintext refusal");
+        let PlainRefusal(payload) = opener.take_refusal(&mut ch.raw, len)?;
+        match protocol::decode_message(&payload)? {
+            m @ Message::Reject(_) => Ok(m),
+            other => Err(ProtocolError::UnexpectedMessage { expected: "records", got: other.name() }.into()),
+        }
+    }
+
+    /// Whether a record from the peer has opened (it holds the channel's keys).
+    pub fn records_opened(&self) -> bool {
+        self.inner.get_ref().open.as_ref().is_some_and(Opener::opened_one)
     }
 
     /// Reads one frame header.
@@ -220,7 +299,7 @@ impl FrameReader {
     /// refusal, so the peer reads it instead of a reset caused by unread bytes).
     pub fn discard_until(&mut self, until: Instant) {
         let mut buf = [0u8; 16 * 1024];
-        let d = self.inner.get_mut();
+        let d = &mut self.inner.get_mut().raw;
         d.until = Some(until);
         while matches!(d.read(&mut buf), Ok(n) if n > 0) {}
     }

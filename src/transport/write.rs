@@ -7,16 +7,37 @@ use std::net::{Shutdown, TcpStream};
 
 use indicatif::ProgressBar;
 
+use super::records::{CipherState, Sealer};
 use super::{SOCKET_BUF, Socket};
 use crate::error::{Error, Limit};
-use crate::protocol::{self, FrameHeader, FrameKind, Message, WireError};
+use crate::protocol::{self, FRAME_HEADER_LEN, FrameHeader, FrameKind, MAX_RECORD_PLAIN, Message, WireError};
 
 /// Writes this side's frames. Nothing is sent until [`FrameWriter::flush`] (or a full buffer):
 /// the engines flush at the end of each phase, so many small frames share one write.
 pub struct FrameWriter {
-    inner: BufWriter<Socket>,
+    inner: BufWriter<Out>,
     peer: String,
     limit: Limit,
+}
+
+/// Where the buffer's bytes go: the socket, through the record sealer once the secure channel is
+/// up.
+pub(crate) struct Out {
+    sock: Socket,
+    seal: Option<Sealer>,
+}
+
+impl Write for Out {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.seal {
+            Some(s) => s.write_record(&mut self.sock, buf),
+            None => self.sock.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Why a file body could not be sent.
@@ -34,10 +55,34 @@ pub enum FileError {
 const SENDFILE_MIN_BODY: u64 = 1 << 20;
 /// Frames this large make a header per frame cheap next to the `sendfile` call it precedes.
 const SENDFILE_MIN_CHUNK: usize = 64 * 1024;
+/// Sealed bodies at least this large are read straight into records; smaller ones go through the
+/// buffer with the frames around them (many small files share a record).
+const SEALED_DIRECT_MIN_BODY: u64 = 64 * 1024;
 
 impl FrameWriter {
     pub(super) fn new(stream: Socket, peer: &str, limit: Limit) -> FrameWriter {
-        FrameWriter { inner: BufWriter::with_capacity(SOCKET_BUF, stream), peer: peer.to_string(), limit }
+        let out = Out { sock: stream, seal: None };
+        FrameWriter { inner: BufWriter::with_capacity(SOCKET_BUF, out), peer: peer.to_string(), limit }
+    }
+
+    /// Writes one handshake frame and flushes it.
+    pub fn handshake(&mut self, payload: &[u8]) -> io::Result<()> {
+        protocol::write_frame_header(&mut self.inner, FrameKind::Handshake, payload.len() as u32)?;
+        self.inner.write_all(payload)?;
+        self.inner.flush()
+    }
+
+    /// From now on, everything written is sealed into records with `cipher`. What is buffered
+    /// (the handshake) goes out in the clear first.
+    pub(crate) fn seal_records(&mut self, cipher: CipherState) -> io::Result<()> {
+        self.inner.flush()?;
+        self.inner.get_mut().seal = Some(Sealer::new(cipher));
+        Ok(())
+    }
+
+    /// Whether frames travel in records (then bodies cannot go by `sendfile`).
+    pub fn is_sealed(&self) -> bool {
+        self.inner.get_ref().seal.is_some()
     }
 
     /// See [`super::FrameReader::error`].
@@ -64,7 +109,7 @@ impl FrameWriter {
         if how == Shutdown::Write {
             let _ = self.inner.flush();
         }
-        let _ = self.inner.get_ref().tcp().shutdown(how);
+        let _ = self.inner.get_ref().sock.tcp().shutdown(how);
     }
 
     /// Writes bytes `offset..size` of `file` as data frames of at most `chunk` bytes, advancing
@@ -76,7 +121,10 @@ impl FrameWriter {
         chunk: u32,
         bar: &ProgressBar,
     ) -> Result<(), FileError> {
-        if chunk as usize >= SENDFILE_MIN_CHUNK && size - offset >= SENDFILE_MIN_BODY {
+        if self.is_sealed() && size - offset >= SEALED_DIRECT_MIN_BODY {
+            return self.file_body_sealed(file, (offset, size), chunk, bar);
+        }
+        if !self.is_sealed() && chunk as usize >= SENDFILE_MIN_CHUNK && size - offset >= SENDFILE_MIN_BODY {
             return self.file_body_sendfile(file, (offset, size), chunk, bar);
         }
         file.seek(SeekFrom::Start(offset)).map_err(FileError::Local)?;
@@ -101,6 +149,54 @@ impl FrameWriter {
         Ok(())
     }
 
+    /// [`FrameWriter::file_body`] on a secure channel: each record is filled with data frames
+    /// read from the file straight into the record's buffer, sealed there and written, so a
+    /// body's bytes are copied once (file to buffer) on their way out.
+    fn file_body_sealed(
+        &mut self,
+        file: &mut File,
+        (offset, size): (u64, u64),
+        chunk: u32,
+        bar: &ProgressBar,
+    ) -> Result<(), FileError> {
+        // Messages still buffered (the `Body` announcing this one) go first, in their own record.
+        self.inner.flush().map_err(FileError::Net)?;
+        file.seek(SeekFrom::Start(offset)).map_err(FileError::Local)?;
+        let room = MAX_RECORD_PLAIN as usize;
+        let mut left = size - offset;
+        let Out { sock, seal } = self.inner.get_mut();
+        let sealer = seal.as_mut().expect("sealed");
+        // Frames split where records do: a frame is at most `chunk` bytes, and a record holds
+        // as many whole frames as fit (a frame larger than a record spans several).
+        let mut frame_left = 0u64;
+        while left > 0 {
+            let written = sealer.write_record_with(sock, |buf| {
+                while left > 0 && buf.len() - FRAME_HEADER_LEN < room {
+                    if frame_left == 0 {
+                        if room - (buf.len() - FRAME_HEADER_LEN) < FRAME_HEADER_LEN + 1 {
+                            break;
+                        }
+                        frame_left = left.min(u64::from(chunk));
+                        buf.extend_from_slice(
+                            &FrameHeader { kind: FrameKind::Data, len: frame_left as u32 }.encode(),
+                        );
+                    }
+                    let space = room - (buf.len() - FRAME_HEADER_LEN);
+                    let n = frame_left.min(space as u64) as usize;
+                    let at = buf.len();
+                    buf.resize(at + n, 0);
+                    file.read_exact(&mut buf[at..]).map_err(FileError::Local)?;
+                    frame_left -= n as u64;
+                    left -= n as u64;
+                    bar.inc(n as u64);
+                }
+                Ok(())
+            })?;
+            written.map_err(FileError::Net)?;
+        }
+        Ok(())
+    }
+
     /// [`FrameWriter::file_body`] by `sendfile(2)`: for each frame, its 5-byte header with
     /// `MSG_MORE` (so it travels in the same segment as the data), then the data straight from
     /// the file. Only a plaintext channel can do this: the bytes never pass through this process.
@@ -114,7 +210,7 @@ impl FrameWriter {
         use rustix::io::Errno;
         // Messages still buffered (the `Body` announcing this one) go first.
         self.inner.flush().map_err(FileError::Net)?;
-        let sock: &TcpStream = self.inner.get_ref().tcp();
+        let sock: &TcpStream = self.inner.get_ref().sock.tcp();
         let mut pos = offset;
         while pos < size {
             let len = (size - pos).min(u64::from(chunk)) as usize;

@@ -75,6 +75,7 @@ fn a_file_changed_while_being_sent_is_never_verified() {
         s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
         protocol::write_hello(&mut s).unwrap();
         protocol::read_hello(&mut s).unwrap();
+        crate::util::expect_insecure(&mut s);
         let entries = accept_manifest(&mut s);
         let told = read_digest(&mut s);
         let answers = vec![Answer::Send { offset: 0 }];

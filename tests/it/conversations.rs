@@ -226,7 +226,11 @@ fn play_noise(rx: &Receiver, hello: bool, ops: &[Op], pool: &[Vec<u8>]) {
         let mut buf = vec![0u8; 64 << 10];
         while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
     });
-    let mut said = if hello { protocol::hello().to_vec() } else { b"GET / HTTP/1.0\r\n".to_vec() };
+    let mut said = if hello {
+        [&protocol::hello()[..], &crate::util::INSECURE[..]].concat()
+    } else {
+        b"GET / HTTP/1.0\r\n".to_vec()
+    };
     for op in ops {
         said.extend_from_slice(&encode(op, pool));
     }
@@ -793,7 +797,9 @@ fn play(rx: &Receiver, plan: &Plan, pool: &[Vec<u8>], stats: &Stats) -> Played {
         withheld: false,
         injected: false,
     };
-    let greeted = peer.say(&protocol::hello()) && protocol::read_hello(&mut peer.stream).is_ok();
+    let greeted = peer.say(&protocol::hello())
+        && protocol::read_hello(&mut peer.stream).is_ok()
+        && peer.say(&crate::util::INSECURE);
     if greeted {
         peer.converse();
     } else {

@@ -23,6 +23,7 @@ fn fake_receiver(hello: [u8; 10], verdict: Option<Verdict>) -> String {
             return;
         };
         protocol::read_hello(&mut s).unwrap();
+        crate::util::expect_insecure(&mut s);
         let entries = accept_manifest(&mut s);
         assert_eq!(entries.len(), 1, "one file: {entries:?}");
         let answers = vec![Answer::Send { offset: 0 }];
@@ -131,6 +132,7 @@ fn peer_text_is_escaped_on_the_sender() {
         let (mut s, _) = listener.accept().unwrap();
         protocol::write_hello(&mut s).unwrap();
         protocol::read_hello(&mut s).unwrap();
+        crate::util::expect_insecure(&mut s);
         let _ = protocol::read_message(&mut s).unwrap();
         let reason = "evil\x1b]0;owned\x07\r\nxfer: verified\u{202e}".to_string();
         let reject = Reject { code: protocol::RejectCode::InvalidName, reason };

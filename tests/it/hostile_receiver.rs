@@ -26,6 +26,7 @@ fn fake(script: impl FnOnce(&mut TcpStream, Message) + Send + 'static) -> (Strin
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         protocol::write_hello(&mut s).unwrap();
         protocol::read_hello(&mut s).unwrap();
+        crate::util::expect_insecure(&mut s);
         let first = protocol::read_message(&mut s).unwrap();
         script(&mut s, first);
         // Let the sender read everything before the connection goes.
@@ -94,6 +95,7 @@ pub(crate) fn read_body(s: &mut TcpStream, size: u64, mut frame: impl FnMut(&[u8
                 Message::Body(b) if !announced && b.index == 0 => announced = true,
                 other => panic!("expected digests, the body or its data, got {other:?}"),
             },
+            other => panic!("a {other} frame in the plaintext stream"),
         }
     }
     assert_eq!(got, size, "the body ran past the file's size");

@@ -2,6 +2,7 @@
 //! address while an honest sender from another gets through. The receiver's peak memory and
 //! open descriptors are measured from /proc and printed (`cargo test -- --nocapture` shows them).
 
+use std::io::Write as _;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -211,7 +212,10 @@ fn maximal_manifests_from_every_connection_keep_memory_bounded() {
                 let from = if c % 2 == 0 { [127, 0, 0, 1] } else { [127, 0, 0, 2] };
                 let Ok(mut s) = connect_from(from, to) else { return 0 };
                 s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-                if xfer::protocol::write_hello(&mut s).is_err() {
+                if xfer::protocol::write_hello(&mut s)
+                    .and_then(|()| s.write_all(&crate::util::INSECURE))
+                    .is_err()
+                {
                     return 0;
                 }
                 // Up to 200 MiB of modelled memory each (more than MAX_MANIFEST_BYTES). One in
@@ -271,6 +275,7 @@ fn one_address_holds_at_most_its_share_of_the_transfer_slots() {
         let mut p = crate::util::RawPeer { stream };
         xfer::protocol::write_hello(&mut p.stream).unwrap();
         xfer::protocol::read_hello(&mut p.stream).unwrap();
+        p.send_raw(&crate::util::INSECURE);
         p.manifest(vec![crate::util::file_entry(&[name], 10)]);
         let first = p.read().unwrap();
         (p, first)

@@ -17,6 +17,7 @@ mod load; // 64 senders at once; a flood of idle connections from one address
 mod pipeline; // hashing overlaps sending: files are answered and stored as their digests come
 mod progress; // bars on a terminal (a pty from script(1)), none with --quiet or in a pipe
 mod resume; // interrupted three ways, then resumed; other versions not reused
+mod secure; // codes, pinned keys, downgrades, tampering, relays: the secure channel under attack
 mod streaming; // answered before the digest when nothing could match; the digest after the body decides
 mod timeouts; // silent peers on either side
 mod transfer; // byte-for-byte equality across sizes and chunk sizes

@@ -156,7 +156,7 @@ fn digests_and_bodies_out_of_step_are_protocol_errors() {
 /// Starts `xfer send PATHS... TO --no-cache` in the background.
 fn spawn_send(paths: &[&std::path::Path], to: &str) -> std::process::Child {
     Command::new(BIN)
-        .arg("send")
+        .args(["send", "--insecure"])
         .args(paths)
         .args([to, "--no-cache", "--verbose"])
         .env("XDG_CACHE_HOME", test_cache_home())

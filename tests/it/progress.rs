@@ -8,7 +8,7 @@ use crate::util::{BIN, Receiver, random_bytes, source_file};
 fn send_under_pty(extra: &str) -> String {
     let rx = Receiver::start(&["--quiet"]);
     let (_src, path) = source_file("big.bin", &random_bytes(48 * 1024 * 1024, 5));
-    let cmd = format!("{BIN} send {} {} {extra} 2>&1", path.display(), rx.target());
+    let cmd = format!("{BIN} send --insecure {} {} {extra} 2>&1", path.display(), rx.target());
     let out = Command::new("script").args(["-qec", &cmd, "/dev/null"]).output().expect("run script(1)");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -37,7 +37,7 @@ fn a_batch_shows_a_hashing_bar_and_an_overall_bar() {
     for (i, size) in [96usize << 20, 10, 20].iter().enumerate() {
         std::fs::write(dir.join(format!("f{i}")), random_bytes(*size, i as u64)).unwrap();
     }
-    let cmd = format!("{BIN} send {} {} --no-cache 2>&1", dir.display(), rx.target());
+    let cmd = format!("{BIN} send --insecure {} {} --no-cache 2>&1", dir.display(), rx.target());
     let out = Command::new("script").args(["-qec", &cmd, "/dev/null"]).output().expect("run script(1)");
     let tty = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{tty}");

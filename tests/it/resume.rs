@@ -72,7 +72,7 @@ impl Proxy {
 /// `xfer send` started in the background, through `to`.
 fn spawn_sender(path: &std::path::Path, to: SocketAddr) -> std::process::Child {
     Command::new(BIN)
-        .args(["send", "--quiet"])
+        .args(["send", "--quiet", "--insecure"])
         .arg(path)
         .arg(to.to_string())
         .env("XDG_CACHE_HOME", test_cache_home())
@@ -260,7 +260,7 @@ fn ctrl_c_on_the_sender_exits_130_and_sending_again_resumes() {
     let (_src, path) = source_file("big.bin", &data);
     let proxy = Proxy::start(rx.addr, Some(CUT));
     let sender = Command::new(BIN)
-        .arg("send")
+        .args(["send", "--insecure"])
         .arg(&path)
         .arg(proxy.addr.to_string())
         .env("XDG_CACHE_HOME", test_cache_home())
@@ -316,7 +316,16 @@ fn a_second_ctrl_c_exits_at_once_when_the_first_cannot_finish() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = KillOnDrop(
         Command::new(BIN)
-            .args(["recv", "--listen", "127.0.0.1:0", "--quiet", "--max-transfers", "1", "--dir"])
+            .args([
+                "recv",
+                "--insecure",
+                "--listen",
+                "127.0.0.1:0",
+                "--quiet",
+                "--max-transfers",
+                "1",
+                "--dir",
+            ])
             .arg(dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(write_end))

@@ -101,6 +101,7 @@ fn chunk_size_sets_the_frame_sizes_on_the_wire() {
         s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
         protocol::write_hello(&mut s).unwrap();
         protocol::read_hello(&mut s).unwrap();
+        crate::util::expect_insecure(&mut s);
         let entries = accept_manifest(&mut s);
         let answers = vec![Answer::Send { offset: 0 }];
         protocol::write_message(&mut s, &Message::Answers(AnswersPart { answers, last: true })).unwrap();

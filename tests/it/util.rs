@@ -36,10 +36,30 @@ impl Receiver {
     }
 
     pub fn start_in(root: tempfile::TempDir, dir: PathBuf, args: &[&str]) -> Receiver {
+        Receiver::start_with(root, dir, args, &[])
+    }
+
+    /// A receiver with `envs` set. Unless `args` ask for a code (`--code-file`, `--remember`) or
+    /// `envs` give one (`XFER_CODE`), it runs `--insecure`: the plaintext stream most tests speak.
+    /// Its keys live in `root/config`.
+    pub fn start_with(
+        root: tempfile::TempDir,
+        dir: PathBuf,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Receiver {
+        let secure = args.iter().any(|a| *a == "--code-file" || *a == "--remember")
+            || envs.iter().any(|(k, _)| *k == "XFER_CODE");
+        let listen = if args.contains(&"--listen") { &[][..] } else { &["--listen", "127.0.0.1:0"][..] };
         let mut child = Command::new(BIN)
-            .args(["recv", "--listen", "127.0.0.1:0", "--dir"])
+            .arg("recv")
+            .args(listen)
+            .arg("--dir")
             .arg(&dir)
+            .args(if secure { &[][..] } else { &["--insecure"][..] })
             .args(args)
+            .env("XDG_CONFIG_HOME", root.path().join("config"))
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -225,9 +245,16 @@ pub fn xfer_in<S: AsRef<std::ffi::OsStr>>(args: &[S], cache_home: &Path) -> Run 
         args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
     );
     let start = Instant::now();
+    // Plaintext unless the test asks for a code: most tests are about the frame stream.
+    let mut args: Vec<std::ffi::OsString> = args.iter().map(|a| a.as_ref().to_os_string()).collect();
+    let secure = args.iter().any(|a| a == "--code-file" || a == "--remember" || a == "--insecure");
+    if !secure && args.first().is_some_and(|a| a == "send" || a == "recv") {
+        args.insert(1, "--insecure".into());
+    }
     let out = Command::new(BIN)
-        .args(args)
+        .args(&args)
         .env("XDG_CACHE_HOME", cache_home)
+        .env("XDG_CONFIG_HOME", cache_home.join("config"))
         .stdin(Stdio::null())
         .output()
         .expect("run xfer");
@@ -275,6 +302,16 @@ pub fn data_frame(bytes: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// The sender's handshake frame that asks for the plaintext stream (mode `00`).
+pub const INSECURE: [u8; 6] = [0, 0, 0, 1, 0x03, 0x00];
+
+/// For a fake receiver: reads the sender's handshake frame, which must ask for plaintext.
+pub fn expect_insecure(s: &mut impl Read) {
+    let mut b = [0u8; 6];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(b, INSECURE, "the sender did not ask for the plaintext stream");
+}
+
 /// A hand-driven peer on a raw TcpStream, for saying what the real sender never would.
 pub struct RawPeer {
     pub stream: TcpStream,
@@ -288,11 +325,13 @@ impl RawPeer {
         RawPeer { stream }
     }
 
-    /// Connects and exchanges valid hellos.
+    /// Connects, exchanges valid hellos and asks for the plaintext stream (the receivers of
+    /// raw-peer tests run `--insecure`).
     pub fn greet(addr: SocketAddr) -> RawPeer {
         let mut p = RawPeer::connect(addr);
         protocol::write_hello(&mut p.stream).unwrap();
         protocol::read_hello(&mut p.stream).unwrap();
+        p.stream.write_all(&INSECURE).unwrap();
         p
     }
 

@@ -1,0 +1,520 @@
+//! The secure channel's handshake: after the hellos, before any frame of the transfer.
+//!
+//! The sender's first handshake frame starts with a mode byte (PROTOCOL.md, "Secure channel"):
+//! - `00` insecure: nothing more; the plaintext frame stream follows (both sides `--insecure`).
+//! - `01` code (first contact): `01 ‖ A ‖ m1` → `B ‖ m2` → `m3`. A and B are SPAKE2 messages
+//!   (Ed25519 group, identities `xfer sender` / `xfer receiver`) on the canonical code; the
+//!   SPAKE2 key K gives the PSK of a Noise `XXpsk3` handshake (HKDF-SHA256, salt `xfer psk`,
+//!   info `noise XXpsk3`). Both static keys travel encrypted; the PSK enters at m3, so the
+//!   receiver learns whether the code was right from m3 alone: that, and only that, is a guess.
+//!   m2 carries one byte: 1 when the receiver remembers paired senders (`--remember`).
+//! - `02` pinned (repeat contact): `02 ‖ m1` → `m2`, Noise `IK` to the receiver key the sender
+//!   pinned when it paired. No code.
+//!
+//! The Noise prologue binds every plaintext byte before it: `xfer secure channel v1`, both hellos,
+//! the mode byte and (code mode) A; B is bound through K. Then both sides take the two keys of
+//! Noise's split (sender→receiver, receiver→sender) for the records (`records.rs`).
+//!
+//! A side that refuses before the channel is up says so in the clear with a `Reject` message
+//! (codes `AuthRequired`, `AuthFailed`, `InsecureOnly`, `UnknownSender`, or `Busy`).
+
+use std::net::IpAddr;
+
+use ring::hkdf;
+use snow::{Builder, HandshakeState};
+use spake2::{Ed25519Group, Identity as SpakeId, Password, Spake2};
+use zeroize::Zeroizing;
+
+use super::records::{CipherState, rekey_interval};
+use super::{FrameReader, FrameWriter, Handshake};
+use crate::code::Code;
+use crate::error::Error;
+use crate::protocol::{self, Message, Reject, RejectCode};
+use crate::trust::Identity;
+
+/// Noise pattern of first contact (code).
+pub const XX: &str = "Noise_XXpsk3_25519_AESGCM_SHA256";
+/// Noise pattern of repeat contact (pinned receiver key).
+pub const IK: &str = "Noise_IK_25519_AESGCM_SHA256";
+
+pub const MODE_INSECURE: u8 = 0x00;
+pub const MODE_CODE: u8 = 0x01;
+pub const MODE_PINNED: u8 = 0x02;
+
+const PROLOGUE: &[u8] = b"xfer secure channel v1";
+const SPAKE_SENDER: &[u8] = b"xfer sender";
+const SPAKE_RECEIVER: &[u8] = b"xfer receiver";
+/// A SPAKE2 message on Ed25519: a side byte and a point.
+pub const SPAKE_LEN: usize = 33;
+/// Noise messages are small; this bounds the buffer a handshake step is written into.
+const NOISE_BUF: usize = 512;
+
+/// Why the handshake failed. The transport glue turns these into errors and refusals.
+#[derive(Debug)]
+pub enum HsError {
+    /// The peer's bytes do not make a handshake step (wrong length, bad point, failed decryption
+    /// before any secret was tested).
+    Malformed(&'static str),
+    /// The proof that the code was known failed (receiver, m3).
+    WrongCode,
+    /// The pinned-key message did not open: the sender pinned another key.
+    NotOurKey,
+}
+
+fn noise_err(what: &'static str) -> impl Fn(snow::Error) -> HsError {
+    move |_| HsError::Malformed(what)
+}
+
+/// Everything the Noise prologue binds.
+pub fn prologue(mode: u8, spake_a: &[u8]) -> Vec<u8> {
+    let hello = protocol::hello();
+    let mut p = Vec::with_capacity(PROLOGUE.len() + 2 * hello.len() + 1 + spake_a.len());
+    p.extend_from_slice(PROLOGUE);
+    p.extend_from_slice(&hello); // the sender's
+    p.extend_from_slice(&hello); // the receiver's (the same bytes, or the hellos failed)
+    p.push(mode);
+    p.extend_from_slice(spake_a);
+    p
+}
+
+/// The PSK of `XXpsk3` from the SPAKE2 key.
+pub fn psk(k: &[u8]) -> Zeroizing<[u8; 32]> {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"xfer psk").extract(k);
+    let mut out = Zeroizing::new([0u8; 32]);
+    prk.expand(&[b"noise XXpsk3"], hkdf::HKDF_SHA256)
+        .and_then(|okm| okm.fill(&mut out[..]))
+        .expect("32 bytes is a valid HKDF length");
+    out
+}
+
+/// The two record keys of a finished handshake, named by direction.
+pub struct Keys {
+    pub to_receiver: [u8; 32],
+    pub to_sender: [u8; 32],
+}
+
+fn split(hs: &mut HandshakeState) -> Keys {
+    let (a, b) = hs.dangerously_get_raw_split();
+    Keys { to_receiver: a, to_sender: b }
+}
+
+fn remote_static(hs: &HandshakeState) -> Result<[u8; 32], HsError> {
+    hs.get_remote_static()
+        .and_then(|k| k.try_into().ok())
+        .ok_or(HsError::Malformed("no static key from the peer"))
+}
+
+/// Randomness a handshake uses: the system's, or fixed bytes for the golden vectors.
+#[derive(Clone, Copy)]
+pub enum Random<'a> {
+    System,
+    /// SPAKE2 scalar seed and Noise ephemeral private key.
+    Fixed {
+        spake: [u8; 32],
+        ephemeral: &'a [u8; 32],
+    },
+}
+
+/// A deterministic RNG over a seed, for the golden vectors only.
+struct SeedRng([u8; 32], usize);
+
+impl rand_core::RngCore for SeedRng {
+    fn next_u32(&mut self) -> u32 {
+        rand_core::impls::next_u32_via_fill(self)
+    }
+    fn next_u64(&mut self) -> u64 {
+        rand_core::impls::next_u64_via_fill(self)
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        for d in dest {
+            *d = self.0[self.1 % 32] ^ (self.1 / 32) as u8;
+            self.1 += 1;
+        }
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+impl rand_core::CryptoRng for SeedRng {}
+
+fn spake_start(code: &Code, sender: bool, rnd: Random) -> (Spake2<Ed25519Group>, Vec<u8>) {
+    let (pw, a, b) =
+        (Password::new(code.expose().as_bytes()), SpakeId::new(SPAKE_SENDER), SpakeId::new(SPAKE_RECEIVER));
+    match (rnd, sender) {
+        (Random::System, true) => Spake2::<Ed25519Group>::start_a(&pw, &a, &b),
+        (Random::System, false) => Spake2::<Ed25519Group>::start_b(&pw, &a, &b),
+        (Random::Fixed { spake, .. }, true) => Spake2::start_a_with_rng(&pw, &a, &b, SeedRng(spake, 0)),
+        (Random::Fixed { spake, .. }, false) => Spake2::start_b_with_rng(&pw, &a, &b, SeedRng(spake, 0)),
+    }
+}
+
+fn builder<'a>(pattern: &str, rnd: Random<'a>) -> Builder<'a> {
+    let b = Builder::new(pattern.parse().expect("valid Noise pattern"));
+    match rnd {
+        Random::System => b,
+        Random::Fixed { ephemeral, .. } => b.fixed_ephemeral_key_for_testing_only(ephemeral),
+    }
+}
+
+/// The sender's side of a code handshake, between its first and last step.
+pub struct SenderCode {
+    spake: Spake2<Ed25519Group>,
+    noise: HandshakeState,
+}
+
+/// Step 1 of a code handshake: the sender's first frame (`01 ‖ A ‖ m1`).
+pub fn sender_code_start(code: &Code, me: &Identity, rnd: Random) -> (SenderCode, Vec<u8>) {
+    let (spake, a) = spake_start(code, true, rnd);
+    let pro = prologue(MODE_CODE, &a);
+    let mut noise = builder(XX, rnd)
+        .local_private_key(&me.private[..])
+        .and_then(|b| b.prologue(&pro))
+        .and_then(|b| b.build_initiator())
+        .expect("a valid XXpsk3 initiator");
+    let mut out = vec![MODE_CODE];
+    out.extend_from_slice(&a);
+    let mut m = [0u8; NOISE_BUF];
+    let n = noise.write_message(&[], &mut m).expect("m1 fits");
+    out.extend_from_slice(&m[..n]);
+    (SenderCode { spake, noise }, out)
+}
+
+/// What the sender learned in step 2: the receiver's static key and whether it remembers
+/// senders. `finish` writes m3 and gives the keys.
+pub struct SenderCodeReply {
+    noise: HandshakeState,
+    pub receiver: [u8; 32],
+    pub remembers: bool,
+}
+
+/// Step 2, sender: reads `B ‖ m2`. The receiver's key is not proven yet: only once its first
+/// record opens (it then knew the code) may it be pinned.
+pub fn sender_code_reply(st: SenderCode, step2: &[u8]) -> Result<SenderCodeReply, HsError> {
+    if step2.len() < SPAKE_LEN {
+        return Err(HsError::Malformed("the receiver's reply is too short"));
+    }
+    let (b, m2) = step2.split_at(SPAKE_LEN);
+    let k = Zeroizing::new(st.spake.finish(b).map_err(|_| HsError::Malformed("a bad SPAKE2 message"))?);
+    let mut noise = st.noise;
+    noise.set_psk(3, &psk(&k)[..]).map_err(noise_err("setting the PSK"))?;
+    let mut payload = [0u8; NOISE_BUF];
+    let n = noise.read_message(m2, &mut payload).map_err(noise_err("the receiver's m2 did not open"))?;
+    let receiver = remote_static(&noise)?;
+    Ok(SenderCodeReply { noise, receiver, remembers: n == 1 && payload[0] == 1 })
+}
+
+impl SenderCodeReply {
+    /// Step 3, sender: m3 and the record keys.
+    pub fn finish(mut self) -> (Vec<u8>, Keys) {
+        let mut m = [0u8; NOISE_BUF];
+        let n = self.noise.write_message(&[], &mut m).expect("m3 fits");
+        (m[..n].to_vec(), split(&mut self.noise))
+    }
+}
+
+/// The receiver's side of a code handshake, waiting for m3.
+pub struct ReceiverCode {
+    noise: HandshakeState,
+}
+
+/// Step 2, receiver: from the sender's `01 ‖ A ‖ m1` (mode byte already checked), its reply
+/// `B ‖ m2`.
+pub fn receiver_code_start(
+    code: &Code,
+    me: &Identity,
+    step1: &[u8],
+    remembers: bool,
+    rnd: Random,
+) -> Result<(ReceiverCode, Vec<u8>), HsError> {
+    if step1.len() < 1 + SPAKE_LEN {
+        return Err(HsError::Malformed("the sender's first step is too short"));
+    }
+    let (a, m1) = step1[1..].split_at(SPAKE_LEN);
+    let (spake, b) = spake_start(code, false, rnd);
+    let k = Zeroizing::new(spake.finish(a).map_err(|_| HsError::Malformed("a bad SPAKE2 message"))?);
+    let (pro, key) = (prologue(MODE_CODE, a), psk(&k));
+    let mut noise = builder(XX, rnd)
+        .local_private_key(&me.private[..])
+        .and_then(|bld| bld.prologue(&pro))
+        .and_then(|bld| bld.psk(3, &key))
+        .and_then(|bld| bld.build_responder())
+        .expect("a valid XXpsk3 responder");
+    let mut scratch = [0u8; NOISE_BUF];
+    noise.read_message(m1, &mut scratch).map_err(noise_err("the sender's m1 did not open"))?;
+    let mut out = b;
+    let mut m = [0u8; NOISE_BUF];
+    let n = noise.write_message(&[u8::from(remembers)], &mut m).expect("m2 fits");
+    out.extend_from_slice(&m[..n]);
+    Ok((ReceiverCode { noise }, out))
+}
+
+impl ReceiverCode {
+    /// Step 3, receiver: m3 opens only if the sender knew the code. The sender's static key and
+    /// the record keys.
+    pub fn finish(mut self, m3: &[u8]) -> Result<([u8; 32], Keys), HsError> {
+        let mut scratch = [0u8; NOISE_BUF];
+        self.noise.read_message(m3, &mut scratch).map_err(|_| HsError::WrongCode)?;
+        let sender = remote_static(&self.noise)?;
+        Ok((sender, split(&mut self.noise)))
+    }
+}
+
+/// The sender's side of a pinned handshake.
+pub struct SenderPinned {
+    noise: HandshakeState,
+}
+
+/// Step 1, pinned: `02 ‖ m1` to the receiver key pinned for this address.
+pub fn sender_pinned_start(me: &Identity, receiver: &[u8; 32], rnd: Random) -> (SenderPinned, Vec<u8>) {
+    let pro = prologue(MODE_PINNED, &[]);
+    let mut noise = builder(IK, rnd)
+        .local_private_key(&me.private[..])
+        .and_then(|b| b.remote_public_key(receiver))
+        .and_then(|b| b.prologue(&pro))
+        .and_then(|b| b.build_initiator())
+        .expect("a valid IK initiator");
+    let mut out = vec![MODE_PINNED];
+    let mut m = [0u8; NOISE_BUF];
+    let n = noise.write_message(&[], &mut m).expect("m1 fits");
+    out.extend_from_slice(&m[..n]);
+    (SenderPinned { noise }, out)
+}
+
+impl SenderPinned {
+    /// Step 2, sender: the receiver's m2 proves it holds the pinned key.
+    pub fn finish(mut self, m2: &[u8]) -> Result<Keys, HsError> {
+        let mut scratch = [0u8; NOISE_BUF];
+        self.noise.read_message(m2, &mut scratch).map_err(noise_err("the receiver's m2 did not open"))?;
+        Ok(split(&mut self.noise))
+    }
+}
+
+/// Step 2, receiver, pinned: opens `02 ‖ m1`; gives the sender's static key, and a function
+/// that writes m2 and gives the keys (called only once the sender is known to be trusted).
+pub fn receiver_pinned(me: &Identity, step1: &[u8], rnd: Random) -> Result<([u8; 32], PinnedReply), HsError> {
+    let pro = prologue(MODE_PINNED, &[]);
+    let mut noise = builder(IK, rnd)
+        .local_private_key(&me.private[..])
+        .and_then(|b| b.prologue(&pro))
+        .and_then(|b| b.build_responder())
+        .expect("a valid IK responder");
+    let mut scratch = [0u8; NOISE_BUF];
+    noise.read_message(&step1[1..], &mut scratch).map_err(|_| HsError::NotOurKey)?;
+    let sender = remote_static(&noise)?;
+    Ok((sender, PinnedReply { noise }))
+}
+
+pub struct PinnedReply {
+    noise: HandshakeState,
+}
+
+impl PinnedReply {
+    pub fn finish(mut self) -> (Vec<u8>, Keys) {
+        let mut m = [0u8; NOISE_BUF];
+        let n = self.noise.write_message(&[], &mut m).expect("m2 fits");
+        (m[..n].to_vec(), split(&mut self.noise))
+    }
+}
+
+/// Switches both halves of a connection to records.
+pub fn start_records(
+    r: &mut FrameReader,
+    w: &mut FrameWriter,
+    send: [u8; 32],
+    recv: [u8; 32],
+) -> Result<(), Error> {
+    let every = rekey_interval();
+    r.open_records(CipherState::new(recv, every), crate::recv::verify::MIN_RATE);
+    w.seal_records(CipherState::new(send, every))
+        .map_err(|e| w.error("starting the secure channel", e.into()))
+}
+
+/// How the receiver takes a connection's handshake.
+pub struct Admit<'a> {
+    /// `--insecure`: only plaintext senders.
+    pub insecure: bool,
+    /// This receiver's identity (secure mode).
+    pub identity: Option<&'a Identity>,
+    /// The code and its guess budget (secure mode).
+    pub guard: Option<&'a crate::recv::guard::Guard>,
+    /// `--remember`: where paired senders are kept.
+    pub remember: Option<&'a crate::trust::TrustStore>,
+    pub ip: IpAddr,
+}
+
+/// A refusal in the clear, before the channel is up.
+fn refuse_plain(w: &mut FrameWriter, code: RejectCode, reason: &str) -> Error {
+    let _ = w
+        .message(&Message::Reject(Reject { code, reason: protocol::bounded_reason(reason.to_string()) }))
+        .and_then(|()| w.flush());
+    match code {
+        RejectCode::Busy => Error::Rejected { name: "the handshake".into(), code, reason: reason.into() },
+        _ => Error::Auth(reason.to_string()),
+    }
+}
+
+/// The receiver's side: reads the sender's handshake and, unless it refuses, leaves the
+/// connection ready for the frame stream (plaintext or records).
+pub fn receive(r: &mut FrameReader, w: &mut FrameWriter, admit: &Admit) -> Result<(), Error> {
+    let step1 = read_step(r, "waiting for the handshake")?;
+    let mode = *step1.first().ok_or_else(|| malformed(r, "an empty handshake step"))?;
+    match (mode, admit.insecure) {
+        (MODE_INSECURE, true) if step1.len() == 1 => Ok(()),
+        (MODE_INSECURE, false) => Err(refuse_plain(
+            w,
+            RejectCode::AuthRequired,
+            "this receiver accepts only encrypted, authenticated senders: send without --insecure",
+        )),
+        (MODE_CODE | MODE_PINNED, true) => Err(refuse_plain(
+            w,
+            RejectCode::InsecureOnly,
+            "this receiver runs with --insecure (plaintext): add --insecure to send in the clear",
+        )),
+        (MODE_CODE, false) => receive_code(r, w, admit, &step1),
+        (MODE_PINNED, false) => receive_pinned(r, w, admit, &step1),
+        _ => Err(malformed(r, "an unknown handshake mode")),
+    }
+}
+
+fn malformed(r: &FrameReader, what: &'static str) -> Error {
+    Error::Protocol { peer: r.peer().to_string(), source: protocol::ProtocolError::Malformed(what.into()) }
+}
+
+fn read_step(r: &mut FrameReader, what: &'static str) -> Result<Vec<u8>, Error> {
+    match r.handshake().map_err(|e| r.error(what, e))? {
+        Handshake::Step(s) => Ok(s),
+        Handshake::Refused(reject) => Err(Error::Rejected {
+            name: "the handshake".into(),
+            code: reject.code,
+            reason: crate::sanitize::peer_text(reject.reason),
+        }),
+    }
+}
+
+fn receive_code(r: &mut FrameReader, w: &mut FrameWriter, admit: &Admit, step1: &[u8]) -> Result<(), Error> {
+    let (Some(me), Some(guard)) = (admit.identity, admit.guard) else {
+        unreachable!("a secure receiver has an identity and a guard")
+    };
+    let Some(code) = guard.code() else {
+        return Err(refuse_plain(
+            w,
+            RejectCode::AuthFailed,
+            "this receiver's code was retired after too many wrong guesses: ask its operator for a new one",
+        ));
+    };
+    let (state, step2) = receiver_code_start(&code, me, step1, admit.remember.is_some(), Random::System)
+        .map_err(|_| malformed(r, "a malformed code handshake"))?;
+    w.handshake(&step2).map_err(|e| w.error("answering the handshake", e.into()))?;
+    let m3 = read_step(r, "waiting for the handshake's last step")?;
+    // Only now is a code tested: a guess costs a token of the budget, returned if it was right.
+    if !guard.take(admit.ip) {
+        return Err(refuse_plain(
+            w,
+            RejectCode::Busy,
+            "too many wrong codes lately: this receiver is not checking codes for a while, try again in a minute",
+        ));
+    }
+    match state.finish(&m3) {
+        Ok((sender, keys)) => {
+            guard.refund(admit.ip);
+            if let Some(store) = admit.remember {
+                store.trust_sender(sender, r.peer())?;
+            }
+            start_records(r, w, keys.to_sender, keys.to_receiver)
+        }
+        Err(HsError::WrongCode) => {
+            guard.wrong();
+            Err(refuse_plain(w, RejectCode::AuthFailed, "wrong code: the sender did not prove it"))
+        }
+        Err(_) => Err(malformed(r, "a malformed code handshake")),
+    }
+}
+
+fn receive_pinned(
+    r: &mut FrameReader,
+    w: &mut FrameWriter,
+    admit: &Admit,
+    step1: &[u8],
+) -> Result<(), Error> {
+    let me = admit.identity.expect("a secure receiver has an identity");
+    let Some(store) = admit.remember else {
+        return Err(refuse_plain(
+            w,
+            RejectCode::UnknownSender,
+            "this receiver does not remember senders (it runs without --remember): pair with its code",
+        ));
+    };
+    match receiver_pinned(me, step1, Random::System) {
+        Ok((sender, reply)) => {
+            if !store.trusts_sender(&sender)? {
+                return Err(refuse_plain(
+                    w,
+                    RejectCode::UnknownSender,
+                    "this receiver does not remember this sender: pair with its code",
+                ));
+            }
+            let (m2, keys) = reply.finish();
+            w.handshake(&m2).map_err(|e| w.error("answering the handshake", e.into()))?;
+            start_records(r, w, keys.to_sender, keys.to_receiver)
+        }
+        Err(HsError::NotOurKey) => Err(refuse_plain(
+            w,
+            RejectCode::AuthFailed,
+            "the sender pinned a key this receiver does not hold",
+        )),
+        Err(_) => Err(malformed(r, "a malformed pinned handshake")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(seed: u8) -> Identity {
+        let kp = Builder::new(XX.parse().unwrap()).generate_keypair().unwrap();
+        let _ = seed;
+        let mut private = Zeroizing::new([0u8; 32]);
+        private.copy_from_slice(&kp.private);
+        Identity { private, public: kp.public.try_into().unwrap() }
+    }
+
+    #[test]
+    fn code_handshake_agrees_and_a_wrong_code_fails_exactly_at_m3() {
+        let (s, rcv) = (identity(1), identity(2));
+        let code = Code::generate();
+        for (sender_code, right) in [(code.clone(), true), (Code::generate(), false)] {
+            let (st, step1) = sender_code_start(&sender_code, &s, Random::System);
+            assert_eq!(step1.len(), 1 + SPAKE_LEN + 48);
+            let (rs, step2) = receiver_code_start(&code, &rcv, &step1, true, Random::System).unwrap();
+            // Before m3 nothing tells either side whether the codes matched.
+            let reply = sender_code_reply(st, &step2).expect("m2 opens whatever the code");
+            assert_eq!(reply.receiver, rcv.public);
+            assert!(reply.remembers);
+            let (m3, ks) = reply.finish();
+            match rs.finish(&m3) {
+                Ok((sender, kr)) => {
+                    assert!(right);
+                    assert_eq!(sender, s.public);
+                    assert_eq!((ks.to_receiver, ks.to_sender), (kr.to_receiver, kr.to_sender));
+                }
+                Err(HsError::WrongCode) => assert!(!right),
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn pinned_handshake_needs_the_pinned_key() {
+        let (s, rcv, other) = (identity(1), identity(2), identity(3));
+        let (st, step1) = sender_pinned_start(&s, &rcv.public, Random::System);
+        let (sender, reply) = receiver_pinned(&rcv, &step1, Random::System).ok().unwrap();
+        assert_eq!(sender, s.public);
+        let (m2, kr) = reply.finish();
+        let ks = st.finish(&m2).ok().unwrap();
+        assert_eq!((ks.to_receiver, ks.to_sender), (kr.to_receiver, kr.to_sender));
+        let (_, step1) = sender_pinned_start(&s, &other.public, Random::System);
+        assert!(matches!(receiver_pinned(&rcv, &step1, Random::System), Err(HsError::NotOurKey)));
+    }
+}
