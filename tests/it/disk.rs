@@ -245,6 +245,7 @@ fn partials_one_address_leaves_behind_are_bounded_oldest_first() {
         let mut p = RawPeer { stream };
         protocol::write_hello(&mut p.stream).unwrap();
         protocol::read_hello(&mut p.stream).unwrap();
+        p.send_raw(&crate::util::INSECURE);
         assert!(is_accept(&p.offer(name, 1000, sha256(&data))));
         assert_eq!(p.answer(), Answer::Send { offset: 0 });
         p.body(0);
