@@ -518,3 +518,136 @@ mod tests {
         assert!(matches!(receiver_pinned(&rcv, &step1, Random::System), Err(HsError::NotOurKey)));
     }
 }
+
+/// The golden handshakes in `fixtures/wire/handshake-*.hex`: fixed keys and randomness, the real
+/// steps, every byte compared. `XFER_BLESS=1 cargo test golden_handshakes` rewrites them.
+#[cfg(test)]
+mod golden {
+    use super::*;
+    use crate::transport::records::{CipherState, REKEY_RECORDS, Sealer};
+    use std::fmt::Write as _;
+    use std::path::Path;
+
+    /// Fixed X25519 key pairs (made once with snow's generator).
+    const SENDER: ([u8; 32], &str) = ([0x11; 32], "sender");
+    const RECEIVER: ([u8; 32], &str) = ([0x22; 32], "receiver");
+
+    fn identity(private: [u8; 32]) -> Identity {
+        // The public key of a fixed private key, by a DH with the base point through snow: a
+        // one-message N handshake's `e` is the public key of its fixed ephemeral.
+        let mut hs = Builder::new("Noise_N_25519_AESGCM_SHA256".parse().unwrap())
+            .remote_public_key(&[9u8; 32])
+            .unwrap()
+            .fixed_ephemeral_key_for_testing_only(&private)
+            .build_initiator()
+            .unwrap();
+        let mut m = [0u8; 128];
+        hs.write_message(&[], &mut m).unwrap();
+        Identity { private: Zeroizing::new(private), public: m[..32].try_into().unwrap() }
+    }
+
+    fn code() -> Code {
+        let w = crate::code::words();
+        Code::parse(&format!("{}-{}-{}-{}", w[0], w[1], w[2], w[3])).unwrap()
+    }
+
+    fn frame(kind: protocol::FrameKind, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        protocol::write_frame_header(&mut out, kind, payload.len() as u32).unwrap();
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// Sections of (comment, bytes), written as the annotated hex of `fixtures/wire/`.
+    fn render(title: &str, sections: &[(String, Vec<u8>)]) -> String {
+        let mut out = format!("# {title}\n# Annotated: each section is a comment, then its bytes in hex.\n");
+        for (what, bytes) in sections {
+            let _ = writeln!(out, "\n# {what}");
+            for line in bytes.chunks(16) {
+                let hex: Vec<String> = line.iter().map(|b| format!("{b:02x}")).collect();
+                let _ = writeln!(out, "{}", hex.join(" "));
+            }
+        }
+        out
+    }
+
+    fn parse(text: &str) -> Vec<u8> {
+        text.lines()
+            .flat_map(|l| {
+                l.split('#').next().unwrap().split_whitespace().map(str::to_owned).collect::<Vec<_>>()
+            })
+            .map(|b| u8::from_str_radix(&b, 16).unwrap())
+            .collect()
+    }
+
+    fn check(name: &str, text: String) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/wire").join(name);
+        if std::env::var_os("XFER_BLESS").is_some() {
+            std::fs::write(&path, &text).unwrap();
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(parse(&text), parse(&want), "{name} differs from the handshake the code makes");
+    }
+
+    fn sealed(key: [u8; 32], plain: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        Sealer::new(CipherState::new(key, REKEY_RECORDS)).write_record(&mut out, plain).unwrap();
+        out
+    }
+
+    #[test]
+    fn golden_handshakes() {
+        let (s, r) = (identity(SENDER.0), identity(RECEIVER.0));
+        let (es, er) = ([0x33u8; 32], [0x44u8; 32]);
+        let rs = Random::Fixed { spake: [0x55; 32], ephemeral: &es };
+        let rr = Random::Fixed { spake: [0x66; 32], ephemeral: &er };
+        let hello = protocol::hello().to_vec();
+        let accept = crate::protocol::encode_message(&Message::Answers(crate::protocol::AnswersPart {
+            answers: Vec::new(),
+            last: false,
+        }));
+        let accept = frame(protocol::FrameKind::Message, &accept);
+
+        // First contact: the code.
+        let (st, step1) = sender_code_start(&code(), &s, rs);
+        let (rst, step2) = receiver_code_start(&code(), &r, &step1, true, rr).unwrap();
+        let reply = sender_code_reply(st, &step2).unwrap();
+        let (m3, ks) = reply.finish();
+        let (_, kr) = rst.finish(&m3).unwrap();
+        assert_eq!((ks.to_receiver, ks.to_sender), (kr.to_receiver, kr.to_sender));
+        let sections = vec![
+            (format!("sender's key pair: private {} public {}", crate::trust::hex(&s.private[..]), crate::trust::hex(&s.public)), vec![]),
+            (format!("receiver's key pair: private {} public {}", crate::trust::hex(&r.private[..]), crate::trust::hex(&r.public)), vec![]),
+            (format!("code {:?}; ephemerals 33.. (sender) and 44.. (receiver); SPAKE2 seeds 55.. and 66..", code().expose()), vec![]),
+            ("hello, both ways (plaintext)".into(), hello.clone()),
+            ("sender: handshake frame (kind 03): mode 01 (code), A (33 bytes), Noise XXpsk3 m1 (48 bytes: e, tag)".into(), frame(protocol::FrameKind::Handshake, &step1)),
+            ("receiver: handshake frame: B (33 bytes), m2 (97 bytes: e, ee, s, es, payload 01 = remembers senders, tags)".into(), frame(protocol::FrameKind::Handshake, &step2)),
+            ("sender: handshake frame: m3 (64 bytes: s, se, psk, tags)".into(), frame(protocol::FrameKind::Handshake, &m3)),
+            (format!("record key sender->receiver: {}", crate::trust::hex(&ks.to_receiver)), vec![]),
+            (format!("record key receiver->sender: {}", crate::trust::hex(&ks.to_sender)), vec![]),
+            ("receiver: record 0 (kind 04) sealing the frame of Answers {[], last: false} (the acceptance); AAD = the 5-byte header, nonce 00000000 || 0 (u64 BE)".into(), sealed(ks.to_sender, &accept)),
+        ];
+        check("handshake-code.hex", render("The code handshake (first contact), byte by byte", &sections));
+
+        // Repeat contact: the pinned key.
+        let (st, step1) = sender_pinned_start(&s, &r.public, rs);
+        let (sender, reply) = receiver_pinned(&r, &step1, rr).ok().unwrap();
+        assert_eq!(sender, s.public);
+        let (m2, kr) = reply.finish();
+        let ks = st.finish(&m2).ok().unwrap();
+        assert_eq!((ks.to_receiver, ks.to_sender), (kr.to_receiver, kr.to_sender));
+        let sections = vec![
+            ("same key pairs and ephemerals as handshake-code.hex".into(), vec![]),
+            ("hello, both ways (plaintext)".into(), hello),
+            ("sender: handshake frame: mode 02 (pinned), Noise IK m1 (96 bytes: e, es, s, ss, tags) to the pinned receiver key".into(), frame(protocol::FrameKind::Handshake, &step1)),
+            ("receiver: handshake frame: m2 (48 bytes: e, ee, se, tag)".into(), frame(protocol::FrameKind::Handshake, &m2)),
+            (format!("record key sender->receiver: {}", crate::trust::hex(&ks.to_receiver)), vec![]),
+            (format!("record key receiver->sender: {}", crate::trust::hex(&ks.to_sender)), vec![]),
+            ("receiver: record 0 sealing the acceptance, as above".into(), sealed(ks.to_sender, &accept)),
+        ];
+        check(
+            "handshake-pinned.hex",
+            render("The pinned handshake (repeat contact), byte by byte", &sections),
+        );
+    }
+}
