@@ -48,7 +48,7 @@ pub(super) struct Reading {
 
 impl Reading {
     pub fn new(first: ManifestPart) -> Reading {
-        Reading { cost: cost(&first), entries: first.entries, last: first.last }
+        Reading { cost: cost(None, &first.entries), entries: first.entries, last: first.last }
     }
 
     /// Past [`MAX_ENTRIES`] or [`MAX_MANIFEST_BYTES`]: no more is read ([`validate`] refuses the
@@ -64,7 +64,7 @@ impl Reading {
                 ProtocolError::Malformed("empty manifest part".into())
             }
             Message::Manifest(part) => {
-                let more = cost(&part);
+                let more = cost(self.entries.last(), &part.entries);
                 self.cost += more;
                 self.entries.extend(part.entries);
                 self.last = part.last;
@@ -119,25 +119,43 @@ impl Drop for Held<'_> {
     }
 }
 
-/// Bytes a manifest part costs to hold: its path text plus a fixed amount per entry.
-fn cost(part: &ManifestPart) -> usize {
-    part.entries.iter().map(entry_cost).sum()
+/// Bytes `entries` cost to hold, `before` being the entry that came just before them (the last
+/// of the previous part), if any.
+fn cost(before: Option<&Entry>, entries: &[Entry]) -> usize {
+    let befores = std::iter::once(before).chain(entries.iter().map(Some));
+    befores.zip(entries).map(|(before, e)| entry_cost(before, e)).sum()
 }
 
 /// What one entry costs the receiver in memory, from its decoding to the end of [`validate`]: a
-/// model of the heap it takes (the entry, each component's `String`, and the folded copy and map
-/// slot that validation adds per component). The unit test `memory::the_cost_model_covers_the_heap`
-/// measures the real heap of the worst shapes with a counting allocator and holds the model to it.
-pub(crate) fn entry_cost(e: &Entry) -> usize {
-    ENTRY_COST + e.path.iter().map(|c| COMPONENT_COST + 2 * c.len()).sum::<usize>()
+/// model of the heap it takes (the entry, each component's `String`, and the folded copy, map slot
+/// and node that validation adds for a component that is a new path).
+///
+/// Components an entry shares with the one `before` it (the same strings, from the first on)
+/// cost only their `String`: validation walked that prefix for the entry before and finds its
+/// nodes again, so they add no node. A tree in walk order (a folder, then what is in it) shares
+/// all but its last component with the entry before, and so costs about half what the same
+/// entries cost in any other order; entries that share nothing cost a node per component, as
+/// before. The unit test `memory::the_cost_model_covers_the_heap` measures the real heap of the
+/// worst shapes and of a walk-order tree with a counting allocator and holds the model to it.
+pub(crate) fn entry_cost(before: Option<&Entry>, e: &Entry) -> usize {
+    let shared = before.map_or(0, |b| b.path.iter().zip(&e.path).take_while(|(a, b)| a == b).count());
+    let (old, new) = e.path.split_at(shared);
+    ENTRY_COST
+        + old.iter().map(|c| SHARED_COMPONENT_COST + c.len()).sum::<usize>()
+        + new.iter().map(|c| COMPONENT_COST + 2 * c.len()).sum::<usize>()
 }
 
 /// Heap per entry beyond its components (the `Entry` in its vector, which may be doubling).
 const ENTRY_COST: usize = 200;
-/// Heap per component: its `String` (header and allocation), the folded copy that validation
-/// keys its map with, the map slot, and the node list. Measured: about 230 bytes for a one-letter
-/// component; the bytes of the name count twice (the original and the folded copy).
+/// Heap per component that is a new path: its `String` (header and allocation), the folded copy
+/// that validation keys its map with, the map slot, and the node list. Measured: about 230 bytes
+/// for a one-letter component; the bytes of the name count twice (the original and the folded
+/// copy).
 const COMPONENT_COST: usize = 256;
+/// Heap per component shared with the entry before: its `String` alone, a 24-byte header in the
+/// path's vector and an allocation of at least 32 bytes (glibc's smallest chunk), so 56 bytes for
+/// a name of up to 24 bytes and never more than 64 plus its length.
+const SHARED_COMPONENT_COST: usize = 64;
 
 /// Why a manifest was refused as a whole. Paths are stored as they are displayed: each component
 /// escaped with [`escape`] and joined with `/`, so the error is safe to print or send as is and
@@ -595,8 +613,10 @@ mod tests {
         #[global_allocator]
         static A: Counting = Counting;
 
-        /// Peak heap of decoding `entries` from the wire, holding them and validating them.
-        fn peak_heap(entries: Vec<Entry>) -> usize {
+        /// Measures the peak heap of decoding `entries` from the wire, holding them and validating
+        /// them, and asserts the model covers it.
+        fn peak_heap(entries: Vec<Entry>) {
+            let n = entries.len();
             // As the sender cuts it: parts that each fit a message.
             let mut payloads = Vec::new();
             let mut part = Vec::new();
@@ -621,7 +641,7 @@ mod tests {
                 let Ok(Message::Manifest(part)) = crate::protocol::decode_message(payload) else {
                     unreachable!()
                 };
-                model += cost(&part);
+                model += cost(all.last(), &part.entries);
                 all.extend(part.entries);
             }
             let summary = validate(&all);
@@ -629,9 +649,32 @@ mod tests {
             ON.with(|on| on.set(false));
             assert!(summary.is_ok(), "{summary:?}");
             let peak = PEAK.with(Cell::get) as usize;
-            eprintln!("peak heap {peak} bytes, model {model}: {:.2}x", peak as f64 / model as f64);
+            eprintln!(
+                "{n} entries: peak heap {peak} bytes, model {model} ({} an entry): heap/model {:.2}",
+                model / n,
+                peak as f64 / model as f64
+            );
             assert!(peak <= model, "the model ({model} bytes) is below the measured heap ({peak} bytes)");
-            peak
+        }
+
+        /// A tree as the sender walks it: each folder, then what is in it (names sorted). `fanout`
+        /// folders at each level below `root`, then `files` files in each folder of the last level.
+        fn walk_order(root: &str, fanout: &[usize], files: usize) -> Vec<Entry> {
+            fn visit(out: &mut Vec<Entry>, path: Vec<String>, fanout: &[usize], files: usize) {
+                out.push(Entry { path: path.clone(), ..dir("x") });
+                let child = |name: String| path.iter().cloned().chain([name]).collect::<Vec<_>>();
+                match fanout.split_first() {
+                    Some((&n, rest)) => {
+                        (0..n).for_each(|i| visit(out, child(format!("dir-{i}")), rest, files))
+                    }
+                    None => out.extend(
+                        (0..files).map(|i| Entry { path: child(format!("file-{i:04}.txt")), ..file("x", 1) }),
+                    ),
+                }
+            }
+            let mut out = Vec::new();
+            visit(&mut out, vec![root.to_string()], fanout, files);
+            out
         }
 
         fn name(i: usize) -> String {
@@ -658,6 +701,17 @@ mod tests {
                 })
                 .collect();
             peak_heap(long);
+            // A tree in walk order, five deep: all but the last component shared with the entry
+            // before, so a node per entry only.
+            peak_heap(walk_order("tree", &[4, 4, 4], 50));
+            // The same, 64 deep and one-letter: the most shared components per entry.
+            let deep_walk = (0..500)
+                .map(|i| Entry {
+                    path: (1..MAX_DEPTH).map(|_| "a".to_string()).chain([name(i)]).collect(),
+                    ..dir("x")
+                })
+                .collect();
+            peak_heap(deep_walk);
         }
     }
 }

@@ -15,7 +15,8 @@ fn offer_accepted(p: &mut RawPeer, name: &str, size: u64) {
 
 #[test]
 fn eight_senders_at_once_and_a_stalled_one() {
-    let rx = Receiver::start(&["--quiet", "--timeout", "8"]);
+    // Nine transfers from one address: more than the default share of one address (8 of 16).
+    let rx = Receiver::start(&["--quiet", "--timeout", "8", "--max-transfers", "32"]);
     // A sender that offers a file, sends part of it, then goes silent.
     let mut stalled = RawPeer::greet(rx.addr);
     offer_accepted(&mut stalled, "stalled", 1 << 20);

@@ -7,6 +7,10 @@
 //!   bytes, a flipped byte, a cut (or a stall) at any point of a body or between a body and its
 //!   digest, no digest after a body, withdrawals, wrong indexes, a stray message injected at any
 //!   step;
+//! - rarely, a slow, silent or flooding peer: a body trickled at 40 bytes a second or a manifest a
+//!   byte every 50 ms, a peer that falls silent at any step (before its hello, in the middle of
+//!   its manifest, waiting for the acceptance, in a body...) or says nothing but keepalives, and
+//!   bursts of up to 20,000 keepalives (empty `Digests`) in an otherwise honest conversation;
 //! - noise: any sequence of well-formed and malformed messages, frames and raw bytes.
 //!
 //! State carries over from one conversation to the next (files already there, partials to
@@ -16,14 +20,16 @@
 //! (`Have`, or a `FileVerdict` saying `Verified`) is where it said, with the content that was
 //! offered; every folder it said it created or has is a folder; it kept the rules a sender checks
 //! (no resume past the end, no `Have` before the digest, no verdict for a body never sent, no
-//! answers past the manifest); an honest conversation got an answer for every entry and a verdict
-//! for every body; and the receiver still runs. At the end an honest sender gets through.
+//! answers past the manifest); an honest conversation (with or without a flood of keepalives) got
+//! an answer for every entry and a verdict for every body; a slow or silent peer was let go within
+//! `SLOW_BOUND` (it must not keep its transfer, nor its connection); and the receiver still runs.
+//! At the end an honest sender gets through.
 
 use std::cell::{Cell, RefCell};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -51,6 +57,21 @@ const PATHS: [&[&str]; 5] = [&["a"], &["d"], &["d", "a"], &["d", "e"], &["b"]];
 const WAIT_FOR_DIGEST: Duration = Duration::from_millis(50);
 /// How long the peer waits for anything else the receiver should say.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A slow body: a byte every 25 ms, 40 bytes a second (the receiver asks for `MIN_RATE`, 1 KiB/s).
+const TRICKLE_BODY: Duration = Duration::from_millis(25);
+/// A slow manifest: a byte every 50 ms (it must be in within `--handshake-timeout`).
+const TRICKLE_MANIFEST: Duration = Duration::from_millis(50);
+/// How long a slow or silent peer may keep its connection (and transfer) at the receiver's
+/// `--timeout 3`: the idle timeout, the minimum rate and the handshake deadline each let it go
+/// within about 3 s, keepalives waiting for a 1.5 MiB file's digest within 4 s; past this bound it
+/// is a violation.
+const SLOW_BOUND: Duration = Duration::from_secs(16);
+/// Most keepalives in one burst.
+const MAX_FLOOD: usize = 20_000;
+/// Time slow and silent peers may take, per conversation of the run (12 s for the default 300):
+/// past it, the rest are played without their slowness, so CI time stays modest.
+const SLOW_BUDGET_PER_CASE: Duration = Duration::from_millis(40);
 
 /// What a peer says about a content's digest.
 #[derive(Debug, Clone, Copy)]
@@ -290,6 +311,46 @@ enum Mutation {
     WrongIndex {
         file: usize,
     },
+    /// Trickle file `file`'s body (frame headers included) a byte every `TRICKLE_BODY`.
+    SlowBody {
+        file: usize,
+    },
+    /// Trickle the manifest a byte every `TRICKLE_MANIFEST`.
+    SlowManifest,
+    /// Fall silent at `at` and listen until the receiver lets go; with `keepalives`, say nothing
+    /// but an empty `Digests` part every 100 ms.
+    Silent {
+        at: Quiet,
+        keepalives: bool,
+    },
+    /// Say `count` keepalives in one burst at step `step` (as for `Inject`: 1, 2, 4 or 5, where
+    /// a `Digests` part is allowed), and go on honestly.
+    Flood {
+        step: u8,
+        count: usize,
+    },
+}
+
+impl Mutation {
+    /// Slow and silent peers take seconds each (the receiver's timeouts); they are kept rare.
+    fn is_slow(&self) -> bool {
+        match self {
+            Mutation::SlowBody { .. } | Mutation::SlowManifest | Mutation::Silent { .. } => true,
+            Mutation::Cut { stall, .. } => *stall,
+            _ => false,
+        }
+    }
+}
+
+/// Where a silent peer falls silent.
+#[derive(Debug, Clone, Copy)]
+enum Quiet {
+    /// Connected, not even a hello.
+    BeforeHello,
+    /// Half of the manifest's frame said.
+    MidManifest,
+    /// At a step, as for `Mutation::Inject`.
+    Step(u8),
 }
 
 #[derive(Debug, Clone)]
@@ -356,16 +417,30 @@ fn file_plan() -> impl Strategy<Value = FilePlan> {
         })
 }
 
+fn slow() -> impl Strategy<Value = Mutation> {
+    let quiet =
+        prop_oneof![Just(Quiet::BeforeHello), Just(Quiet::MidManifest), (0..6u8).prop_map(Quiet::Step)];
+    prop_oneof![
+        (0..3usize).prop_map(|file| Mutation::SlowBody { file }),
+        Just(Mutation::SlowManifest),
+        (quiet, any::<bool>()).prop_map(|(at, keepalives)| Mutation::Silent { at, keepalives }),
+    ]
+}
+
 fn plan() -> impl Strategy<Value = Plan> {
     let mutation = prop_oneof![
-        4 => Just(Mutation::None),
-        2 => (0..3usize, 0..1000u16).prop_map(|(file, at)| Mutation::Flip { file, at }),
-        2 => (0..3usize, 0..=1000u16, prop::bool::weighted(0.05))
+        40 => Just(Mutation::None),
+        20 => (0..3usize, 0..1000u16).prop_map(|(file, at)| Mutation::Flip { file, at }),
+        20 => (0..3usize, 0..=1000u16, prop::bool::weighted(0.05))
             .prop_map(|(file, at, stall)| Mutation::Cut { file, at, stall }),
-        2 => (0..6u8, op()).prop_map(|(step, op)| Mutation::Inject { step, op }),
-        1 => (0..3usize).prop_map(|file| Mutation::Withdraw { file }),
-        1 => (0..3usize).prop_map(|file| Mutation::NoDigest { file }),
-        1 => (0..3usize).prop_map(|file| Mutation::WrongIndex { file }),
+        20 => (0..6u8, op()).prop_map(|(step, op)| Mutation::Inject { step, op }),
+        10 => (0..3usize).prop_map(|file| Mutation::Withdraw { file }),
+        10 => (0..3usize).prop_map(|file| Mutation::NoDigest { file }),
+        10 => (0..3usize).prop_map(|file| Mutation::WrongIndex { file }),
+        // About one conversation in a hundred is slow or silent, one in fifty a flood.
+        2 => slow(),
+        4 => (prop::sample::select(vec![1u8, 2, 4, 5]), prop_oneof![1..100usize, 1000..=MAX_FLOOD])
+            .prop_map(|(step, count)| Mutation::Flood { step, count }),
     ];
     (
         any::<bool>(),
@@ -382,6 +457,12 @@ fn plan() -> impl Strategy<Value = Plan> {
                 dirs.clear();
             }
             let told = told.min(files.len());
+            // A slow body is the large file's: the small ones are through in a moment.
+            if let Mutation::SlowBody { file } = mutation
+                && let Some(f) = files.get_mut(file)
+            {
+                (f.content, f.size_delta, f.other_body) = (2, 0, None);
+            }
             Plan { batch, files, dirs, dirs_first, told, keepalives, chunk, mutation }
         })
 }
@@ -415,10 +496,30 @@ struct Stats {
     verdicts: [Cell<usize>; 4],
     /// Verdicts that came while the peer was still sending (after a keepalive, or a stall).
     verdicts_midway: Cell<usize>,
+    /// Slow peers the receiver hung up on while they trickled, and the longest it took.
+    slow_cut: Cell<usize>,
+    slow_longest: Cell<Duration>,
+    /// Silent peers (and peers saying only keepalives) let go, and the longest it took.
+    silent_let_go: Cell<usize>,
+    silent_longest: Cell<Duration>,
+    /// Bursts of keepalives, and keepalives in them.
+    floods: Cell<usize>,
+    flood_keepalives: Cell<usize>,
+    /// Time spent in slow and silent conversations, and those played without their slowness
+    /// because it ran out (`SLOW_BUDGET_PER_CASE`).
+    slow_time: Cell<Duration>,
+    slow_skipped: Cell<usize>,
 }
 
 fn bump(c: &Cell<usize>) {
     c.set(c.get() + 1);
+}
+
+/// What a peer waiting on the receiver sees.
+enum Heard {
+    Something,
+    Closed,
+    Nothing,
 }
 
 /// What one conversation showed.
@@ -453,11 +554,23 @@ struct Peer<'a> {
     /// Set once something was injected: the answers may then be to it, so none are attributed
     /// or judged.
     injected: bool,
+    /// The flood was said.
+    flooded: bool,
+    /// The receiver accepted the manifest.
+    accepted: bool,
 }
 
 impl Peer<'_> {
     fn say(&mut self, bytes: &[u8]) -> bool {
-        self.stream.write_all(bytes).is_ok()
+        match self.stream.write_all(bytes) {
+            Ok(()) => true,
+            Err(e) => {
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+                    self.violation(format!("the receiver neither read nor hung up for {SLOW_BOUND:?}"));
+                }
+                false
+            }
+        }
     }
 
     fn message(&mut self, m: &Message) -> bool {
@@ -479,8 +592,106 @@ impl Peer<'_> {
                 let bytes = encode(op, self.pool);
                 self.say(&bytes)
             }
+            Mutation::Silent { at: Quiet::Step(s), keepalives } if *s == step => {
+                self.fall_silent(*keepalives);
+                false
+            }
+            Mutation::Flood { step: s, count } if *s == step && !self.flooded => {
+                self.flooded = true;
+                bump(&self.stats.floods);
+                self.stats.flood_keepalives.set(self.stats.flood_keepalives.get() + count);
+                let one =
+                    encoded(&Message::Digests(DigestsPart { first: self.told as u32, digests: Vec::new() }));
+                self.say(&one.repeat(*count))
+            }
             _ => true,
         }
+    }
+
+    /// Waits up to `wait` for the receiver to say something or hang up.
+    fn hear(&mut self, wait: Duration) -> Heard {
+        self.stream.set_read_timeout(Some(wait)).unwrap();
+        let heard = match self.stream.peek(&mut [0u8; 1]) {
+            Ok(0) => Heard::Closed,
+            Ok(_) => Heard::Something,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Heard::Nothing,
+            Err(_) => Heard::Closed,
+        };
+        self.stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        heard
+    }
+
+    /// Takes what the receiver says within `wait`: `None` once it hung up, `Some(false)` if it
+    /// refused the transfer or said what it never should (the conversation is over).
+    fn listen(&mut self, wait: Duration) -> Option<bool> {
+        match self.hear(wait) {
+            Heard::Nothing => Some(true),
+            Heard::Closed => None,
+            Heard::Something => match self.read() {
+                Ok(Message::Reject(_)) if !self.accepted => {
+                    self.refused = true;
+                    bump(&self.stats.refused);
+                    Some(false)
+                }
+                Ok(m) if !self.accepted && is_accept(&m) => {
+                    self.accepted = true;
+                    Some(true)
+                }
+                Ok(m) => Some(self.take(m)),
+                Err(_) => None,
+            },
+        }
+    }
+
+    /// Says nothing more (or only keepalives) and listens until the receiver hangs up, which it
+    /// must within `SLOW_BOUND`.
+    fn fall_silent(&mut self, keepalives: bool) {
+        let start = Instant::now();
+        let wait = Duration::from_millis(if keepalives { 100 } else { 250 });
+        loop {
+            if start.elapsed() > SLOW_BOUND {
+                let what = if keepalives { "saying only keepalives" } else { "silent" };
+                return self.violation(format!("a peer {what} kept its connection for {SLOW_BOUND:?}"));
+            }
+            match self.listen(wait) {
+                Some(true) => {}
+                Some(false) => return,
+                None => break,
+            }
+            let first = self.told as u32;
+            if keepalives && !self.message(&Message::Digests(DigestsPart { first, digests: Vec::new() })) {
+                break;
+            }
+        }
+        bump(&self.stats.silent_let_go);
+        let longest = &self.stats.silent_longest;
+        longest.set(longest.get().max(start.elapsed()));
+    }
+
+    /// Says `bytes` a byte every `gap`, taking what the receiver says meanwhile. True if all was
+    /// said; false if the receiver hung up first (as it should, for anything but a few bytes) or
+    /// kept the connection past `SLOW_BOUND` (a violation).
+    fn trickle(&mut self, bytes: &[u8], gap: Duration, start: Instant) -> bool {
+        for b in bytes {
+            if start.elapsed() > SLOW_BOUND {
+                self.violation(format!(
+                    "a peer trickling a byte every {gap:?} kept its transfer for {SLOW_BOUND:?}"
+                ));
+                return false;
+            }
+            let heard = if self.say(std::slice::from_ref(b)) { self.listen(gap) } else { None };
+            match heard {
+                Some(true) => {}
+                Some(false) => return false,
+                None => {
+                    bump(&self.stats.slow_cut);
+                    let longest = &self.stats.slow_longest;
+                    longest.set(longest.get().max(start.elapsed()));
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// The size listed for file `k`.
@@ -629,6 +840,12 @@ impl Peer<'_> {
             Mutation::Cut { file, at, stall } if file == k => Some((rest.len() * at as usize / 1000, stall)),
             _ => None,
         };
+        if matches!(self.plan.mutation, Mutation::SlowBody { file } if file == k) {
+            let start = Instant::now();
+            return rest
+                .chunks(self.plan.chunk)
+                .all(|piece| self.trickle(&data_frame(piece), TRICKLE_BODY, start));
+        }
         let mut sent = 0;
         for piece in rest.chunks(self.plan.chunk) {
             if let Some((cut, stall)) = cut
@@ -654,9 +871,7 @@ impl Peer<'_> {
     /// A cut: hang up (the caller does), or fall silent and listen until the receiver gives up.
     fn stop(&mut self, stall: bool) -> bool {
         if stall {
-            while let Ok(m) = self.read() {
-                self.take(m);
-            }
+            self.fall_silent(false);
         }
         false
     }
@@ -711,19 +926,34 @@ impl Peer<'_> {
                 None => entry(plan.path(i), EntryKind::Dir),
             })
             .collect();
-        let manifest = Message::Manifest(ManifestPart { entries, last: true });
-        if !self.inject(0) || !self.message(&manifest) || !self.inject(1) {
+        let manifest = encoded(&Message::Manifest(ManifestPart { entries, last: true }));
+        if !self.inject(0) {
             return;
         }
-        match self.read() {
-            Ok(m) if is_accept(&m) => {}
-            Ok(Message::Reject(_)) => {
+        let said = match plan.mutation {
+            Mutation::SlowManifest => self.trickle(&manifest, TRICKLE_MANIFEST, Instant::now()),
+            Mutation::Silent { at: Quiet::MidManifest, keepalives } => {
+                self.say(&manifest[..manifest.len() / 2]);
+                self.fall_silent(keepalives);
+                false
+            }
+            _ => self.say(&manifest),
+        };
+        if !said || !self.inject(1) {
+            return;
+        }
+        // A trickled manifest may have heard the acceptance already.
+        let first = if self.accepted { None } else { Some(self.read()) };
+        match first {
+            None => {}
+            Some(Ok(m)) if is_accept(&m) => self.accepted = true,
+            Some(Ok(Message::Reject(_))) => {
                 self.refused = true;
                 bump(&self.stats.refused);
                 return;
             }
-            Ok(other) => return self.violation(format!("the receiver's first word was {other:?}")),
-            Err(e) => return self.violation(format!("no first word from the receiver: {e}")),
+            Some(Ok(other)) => return self.violation(format!("the receiver's first word was {other:?}")),
+            Some(Err(e)) => return self.violation(format!("no first word from the receiver: {e}")),
         }
         if (plan.told > 0 && !self.tell(plan.told)) || !self.inject(2) {
             return;
@@ -783,6 +1013,7 @@ impl Peer<'_> {
 fn play(rx: &Receiver, plan: &Plan, pool: &[Vec<u8>], stats: &Stats) -> Played {
     let stream = TcpStream::connect(rx.addr).unwrap();
     stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(SLOW_BOUND)).unwrap();
     let mut peer = Peer {
         stream,
         plan,
@@ -796,11 +1027,17 @@ fn play(rx: &Receiver, plan: &Plan, pool: &[Vec<u8>], stats: &Stats) -> Played {
         hung_up: false,
         withheld: false,
         injected: false,
+        flooded: false,
+        accepted: false,
     };
-    let greeted = peer.say(&protocol::hello())
+    if let Mutation::Silent { at: Quiet::BeforeHello, keepalives } = plan.mutation {
+        // The receiver's hello is read, but not answered.
+        let _ = protocol::read_hello(&mut peer.stream);
+        peer.fall_silent(keepalives);
+    } else if peer.say(&protocol::hello())
         && protocol::read_hello(&mut peer.stream).is_ok()
-        && peer.say(&crate::util::INSECURE);
-    if greeted {
+        && peer.say(&crate::util::INSECURE)
+    {
         peer.converse();
     } else {
         peer.violation("no hello from the receiver".into());
@@ -811,9 +1048,9 @@ fn play(rx: &Receiver, plan: &Plan, pool: &[Vec<u8>], stats: &Stats) -> Played {
     if peer.injected {
         return Played::default();
     }
-    // An honest peer (even one whose digests are wrong or missing) gets an answer for every
-    // entry and a verdict for every body.
-    if matches!(plan.mutation, Mutation::None) && !peer.refused {
+    // An honest peer (even one whose digests are wrong or missing, or who floods keepalives) gets
+    // an answer for every entry and a verdict for every body.
+    if matches!(plan.mutation, Mutation::None | Mutation::Flood { .. }) && !peer.refused {
         if peer.answers.len() < plan.entries() {
             let (n, all) = (peer.answers.len(), plan.entries());
             peer.violation(format!("honest conversation: {n} of {all} entries answered"));
@@ -892,7 +1129,8 @@ fn converse(args: &[&str]) {
     // Now and then DIR is emptied first, so the receiver does not end up having everything.
     let conversation = (prop::bool::weighted(0.1), kind);
     let stats = Stats::default();
-    let started = std::time::Instant::now();
+    let started = Instant::now();
+    let slow_budget = SLOW_BUDGET_PER_CASE * cases();
     runner
         .run(&conversation, |(empty_first, conversation)| {
             let mut rx = rx.borrow_mut();
@@ -907,14 +1145,24 @@ fn converse(args: &[&str]) {
                     play_noise(&rx, hello, &ops, &pool);
                     Vec::new()
                 }
-                Conversation::Plan(plan, false) => vec![plan],
+                Conversation::Plan(mut plan, false) => {
+                    if plan.mutation.is_slow() && stats.slow_time.get() > slow_budget {
+                        plan.mutation = Mutation::None;
+                        bump(&stats.slow_skipped);
+                    }
+                    vec![plan]
+                }
                 Conversation::Plan(plan, true) => {
                     let again = Plan { mutation: Mutation::None, ..plan.clone() };
                     vec![plan, again]
                 }
             };
             for plan in &plays {
+                let start = Instant::now();
                 let played = play(&rx, plan, &pool, &stats);
+                if plan.mutation.is_slow() {
+                    stats.slow_time.set(stats.slow_time.get() + start.elapsed());
+                }
                 prop_assert!(
                     played.violations.is_empty(),
                     "the receiver broke the conversation's rules: {:?}; receiver log:\n{}",
@@ -959,7 +1207,9 @@ fn converse(args: &[&str]) {
          {} answered Send before their digest, {} resumes, {} Have, {} folders created, {} rejected, \
          {} transfers refused, {} digests sent after their body, {} after the receiver waited for them; \
          verdicts: {} verified, {} hash mismatch, {} size mismatch, {} failed ({} of them while the peer \
-         was still sending); receiver log: {} single files stored, {} resumed, {} already there, {} failed",
+         was still sending); {} slow peers cut off (longest {:.1} s), {} silent peers let go (longest {:.1} s), \
+         {} keepalive floods ({} keepalives), {} slow peers played fast (time budget spent); \
+         receiver log: {} single files stored, {} resumed, {} already there, {} failed",
         cases(),
         started.elapsed().as_secs_f64(),
         n(&stats.acks),
@@ -976,6 +1226,13 @@ fn converse(args: &[&str]) {
         n(size),
         n(failed),
         n(&stats.verdicts_midway),
+        n(&stats.slow_cut),
+        stats.slow_longest.get().as_secs_f64(),
+        n(&stats.silent_let_go),
+        stats.silent_longest.get().as_secs_f64(),
+        n(&stats.floods),
+        n(&stats.flood_keepalives),
+        n(&stats.slow_skipped),
         log.matches("verified, stored as").count(),
         log.matches("(resumed at").count(),
         log.matches("already have it").count(),

@@ -292,3 +292,72 @@ fn one_address_holds_at_most_its_share_of_the_transfer_slots() {
     let (_other, third) = offer([127, 0, 0, 2], "c");
     assert!(crate::util::is_accept(&third), "another address still gets the free slot: {third:?}");
 }
+
+#[test]
+fn a_large_tree_in_walk_order_fits() {
+    // Before: the cost model charged every component of every entry a node of the validation
+    // tree, though a tree in walk order shares all but its last component with the entry before
+    // (about 1,540 modelled bytes an entry here), so only about 110,000 entries of a tree five
+    // deep fitted the manifest memory. Now a shared component costs only its string (about 760
+    // bytes an entry): 200,265 entries, the receiver accepts them.
+    use xfer::protocol::{Entry, EntryKind, ManifestPart};
+    let rx = Receiver::start(&["--quiet"]);
+    let mut peer = crate::util::RawPeer::greet(rx.addr);
+    peer.stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    // tree/dir-a/dir-b/dir-c/file-NNNN.txt: 8 folders at each of three levels, 390 files in each
+    // of the 512 deepest, each folder listed before what is in it, as the sender walks a tree.
+    let mut part: Vec<Entry> = Vec::new();
+    let mut sent = 0;
+    let mut add = |peer: &mut crate::util::RawPeer, entry: Option<Entry>| {
+        let full = part.iter().map(Entry::encoded_len).sum::<usize>()
+            + entry.as_ref().map_or(usize::MAX / 2, Entry::encoded_len)
+            > 60_000;
+        if full {
+            let last = entry.is_none();
+            let m = Message::Manifest(ManifestPart { entries: std::mem::take(&mut part), last });
+            xfer::protocol::write_message(&mut peer.stream, &m).unwrap();
+        }
+        if let Some(e) = entry {
+            part.push(e);
+            sent += 1;
+        }
+    };
+    let dir = |path: Vec<String>| Entry { path, kind: EntryKind::Dir, mode: 0o755, mtime: (0, 0) };
+    let file = |path: Vec<String>| Entry {
+        kind: EntryKind::File { size: 1, hash: xfer::protocol::HashAlg::Sha256, tag: [0; 16] },
+        ..dir(path)
+    };
+    let start = Instant::now();
+    add(&mut peer, Some(dir(vec!["tree".into()])));
+    for a in 0..8 {
+        let pa = vec!["tree".to_string(), format!("dir-{a}")];
+        add(&mut peer, Some(dir(pa.clone())));
+        for b in 0..8 {
+            let pb: Vec<String> = pa.iter().cloned().chain([format!("dir-{b}")]).collect();
+            add(&mut peer, Some(dir(pb.clone())));
+            for c in 0..8 {
+                let pc: Vec<String> = pb.iter().cloned().chain([format!("dir-{c}")]).collect();
+                add(&mut peer, Some(dir(pc.clone())));
+                for f in 0..390 {
+                    add(
+                        &mut peer,
+                        Some(file(pc.iter().cloned().chain([format!("file-{f:04}.txt")]).collect())),
+                    );
+                }
+            }
+        }
+    }
+    add(&mut peer, None);
+    let first = peer.read();
+    let (_, peak_kib) = fds_and_peak_rss(rx.child.id());
+    println!(
+        "{sent} entries in walk order: answered in {:.1} s, receiver peak RSS {} MiB",
+        start.elapsed().as_secs_f64(),
+        peak_kib / 1024
+    );
+    match first {
+        Ok(m) if crate::util::is_accept(&m) => {}
+        other => panic!("the tree of {sent} entries was not accepted: {other:?}\n{}", rx.stderr()),
+    }
+    assert_eq!(sent, 1 + 8 + 64 + 512 + 512 * 390);
+}
