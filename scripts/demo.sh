@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds xfer and moves a real file over loopback: a receiver in a temporary folder, a sender,
-# then a byte-for-byte comparison. Needs only cargo; cleans up after itself.
+# Builds xfer and moves a real file over loopback, encrypted and authenticated with a code: a
+# receiver in a temporary folder, a sender, then a byte-for-byte comparison. Needs only cargo; cleans up after itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,8 +17,11 @@ trap cleanup EXIT
 mkdir "$work/downloads"
 head -c 64M /dev/urandom > "$work/sample.bin"
 
-# Port 0: the receiver picks a free port and prints it as its first line on stdout.
-"$bin" recv --dir "$work/downloads" --listen 127.0.0.1:0 > "$work/recv.out" &
+# Keys of this demo stay in its folder, not in ~/.config/xfer.
+export XDG_CONFIG_HOME="$work/config"
+# Port 0: the receiver picks a free port and prints it as its first line on stdout. Its code goes
+# to a file (mode 0600) that the sender reads: on a terminal, you would type it instead.
+"$bin" recv --dir "$work/downloads" --listen 127.0.0.1:0 --code-file "$work/code" > "$work/recv.out" &
 rpid=$!
 for _ in $(seq 200); do
     grep -q '^listening on ' "$work/recv.out" 2>/dev/null && break
@@ -27,7 +30,7 @@ done
 addr=$(sed -n 's/^listening on //p' "$work/recv.out")
 echo "demo: receiver $addr storing into $work/downloads"
 
-"$bin" send "$work/sample.bin" "$addr"
+"$bin" send "$work/sample.bin" "$addr" --code-file "$work/code"
 sleep 0.2 # let the receiver's log line (stderr) land before ours
 cmp "$work/sample.bin" "$work/downloads/sample.bin"
 echo "demo: ok, the received file is identical ($(sha256sum < "$work/downloads/sample.bin" | cut -c1-16)...)"

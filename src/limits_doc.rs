@@ -7,10 +7,10 @@ use clap::Parser;
 
 use crate::cli::{Cli, Command};
 use crate::protocol::{
-    MAX_CHUNK_LEN, MAX_DEPTH, MAX_DIGESTS_PER_PART, MAX_ENTRIES, MAX_MESSAGE_LEN, MAX_NAME_LEN, MAX_PATH_LEN,
-    MAX_REASON_LEN, MAX_TOTAL_SIZE,
+    MAX_CHUNK_LEN, MAX_DEPTH, MAX_DIGESTS_PER_PART, MAX_ENTRIES, MAX_HANDSHAKE_LEN, MAX_MESSAGE_LEN,
+    MAX_NAME_LEN, MAX_PATH_LEN, MAX_REASON_LEN, MAX_RECORD_LEN, MAX_TOTAL_SIZE,
 };
-use crate::recv::{answer, body, durable, litter, manifest, refuse, transfer};
+use crate::recv::{answer, body, durable, guard, litter, manifest, refuse, transfer};
 
 const PROTOCOL_MD: &str = include_str!("../PROTOCOL.md");
 
@@ -61,6 +61,14 @@ fn expected() -> Vec<(&'static str, String)> {
         ("MAX_CHUNK_LEN", bytes(MAX_CHUNK_LEN.into())),
         ("MAX_REASON_LEN", bytes(MAX_REASON_LEN as u64)),
         ("MAX_DIGESTS_PER_PART", n(MAX_DIGESTS_PER_PART as u64)),
+        ("MAX_HANDSHAKE_LEN", bytes(MAX_HANDSHAKE_LEN.into())),
+        ("MAX_RECORD_LEN", bytes(MAX_RECORD_LEN.into())),
+        ("REKEY_RECORDS", n(crate::transport::records::REKEY_RECORDS)),
+        ("CODE_WORDS", n(crate::code::CODE_WORDS as u64)),
+        ("AUTH_MAX_WRONG", n(guard::AUTH_MAX_WRONG.into())),
+        ("AUTH_REFILL", secs(guard::AUTH_REFILL)),
+        ("AUTH_BURST", n(guard::AUTH_BURST.into())),
+        ("AUTH_PEER_BURST", n(guard::AUTH_PEER_BURST.into())),
         ("MAX_NAME_LEN", bytes(MAX_NAME_LEN as u64)),
         ("MAX_PATH_LEN", bytes(MAX_PATH_LEN as u64)),
         ("MAX_DEPTH", n(MAX_DEPTH as u64)),

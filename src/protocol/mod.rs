@@ -1,4 +1,4 @@
-//! The xfer wire protocol, version 4. PROTOCOL.md is the full specification; this is its summary.
+//! The xfer wire protocol, version 5. PROTOCOL.md is the full specification; this is its summary.
 //!
 //! Roles: the *receiver* listens, the *sender* connects. One connection carries one transfer: a
 //! single file is a transfer of one entry, a folder or several paths a transfer of many; there is
@@ -7,19 +7,22 @@
 //! 1. Both sides write a 10-byte hello at once — [`MAGIC`] then [`VERSION`] as a big-endian `u16`
 //!    — and read the peer's. Wrong magic: not an xfer peer. Other version: both sides report both
 //!    versions and close.
-//! 2. Everything after the hello is a frame: a 4-byte big-endian payload length, a 1-byte kind,
+//! 2. A handshake (frame kind `Handshake`, see `transport::handshake`): insecure, a code (SPAKE2
+//!    then Noise XXpsk3) or a pinned key (Noise IK). Then, unless insecure, every frame below
+//!    travels inside AES-256-GCM records (frame kind `Record`, see `transport::records`).
+//! 3. Everything after the hello is a frame: a 4-byte big-endian payload length, a 1-byte kind,
 //!    then the payload. The length is checked against the kind's limit ([`MAX_MESSAGE_LEN`],
 //!    [`MAX_CHUNK_LEN`]) before any buffer is allocated.
-//! 3. Sender: the manifest (paths, kinds, sizes, modes, times; no digests) in `Manifest` parts.
+//! 4. Sender: the manifest (paths, kinds, sizes, modes, times; no digests) in `Manifest` parts.
 //!    Receiver: validates all of it, then accepts with an empty `Answers` part or refuses with
 //!    `Reject`.
-//! 4. Sender: `Digests` parts as it hashes. Receiver: answers every entry in order (send from an
+//! 5. Sender: `Digests` parts as it hashes. Receiver: answers every entry in order (send from an
 //!    offset / already have it / refused), a file as soon as it can: at once when nothing on its
 //!    disk could match it, otherwise once its digest is here.
-//! 5. For each file answered "send", the sender writes `Body` and the bytes from the offset as data
+//! 6. For each file answered "send", the sender writes `Body` and the bytes from the offset as data
 //!    frames (no sentinel: the body ends when `size - offset` bytes arrived), or `Withdraw`; the
 //!    file's digest must be sent by the end of its body.
-//! 6. Receiver: a `FileVerdict` per file (verified / hash mismatch / size mismatch / failed), sent
+//! 7. Receiver: a `FileVerdict` per file (verified / hash mismatch / size mismatch / failed), sent
 //!    only after the file is hashed, compared, flushed to stable storage and renamed.
 //!
 //! This module does no I/O of its own beyond `Read` / `Write`: no sockets, files or terminals, so
