@@ -22,9 +22,11 @@ pub const DEFAULT_PORT: u16 = 8888;
         Start a receiver, then send to it:\n\n  \
         xfer recv --dir ./downloads\n  \
         xfer send img.jpg host:8888\n\n\
-        Every file is hashed (SHA-256) before it is sent and again as it arrives; the receiver \
-        stores it under its final name only after the digests match and the data is on stable \
-        storage. The sender exits 0 only when the receiver says so.",
+        The receiver shows a four-word code; the first send to it asks for that code, and \
+        everything after a short handshake travels encrypted and authenticated. Every file is \
+        hashed (SHA-256) on both sides; the receiver stores it under its final name only after \
+        the digests match and the data is on stable storage. The sender exits 0 only when the \
+        receiver says so.",
     after_help = "Exit codes: 0 ok, 1 receiver failed, 2 usage, 3 connection, 4 rejected, \
         5 integrity, 6 local I/O, 7 protocol, 8 authentication. See README.md for details."
 )]
