@@ -57,6 +57,15 @@ const SENDERS: &str = "trusted-senders";
 /// Trust files are small; a larger one is not ours to parse.
 const MAX_FILE: u64 = 16 << 20;
 
+/// Edits of the trust files within this process, one at a time: a receiver's connections may
+/// remember senders at once, and each edit reads, changes and rewrites a whole file through one
+/// temporary name per process.
+static EDITS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn editing() -> std::sync::MutexGuard<'static, ()> {
+    EDITS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -134,6 +143,7 @@ impl TrustStore {
 
     /// This user's identity, made on first use.
     pub fn identity(&self) -> Result<Identity, Error> {
+        let _one = editing();
         let text = Zeroizing::new(self.read(IDENTITY)?);
         let mut lines = text.lines();
         if let (Some(p), Some(q)) = (lines.next(), lines.next()) {
@@ -179,6 +189,7 @@ impl TrustStore {
 
     /// Pins `key` for `target` (replacing any earlier pin of that target).
     pub fn pin_receiver(&self, target: &str, key: [u8; 32], remembers: bool) -> Result<(), Error> {
+        let _one = editing();
         let mut all: Vec<KnownReceiver> =
             self.receivers()?.into_iter().filter(|r| r.target != target).collect();
         all.push(KnownReceiver { target: target.to_string(), key, since: now(), remembers });
@@ -213,6 +224,7 @@ impl TrustStore {
 
     /// Remembers a sender that proved the code (a `--remember` receiver).
     pub fn trust_sender(&self, key: [u8; 32], from: &str) -> Result<(), Error> {
+        let _one = editing();
         let mut all: Vec<TrustedSender> = self.senders()?.into_iter().filter(|s| s.key != key).collect();
         all.push(TrustedSender { key, since: now(), from: from.replace(char::is_whitespace, "_") });
         self.write_senders(&all)
@@ -226,6 +238,7 @@ impl TrustStore {
     /// Forgets a receiver (by `HOST:PORT` as it was typed) or a sender or receiver (by key, or
     /// a prefix of at least 8 hex digits of it). Returns how many entries went.
     pub fn forget(&self, what: &str) -> Result<usize, Error> {
+        let _one = editing();
         let by_key = |k: &[u8; 32]| what.len() >= 8 && hex(k).starts_with(&what.to_ascii_lowercase());
         let receivers = self.receivers()?;
         let keep: Vec<KnownReceiver> =
