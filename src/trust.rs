@@ -163,8 +163,25 @@ impl TrustStore {
         let mut public = [0u8; 32];
         public.copy_from_slice(&kp.public);
         let text = Zeroizing::new(format!("{}\n{}\n", hex(&*private), hex(&public)));
-        self.write(IDENTITY, &text)?;
-        Ok(Identity { private, public })
+        // Another xfer may make one at the same moment: the first to link its file wins, and
+        // everyone uses that one.
+        self.ensure_dir()?;
+        let path = self.dir.join(IDENTITY);
+        let tmp = self.dir.join(format!(".{IDENTITY}.{}.tmp", std::process::id()));
+        let ctx = |e| Error::io(format!("cannot write {}", path.display()), e);
+        let _ = fs::remove_file(&tmp);
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(ctx)?;
+        f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(ctx)?;
+        let linked = fs::hard_link(&tmp, &path);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(Identity { private, public }),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                drop(_one);
+                self.identity()
+            }
+            Err(e) => Err(ctx(e)),
+        }
     }
 
     pub fn receivers(&self) -> Result<Vec<KnownReceiver>, Error> {
