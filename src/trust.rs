@@ -207,8 +207,13 @@ impl TrustStore {
     /// Pins `key` for `target` (replacing any earlier pin of that target).
     pub fn pin_receiver(&self, target: &str, key: [u8; 32], remembers: bool) -> Result<(), Error> {
         let _one = editing();
-        let mut all: Vec<KnownReceiver> =
-            self.receivers()?.into_iter().filter(|r| r.target != target).collect();
+        let known = self.receivers()?;
+        // Already pinned just so: nothing to write (a send that asks for the code every time would
+        // otherwise rewrite and sync this file every time).
+        if known.iter().any(|r| r.target == target && r.key == key && r.remembers == remembers) {
+            return Ok(());
+        }
+        let mut all: Vec<KnownReceiver> = known.into_iter().filter(|r| r.target != target).collect();
         all.push(KnownReceiver { target: target.to_string(), key, since: now(), remembers });
         let text: String = all
             .iter()
@@ -242,7 +247,10 @@ impl TrustStore {
     /// Remembers a sender that proved the code (a `--remember` receiver).
     pub fn trust_sender(&self, key: [u8; 32], from: &str) -> Result<(), Error> {
         let _one = editing();
-        let mut all: Vec<TrustedSender> = self.senders()?.into_iter().filter(|s| s.key != key).collect();
+        let mut all = self.senders()?;
+        if all.iter().any(|s| s.key == key) {
+            return Ok(());
+        }
         all.push(TrustedSender { key, since: now(), from: from.replace(char::is_whitespace, "_") });
         self.write_senders(&all)
     }
