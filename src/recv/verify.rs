@@ -12,10 +12,7 @@ use crate::hash::Hasher;
 use crate::protocol::{Digest, EntryKind, FileVerdict, Message, ProtocolError, Verdict, bounded_reason};
 use crate::sanitize::{escape, peer_text};
 use crate::store::{Partial, SafeDir};
-
-/// The least a body must move, in bytes a second, over each window of the idle timeout spent
-/// waiting for it (see `FrameReader::set_min_rate`).
-pub(crate) const MIN_RATE: u64 = 1024;
+use crate::transport::MIN_RATE;
 
 impl Transfer<'_> {
     /// Sends a file's failed verdict and counts it.
