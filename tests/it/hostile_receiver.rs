@@ -358,3 +358,44 @@ fn a_receiver_trickling_its_verdict_is_given_up_on() {
     assert!(run.stderr().contains("see --timeout"), "{}", run.report());
     drop(handle);
 }
+
+/// A folder `t` holding the small file `a` and the sparse file `b` of `b_size` bytes.
+fn tree_with_a_large_file(b_size: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("t");
+    std::fs::create_dir(&tree).unwrap();
+    std::fs::write(tree.join("a"), random_bytes(1000, 7)).unwrap();
+    std::fs::File::create(tree.join("b")).unwrap().set_len(b_size).unwrap();
+    (src, tree)
+}
+
+#[test]
+fn a_receiver_silent_while_the_sender_hashes_something_else_is_given_up_on() {
+    // Before: the sender excused the receiver's silence as long as it was hashing anything, here
+    // the 8 GiB `b`, which the receiver refused and does not wait for; and it noticed the
+    // silence only at its reader's next timeout. Now silence is excused only while the receiver
+    // waits for a digest not yet sent, and checked every second.
+    let (silent_from, told) = std::sync::mpsc::channel();
+    let (addr, handle) = fake(move |s, first| {
+        let Message::Manifest(part) = first else { panic!("expected a manifest, got {first:?}") };
+        let paths: Vec<String> = part.entries.iter().map(|e| e.path.join("/")).collect();
+        assert_eq!(paths, ["t", "t/a", "t/b"]);
+        say(s, acceptance());
+        let refused =
+            Answer::Reject { code: protocol::RejectCode::InsufficientSpace, reason: "no room".into() };
+        let answers = vec![Answer::Have { name: "t".into() }, Answer::Send { offset: 0 }, refused];
+        say(s, Message::Answers(AnswersPart { answers, last: true }));
+        // Reads a's body and digest (and b's, if it comes), and never gives a's verdict.
+        silent_from.send(Instant::now()).unwrap();
+        until_closed(s);
+    });
+    let (_src, tree) = tree_with_a_large_file(8 << 30);
+    let run = send(&tree, &addr, &["--quiet", "--no-cache", "--timeout", "1"]);
+    let silent = told.recv().unwrap();
+    let took = silent.elapsed();
+    eprintln!("sender gave up {took:?} after the receiver fell silent (--timeout 1)");
+    let run = run.expect(3);
+    assert!(run.stderr().contains("timed out while waiting for the verdict"), "{}", run.report());
+    assert!(took < Duration::from_secs(4), "took {took:?}\n{}", run.report());
+    handle.join().unwrap();
+}
