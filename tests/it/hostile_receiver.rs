@@ -369,6 +369,14 @@ fn tree_with_a_large_file(b_size: u64) -> (tempfile::TempDir, std::path::PathBuf
     (src, tree)
 }
 
+/// A single sparse file of `size` bytes: it takes the sender seconds to hash.
+fn large_file(size: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+    let src = tempfile::tempdir().unwrap();
+    let path = src.path().join("large");
+    std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+    (src, path)
+}
+
 #[test]
 fn a_receiver_silent_while_the_sender_hashes_something_else_is_given_up_on() {
     // Before: the sender excused the receiver's silence as long as it was hashing anything, here
@@ -397,5 +405,54 @@ fn a_receiver_silent_while_the_sender_hashes_something_else_is_given_up_on() {
     let run = run.expect(3);
     assert!(run.stderr().contains("timed out while waiting for the verdict"), "{}", run.report());
     assert!(took < Duration::from_secs(4), "took {took:?}\n{}", run.report());
+    handle.join().unwrap();
+}
+
+#[test]
+fn a_verdict_before_the_digest_was_sent_is_a_protocol_error() {
+    // Only a receiver that has a file's digest can have verified it (or found it differs). The
+    // body is answered at its end offset (nothing to send), and the verdict comes while the
+    // sender is still hashing the 8 GiB file.
+    let size = 8u64 << 30;
+    let (addr, handle) = fake(move |s, _| {
+        say(s, acceptance());
+        say(s, Message::Answers(AnswersPart { answers: vec![Answer::Send { offset: size }], last: true }));
+        loop {
+            match protocol::read_message(s).unwrap() {
+                Message::Digests(part) => assert!(part.digests.is_empty(), "the digest came already"),
+                Message::Body(b) if b.index == 0 => break,
+                other => panic!("expected the body, got {other:?}"),
+            }
+        }
+        let verdict = Verdict::Verified { name: "large".into() };
+        say(s, Message::FileVerdict(FileVerdict { index: 0, verdict }));
+        until_closed(s);
+    });
+    let (_src, path) = large_file(size);
+    let run = send(&path, &addr, &["--quiet", "--no-cache"]).expect(7);
+    assert!(run.stderr().contains("verdict for entry 0 before its digest was sent"), "{}", run.report());
+    assert!(run.elapsed < Duration::from_secs(5), "took {:?}", run.elapsed);
+    handle.join().unwrap();
+}
+
+#[test]
+fn a_message_stalled_mid_frame_while_the_sender_hashes_is_the_end_of_the_connection() {
+    // The receiver waits for the digest of the file being hashed, so its silence is excused; but
+    // a message that stops after its first bytes is not silence. Before, the reader waited that
+    // out while the sender hashed and then read on from the middle of the frame.
+    let (addr, handle) = fake(move |s, _| {
+        say(s, acceptance());
+        let mut bytes = Vec::new();
+        let answers = vec![Answer::Send { offset: 0 }];
+        protocol::write_message(&mut bytes, &Message::Answers(AnswersPart { answers, last: true })).unwrap();
+        let _ = std::io::Write::write_all(s, &bytes[..3]);
+        std::thread::sleep(Duration::from_millis(2500));
+        let _ = std::io::Write::write_all(s, &bytes[3..]);
+        until_closed(s);
+    });
+    let (_src, path) = large_file(8 << 30);
+    let run = send(&path, &addr, &["--quiet", "--no-cache", "--timeout", "1"]).expect(3);
+    assert!(run.stderr().contains("not complete within 1 s of its first byte"), "{}", run.report());
+    assert!(run.elapsed < Duration::from_secs(5), "took {:?}", run.elapsed);
     handle.join().unwrap();
 }
