@@ -92,7 +92,8 @@ pub struct SendArgs {
     /// Store under this name instead of the file's own.
     #[arg(long = "as", value_name = "NAME")]
     pub name: Option<String>,
-    /// Give up if the receiver is silent this long, in seconds (0: wait forever).
+    /// Give up if the receiver takes nothing this long, or owes an answer and says nothing this
+    /// long, in seconds (0: wait forever).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub timeout: u64,
     /// Give up connecting after this many seconds.

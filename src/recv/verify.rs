@@ -13,10 +13,7 @@ use crate::protocol::{Digest, EntryKind, FileVerdict, Message, ProtocolError, Ve
 use crate::sanitize::{escape, peer_text};
 use crate::store::space::round_up;
 use crate::store::{self, Partial, Room, SafeDir};
-
-/// The least a body must move, in bytes a second, over each window of the idle timeout spent
-/// waiting for it (see `FrameReader::set_min_rate`).
-pub(crate) const MIN_RATE: u64 = 1024;
+use crate::transport::MIN_RATE;
 
 impl Transfer<'_> {
     /// Sends a file's failed verdict and counts it.

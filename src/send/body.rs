@@ -2,7 +2,6 @@
 //! refused, a folder created), or a body: `Body`, the bytes from the offset, and the file's
 //! digest right behind it if the receiver has not had it yet.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 
 use super::events::{Event, open_unchanged};
@@ -17,12 +16,7 @@ use crate::transport::{FileError, FrameWriter};
 impl Run<'_> {
     /// Acts on the next answered entry: records the outcome the answer decides, or sends its body
     /// and makes sure its digest follows it.
-    pub(super) fn act(
-        &mut self,
-        inbox: &mpsc::Receiver<Event>,
-        w: &mut FrameWriter,
-        local_busy: &AtomicBool,
-    ) -> Result<(), Error> {
+    pub(super) fn act(&mut self, inbox: &mpsc::Receiver<Event>, w: &mut FrameWriter) -> Result<(), Error> {
         let i = self.acted;
         self.acted += 1;
         let entry = &self.entries[i];
@@ -113,7 +107,7 @@ impl Run<'_> {
                     Ok(e) => Some(e),
                     Err(_) => {
                         w.flush().map_err(|e| w.error("sending", e.into()))?;
-                        self.wait(inbox, w, local_busy)?
+                        self.wait(inbox, w)?
                     }
                 };
                 if let Some(e) = event {

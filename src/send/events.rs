@@ -3,7 +3,6 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -23,8 +22,6 @@ pub(super) enum Event {
     Hashed(usize, Result<(Digest, bool), Error>),
     Answers(AnswersPart),
     Verdict(FileVerdict),
-    /// No byte from the receiver for a whole idle timeout, ending at this instant.
-    Quiet(Instant),
     /// The connection ended or the receiver broke the protocol; the reader has stopped.
     Broken(Error),
 }
@@ -120,10 +117,10 @@ pub(super) fn open_unchanged(source: &Path, stamp: Stamp) -> Result<File, Error>
     Ok(f)
 }
 
-/// Reads answers and verdicts until the connection ends, passing them on. Quiet stretches are
-/// reported, not fatal: only the main loop knows whether the receiver owes it anything (while
-/// this side is busy hashing, `local_busy`, they are not even reported).
-pub(super) fn read_events(r: &mut FrameReader, events: mpsc::SyncSender<Event>, local_busy: &AtomicBool) {
+/// Reads answers and verdicts until the connection ends, passing them on. A quiet stretch before
+/// a message is not fatal here: only the main loop knows whether the receiver owes it anything,
+/// and it keeps the time (`Run::check_silence`). A message that stops in the middle is.
+pub(super) fn read_events(r: &mut FrameReader, events: mpsc::SyncSender<Event>) {
     loop {
         let event = match r.message() {
             Ok(Message::Answers(part)) => Event::Answers(part),
@@ -135,12 +132,7 @@ pub(super) fn read_events(r: &mut FrameReader, events: mpsc::SyncSender<Event>, 
                 };
                 Event::Broken(Error::Protocol { peer: r.peer().to_string(), source })
             }
-            Err(WireError::Io(e)) if is_timeout(&e) => {
-                if local_busy.load(Ordering::SeqCst) {
-                    continue;
-                }
-                Event::Quiet(Instant::now())
-            }
+            Err(WireError::Io(e)) if is_timeout(&e) => continue,
             Err(e) => Event::Broken(r.error("waiting for answers", e)),
         };
         let stop = matches!(event, Event::Broken(_));

@@ -8,7 +8,6 @@
 
 use std::net::Shutdown;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -155,19 +154,21 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
         bytes,
     );
     let mut run = run::Run::new((&plan.entries, &plan.items), (opts, progress), &overall, &peer);
-    let local_busy = AtomicBool::new(true);
     let cause = std::thread::scope(|scope| {
-        let local_busy = &local_busy;
         let reader_events = events.clone();
         let mut reader = r;
-        scope.spawn(move || events::read_events(&mut reader, reader_events, local_busy));
+        scope.spawn(move || events::read_events(&mut reader, reader_events));
         drop(events);
-        let cause = run.drive(&inbox, &mut w, local_busy);
-        if cause.is_some() {
+        let cause = run.drive(&inbox, &mut w);
+        if let Some(cause) = &cause {
             // Stop here cleanly: what is buffered goes out, then the receiver sees the end and
-            // acknowledges what it verified.
+            // acknowledges what it verified, within one more idle timeout. Unless the receiver
+            // has stopped (it took nothing, or said nothing when it owed something): then only
+            // the verdicts already here count.
+            let stopped = w.peer_stalled() || matches!(cause, Error::Timeout { .. });
             w.shutdown(Shutdown::Write);
-            run.drain(&inbox);
+            let wait = if stopped { Duration::ZERO } else { opts.timeout.unwrap_or(Duration::from_secs(30)) };
+            run.drain(&inbox, wait);
         }
         // The reader thread ends when the connection does, or when it finds nobody listening
         // (it may be waiting for room in a full queue).

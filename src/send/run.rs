@@ -2,7 +2,6 @@
 //! one body at a time out (its digest right behind it if it was not sent before), verdicts in,
 //! until every entry has its outcome.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -65,7 +64,8 @@ pub(super) struct Run<'a> {
     pub(super) reader_done: bool,
     /// Why it stopped.
     pub(super) ended: Option<Error>,
-    /// When the receiver was last given something to answer.
+    /// Since when the receiver has owed this side something without a word: the last time it
+    /// said something, was given something to answer, or was excused (see [`Run::check_silence`]).
     pub(super) waiting_since: Instant,
 }
 
@@ -125,12 +125,7 @@ impl<'a> Run<'a> {
     }
 
     /// The main loop. Returns what broke the connection, if anything.
-    pub fn drive(
-        &mut self,
-        inbox: &mpsc::Receiver<Event>,
-        w: &mut FrameWriter,
-        local_busy: &AtomicBool,
-    ) -> Option<Error> {
+    pub fn drive(&mut self, inbox: &mpsc::Receiver<Event>, w: &mut FrameWriter) -> Option<Error> {
         loop {
             if self.acted == self.entries.len() && self.owing == 0 {
                 return None;
@@ -147,13 +142,12 @@ impl<'a> Run<'a> {
                 if let Err(e) = w.flush() {
                     return Some(w.error("sending", e.into()));
                 }
-                match self.wait(inbox, w, local_busy) {
+                match self.wait(inbox, w) {
                     Ok(Some(e)) => Some(e),
                     Ok(None) => continue,
                     Err(e) => return Some(e),
                 }
             };
-            local_busy.store(true, Ordering::SeqCst);
             // Everything that is already here, so digests and answers travel in batches.
             while let Some(e) = event {
                 if let Err(cause) = self.take(e) {
@@ -168,7 +162,7 @@ impl<'a> Run<'a> {
             }
             // One answered entry acted on per turn, so digests keep flowing between bodies.
             if self.acted < self.answers.len() {
-                if let Err(e) = self.act(inbox, w, local_busy) {
+                if let Err(e) = self.act(inbox, w) {
                     return Some(e);
                 }
                 self.waiting_since = Instant::now();
@@ -177,15 +171,15 @@ impl<'a> Run<'a> {
     }
 
     /// Waits up to [`KEEPALIVE`] for an event; while this side is still hashing, tells the
-    /// receiver so with an empty `Digests` part when none comes.
+    /// receiver so with an empty `Digests` part when none comes. Each time, first checks that the
+    /// receiver has not been silent too long (so at least every [`KEEPALIVE`]).
     pub(super) fn wait(
         &mut self,
         inbox: &mpsc::Receiver<Event>,
         w: &mut FrameWriter,
-        local_busy: &AtomicBool,
     ) -> Result<Option<Event>, Error> {
+        self.check_silence(Instant::now())?;
         let still_hashing = self.hashed < self.file_entry.len();
-        local_busy.store(still_hashing, Ordering::SeqCst);
         match inbox.recv_timeout(KEEPALIVE) {
             Ok(e) => Ok(Some(e)),
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -215,8 +209,52 @@ impl<'a> Run<'a> {
                 || self.hashed == self.file_entry.len())
     }
 
+    /// Whether the receiver may be waiting for a digest this side has not sent: to answer the
+    /// next entry (it may need the digest to compare with a file it has), or to give the verdict
+    /// on a body sent before its digest (only the entry being acted on can be one: `act` sends
+    /// the digest before it returns). It owes nothing meanwhile: a large file can take longer to
+    /// hash than the idle timeout.
+    fn receiver_waits_for_a_digest(&self) -> bool {
+        let untold = |i: usize| {
+            matches!(self.entries[i].kind, EntryKind::File { .. }) && self.entry_file[i] >= self.told
+        };
+        let next = self.answers.len();
+        let current = self.acted.checked_sub(1);
+        (next < self.entries.len() && untold(next)) || current.is_some_and(|i| self.owed[i] && untold(i))
+    }
+
+    /// The receiver owes an answer or a verdict and is waiting for nothing from this side: it
+    /// has `--timeout` from when it last said something or was last given something to answer.
+    /// While it waits for a digest this side is still computing, its silence is excused (and its
+    /// time starts again once the digest is sent).
+    fn check_silence(&mut self, now: Instant) -> Result<(), Error> {
+        let owes = self.answers.len() < self.entries.len() || self.owing > 0;
+        if !owes || self.receiver_waits_for_a_digest() {
+            self.waiting_since = now;
+            return Ok(());
+        }
+        let Some(limit) = self.opts.timeout else { return Ok(()) };
+        if now.saturating_duration_since(self.waiting_since) < limit {
+            return Ok(());
+        }
+        let what = if self.answers.len() == self.entries.len() {
+            "waiting for the verdict"
+        } else {
+            "waiting for answers"
+        };
+        Err(Error::Timeout {
+            peer: self.peer.clone(),
+            what,
+            limit: crate::transport::idle_limit(self.opts.timeout),
+        })
+    }
+
     /// Sends every digest held back.
     pub(super) fn tell(&mut self, w: &mut FrameWriter) -> Result<(), Error> {
+        // A receiver that was waiting for one of these has its full time from now.
+        if self.receiver_waits_for_a_digest() {
+            self.waiting_since = Instant::now();
+        }
         for chunk in std::mem::take(&mut self.unsent).chunks(MAX_DIGESTS_PER_PART) {
             let part = DigestsPart { first: self.told as u32, digests: chunk.to_vec() };
             w.message(&Message::Digests(part)).map_err(|e| w.error("sending digests", e.into()))?;
@@ -246,24 +284,13 @@ impl<'a> Run<'a> {
                 }
                 Ok(())
             }
-            Event::Answers(part) => self.take_answers(part.answers),
-            Event::Verdict(v) => self.take_verdict(v),
-            Event::Quiet(at) => {
-                let waiting_on_receiver = self.hashed == self.file_entry.len() && self.unsent.is_empty();
-                let quiet_for = self.opts.timeout.unwrap_or(Duration::MAX);
-                if waiting_on_receiver && at.saturating_duration_since(self.waiting_since) >= quiet_for {
-                    let what = if self.acted == self.entries.len() {
-                        "waiting for the verdict"
-                    } else {
-                        "waiting for answers"
-                    };
-                    return Err(crate::error::Error::Timeout {
-                        peer: self.peer.clone(),
-                        what,
-                        limit: crate::transport::idle_limit(self.opts.timeout),
-                    });
-                }
-                Ok(())
+            Event::Answers(part) => {
+                self.waiting_since = Instant::now();
+                self.take_answers(part.answers)
+            }
+            Event::Verdict(v) => {
+                self.waiting_since = Instant::now();
+                self.take_verdict(v)
             }
             // Acted on once what came before it is: a receiver that answered everything and
             // hung up has still answered everything.
@@ -333,17 +360,21 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// After the connection broke on our side: collect the verdicts the receiver still sends.
-    pub fn drain(&mut self, inbox: &mpsc::Receiver<Event>) {
+    /// After the connection broke on our side: collect the verdicts the receiver still sends,
+    /// for at most `for_at_most` (none but those already here when the receiver has stopped).
+    pub fn drain(&mut self, inbox: &mpsc::Receiver<Event>, for_at_most: Duration) {
+        let until = Instant::now() + for_at_most;
         while self.owing > 0 && !self.reader_done {
-            match inbox.recv_timeout(self.opts.timeout.unwrap_or(Duration::from_secs(30))) {
-                Ok(Event::Verdict(v)) => {
+            let left = until.saturating_duration_since(Instant::now());
+            let event = if left.is_zero() { inbox.try_recv().ok() } else { inbox.recv_timeout(left).ok() };
+            match event {
+                Some(Event::Verdict(v)) => {
                     if self.take_verdict(v).is_err() {
                         self.reader_done = true;
                     }
                 }
-                Ok(Event::Broken(_)) | Err(_) => self.reader_done = true,
-                Ok(_) => {}
+                Some(Event::Broken(_)) | None => self.reader_done = true,
+                Some(_) => {}
             }
         }
     }

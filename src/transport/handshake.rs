@@ -326,7 +326,7 @@ pub fn start_records(
     recv: [u8; 32],
 ) -> Result<(), Error> {
     let every = rekey_interval();
-    r.open_records(CipherState::new(recv, every), crate::recv::verify::MIN_RATE);
+    r.open_records(CipherState::new(recv, every), crate::transport::MIN_RATE);
     w.seal_records(CipherState::new(send, every))
         .map_err(|e| w.error("starting the secure channel", e.into()))
 }

@@ -8,7 +8,7 @@
 //!
 //! [`Message`]: crate::protocol::Message
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +22,16 @@ mod write;
 
 pub use read::{FrameReader, Handshake};
 pub use write::{FileError, FrameWriter};
+
+/// The least the peer must move, in bytes a second, over each window of the idle timeout this
+/// side spends waiting for it: in reads while a body arrives ([`FrameReader::set_min_rate`]), and
+/// in every write, both sides (`write::Outbound`).
+pub(crate) const MIN_RATE: u64 = 1024;
+
+/// A blocked write wakes up this often (the socket's send timeout) to count how long it has
+/// waited, so a peer that stops reading is given up on within the idle timeout plus one tick
+/// however the bytes go out (a buffered write or `sendfile`).
+pub(crate) const WRITE_TICK: Duration = Duration::from_millis(500);
 
 /// Capacity of the socket write buffer: small frames (down to 1-byte chunks) are coalesced into
 /// writes of this size; frames at least this large bypass it.
@@ -54,7 +64,8 @@ pub fn connect(to: &str, timeout: Duration) -> Result<TcpStream, Error> {
 
 /// Splits a connected socket into its frame reader and writer. `idle` is the idle timeout of
 /// both directions (`None`: wait forever); the reader may run under a deadline instead
-/// ([`FrameReader::set_deadline`]). No Nagle delay: the engines flush at the end of each phase.
+/// ([`FrameReader::set_deadline`]), and writes wait in ticks and count how long the peer has
+/// taken nothing (`write::Outbound`). No Nagle delay: the engines flush at the end of each phase.
 pub fn split(
     stream: TcpStream,
     peer: &str,
@@ -62,11 +73,11 @@ pub fn split(
 ) -> Result<(FrameReader, FrameWriter), Error> {
     let setup = |e| Error::io("configuring the socket", e);
     stream.set_read_timeout(idle).map_err(setup)?;
-    stream.set_write_timeout(idle).map_err(setup)?;
+    stream.set_write_timeout(idle.map(|_| WRITE_TICK)).map_err(setup)?;
     let _ = stream.set_nodelay(true);
     let shared = Socket(Arc::new(stream));
     let limit = idle_limit(idle);
-    Ok((FrameReader::new(shared.clone(), peer, idle, limit), FrameWriter::new(shared, peer, limit)))
+    Ok((FrameReader::new(shared.clone(), peer, idle, limit), FrameWriter::new(shared, peer, idle, limit)))
 }
 
 /// The socket both halves use: one descriptor per connection (a `dup` per connection would
@@ -83,16 +94,6 @@ impl Socket {
 impl Read for Socket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         (&*self.0).read(buf)
-    }
-}
-
-impl Write for Socket {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        (&*self.0).write(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 

@@ -14,7 +14,7 @@
 //! are kept), but a record once begun must keep arriving at [`MIN_RATE`] per idle-timeout window,
 //! so a peer cannot trickle one record for days and hold a transfer slot.
 //!
-//! [`MIN_RATE`]: crate::recv::verify::MIN_RATE
+//! [`MIN_RATE`]: crate::transport::MIN_RATE
 
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};

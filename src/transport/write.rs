@@ -1,15 +1,17 @@
 //! The writing half of a connection: frames out through one buffer, and file bodies by
-//! `sendfile(2)` where the plaintext channel allows it.
+//! `sendfile(2)` where the plaintext channel allows it. Every write, either way, counts the time
+//! it spends blocked on a peer that does not take the bytes ([`Outbound`]).
 
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 
 use super::records::{CipherState, Sealer};
-use super::{SOCKET_BUF, Socket};
-use crate::error::{Error, Limit};
+use super::{MIN_RATE, SOCKET_BUF, Socket};
+use crate::error::{Error, Limit, is_timeout};
 use crate::protocol::{self, FRAME_HEADER_LEN, FrameHeader, FrameKind, MAX_RECORD_PLAIN, Message, WireError};
 
 /// Writes this side's frames. Nothing is sent until [`FrameWriter::flush`] (or a full buffer):
@@ -20,10 +22,10 @@ pub struct FrameWriter {
     limit: Limit,
 }
 
-/// Where the buffer's bytes go: the socket, through the record sealer once the secure channel is
-/// up.
+/// Where the buffer's bytes go: the socket (counting blocked time), through the record sealer
+/// once the secure channel is up.
 pub(crate) struct Out {
-    sock: Socket,
+    sock: Outbound,
     seal: Option<Sealer>,
 }
 
@@ -36,7 +38,125 @@ impl Write for Out {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        self.sock.check()
+    }
+}
+
+/// The socket as this side writes to it. A write blocks in ticks of
+/// [`WRITE_TICK`](super::WRITE_TICK); the time spent blocked is counted, and a peer that, over
+/// `idle` of it, takes nothing, or less than [`MIN_RATE`] a second, fails the write. A peer
+/// frozen (SIGSTOP), or one that stops reading on purpose, is thus given up on after the idle
+/// timeout of this side's waiting, though the connection never looks idle to the reader (the
+/// kernel still acknowledges, and the peer may still talk). Only time spent in writes counts,
+/// not this side's own work between them.
+pub(crate) struct Outbound {
+    socket: Socket,
+    idle: Option<Duration>,
+    /// Blocked time since the peer last took a window's worth of bytes, and what it took since.
+    stalled: Duration,
+    taken: u64,
+    /// Why writing ended, once it has: later writes fail at once the same way, so that flushing
+    /// on the way out does not wait another window for a peer that stopped.
+    failed: Option<(io::ErrorKind, String)>,
+}
+
+impl Outbound {
+    fn new(socket: Socket, idle: Option<Duration>) -> Outbound {
+        Outbound { socket, idle, stalled: Duration::ZERO, taken: 0, failed: None }
+    }
+
+    /// The error that ended writing, if it has ended.
+    fn check(&self) -> io::Result<()> {
+        match &self.failed {
+            Some((kind, msg)) => Err(io::Error::new(*kind, msg.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts one write attempt that took `blocked` and moved `n` bytes; fails (for good) when
+    /// the peer has taken too little over a whole window of blocked time.
+    fn account(&mut self, blocked: Duration, n: usize) -> io::Result<()> {
+        let Some(window) = self.idle else { return Ok(()) };
+        self.stalled += blocked;
+        self.taken += n as u64;
+        let secs = window.as_secs().max(1);
+        if self.taken >= MIN_RATE.saturating_mul(secs) {
+            // Progress enough: a new window starts, so earlier progress cannot excuse a stall.
+            (self.stalled, self.taken) = (Duration::ZERO, 0);
+        } else if self.stalled >= window {
+            self.failed = Some(if self.taken == 0 {
+                (io::ErrorKind::TimedOut, format!("the peer took nothing for {secs} s (see --timeout)"))
+            } else {
+                (
+                    io::ErrorKind::Other,
+                    format!(
+                        "the peer took less than {MIN_RATE} bytes/s for {secs} s of blocked writes \
+                         (MIN_RATE; see --timeout)"
+                    ),
+                )
+            });
+            return self.check();
+        }
         Ok(())
+    }
+
+    /// Runs one blocking send `op` until it moves something, counting each tick it waits.
+    fn attempt(&mut self, mut op: impl FnMut(&Socket) -> io::Result<usize>) -> io::Result<usize> {
+        self.check()?;
+        loop {
+            let start = Instant::now();
+            let n = match op(&self.socket) {
+                Ok(n) => n,
+                // The send timeout (a tick) passed with nothing taken.
+                Err(e) if is_timeout(&e) => 0,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                Err(e) => return Err(e),
+            };
+            self.account(start.elapsed(), n)?;
+            if n > 0 {
+                return Ok(n);
+            }
+        }
+    }
+
+    /// `sendfile(2)` of up to `len` bytes of `file` at `*pos` (advanced), counted like a write.
+    /// Returns `Ok(0)` at the end of the file.
+    fn sendfile(&mut self, file: &File, pos: &mut u64, len: usize) -> Result<usize, FileError> {
+        use rustix::io::Errno;
+        self.check().map_err(FileError::Net)?;
+        loop {
+            let start = Instant::now();
+            let n = match rustix::fs::sendfile(self.socket.tcp(), file, Some(pos), len) {
+                Ok(0) => return Ok(0),
+                Ok(n) => n,
+                Err(Errno::INTR | Errno::AGAIN) => 0,
+                // The socket's side: the peer went away.
+                Err(e @ (Errno::PIPE | Errno::CONNRESET | Errno::TIMEDOUT | Errno::NOTCONN)) => {
+                    return Err(FileError::Net(e.into()));
+                }
+                Err(e) => return Err(FileError::Local(e.into())),
+            };
+            self.account(start.elapsed(), n).map_err(FileError::Net)?;
+            if n > 0 {
+                return Ok(n);
+            }
+        }
+    }
+}
+
+impl Write for Outbound {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        self.attempt(|s| {
+            let mut tcp = s.tcp();
+            tcp.write(buf)
+        })
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.check()
     }
 }
 
@@ -60,9 +180,17 @@ const SENDFILE_MIN_CHUNK: usize = 64 * 1024;
 const SEALED_DIRECT_MIN_BODY: u64 = 64 * 1024;
 
 impl FrameWriter {
-    pub(super) fn new(stream: Socket, peer: &str, limit: Limit) -> FrameWriter {
-        let out = Out { sock: stream, seal: None };
+    /// `idle` is the idle timeout, the window of blocked time the peer gets (`None`: no limit).
+    /// The socket's send timeout must be [`WRITE_TICK`](super::WRITE_TICK) when there is one.
+    pub(super) fn new(stream: Socket, peer: &str, idle: Option<Duration>, limit: Limit) -> FrameWriter {
+        let out = Out { sock: Outbound::new(stream, idle), seal: None };
         FrameWriter { inner: BufWriter::with_capacity(SOCKET_BUF, out), peer: peer.to_string(), limit }
+    }
+
+    /// Whether writing has ended because the peer stopped taking the bytes (see `Outbound`):
+    /// a peer that does not read will not answer either, so nothing more is waited for.
+    pub fn peer_stalled(&self) -> bool {
+        self.inner.get_ref().sock.failed.is_some()
     }
 
     /// Writes one handshake frame and flushes it.
@@ -109,7 +237,7 @@ impl FrameWriter {
         if how == Shutdown::Write {
             let _ = self.inner.flush();
         }
-        let _ = self.inner.get_ref().sock.tcp().shutdown(how);
+        let _ = self.inner.get_ref().sock.socket.tcp().shutdown(how);
     }
 
     /// Writes bytes `offset..size` of `file` as data frames of at most `chunk` bytes, advancing
@@ -207,37 +335,29 @@ impl FrameWriter {
         chunk: u32,
         bar: &ProgressBar,
     ) -> Result<(), FileError> {
-        use rustix::io::Errno;
         // Messages still buffered (the `Body` announcing this one) go first.
         self.inner.flush().map_err(FileError::Net)?;
-        let sock: &TcpStream = self.inner.get_ref().sock.tcp();
+        let out = &mut self.inner.get_mut().sock;
         let mut pos = offset;
         while pos < size {
             let len = (size - pos).min(u64::from(chunk)) as usize;
             let header = FrameHeader { kind: FrameKind::Data, len: len as u32 }.encode();
             let mut sent = 0;
             while sent < header.len() {
-                match rustix::net::send(sock, &header[sent..], rustix::net::SendFlags::MORE) {
-                    Ok(n) => sent += n,
-                    Err(Errno::INTR) => {}
-                    Err(e) => return Err(FileError::Net(e.into())),
-                }
+                let more = |s: &Socket| {
+                    rustix::net::send(s.tcp(), &header[sent..], rustix::net::SendFlags::MORE)
+                        .map_err(Into::into)
+                };
+                sent += out.attempt(more).map_err(FileError::Net)?;
             }
             let mut left = len;
             while left > 0 {
-                match rustix::fs::sendfile(sock, file, Some(&mut pos), left) {
-                    Ok(0) => return Err(FileError::Local(io::ErrorKind::UnexpectedEof.into())),
-                    Ok(n) => {
+                match out.sendfile(file, &mut pos, left)? {
+                    0 => return Err(FileError::Local(io::ErrorKind::UnexpectedEof.into())),
+                    n => {
                         left -= n;
                         bar.inc(n as u64);
                     }
-                    Err(Errno::INTR) => {}
-                    // The socket's side: the peer went away or the send timeout passed.
-                    Err(
-                        e
-                        @ (Errno::PIPE | Errno::CONNRESET | Errno::AGAIN | Errno::TIMEDOUT | Errno::NOTCONN),
-                    ) => return Err(FileError::Net(e.into())),
-                    Err(e) => return Err(FileError::Local(e.into())),
                 }
             }
         }

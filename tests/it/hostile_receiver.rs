@@ -360,3 +360,101 @@ fn a_receiver_trickling_its_verdict_is_given_up_on() {
     assert!(run.stderr().contains("see --timeout"), "{}", run.report());
     drop(handle);
 }
+
+/// A folder `t` holding the small file `a` and the sparse file `b` of `b_size` bytes.
+fn tree_with_a_large_file(b_size: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("t");
+    std::fs::create_dir(&tree).unwrap();
+    std::fs::write(tree.join("a"), random_bytes(1000, 7)).unwrap();
+    std::fs::File::create(tree.join("b")).unwrap().set_len(b_size).unwrap();
+    (src, tree)
+}
+
+/// A single sparse file of `size` bytes: it takes the sender seconds to hash.
+fn large_file(size: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+    let src = tempfile::tempdir().unwrap();
+    let path = src.path().join("large");
+    std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+    (src, path)
+}
+
+#[test]
+fn a_receiver_silent_while_the_sender_hashes_something_else_is_given_up_on() {
+    // Before: the sender excused the receiver's silence as long as it was hashing anything, here
+    // the 8 GiB `b`, which the receiver refused and does not wait for; and it noticed the
+    // silence only at its reader's next timeout. Now silence is excused only while the receiver
+    // waits for a digest not yet sent, and checked every second.
+    let (silent_from, told) = std::sync::mpsc::channel();
+    let (addr, handle) = fake(move |s, first| {
+        let Message::Manifest(part) = first else { panic!("expected a manifest, got {first:?}") };
+        let paths: Vec<String> = part.entries.iter().map(|e| e.path.join("/")).collect();
+        assert_eq!(paths, ["t", "t/a", "t/b"]);
+        say(s, acceptance());
+        let refused =
+            Answer::Reject { code: protocol::RejectCode::InsufficientSpace, reason: "no room".into() };
+        let answers = vec![Answer::Have { name: "t".into() }, Answer::Send { offset: 0 }, refused];
+        say(s, Message::Answers(AnswersPart { answers, last: true }));
+        // Reads a's body and digest (and b's, if it comes), and never gives a's verdict.
+        silent_from.send(Instant::now()).unwrap();
+        until_closed(s);
+    });
+    let (_src, tree) = tree_with_a_large_file(8 << 30);
+    let run = send(&tree, &addr, &["--quiet", "--no-cache", "--timeout", "1"]);
+    let silent = told.recv().unwrap();
+    let took = silent.elapsed();
+    eprintln!("sender gave up {took:?} after the receiver fell silent (--timeout 1)");
+    let run = run.expect(3);
+    assert!(run.stderr().contains("timed out while waiting for the verdict"), "{}", run.report());
+    assert!(took < Duration::from_secs(4), "took {took:?}\n{}", run.report());
+    handle.join().unwrap();
+}
+
+#[test]
+fn a_verdict_before_the_digest_was_sent_is_a_protocol_error() {
+    // Only a receiver that has a file's digest can have verified it (or found it differs). The
+    // body is answered at its end offset (nothing to send), and the verdict comes while the
+    // sender is still hashing the 8 GiB file.
+    let size = 8u64 << 30;
+    let (addr, handle) = fake(move |s, _| {
+        say(s, acceptance());
+        say(s, Message::Answers(AnswersPart { answers: vec![Answer::Send { offset: size }], last: true }));
+        loop {
+            match protocol::read_message(s).unwrap() {
+                Message::Digests(part) => assert!(part.digests.is_empty(), "the digest came already"),
+                Message::Body(b) if b.index == 0 => break,
+                other => panic!("expected the body, got {other:?}"),
+            }
+        }
+        let verdict = Verdict::Verified { name: "large".into() };
+        say(s, Message::FileVerdict(FileVerdict { index: 0, verdict }));
+        until_closed(s);
+    });
+    let (_src, path) = large_file(size);
+    let run = send(&path, &addr, &["--quiet", "--no-cache"]).expect(7);
+    assert!(run.stderr().contains("verdict for entry 0 before its digest was sent"), "{}", run.report());
+    assert!(run.elapsed < Duration::from_secs(5), "took {:?}", run.elapsed);
+    handle.join().unwrap();
+}
+
+#[test]
+fn a_message_stalled_mid_frame_while_the_sender_hashes_is_the_end_of_the_connection() {
+    // The receiver waits for the digest of the file being hashed, so its silence is excused; but
+    // a message that stops after its first bytes is not silence. Before, the reader waited that
+    // out while the sender hashed and then read on from the middle of the frame.
+    let (addr, handle) = fake(move |s, _| {
+        say(s, acceptance());
+        let mut bytes = Vec::new();
+        let answers = vec![Answer::Send { offset: 0 }];
+        protocol::write_message(&mut bytes, &Message::Answers(AnswersPart { answers, last: true })).unwrap();
+        let _ = std::io::Write::write_all(s, &bytes[..3]);
+        std::thread::sleep(Duration::from_millis(2500));
+        let _ = std::io::Write::write_all(s, &bytes[3..]);
+        until_closed(s);
+    });
+    let (_src, path) = large_file(8 << 30);
+    let run = send(&path, &addr, &["--quiet", "--no-cache", "--timeout", "1"]).expect(3);
+    assert!(run.stderr().contains("not complete within 1 s of its first byte"), "{}", run.report());
+    assert!(run.elapsed < Duration::from_secs(5), "took {:?}", run.elapsed);
+    handle.join().unwrap();
+}

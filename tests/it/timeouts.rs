@@ -150,3 +150,42 @@ fn keepalives_alone_do_not_hold_a_slot() {
     let (_src, path) = source_file("honest", b"honest");
     send(&path, &rx.target(), &[]).expect(0);
 }
+
+#[test]
+fn a_receiver_that_stops_reading_mid_body_is_given_up_on_within_the_timeout() {
+    // Before: the sender's writes waited a whole idle timeout per attempt, and then it waited
+    // another for verdicts from the receiver that had stopped: 9-15 s at `--timeout 3`. Now
+    // writes count the time they spend blocked (ticks of 0.5 s), a window of the idle timeout in
+    // which the receiver takes nothing fails the send, and nothing more is waited for.
+    let rx = Receiver::start(&["--quiet", "--timeout", "2"]);
+    // Large enough that the body is still going out when the receiver stops (sparse: nothing
+    // on the sender's disk).
+    let src = tempfile::tempdir().unwrap();
+    let path = src.path().join("big");
+    std::fs::File::create(&path).unwrap().set_len(4 << 30).unwrap();
+    let target = rx.target();
+    let sender = std::thread::spawn(move || {
+        let run = send(&path, &target, &["--timeout", "2", "--no-cache"]);
+        (run, Instant::now())
+    });
+    // The body has begun once the receiver's partial holds bytes.
+    let begun = Instant::now();
+    while !crate::util::list(&rx.dir)
+        .iter()
+        .any(|f| f.ends_with(".part") && std::fs::metadata(rx.dir.join(f)).is_ok_and(|m| m.len() > 0))
+    {
+        assert!(begun.elapsed() < Duration::from_secs(30), "the body never began: {}", rx.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = rx.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let frozen = Instant::now();
+    let (run, ended) = sender.join().unwrap();
+    let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
+    let run = run.expect(3);
+    let took = ended - frozen;
+    eprintln!("sender gave up {took:?} after the receiver was frozen (--timeout 2)");
+    assert!(run.stderr().contains("see --timeout"), "{}", run.report());
+    assert!(took < Duration::from_secs(6), "took {took:?} after the freeze\n{}", run.report());
+}
