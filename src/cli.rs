@@ -131,7 +131,8 @@ pub struct RecvArgs {
     /// Folder to store received files in (created if missing).
     #[arg(short, long, value_name = "DIR", default_value = ".")]
     pub dir: PathBuf,
-    /// Address to listen on, IP:PORT (port 0 picks a free port).
+    /// Address to listen on: IP:PORT, PORT or :PORT (every interface), or an IP (port 8888).
+    /// Port 0 picks a free port.
     #[arg(short, long, value_name = "ADDR", default_value = "0.0.0.0:8888")]
     pub listen: String,
     /// Handle one transfer, then exit with its status.
@@ -193,6 +194,36 @@ fn parse_size(s: &str) -> Result<u32, String> {
         return Err(format!("chunk size must be from 1 byte to {MAX_CHUNK_LEN} bytes (16M), got {s}"));
     }
     Ok(v as u32)
+}
+
+/// Normalises what people write for `--listen`: `PORT` or `:PORT` (every interface), an address
+/// alone (port 8888), `IP:PORT`, `[IPv6]:PORT`, or `HOST:PORT`.
+pub fn parse_listen(s: &str) -> Result<String, Error> {
+    let bad = || {
+        Error::Usage(format!(
+            "cannot use `{s}` as --listen (expected IP:PORT, PORT, :PORT, an IP, or [IPv6]:PORT)"
+        ))
+    };
+    let port = |p: &str| p.parse::<u16>().map_err(|_| bad());
+    if s.is_empty() {
+        return Err(bad());
+    }
+    if let Some(p) = s.strip_prefix(':').filter(|p| !p.contains(':')) {
+        return Ok(format!("0.0.0.0:{}", port(p)?));
+    }
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(format!("0.0.0.0:{}", port(s)?));
+    }
+    if s.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(s.to_string());
+    }
+    if let Ok(ip) = s.trim_matches(|c| c == '[' || c == ']').parse::<std::net::IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, DEFAULT_PORT).to_string());
+    }
+    match s.rsplit_once(':') {
+        Some((host, p)) if !host.is_empty() && !host.contains(':') => Ok(format!("{host}:{}", port(p)?)),
+        _ => Err(bad()),
+    }
 }
 
 /// Normalises `HOST[:PORT]` to something `ToSocketAddrs` takes, adding the default port.
@@ -267,7 +298,7 @@ impl RecvArgs {
         }
         Ok(RecvOpts {
             dir: self.dir,
-            listen: self.listen,
+            listen: parse_listen(&self.listen)?,
             once: self.once,
             overwrite: self.overwrite,
             max_transfers: self.max_transfers as usize,
@@ -315,6 +346,22 @@ mod tests {
         assert_eq!(parse_target("::1").unwrap(), "[::1]:8888");
         assert!(parse_target("host:notaport").is_err());
         assert!(parse_target("").is_err());
+    }
+
+    #[test]
+    fn listen_addresses_people_write() {
+        let l = |s: &str| parse_listen(s).map_err(|e| e.to_string());
+        assert_eq!(l("8892").unwrap(), "0.0.0.0:8892");
+        assert_eq!(l(":8892").unwrap(), "0.0.0.0:8892");
+        assert_eq!(l("0.0.0.0").unwrap(), "0.0.0.0:8888");
+        assert_eq!(l("::1").unwrap(), "[::1]:8888");
+        assert_eq!(l("[::1]").unwrap(), "[::1]:8888");
+        assert_eq!(l("[::1]:0").unwrap(), "[::1]:0");
+        assert_eq!(l("127.0.0.1:0").unwrap(), "127.0.0.1:0");
+        assert_eq!(l("localhost:9").unwrap(), "localhost:9");
+        for bad in ["", "99999", ":x", "host:", "a:b:c", "1.2.3.4:70000"] {
+            assert!(l(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 
     #[test]

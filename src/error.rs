@@ -47,8 +47,10 @@ impl From<Exit> for ExitCode {
 pub enum Error {
     #[error("{0}")]
     Usage(String),
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}: {source}{}", connect_hint(source))]
     Connect { addr: String, source: io::Error },
+    #[error("cannot listen on {addr}: {source}{hint}")]
+    Listen { addr: String, source: io::Error, hint: &'static str },
     #[error("connection to {peer} {what}: {source}")]
     Connection { peer: String, what: &'static str, source: io::Error },
     #[error("peer {peer} timed out while {what} (nothing within {} s, see {})", limit.secs, limit.option)]
@@ -74,7 +76,10 @@ impl Error {
     pub fn exit(&self) -> Exit {
         match self {
             Error::Usage(_) => Exit::Usage,
-            Error::Connect { .. } | Error::Connection { .. } | Error::Timeout { .. } => Exit::Connection,
+            Error::Connect { .. }
+            | Error::Listen { .. }
+            | Error::Connection { .. }
+            | Error::Timeout { .. } => Exit::Connection,
             Error::Rejected { .. } => Exit::Rejected,
             Error::Integrity(_) => Exit::Integrity,
             Error::RemoteFailed(_) => Exit::Failed,
@@ -127,6 +132,17 @@ impl std::fmt::Display for ChannelBroken {
 }
 
 impl std::error::Error for ChannelBroken {}
+
+/// What to check when a connection could not be made.
+fn connect_hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => " (is `xfer recv` running there, on that port? a firewall?)",
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
+            " (nothing answered: a wrong address, or a firewall dropping the connection?)"
+        }
+        _ => "",
+    }
+}
 
 /// A timeout that was in force, and the option that sets it, for error messages.
 #[derive(Debug, Clone, Copy)]

@@ -108,7 +108,7 @@ pub fn hello() -> [u8; HELLO_LEN] {
 /// be shown to a user as it is.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
-    #[error("peer is not an xfer peer (bad magic bytes {0:02x?})")]
+    #[error("peer is not an xfer peer: it began with {} where xfer's hello was due{}", shown_magic(.0), magic_hint(.0))]
     BadMagic([u8; 8]),
     #[error("protocol version mismatch: peer speaks xfer protocol v{peer}, this xfer speaks v{ours}")]
     VersionMismatch { peer: u16, ours: u16 },
@@ -124,6 +124,26 @@ pub enum ProtocolError {
     Malformed(String),
     #[error("unexpected message: expected {expected}, got {got}")]
     UnexpectedMessage { expected: &'static str, got: &'static str },
+}
+
+/// The first bytes of a peer that is not xfer, as text when they are printable (an HTTP or SSH
+/// server says who it is), else as hex.
+fn shown_magic(b: &[u8; 8]) -> String {
+    if b.iter().all(|c| c.is_ascii_graphic() || *c == b' ') {
+        format!("\"{}\"", String::from_utf8_lossy(b))
+    } else {
+        b.iter().map(|c| format!("{c:02x}")).collect::<Vec<_>>().join(" ")
+    }
+}
+
+fn magic_hint(b: &[u8; 8]) -> &'static str {
+    if b.starts_with(b"HTTP") || b.starts_with(b"GET ") || b.starts_with(b"POST") || b.starts_with(b"<") {
+        " (a web server or client: wrong port?)"
+    } else if b.starts_with(b"SSH-") {
+        " (an SSH server: wrong port?)"
+    } else {
+        " (wrong port?)"
+    }
 }
 
 /// An error while speaking the protocol: either the transport failed or the peer broke the rules.

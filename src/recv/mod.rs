@@ -180,8 +180,14 @@ fn take_slot(counter: &AtomicUsize, max: usize) -> Option<Slot<'_>> {
 
 impl Receiver {
     pub fn bind(opts: RecvOpts) -> Result<Receiver, Error> {
-        let listener = TcpListener::bind(&opts.listen)
-            .map_err(|e| Error::Connect { addr: format!("{} (listening)", opts.listen), source: e })?;
+        let listener = TcpListener::bind(&opts.listen).map_err(|e| {
+            let hint = if e.kind() == io::ErrorKind::AddrInUse {
+                " (another program, maybe another xfer recv, uses that port: pick another with --listen)"
+            } else {
+                ""
+            };
+            Error::Listen { addr: opts.listen.clone(), source: e, hint }
+        })?;
         let progress = Progress::new(opts.quiet);
         let space = SpacePool::new(&opts.dir);
         let secure = if opts.insecure { None } else { Some(secure::Secure::setup(&opts, &progress)?) };

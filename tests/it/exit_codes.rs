@@ -159,6 +159,7 @@ fn not_an_xfer_peer_exits_7() {
     let (_src, path) = source_file("f", b"x");
     let run = send(&path, &addr, &[]).expect(7);
     assert!(run.stderr().contains("not an xfer peer"), "{}", run.report());
+    assert!(run.stderr().contains("\"HTTP/1.1\"") && run.stderr().contains("wrong port"), "{}", run.report());
 }
 
 #[test]
@@ -171,4 +172,40 @@ fn other_version_exits_7_naming_both() {
     let run = send(&path, &addr, &[]).expect(7);
     let want = format!("peer speaks xfer protocol v{}, this xfer speaks v{ours}", ours + 1);
     assert!(run.stderr().contains(&want), "{}", run.report());
+}
+
+#[test]
+fn a_port_in_use_exits_3_saying_so_and_short_listen_addresses_work() {
+    let rx = Receiver::start(&["--quiet"]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_string_lossy().into_owned();
+    let run = xfer(&["recv", "--dir", &d, "--listen", &rx.target()]).expect(3);
+    assert!(
+        run.stderr().contains("Address already in use") && run.stderr().contains("pick another"),
+        "{}",
+        run.report()
+    );
+    let run = xfer(&["recv", "--dir", &d, "--listen", "host:port"]).expect(2);
+    assert!(run.stderr().contains("cannot use `host:port` as --listen"), "{}", run.report());
+    // A port alone listens on every interface.
+    let mut child = std::process::Command::new(crate::util::BIN)
+        .args(["recv", "--insecure", "--quiet", "--dir", &d, "--listen", "0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.starts_with("listening on 0.0.0.0:"), "{line}");
+}
+
+#[test]
+fn connection_refused_says_what_to_check() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let (_src, path) = source_file("f", b"x");
+    let run = send(&path, &free, &[]).expect(3);
+    assert!(run.stderr().contains("is `xfer recv` running there"), "{}", run.report());
 }
