@@ -21,6 +21,9 @@ pub(crate) mod records;
 mod write;
 
 pub use read::{FrameReader, Handshake};
+/// The record layer for test harnesses ([`RecordSealer`], [`RecordOpener`]); not a stable API.
+#[doc(hidden)]
+pub use records::{RecordOpener, RecordSealer};
 pub use write::{FileError, FrameWriter};
 
 /// Capacity of the socket write buffer: small frames (down to 1-byte chunks) are coalesced into
