@@ -377,7 +377,8 @@ impl Target {
         let config = keys.path().join("receiver").to_string_lossy().into_owned();
         let args = [&["--code-file", code_file.as_str()], args].concat();
         let rx = Receiver::start_with(root, dir, &args, &[("XDG_CONFIG_HOME", config.as_str())]);
-        let code = Code::parse(&std::fs::read_to_string(&code_file).unwrap()).unwrap();
+        let text = std::fs::read_to_string(&code_file).unwrap();
+        let code = Code::parse(&text).unwrap_or_else(|e| panic!("the receiver's code {text:?}: {e}"));
         let bridge = SecureBridge::start(rx.addr, code);
         Target { rx, bridge: Some(bridge), keys: Some(keys) }
     }
