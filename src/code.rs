@@ -1,5 +1,6 @@
 //! Pairing codes: four words from the EFF short word list #2 (1,296 words, each with a unique
-//! three-letter prefix; CC BY 3.0, packaged by `diceware_wordlists`), 41.4 bits.
+//! three-letter prefix; CC BY 3.0, packaged by `diceware_wordlists`), 41.4 bits. Codes are made
+//! from its 1,295 words of letters only: `yo-yo` would read back as two words.
 //!
 //! A code is typed by people, so parsing forgives what people do: any case, any separators
 //! (spaces, `-`, `.`, `_`), and a word shortened to its first three letters or more. A word that
@@ -23,6 +24,11 @@ pub fn words() -> &'static [&'static str] {
     diceware_wordlists::Wordlist::EffShort2.get_list()
 }
 
+/// Whether a code may hold `word`: letters only, as parsing splits at anything else.
+fn is_code_word(word: &str) -> bool {
+    word.bytes().all(|b| b.is_ascii_lowercase())
+}
+
 /// A pairing code in canonical form. Wiped from memory when dropped.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Code(Zeroizing<String>);
@@ -43,8 +49,9 @@ impl Code {
             let mut b = [0u8; 2];
             rng.fill(&mut b).expect("the system's random source works");
             let n = u16::from_be_bytes(b) as usize;
-            // Uniform over the list: draws past the largest multiple of its length are retried.
-            if n < 65536 / list.len() * list.len() {
+            // Uniform over the list: draws past the largest multiple of its length are retried,
+            // and so are the words a code could not be read back with.
+            if n < 65536 / list.len() * list.len() && is_code_word(list[n % list.len()]) {
                 chosen.push(list[n % list.len()]);
             }
         }
@@ -102,6 +109,21 @@ mod tests {
         prefixes.sort_unstable();
         prefixes.dedup();
         assert_eq!(prefixes.len(), 1296);
+    }
+
+    #[test]
+    fn every_word_a_code_is_made_of_reads_back() {
+        // Before: `yo-yo` was drawn like any word (a code in about 320), and the code it made
+        // read back as five words: no sender could type it, nor the receiver re-read its file.
+        for w in words().iter().filter(|w| is_code_word(w)) {
+            let code = [*w; CODE_WORDS].join("-");
+            assert_eq!(Code::parse(&code).map(|c| c.expose().to_string()), Ok(code));
+        }
+        assert_eq!(words().iter().filter(|w| is_code_word(w)).count(), 1295);
+        for _ in 0..2000 {
+            let c = Code::generate();
+            assert_eq!(Code::parse(c.expose()), Ok(c));
+        }
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub(crate) mod records;
 mod write;
 
 pub use read::{FrameReader, Handshake};
+/// The record layer for test harnesses ([`RecordSealer`], [`RecordOpener`]); not a stable API.
+#[doc(hidden)]
+pub use records::{RecordOpener, RecordSealer};
 pub use write::{FileError, FrameWriter};
 
 /// The least the peer must move, in bytes a second, over each window of the idle timeout this

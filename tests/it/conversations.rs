@@ -27,7 +27,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,8 @@ use xfer::protocol::{
     ManifestPart, Message, Reject, RejectCode, Verdict, WireError, Withdraw,
 };
 
-use crate::util::{Receiver, data_frame, is_accept, random_bytes, send, source_file};
+use crate::bridge::{Channel, Target};
+use crate::util::{Receiver, data_frame, is_accept, random_bytes, source_file};
 
 /// The files peers have: empty, small, and large enough (1.5 MiB, past the 1 MiB below which a
 /// batch keeps no resume record) to leave resumable partials.
@@ -239,8 +240,8 @@ fn encode(op: &Op, pool: &[Vec<u8>]) -> Vec<u8> {
 
 /// Says everything, reading whatever comes back on another thread, then hangs up and waits for
 /// the receiver to close its side.
-fn play_noise(rx: &Receiver, hello: bool, ops: &[Op], pool: &[Vec<u8>]) {
-    let mut stream = TcpStream::connect(rx.addr).unwrap();
+fn play_noise(to: SocketAddr, hello: bool, ops: &[Op], pool: &[Vec<u8>]) {
+    let mut stream = TcpStream::connect(to).unwrap();
     stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
     let mut reader = stream.try_clone().unwrap();
     let drain = std::thread::spawn(move || {
@@ -1010,8 +1011,8 @@ impl Peer<'_> {
 
 /// Plays `plan` to the end (or until either side gives up), hangs up, waits for the receiver to
 /// close, and returns what it acknowledged and what rules it broke.
-fn play(rx: &Receiver, plan: &Plan, pool: &[Vec<u8>], stats: &Stats) -> Played {
-    let stream = TcpStream::connect(rx.addr).unwrap();
+fn play(to: SocketAddr, plan: &Plan, pool: &[Vec<u8>], stats: &Stats) -> Played {
+    let stream = TcpStream::connect(to).unwrap();
     stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(SLOW_BOUND)).unwrap();
     let mut peer = Peer {
@@ -1100,21 +1101,28 @@ fn cases() -> u32 {
 
 #[test]
 fn random_hostile_conversations_never_store_an_unverified_file() {
-    converse(&[]);
+    converse(Channel::Plain, cases(), &[]);
 }
 
 #[test]
 fn random_hostile_conversations_with_overwrite_never_store_an_unverified_file() {
-    converse(&["--overwrite"]);
+    converse(Channel::Plain, cases(), &["--overwrite"]);
 }
 
-/// Plays `cases()` random conversations against one receiver started with `args`.
-fn converse(args: &[&str]) {
+/// The same conversations (half as many, for CI time) sealed by a `SecureBridge` for a receiver
+/// that requires a code: the frame stream inside the records is the same, so are the rules.
+#[test]
+fn random_hostile_conversations_over_the_secure_channel_never_store_an_unverified_file() {
+    converse(Channel::Secure, cases() / 2, &[]);
+}
+
+/// Plays `cases` random conversations against one receiver started with `args`, its peers
+/// reaching it over `channel`.
+fn converse(channel: Channel, cases: u32, args: &[&str]) {
     let args = [&["--quiet", "--timeout", "3", "--handshake-timeout", "3"], args].concat();
-    let rx = RefCell::new(Receiver::start(&args));
+    let rx = RefCell::new(Target::start(channel, &args));
     let pool = contents();
-    let mut runner =
-        TestRunner::new(Config { cases: cases(), failure_persistence: None, ..Config::default() });
+    let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
     let kind = prop_oneof![
         1 => (prop::bool::weighted(0.95), prop::collection::vec(op(), 1..10)).prop_map(Conversation::Noise),
         4 => plan().prop_map(|plan| Conversation::Plan(plan, false)),
@@ -1130,7 +1138,7 @@ fn converse(args: &[&str]) {
     let conversation = (prop::bool::weighted(0.1), kind);
     let stats = Stats::default();
     let started = Instant::now();
-    let slow_budget = SLOW_BUDGET_PER_CASE * cases();
+    let slow_budget = SLOW_BUDGET_PER_CASE * cases;
     runner
         .run(&conversation, |(empty_first, conversation)| {
             let mut rx = rx.borrow_mut();
@@ -1142,7 +1150,7 @@ fn converse(args: &[&str]) {
             }
             let plays = match conversation {
                 Conversation::Noise((hello, ops)) => {
-                    play_noise(&rx, hello, &ops, &pool);
+                    play_noise(rx.peer_addr(), hello, &ops, &pool);
                     Vec::new()
                 }
                 Conversation::Plan(mut plan, false) => {
@@ -1159,7 +1167,7 @@ fn converse(args: &[&str]) {
             };
             for plan in &plays {
                 let start = Instant::now();
-                let played = play(&rx, plan, &pool, &stats);
+                let played = play(rx.peer_addr(), plan, &pool, &stats);
                 if plan.mutation.is_slow() {
                     stats.slow_time.set(stats.slow_time.get() + start.elapsed());
                 }
@@ -1203,14 +1211,14 @@ fn converse(args: &[&str]) {
     let n = |c: &Cell<usize>| c.get();
     let [verified, hash, size, failed] = &stats.verdicts;
     println!(
-        "{} hostile conversations ({args:?}) in {:.1} s: {} acknowledgements checked on disk; peers saw \
+        "{} hostile conversations ({channel:?}, {args:?}) in {:.1} s: {} acknowledgements checked on disk; peers saw \
          {} answered Send before their digest, {} resumes, {} Have, {} folders created, {} rejected, \
          {} transfers refused, {} digests sent after their body, {} after the receiver waited for them; \
          verdicts: {} verified, {} hash mismatch, {} size mismatch, {} failed ({} of them while the peer \
          was still sending); {} slow peers cut off (longest {:.1} s), {} silent peers let go (longest {:.1} s), \
          {} keepalive floods ({} keepalives), {} slow peers played fast (time budget spent); \
          receiver log: {} single files stored, {} resumed, {} already there, {} failed",
-        cases(),
+        cases,
         started.elapsed().as_secs_f64(),
         n(&stats.acks),
         n(&stats.early),
@@ -1238,10 +1246,7 @@ fn converse(args: &[&str]) {
         log.matches("already have it").count(),
         log.matches(": failed: ").count(),
     );
-    assert!(
-        n(&stats.acks) >= cases() as usize / 10,
-        "too few conversations got as far as an acknowledgement"
-    );
+    assert!(n(&stats.acks) >= cases as usize / 10, "too few conversations got as far as an acknowledgement");
     assert!(
         n(&stats.early) > 0 && n(&stats.late) > 0,
         "no file was answered before its digest, or none had its digest sent after its body"
@@ -1251,7 +1256,16 @@ fn converse(args: &[&str]) {
     }
     let data = random_bytes(200_000, 3);
     let (_src, path) = source_file("honest.bin", &data);
-    send(&path, &rx.target(), &["--quiet"]).expect(0);
+    rx.send(&path, &["--quiet"]).expect(0);
     assert!(std::fs::read(rx.dir.join("honest.bin")).unwrap() == data);
     assert!(rx.child.try_wait().unwrap().is_none());
+    // Every conversation that opened as a plaintext sender went through the secure channel.
+    if let Some(bridge) = rx.bridge() {
+        println!(
+            "over the secure channel: {} connections sealed, {} forwarded as they were",
+            bridge.secured(),
+            bridge.as_is()
+        );
+        rx.assert_sealed(cases as usize / 2);
+    }
 }

@@ -6,15 +6,25 @@ use std::net::Shutdown;
 
 use xfer::protocol::{self, Answer, Body, FileVerdict, Message, Reject, RejectCode, Verdict, hello};
 
+use crate::bridge::{Channel, Target};
 use crate::util::{RawPeer, Receiver, file_entry, is_accept, random_bytes, send, sha256, source_file};
 
 /// After an attack: the folder is empty again and an honest sender still gets through.
 pub(crate) fn still_serves(rx: &Receiver, round: usize) {
+    serves(rx, round, |path| send(path, &rx.target(), &["--quiet"]));
+}
+
+/// `still_serves` for a target on either channel (the honest sender then pairs by code).
+fn still_serves_on(t: &Target, round: usize) {
+    serves(t, round, |path| t.send(path, &["--quiet"]));
+}
+
+fn serves(rx: &Receiver, round: usize, send: impl Fn(&std::path::Path) -> crate::util::Run) {
     rx.assert_files(&[]);
     let name = format!("honest-{round}");
     let data = random_bytes(100_000, round as u64);
     let (_src, path) = source_file(&name, &data);
-    send(&path, &rx.target(), &["--quiet"]).expect(0);
+    send(&path).expect(0);
     assert!(std::fs::read(rx.dir.join(&name)).unwrap() == data);
     std::fs::remove_file(rx.dir.join(&name)).unwrap();
 }
@@ -36,9 +46,8 @@ fn verdict(p: &mut RawPeer) -> Verdict {
     }
 }
 
-#[test]
-fn hostile_names_are_rejected_with_a_reason() {
-    let rx = Receiver::start(&["--quiet"]);
+fn hostile_names_are_rejected_with_a_reason(ch: Channel) {
+    let rx = Target::start(ch, &["--quiet"]);
     let long = "x".repeat(10 * 1024);
     let names = ["../x", "/etc/x", "a/b", "..", ".", "", "C:\\x", "\\\\srv\\x", "a\0b", "a\x1b[2Jb", &long];
     for (i, name) in names.iter().enumerate() {
@@ -48,7 +57,7 @@ fn hostile_names_are_rejected_with_a_reason() {
         } else {
             format!("{name:?}")
         };
-        let mut p = RawPeer::greet(rx.addr);
+        let mut p = RawPeer::greet(rx.peer_addr());
         match p.offer(name, 4, sha256(b"evil")) {
             Message::Reject(Reject { code: RejectCode::InvalidName, reason }) => {
                 // The rule it broke, whatever the name's length.
@@ -65,28 +74,28 @@ fn hostile_names_are_rejected_with_a_reason() {
         p.send_raw(&body);
         p.data(b"evil");
         assert!(p.closed_by_peer(), "{name:?}: receiver kept the connection open");
-        still_serves(&rx, i);
+        still_serves_on(&rx, i);
     }
     assert!(!std::path::Path::new("/etc/x").exists());
     // Log lines show names escaped: no raw ESC or NUL reaches the terminal.
     let log = rx.wait_log("\\u{1b}[2Jb");
     assert!(!log.contains('\x1b') && !log.contains('\0'), "raw control bytes in the log:\n{log:?}");
+    rx.assert_sealed(names.len());
 }
 
-#[test]
-fn four_gib_frame_is_refused_without_allocating() {
-    let rx = Receiver::start(&["--quiet"]);
-    let mut p = RawPeer::greet(rx.addr);
+fn four_gib_frame_is_refused_without_allocating(ch: Channel) {
+    let rx = Target::start(ch, &["--quiet"]);
+    let mut p = RawPeer::greet(rx.peer_addr());
     p.send_raw(&[0xff, 0xff, 0xff, 0xff, 0x01]);
     assert!(p.closed_by_peer());
     rx.wait_log("frame of 4294967295 bytes exceeds the message limit");
-    still_serves(&rx, 0);
+    still_serves_on(&rx, 0);
+    rx.assert_sealed(1);
 }
 
-#[test]
-fn four_gib_data_frame_in_the_body_is_refused() {
-    let rx = Receiver::start(&["--quiet"]);
-    let mut p = RawPeer::greet(rx.addr);
+fn four_gib_data_frame_in_the_body_is_refused(ch: Channel) {
+    let rx = Target::start(ch, &["--quiet"]);
+    let mut p = RawPeer::greet(rx.peer_addr());
     offer_accepted(&mut p, "body", 10, sha256(&[0; 10]));
     p.send_raw(&[0xff, 0xff, 0xff, 0xff, 0x02]);
     match verdict(&mut p) {
@@ -95,14 +104,14 @@ fn four_gib_data_frame_in_the_body_is_refused() {
         }
         other => panic!("expected a failed verdict, got {other:?}"),
     }
-    still_serves(&rx, 0);
+    still_serves_on(&rx, 0);
+    rx.assert_sealed(1);
 }
 
-#[test]
-fn truncated_body_then_close_is_a_size_mismatch_and_kept_for_resume() {
-    let rx = Receiver::start(&["--quiet"]);
+fn truncated_body_then_close_is_a_size_mismatch_and_kept_for_resume(ch: Channel) {
+    let rx = Target::start(ch, &["--quiet"]);
     let data = random_bytes(1000, 1);
-    let mut p = RawPeer::greet(rx.addr);
+    let mut p = RawPeer::greet(rx.peer_addr());
     offer_accepted(&mut p, "short", 1000, sha256(&data));
     p.data(&data[..500]);
     p.stream.shutdown(Shutdown::Write).unwrap();
@@ -111,7 +120,7 @@ fn truncated_body_then_close_is_a_size_mismatch_and_kept_for_resume() {
     // No final name; the 500 bytes wait, hidden, for the rest.
     assert_eq!(rx.assert_files_and_partial(&[], "short"), 500);
     // The same sender again (its version tag matches the record): only the rest is asked for.
-    let mut p = RawPeer::greet(rx.addr);
+    let mut p = RawPeer::greet(rx.peer_addr());
     assert!(is_accept(&p.offer("short", 1000, sha256(&data))));
     assert_eq!(p.answer(), Answer::Send { offset: 500 });
     p.body(0);
@@ -120,13 +129,13 @@ fn truncated_body_then_close_is_a_size_mismatch_and_kept_for_resume() {
     rx.wait_log("(resumed at 500 bytes)");
     rx.assert_files(&["short"]);
     assert!(std::fs::read(rx.dir.join("short")).unwrap() == data);
+    rx.assert_sealed(2);
 }
 
-#[test]
-fn truncated_body_then_reset_leaves_no_final_name() {
-    let rx = Receiver::start(&["--quiet"]);
+fn truncated_body_then_reset_leaves_no_final_name(ch: Channel) {
+    let rx = Target::start(ch, &["--quiet"]);
     let data = random_bytes(4 << 20, 1);
-    let mut p = RawPeer::greet(rx.addr);
+    let mut p = RawPeer::greet(rx.peer_addr());
     offer_accepted(&mut p, "cut", 4 << 20, sha256(&data));
     p.data(&data[..1 << 20]);
     // SO_LINGER 0: close sends a reset, not an orderly end of stream.
@@ -149,7 +158,7 @@ fn truncated_body_then_reset_leaves_no_final_name() {
     };
     // Resending (the same sender: its version tag matches the record) completes from what was
     // kept.
-    let mut p = RawPeer::greet(rx.addr);
+    let mut p = RawPeer::greet(rx.peer_addr());
     assert!(is_accept(&p.offer("cut", 4 << 20, sha256(&data))));
     assert_eq!(p.answer(), Answer::Send { offset: kept });
     p.body(0);
@@ -157,37 +166,37 @@ fn truncated_body_then_reset_leaves_no_final_name() {
     assert_eq!(verdict(&mut p), Verdict::Verified { name: "cut".into() });
     rx.assert_files(&["cut"]);
     assert!(std::fs::read(rx.dir.join("cut")).unwrap() == data);
+    rx.assert_sealed(2);
 }
 
-#[test]
-fn body_longer_than_offered_is_refused() {
-    let rx = Receiver::start(&["--quiet"]);
+fn body_longer_than_offered_is_refused(ch: Channel) {
+    let rx = Target::start(ch, &["--quiet"]);
     let data = random_bytes(20, 2);
-    let mut p = RawPeer::greet(rx.addr);
+    let mut p = RawPeer::greet(rx.peer_addr());
     offer_accepted(&mut p, "long", 10, sha256(&data[..10]));
     p.data(&data);
     assert_eq!(verdict(&mut p), Verdict::SizeMismatch { expected: 10, received: 20 });
     rx.wait_log("body longer than listed");
-    still_serves(&rx, 0);
+    still_serves_on(&rx, 0);
+    rx.assert_sealed(1);
 }
 
-#[test]
-fn wrong_digest_is_a_hash_mismatch() {
-    let rx = Receiver::start(&["--quiet"]);
+fn wrong_digest_is_a_hash_mismatch(ch: Channel) {
+    let rx = Target::start(ch, &["--quiet"]);
     let data = random_bytes(5000, 3);
-    let mut p = RawPeer::greet(rx.addr);
+    let mut p = RawPeer::greet(rx.peer_addr());
     offer_accepted(&mut p, "forged", 5000, sha256(b"something else"));
     p.data(&data);
     let want = Verdict::HashMismatch { expected: sha256(b"something else"), actual: sha256(&data) };
     assert_eq!(verdict(&mut p), want);
     rx.wait_log("content hashed to");
-    still_serves(&rx, 0);
+    still_serves_on(&rx, 0);
+    rx.assert_sealed(1);
 }
 
-#[test]
-fn message_in_place_of_data_is_refused() {
-    let rx = Receiver::start(&["--quiet"]);
-    let mut p = RawPeer::greet(rx.addr);
+fn message_in_place_of_data_is_refused(ch: Channel) {
+    let rx = Target::start(ch, &["--quiet"]);
+    let mut p = RawPeer::greet(rx.peer_addr());
     offer_accepted(&mut p, "mixed", 10, sha256(&[0; 10]));
     p.manifest(vec![file_entry(&["again"], 10)]);
     match verdict(&mut p) {
@@ -196,7 +205,8 @@ fn message_in_place_of_data_is_refused() {
         }
         other => panic!("expected a failed verdict, got {other:?}"),
     }
-    still_serves(&rx, 0);
+    still_serves_on(&rx, 0);
+    rx.assert_sealed(1);
 }
 
 #[test]
@@ -225,10 +235,9 @@ fn wrong_version_names_both_versions() {
     still_serves(&rx, 0);
 }
 
-#[test]
-fn file_larger_than_free_space_is_refused_before_the_body() {
-    let rx = Receiver::start(&["--quiet"]);
-    let mut p = RawPeer::greet(rx.addr);
+fn file_larger_than_free_space_is_refused_before_the_body(ch: Channel) {
+    let rx = Target::start(ch, &["--quiet"]);
+    let mut p = RawPeer::greet(rx.peer_addr());
     // 512 TiB: more than any disk here, within the 2^50-byte limit of a transfer.
     match p.offer("huge", 1 << 49, sha256(b"")) {
         Message::Reject(Reject { code: RejectCode::InsufficientSpace, reason }) => {
@@ -236,17 +245,18 @@ fn file_larger_than_free_space_is_refused_before_the_body() {
         }
         other => panic!("expected an InsufficientSpace rejection, got {other:?}"),
     }
-    still_serves(&rx, 0);
+    still_serves_on(&rx, 0);
+    rx.assert_sealed(1);
 }
 
-#[test]
-fn data_before_any_offer_is_refused() {
-    let rx = Receiver::start(&["--quiet"]);
-    let mut p = RawPeer::greet(rx.addr);
+fn data_before_any_offer_is_refused(ch: Channel) {
+    let rx = Target::start(ch, &["--quiet"]);
+    let mut p = RawPeer::greet(rx.peer_addr());
     p.data(b"surprise");
     assert!(p.closed_by_peer());
     rx.wait_log("expected a message frame, got a data frame");
-    still_serves(&rx, 0);
+    still_serves_on(&rx, 0);
+    rx.assert_sealed(1);
 }
 
 #[test]
@@ -335,3 +345,30 @@ fn records_planted_in_dir_are_data_not_trust() {
     assert!(peak < 64 * 1024, "receiver peak RSS {peak} KiB: the record was read whole");
     eprintln!("receiver peak RSS with a 256 MiB planted record: {} KiB", peak);
 }
+
+/// The attacks on the frame stream above, on both channels: `plain::NAME` straight to an
+/// `--insecure` receiver, `over_the_secure_channel::NAME` sealed by a `SecureBridge` for a receiver
+/// that requires a code (the frame stream inside the records is the same, so is the verdict).
+macro_rules! on_both_channels {
+    ($($name:ident),* $(,)?) => {
+        mod plain {
+            $(#[test] fn $name() { super::$name(crate::bridge::Channel::Plain) })*
+        }
+        mod over_the_secure_channel {
+            $(#[test] fn $name() { super::$name(crate::bridge::Channel::Secure) })*
+        }
+    };
+}
+
+on_both_channels!(
+    hostile_names_are_rejected_with_a_reason,
+    four_gib_frame_is_refused_without_allocating,
+    four_gib_data_frame_in_the_body_is_refused,
+    truncated_body_then_close_is_a_size_mismatch_and_kept_for_resume,
+    truncated_body_then_reset_leaves_no_final_name,
+    body_longer_than_offered_is_refused,
+    wrong_digest_is_a_hash_mismatch,
+    message_in_place_of_data_is_refused,
+    file_larger_than_free_space_is_refused_before_the_body,
+    data_before_any_offer_is_refused,
+);

@@ -6,6 +6,7 @@ use std::io::Write as _;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::bridge::{Channel, Target};
 use crate::util::{Receiver, random_bytes, send, source_file};
 use xfer::protocol::{Message, Reject, RejectCode};
 
@@ -191,12 +192,23 @@ fn deep_part(conn: usize, part: usize, n: usize) -> Message {
 
 #[test]
 fn maximal_manifests_from_every_connection_keep_memory_bounded() {
+    maximal_manifests(Channel::Plain);
+}
+
+/// The same flood, every connection paired by code first and its manifest parts sealed by a
+/// `SecureBridge` (each connection then also holds a record buffer a way at the receiver).
+#[test]
+fn maximal_manifests_from_every_connection_paired_by_code_keep_memory_bounded() {
+    maximal_manifests(Channel::Secure);
+}
+
+fn maximal_manifests(ch: Channel) {
     // Before: a manifest was read whole before a transfer slot was taken, and its memory was
     // modelled at less than half of what it took; four connections holding manifests just under
     // the limit took a receiver from 3 to 557 MiB, sixteen to 2.2 GiB (the defaults allow 64).
     // Now: every connection the defaults allow (64: half from each of two addresses) sends
     // manifest parts as fast as it can and never ends its manifest.
-    let rx = Receiver::start(&["--quiet"]);
+    let rx = Target::start(ch, &["--quiet"]);
     let conns = 64;
     // The ones that end their manifest start first, so they get slots and are validated.
     let order: Vec<usize> =
@@ -204,7 +216,7 @@ fn maximal_manifests_from_every_connection_keep_memory_bounded() {
     let flood: Vec<_> = order
         .into_iter()
         .map(|c| {
-            let to = rx.addr;
+            let to = rx.peer_addr();
             if c == 1 {
                 std::thread::sleep(Duration::from_millis(300));
             }
@@ -253,15 +265,27 @@ fn maximal_manifests_from_every_connection_keep_memory_bounded() {
     }
     let parts: usize = flood.into_iter().map(|t| t.join().unwrap()).sum();
     let peak = peak.max(fds_and_peak_rss(rx.child.id()).1);
-    println!("{conns} connections sent {parts} manifest parts; receiver peak RSS {} MiB", peak / 1024);
+    println!(
+        "{conns} connections ({ch:?}) sent {parts} manifest parts; receiver peak RSS {} MiB",
+        peak / 1024
+    );
     assert!(peak < 256 * 1024, "receiver peak RSS {peak} KiB, over 256 MiB");
     // The refusals were said, and an honest sender still gets through.
     rx.wait_log("receiver busy");
     rx.wait_log("component 2 is refused");
     let data = random_bytes(100_000, 5);
     let (_src, path) = source_file("after-the-flood", &data);
-    send(&path, &rx.target(), &["--quiet"]).expect(0);
+    rx.send(&path, &["--quiet"]).expect(0);
     assert!(std::fs::read(rx.dir.join("after-the-flood")).unwrap() == data);
+    // Every connection the receiver took in went through the secure channel.
+    if let Some(b) = rx.bridge() {
+        println!(
+            "over the secure channel: {} connections sealed, {} forwarded as they were",
+            b.secured(),
+            b.as_is()
+        );
+        rx.assert_sealed(conns / 2);
+    }
 }
 
 #[test]

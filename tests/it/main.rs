@@ -1,7 +1,8 @@
 //! Integration tests: the real `xfer` binary over loopback TCP, real files in temporary folders.
 //! One test binary, so the crate and the binary are built once.
 
-mod util; // harness: spawn receivers, run senders, raw wire peers, random data, failure reports
+mod bridge;
+mod util; // harness: spawn receivers, run senders, raw wire peers, random data, failure reports // raw peers over the secure channel: a proxy that pairs by code and seals their frames
 
 mod cache; // the sender's digest cache: repeat sends skip hashing, changes never slip through
 mod concurrency; // many senders at once; a stalled sender holds up no one; the busy limit
