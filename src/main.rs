@@ -15,7 +15,7 @@ use xfer::trust::{TrustStore, hex};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    exit_on_signals();
+    exit_on_signals(matches!(cli.command, Command::Recv(_)));
     match run(cli) {
         Ok(()) => Exit::Ok.into(),
         Err(e) => {
@@ -25,14 +25,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// Ctrl-C (SIGINT) or SIGTERM ends xfer at once, with 130 or 143, after one line on stderr.
+/// Ctrl-C (SIGINT) or SIGTERM ends xfer at once, with 130 or 143, after one line on stderr; a
+/// receiver with no transfer under way stops quietly with 0 (nothing was cut short).
 /// Nothing needs tidying first: a file gets its final name only by a rename after it was
 /// verified, and partials are meant to stay for a resume, so stopping at any instant leaves no
 /// unverified file under a final name.
 ///
 /// Saying so can block (stderr a full pipe, a terminal paused with Ctrl-S): a second signal
 /// then ends the process from the signal handler itself, without writing anything.
-fn exit_on_signals() {
+fn exit_on_signals(receiving: bool) {
     use signal_hook::consts::{SIGINT, SIGTERM};
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
@@ -49,6 +50,9 @@ fn exit_on_signals() {
     };
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
+            if receiving && xfer::recv::transfers_in_flight() == 0 {
+                std::process::exit(0);
+            }
             let what = if signal == SIGINT { "interrupted" } else { "terminated" };
             eprintln!("xfer: {what}; partial files stay on the receiver, and sending again resumes them");
             std::process::exit(code(signal) as i32);

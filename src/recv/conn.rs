@@ -9,7 +9,7 @@ use super::answer::{likely_needed, no_room};
 use super::manifest::{self, ManifestError};
 use super::refuse::LINGER;
 use super::transfer::{Seen, Transfer};
-use super::{PEER_SHARE, Shared, Stored, peer_key, take_slot};
+use super::{InFlight, PEER_SHARE, Shared, Stored, peer_key, take_slot};
 use crate::error::{Error, Limit};
 use crate::progress::{human_bytes, human_rate};
 use crate::protocol::{AnswersPart, Message, ProtocolError, Reject, RejectCode, bounded_reason};
@@ -143,7 +143,7 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
         drop((m, slot, mine));
         return Err(refuse((&mut r, &mut w), RejectCode::Busy, memory_busy(), &what, None));
     };
-    let mut held = (slot, mine, memory);
+    let mut held = (slot, mine, memory, InFlight::enter());
     while !m.last && !m.over_limits() {
         let more = m.read_part(&mut r)?;
         if !held.2.grow(more) {

@@ -158,6 +158,30 @@ impl PeerCounts {
     }
 }
 
+/// Transfers this process is running (with a slot), for a stop that must say what it cut short.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// How many transfers are under way in this process: 0 means a stop loses nothing.
+pub fn transfers_in_flight() -> usize {
+    IN_FLIGHT.load(Ordering::SeqCst)
+}
+
+/// One transfer counted in [`transfers_in_flight`] while it lives.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> InFlight {
+        IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A bound listener, ready to serve.
 pub struct Receiver {
     listener: TcpListener,
