@@ -55,7 +55,7 @@ pub enum Error {
     Connection { peer: String, what: &'static str, source: io::Error },
     #[error("peer {peer} timed out while {what} (nothing within {} s, see {})", limit.secs, limit.option)]
     Timeout { peer: String, what: &'static str, limit: Limit },
-    #[error("receiver rejected {name}: {reason} ({code:?})")]
+    #[error("receiver rejected {name}: {reason}")]
     Rejected { name: String, code: RejectCode, reason: String },
     #[error("{0}")]
     Integrity(String),

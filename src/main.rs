@@ -87,6 +87,11 @@ fn run(cli: Cli) -> Result<(), Error> {
     }
 }
 
+/// `1 entry`, `2 entries`.
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// `xfer trust list|forget`.
 fn trust(action: TrustAction) -> Result<(), Error> {
     let store = TrustStore::for_user()?;
@@ -177,9 +182,9 @@ fn report_batch(r: &Report, verbose: bool) -> Result<(), Error> {
     }
     let resumed = if r.resumed > 0 { format!(", resumed past {} bytes", r.resumed) } else { String::new() };
     println!(
-        "{} entries ({} files, {}) in {:.2} s, {} sent ({}{resumed}): {verified} verified, {there} already there, {failed} failed, {} skipped",
-        r.entries.len(),
-        r.files,
+        "{} ({}, {}) in {:.2} s, {} sent ({}{resumed}): {verified} verified, {there} already there, {failed} failed, {} skipped",
+        plural(r.entries.len(), "entry", "entries"),
+        plural(r.files, "file", "files"),
         human_bytes(r.bytes),
         r.elapsed.as_secs_f64(),
         human_bytes(r.sent),
