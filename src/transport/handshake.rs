@@ -300,8 +300,9 @@ pub fn receiver_pinned(me: &Identity, step1: &[u8], rnd: Random) -> Result<([u8;
         .and_then(|b| b.prologue(&pro))
         .and_then(|b| b.build_responder())
         .expect("a valid IK responder");
+    let m1 = step1.get(1..).ok_or(HsError::Malformed("an empty handshake step"))?;
     let mut scratch = [0u8; NOISE_BUF];
-    noise.read_message(&step1[1..], &mut scratch).map_err(|_| HsError::NotOurKey)?;
+    noise.read_message(m1, &mut scratch).map_err(|_| HsError::NotOurKey)?;
     let sender = remote_static(&noise)?;
     Ok((sender, PinnedReply { noise }))
 }

@@ -161,14 +161,16 @@ impl FrameReader {
     pub fn handshake(&mut self) -> Result<Handshake, WireError> {
         let raw = &mut self.inner.get_mut().raw;
         let h = protocol::read_frame_header(raw)?;
-        // Lengths were checked against the kind's limit (1 KiB, 64 KiB) by the decoder.
-        let mut payload = vec![0u8; h.len as usize];
+        // Lengths were checked against the kind's limit (1 KiB, 64 KiB) by the decoder; nothing
+        // is allocated for any other kind.
         match h.kind {
             FrameKind::Handshake => {
+                let mut payload = vec![0u8; h.len as usize];
                 raw.read_exact(&mut payload)?;
                 Ok(Handshake::Step(payload))
             }
             FrameKind::Message => {
+                let mut payload = vec![0u8; h.len as usize];
                 raw.read_exact(&mut payload)?;
                 match protocol::decode_message(&payload)? {
                     Message::Reject(r) => Ok(Handshake::Refused(r)),

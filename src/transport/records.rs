@@ -114,6 +114,10 @@ impl Sealer {
 
     /// Seals `plain` as one record and writes it.
     pub(crate) fn write_record<W: Write>(&mut self, inner: &mut W, plain: &[u8]) -> io::Result<usize> {
+        // An empty record is refused by the opener: nothing to write is no record.
+        if plain.is_empty() {
+            return Ok(0);
+        }
         let n = plain.len().min(MAX_RECORD_PLAIN as usize);
         self.buf.clear();
         self.buf.reserve(FRAME_HEADER_LEN + n + TAG_LEN);
