@@ -296,6 +296,14 @@ impl RecvArgs {
         if !meta.is_dir() {
             return Err(Error::Usage(format!("--dir {} is not a folder", self.dir.display())));
         }
+        // A receiver that cannot write its folder would fail every sender: say so at start.
+        let probe = self.dir.join(format!(".xfer-probe-{}", std::process::id()));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+            .and_then(|_| std::fs::remove_file(&probe))
+            .map_err(|e| Error::io(format!("cannot write in --dir {}", self.dir.display()), e))?;
         Ok(RecvOpts {
             dir: self.dir,
             listen: parse_listen(&self.listen)?,

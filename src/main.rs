@@ -14,7 +14,16 @@ use xfer::send::{EntryOutcome, Report, send};
 use xfer::trust::{TrustStore, hex};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if let Some(msg) = misplaced_option(&e) {
+                eprintln!("xfer: error: {msg}");
+                return Exit::Usage.into();
+            }
+            e.exit()
+        }
+    };
     exit_on_signals(matches!(cli.command, Command::Recv(_)));
     match run(cli) {
         Ok(()) => Exit::Ok.into(),
@@ -22,6 +31,42 @@ fn main() -> ExitCode {
             eprintln!("xfer: error: {e}");
             e.exit().into()
         }
+    }
+}
+
+/// An option given to the side it does not belong to (`xfer send --overwrite`): clap would suggest
+/// `-- --overwrite`, which is not what anyone means.
+fn misplaced_option(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    const RECV: &[&str] = &[
+        "--overwrite",
+        "--remember",
+        "--once",
+        "--dir",
+        "--listen",
+        "--max-transfers",
+        "--keep-partials",
+        "--handshake-timeout",
+    ];
+    const SEND: &[&str] =
+        &["--as", "--follow", "--hash", "--chunk-size", "--no-cache", "--connect-timeout", "--verbose"];
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else { return None };
+    let flag = arg.split('=').next().unwrap_or(arg);
+    let sub = std::env::args().nth(1).unwrap_or_default();
+    let why = |side: &str, other: &str, what: &str| {
+        format!("{flag} is an option of `xfer {side}`, not `xfer {other}`: {what}")
+    };
+    match sub.as_str() {
+        "send" if RECV.contains(&flag) => {
+            Some(why("recv", "send", "the receiver decides where and how files are stored"))
+        }
+        "recv" if SEND.contains(&flag) => {
+            Some(why("send", "recv", "the sender chooses what and how it sends"))
+        }
+        _ => None,
     }
 }
 

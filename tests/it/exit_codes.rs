@@ -209,3 +209,36 @@ fn connection_refused_says_what_to_check() {
     let run = send(&path, &free, &[]).expect(3);
     assert!(run.stderr().contains("is `xfer recv` running there"), "{}", run.report());
 }
+
+#[test]
+fn an_option_of_the_other_side_says_whose_it_is() {
+    let run = xfer(&["send", "--overwrite", "f", "h:1"]).expect(2);
+    assert!(
+        run.stderr().contains("--overwrite is an option of `xfer recv`, not `xfer send`"),
+        "{}",
+        run.report()
+    );
+    let run = xfer(&["recv", "--as", "x"]).expect(2);
+    assert!(run.stderr().contains("--as is an option of `xfer send`"), "{}", run.report());
+}
+
+#[test]
+fn a_receiver_that_cannot_write_its_folder_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let ro = dir.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+        .arg(&ro)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: mounting a read-only tmpfs needs root");
+        return;
+    }
+    let d = ro.to_string_lossy().into_owned();
+    let run = xfer(&["recv", "--dir", &d, "--listen", "127.0.0.1:0"]);
+    let _ = std::process::Command::new("umount").arg(&ro).status();
+    assert_eq!(run.code(), 6, "{}", run.report());
+    assert!(run.stderr().contains("cannot write in --dir"), "{}", run.report());
+}
