@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Loopback benchmark: xfer vs. OpenBSD netcat (tar|nc for folders), netcat with sha256sum on both
 sides, an rsync daemon and scp to a private sshd; one big file, a tree of small files and a folder
-of 10 MiB files; received into RAM (tmpfs) and onto disk (made durable). See bench/README.md.
+of 10 MiB files; received into RAM (tmpfs) and onto disk (made durable). xfer runs encrypted (its
+default since protocol v5), each case with an insecure: twin (--insecure on both sides) beside it
+in the same run. See bench/README.md.
 
 Python 3.11+, meant to run as root on Debian from a fresh clone. Installs the peers with apt-get
 and matplotlib (for the chart) with pip or apt-get if they are missing.
@@ -26,8 +28,19 @@ CASE_GROUP = {"xfer": "xfer", "xfer-cached": "xfer", "xfer-blake3": "xfer", "xfe
               "nc": "nc", "nc+sha256sum": "nc", "rsync": "rsync", "scp": "scp", "dd": "ref", "sha256sum": "ref"}
 CASE_NAMES = tuple(CASE_GROUP)
 BASE = "base:"            # --baseline: the twin of xfer case NAME, run with the baseline binary, is BASE + NAME
+INSECURE = "insecure:"    # the twin of xfer case NAME with --insecure on both sides (plaintext) is INSECURE + NAME
+# The issue's speed targets (issue 12): encrypted median / its insecure: twin's median in the same
+# run, per destination. (workload, case, limit, what)
+TARGETS = (("file", "xfer-blake3", 1.25, "encrypted BLAKE3 1 GiB <= 1.25 x insecure BLAKE3"),
+           ("file", "xfer", 1.05, "encrypted SHA-256 1 GiB <= 1.05 x insecure SHA-256"),
+           ("tree", "xfer", 1.15, "10,000 files <= 1.15 x insecure"))
 DEFAULT_BUDGET = 540      # s: the default run stops adding repetitions when the next would pass this
 RESERVE = 20              # s kept for the table, chart and cleanup when the budget is checked
+
+
+def plain(name):
+    """The case a twin belongs to: 'base:insecure:xfer-cached' -> 'xfer-cached'."""
+    return name.removeprefix(BASE).removeprefix(INSECURE)
 
 
 class RunError(Exception):
@@ -443,18 +456,27 @@ def read_port(pid, path, timeout=30.0):
     return int(m[1])
 
 
-def run_xfer(ctx, w, chunk=None, cached=False, hash=None, base=False):
+def mode_args(ctx, mode):
+    """xfer's options for a mode, the same on both sides: "secure" = encrypted and authenticated
+    (the default since protocol v5) by the code in ctx.code_file, "insecure" = --insecure
+    (plaintext, sendfile), None = no option (an xfer from before v5: plaintext is all it has)."""
+    return {"secure": ["--code-file", ctx.code_file], "insecure": ["--insecure"], None: []}[mode]
+
+
+def run_xfer(ctx, w, chunk=None, cached=False, hash=None, base=False, mode=None):
     """A first send (--no-cache: the sender hashes the file) or, with cached, a repeat send whose
     digest comes from the sender's cache (warmed once before the timed runs). For a folder,
     w.src is SRCPARENT/NAME and the receiver recreates NAME/... under DEST. xfer makes what it
     received durable before it acknowledges it, so the disk destination needs nothing extra.
     base: the --baseline binary on both sides (its wire protocol may differ), with its own
-    digest cache (its cache format may differ too)."""
-    xfer, env = (ctx.base_xfer, ctx.base_env) if base else (ctx.xfer, None)
+    digest cache and keys (their formats may differ too). mode: see mode_args. Each side has its
+    own XDG_CONFIG_HOME (identity key, pinned and trusted peers) in the work dir: the receiver is
+    not run with --remember, so every encrypted send proves the code (a code handshake)."""
+    xfer, env = (ctx.base_xfer, ctx.base_env) if base else (ctx.xfer, ctx.env)
     out = ctx.work / "xfer-recv.out"
     out.write_bytes(b"")
     recv = spawn(ctx, [xfer, "recv", "--dir", ctx.dest, "--listen", "127.0.0.1:0",
-                       "--once", "--quiet"], stdout=out, env=env)
+                       "--once", "--quiet", *mode_args(ctx, mode)], stdout=out, env=env["recv"])
     port = read_port(recv, out)
     t0 = time.perf_counter()
     extra = ["--chunk-size", chunk] if chunk else []
@@ -462,7 +484,8 @@ def run_xfer(ctx, w, chunk=None, cached=False, hash=None, base=False):
         extra += ["--hash", hash]
     if not cached:
         extra.append("--no-cache")
-    send = spawn(ctx, [xfer, "send", w.src, f"127.0.0.1:{port}", "--quiet", *extra], env=env)
+    send = spawn(ctx, [xfer, "send", w.src, f"127.0.0.1:{port}", "--quiet", *extra, *mode_args(ctx, mode)],
+                 env=env["send"])
     return finish(t0, send, recv)
 
 
@@ -690,22 +713,33 @@ def make_tree(ctx, files):
     return w
 
 
-def make_cases(w, d, first_dest, want, chunks, hash_ok, base_hash_ok=None):
+def make_cases(w, d, first_dest, want, chunks, xf):
     """The cases of one workload x destination, in table order. want(name, group) applies --tools.
-    base_hash_ok: None = no --baseline; else every xfer case gets a twin BASE + name right after
-    it that runs the baseline binary (its blake3 twins only if the baseline has --hash)."""
+    xf: what the xfer binaries can do: hash (--hash), secure (this xfer is v5+: its cases run
+    encrypted), twins (each xfer case gets an INSECURE twin right after it), base (None without
+    --baseline, else the baseline's hash and secure: every xfer case and insecure twin gets a BASE
+    twin that runs the baseline binary in the same mode; its blake3 twins only if the baseline has
+    --hash, and the twins of encrypted cases only if it has the secure channel)."""
     folder = w.name != "file"
     nc = "tar|nc" if folder else "nc"
     xfer_runs = [("xfer", {}), ("xfer-cached", dict(cached=True))]
-    if hash_ok:
+    if xf.hash:
         xfer_runs += [("xfer-blake3", dict(hash="blake3")), ("xfer-blake3-cached", dict(cached=True, hash="blake3"))]
     if not folder:
         xfer_runs += [(f"xfer-chunk-{n}", dict(chunk=n)) for n in chunks]
+    # (prefix, mode): the case itself (encrypted if this xfer can), then its plaintext twin.
+    modes = [("", "secure" if xf.secure else None)] + ([(INSECURE, "insecure")] if xf.secure and xf.twins else [])
     table = []
     for name, kw in xfer_runs:
-        table.append((name, "xfer", lambda c, w, kw=kw: run_xfer(c, w, **kw)))
-        if base_hash_ok is not None and (base_hash_ok or "hash" not in kw):
-            table.append((BASE + name, "xfer", lambda c, w, kw=kw: run_xfer(c, w, base=True, **kw)))
+        for prefix, mode in modes:
+            table.append((prefix + name, "xfer", lambda c, w, kw=kw, mode=mode: run_xfer(c, w, mode=mode, **kw)))
+        for prefix, mode in modes if xf.base else ():
+            if "hash" in kw and not xf.base.hash or mode == "secure" and not xf.base.secure:
+                continue
+            # Plaintext in the baseline's terms: --insecure from v5 on, no option before.
+            bmode = mode if mode == "secure" else "insecure" if xf.base.secure else None
+            table.append((BASE + prefix + name, "xfer",
+                          lambda c, w, kw=kw, bmode=bmode: run_xfer(c, w, base=True, mode=bmode, **kw)))
     table += [(nc, "nc", run_tar_nc if folder else run_nc), (nc + "+sha256sum", "nc", run_nc_sha),
               ("rsync", "rsync", run_rsync), ("scp", "scp", run_scp)]
     if not folder and d.disk:
@@ -714,7 +748,7 @@ def make_cases(w, d, first_dest, want, chunks, hash_ok, base_hash_ok=None):
         table.append(("sha256sum", "ref", run_sha256sum))
     return [argparse.Namespace(name=name, group=group, fn=fn, w=w, d=d, id=f"{w.name}/{d.name}/{name}",
                                check=None if name == "sha256sum" else w.verify)
-            for name, group, fn in table if want(name.removeprefix(BASE), group)]
+            for name, group, fn in table if want(plain(name), group)]
 
 
 # ---------------------------------------------------------------- running and reporting
@@ -762,30 +796,43 @@ def summarize(runs, w):
     return s
 
 
-def add_ratios(cases, summaries, twin=None, runs=None):
+def add_ratios(cases, summaries, twin=None, runs=None, insecure=None):
     """x_nc, x_rsync, x_scp: the case's median over that peer's median in the same workload and
-    destination (for folders nc is tar|nc). With --baseline (twin: case id <-> its BASE twin's id),
+    destination (for folders nc is tar|nc). With --baseline (twin: case id -> its BASE twin's id),
     also x_base and x_base_cpu for each xfer case that has a twin: its median wall / CPU seconds
     over the twin's (None if either failed), and x_base_paired: the median over reps of this run's
-    wall / the twin's run of the same rep (they ran back to back, so slow drift cancels)."""
+    wall / the twin's run of the same rep (they ran back to back, so slow drift cancels). The same
+    as x_insecure, x_insecure_paired and x_insecure_cpu (plus x_insecure_cpu_send and
+    x_insecure_cpu_recv, each side's CPU) for each encrypted case with an INSECURE twin (insecure:
+    case id -> its twin's id)."""
+    def versus(s, cid, ref_id, key):
+        ref = summaries.get(ref_id)
+        ratio = lambda a, b: a / b if ref and b else None
+        s[f"x_{key}"] = ratio(s["median_s"], ref and ref["median_s"])
+        s[f"x_{key}_cpu"] = ratio(s["median_cpu_s"], ref and ref["median_cpu_s"])
+        ref_wall = {r["rep"]: r["wall"] for r in runs[ref_id]} if ref else {}
+        paired = [r["wall"] / ref_wall[r["rep"]] for r in runs[cid] if r["rep"] in ref_wall]
+        s[f"x_{key}_paired"] = statistics.median(paired) if paired else None
+        return ref, ratio
+
     for c in cases:
         if s := summaries.get(c.id):
             for peer in ("nc", "rsync", "scp"):
                 ref = summaries.get(f"{c.w.name}/{c.d.name}/{'tar|nc' if peer == 'nc' and c.w.name != 'file' else peer}")
                 s[f"x_{peer}"] = s["median_s"] / ref["median_s"] if ref else None
-            if twin is not None and c.id in twin and not c.name.startswith(BASE):
-                ref = summaries.get(twin[c.id])
-                s["x_base"] = s["median_s"] / ref["median_s"] if ref else None
-                s["x_base_cpu"] = s["median_cpu_s"] / ref["median_cpu_s"] if ref and ref["median_cpu_s"] else None
-                base_wall = {r["rep"]: r["wall"] for r in runs[twin[c.id]]} if ref else {}
-                paired = [r["wall"] / base_wall[r["rep"]] for r in runs[c.id] if r["rep"] in base_wall]
-                s["x_base_paired"] = statistics.median(paired) if paired else None
+            if twin and c.id in twin:
+                versus(s, c.id, twin[c.id], "base")
+            if insecure and c.id in insecure:
+                ref, ratio = versus(s, c.id, insecure[c.id], "insecure")
+                for side in ("send", "recv"):
+                    s[f"x_insecure_cpu_{side}"] = ratio(s[f"median_cpu_{side}_s"], ref and ref[f"median_cpu_{side}_s"])
 
 
-def print_table(sections, cases, summaries, errors, skipped, baseline=False):
-    wide = 25 if baseline else 20  # room for base:xfer-blake3-cached
+def print_table(sections, cases, summaries, errors, skipped, baseline=False, insecure=False):
+    wide = max([20] + [len(c.name) + 1 for c in cases])  # room for base:insecure:xfer-blake3-cached
     head = (f"{'case':<{wide}}{'n':>3}{'median s':>9}{'min':>8}{'max':>8}{'MB/s':>8}{'CPU s':>7}"
-            f"{'RSS snd':>9}{'RSS rcv':>9}{'x nc':>7}{'x rsync':>8}{'x scp':>7}" + (f"{'x base':>8}" if baseline else ""))
+            f"{'RSS snd':>9}{'RSS rcv':>9}{'x nc':>7}{'x rsync':>8}{'x scp':>7}"
+            + (f"{'x insec':>8}" if insecure else "") + (f"{'x base':>8}" if baseline else ""))
     fmt = lambda v: "-" if v is None else f"{v:.2f}"
     for w, d in sections:
         print(f"\n{w.label} -> {d.name} ({d.parent}, {d.fstype}{', made durable' if d.disk else ''})")
@@ -796,6 +843,7 @@ def print_table(sections, cases, summaries, errors, skipped, baseline=False):
                 print(f"{c.name:<{wide}}{s['n']:>3}{s['median_s']:>9.3f}{s['min_s']:>8.3f}{s['max_s']:>8.3f}"
                       f"{s['mb_per_s']:>8.0f}{s['median_cpu_s']:>7.2f}{s['max_rss_send_mib']:>9.1f}"
                       f"{s['max_rss_recv_mib']:>9.1f}{fmt(s['x_nc']):>7}{fmt(s['x_rsync']):>8}{fmt(s['x_scp']):>7}"
+                      + (f"{fmt(s.get('x_insecure')):>8}" if insecure else "")
                       + (f"{fmt(s.get('x_base')):>8}" if baseline else ""))
         for c in mine:
             if c.id in errors:
@@ -811,48 +859,95 @@ def print_table(sections, cases, summaries, errors, skipped, baseline=False):
           "incl. its per-connection forks (a fresh daemon per run). tar|nc and nc+sha256sum sides are sh\n"
           "pipelines (CPU of all their tools, RSS of the largest). disk: durable before the clock stops\n"
           "(xfer itself, rsync --fsync, nc/scp + sync, dd conv=fsync).")
+    if insecure:
+        print("xfer cases run encrypted (protocol v5: a code handshake, AES-256-GCM records); insecure: twins\n"
+              "run both sides with --insecure (plaintext, sendfile). x insec = this median / its insecure: twin's.")
     if baseline:
         print("x base = this median / the median of its base: twin (the --baseline binary on both sides).")
 
 
-def print_baseline(sections, cases, summaries, errors, twin, limit=1.05):
-    """The comparison with --baseline: per xfer case that has a twin, both medians, x base (wall)
-    and x base CPU; the cases over limit are marked, and the worst is named at the end."""
-    head = (f"{'section':<12}{'case':<21}{'n':>5}{'new s':>9}{'base s':>9}{'x base':>8}{'x pair':>8}{'x CPU':>7}"
-            f"{'min/min':>8}")
-    print(f"\nvs baseline (x base = new median / base median, marked * when > {limit:.2f}; x pair = median over reps\n"
-          f"of new run / base run of the same rep; x CPU = median CPU s / base's; min/min = fastest / fastest)\n"
-          f"{head}\n" + "-" * len(head))
+def print_baseline(sections, cases, summaries, errors, twin, limit=1.05, key="base"):
+    """The comparison with --baseline (key "base"), or of the encrypted cases with their insecure:
+    twins (key "insecure"): per xfer case that has a twin, both medians, the ratio (wall), the
+    paired ratio, x CPU (and with "insecure" each side's CPU ratio); the cases over limit are
+    marked, and the worst is named at the end."""
+    insec = key == "insecure"
+    a, b_ = ("enc s", "insec s") if insec else ("new s", "base s")
+    wide = max([21] + [len(c.name) + 1 for c in cases if c.id in twin])
+    head = (f"{'section':<12}{'case':<{wide}}{'n':>5}{a:>9}{b_:>9}{'x ' + key[:5]:>8}{'x pair':>8}{'x CPU':>7}"
+            + (f"{'x CPUs':>7}{'x CPUr':>7}" if insec else "") + f"{'min/min':>8}")
+    if insec:
+        print(f"\nencrypted vs insecure (x insec = encrypted median / insecure: twin's median, marked * when > "
+              f"{limit:.2f};\nx pair = median over reps of encrypted run / insecure run of the same rep; x CPU = median "
+              f"CPU s / the twin's,\nx CPUs / x CPUr the same for the sender / receiver alone; min/min = fastest / fastest)")
+    else:
+        print(f"\nvs baseline (x base = new median / base median, marked * when > {limit:.2f}; x pair = median over reps\n"
+              f"of new run / base run of the same rep; x CPU = median CPU s / base's; min/min = fastest / fastest)")
+    print(f"{head}\n" + "-" * len(head))
     ratios = []
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
     for w, d in sections:
         for c in cases:
-            if c.w is not w or c.d is not d or c.name.startswith(BASE) or c.id not in twin:
+            if c.w is not w or c.d is not d or c.id not in twin:
                 continue
             sec = f"{w.name}/{d.name}"
             s, b = summaries.get(c.id), summaries.get(twin[c.id])
             if not (s and b):
-                why = errors.get(c.id) and "new failed" or errors.get(twin[c.id]) and "base failed" or "no runs"
-                print(f"{sec:<12}{c.name:<21}  -: {why}")
+                who = ("encrypted", "insecure") if insec else ("new", "base")
+                why = (errors.get(c.id) and f"{who[0]} failed" or errors.get(twin[c.id]) and f"{who[1]} failed"
+                       or "no runs")
+                print(f"{sec:<12}{c.name:<{wide}}  -: {why}")
                 continue
-            x = s["x_base"]
+            x = s[f"x_{key}"]
             ratios.append((x, c.id))
-            fmt = lambda v, spec: "-" if v is None else format(v, spec)
-            print(f"{sec:<12}{c.name:<21}{str(s['n']) + '/' + str(b['n']):>5}{s['median_s']:>9.3f}{b['median_s']:>9.3f}"
-                  f"{x:>8.3f}{fmt(s['x_base_paired'], '>8.3f')}{fmt(s['x_base_cpu'], '>7.2f')}"
-                  f"{s['min_s'] / b['min_s']:>8.3f}{' *' if x > limit else ''}")
+            print(f"{sec:<12}{c.name:<{wide}}{str(s['n']) + '/' + str(b['n']):>5}{s['median_s']:>9.3f}{b['median_s']:>9.3f}"
+                  f"{x:>8.3f}{fmt(s[f'x_{key}_paired'], '>8.3f')}{fmt(s[f'x_{key}_cpu'], '>7.2f')}"
+                  + (f"{fmt(s['x_insecure_cpu_send'], '>7.2f')}{fmt(s['x_insecure_cpu_recv'], '>7.2f')}" if insec else "")
+                  + f"{s['min_s'] / b['min_s']:>8.3f}{' *' if x > limit else ''}")
     if ratios:
         over = [cid for x, cid in ratios if x > limit]
         worst = max(ratios)
-        print(f"{len(ratios)} pairs; geometric mean x base {statistics.geometric_mean([x for x, _ in ratios]):.3f}; "
+        print(f"{len(ratios)} pairs; geometric mean x {key} {statistics.geometric_mean([x for x, _ in ratios]):.3f}; "
               f"worst {worst[1]} {worst[0]:.3f}; {len(over)} over {limit:.2f}" + (f": {', '.join(over)}" if over else ""))
 
 
-def csv_rows(cases, runs, summaries, errors, baseline=False):
+def check_targets(sections, summaries):
+    """The issue's speed targets (TARGETS) per destination: encrypted median / insecure: median of
+    the same run. Returns one dict per target that could be measured (for the JSON); prints them."""
+    out = []
+    for w, d in sections:
+        for wl, case, limit, what in TARGETS:
+            s = summaries.get(f"{w.name}/{d.name}/{case}")
+            if w.name != wl or not s or s.get("x_insecure") is None:
+                continue
+            x = s["x_insecure"]
+            twin = summaries[f"{w.name}/{d.name}/{INSECURE}{case}"]
+            scale = (w.name == "file" and w.size != 1 << 30) or (w.name == "tree" and w.files != 10_000)
+            out.append({"section": f"{w.name}/{d.name}", "case": case, "target": what, "limit": limit,
+                        "workload": w.label, "n": s["n"], "encrypted_median_s": s["median_s"],
+                        "insecure_median_s": twin["median_s"], "x_insecure": x,
+                        "x_insecure_paired": s.get("x_insecure_paired"), "met": x <= limit,
+                        "met_paired": None if s.get("x_insecure_paired") is None else s["x_insecure_paired"] <= limit,
+                        "at_target_size": not scale})
+    if out:
+        print("\ntargets (issue 12: encrypted median / insecure: median, same run)")
+        for t in out:
+            paired = "-" if t["x_insecure_paired"] is None else f"{t['x_insecure_paired']:.3f}"
+            print(f"  {t['section']:<10} {t['case']:<12} {t['encrypted_median_s']:.3f} s / {t['insecure_median_s']:.3f} s"
+                  f" = {t['x_insecure']:.3f} (paired {paired}, n {t['n']}) <= {t['limit']:.2f}: "
+                  f"{'met' if t['met'] else 'NOT MET'}   [{t['target']}"
+                  + ("" if t["at_target_size"] else f"; measured on {t['workload']}") + "]")
+    return out
+
+
+def csv_rows(cases, runs, summaries, errors, baseline=False, insecure=False):
     """One row per run (rep = 1, 2, ...) and one summary row per case (rep = 'median', with min,
-    max, MB/s and the ratios), also for failed cases (with the error). baseline: x_base,
-    x_base_paired and x_base_cpu columns before error."""
+    max, MB/s and the ratios), also for failed cases (with the error). insecure: x_insecure,
+    x_insecure_paired and x_insecure_cpu columns, baseline: x_base, x_base_paired and x_base_cpu
+    columns, before error."""
     cols = ["workload", "dest", "case", "rep", "wall_s", "min_s", "max_s", "mb_per_s", "cpu_s", "cpu_send_s",
             "cpu_recv_s", "rss_send_mib", "rss_recv_mib", "x_nc", "x_rsync", "x_scp",
+            *(["x_insecure", "x_insecure_paired", "x_insecure_cpu"] if insecure else []),
             *(["x_base", "x_base_paired", "x_base_cpu"] if baseline else []), "error"]
     rows = []
     for c in cases:
@@ -868,7 +963,9 @@ def csv_rows(cases, runs, summaries, errors, baseline=False):
                        cpu_s=s["median_cpu_s"], cpu_send_s=s["median_cpu_send_s"],
                        cpu_recv_s=s["median_cpu_recv_s"], rss_send_mib=s["max_rss_send_mib"], rss_recv_mib=s["max_rss_recv_mib"],
                        x_nc=s["x_nc"], x_rsync=s["x_rsync"], x_scp=s["x_scp"],
-                       x_base=s.get("x_base"), x_base_paired=s.get("x_base_paired"), x_base_cpu=s.get("x_base_cpu"))
+                       x_base=s.get("x_base"), x_base_paired=s.get("x_base_paired"), x_base_cpu=s.get("x_base_cpu"),
+                       x_insecure=s.get("x_insecure"), x_insecure_paired=s.get("x_insecure_paired"),
+                       x_insecure_cpu=s.get("x_insecure_cpu"))
         rows.append(row)
     rnd = lambda v: round(v, 4) if isinstance(v, float) else ("" if v is None else v)
     return cols, [{k: rnd(row.get(k)) for k in cols} for row in rows]
@@ -876,6 +973,7 @@ def csv_rows(cases, runs, summaries, errors, baseline=False):
 
 GROUP_COLORS = {"xfer": "#1f77b4", "nc": "#ff7f0e", "rsync": "#2ca02c", "scp": "#d62728", "ref": "#7f7f7f"}
 BASE_COLOR = "#9ecae1"  # the --baseline twins: a light xfer blue
+INSECURE_COLOR = "#8c9fb3"  # the insecure: twins: a grey xfer blue (base:insecure: twins are hatched)
 
 
 def draw_chart(data, png):
@@ -905,8 +1003,13 @@ def draw_chart(data, png):
         if ok:
             err = [[m - v["summary"]["min_s"] for m, v in zip(meds, ok)],
                    [v["summary"]["max_s"] - m for m, v in zip(meds, ok)]]
-            bars = ax.bar(xs, meds, yerr=err, capsize=3, color=[BASE_COLOR if v["case"].startswith(BASE) else GROUP_COLORS.get(v["group"], "#999") for v in ok],
+            color = lambda case, group: (BASE_COLOR if case.startswith(BASE) else INSECURE_COLOR
+                                         if case.startswith(INSECURE) else GROUP_COLORS.get(group, "#999"))
+            bars = ax.bar(xs, meds, yerr=err, capsize=3, color=[color(v["case"], v["group"]) for v in ok],
                           error_kw={"elinewidth": 1, "ecolor": "#333"})
+            for bar, v in zip(bars, ok):
+                if v["case"].startswith(BASE + INSECURE):
+                    bar.set_hatch("//")
             ax.bar_label(bars, labels=[f"{m:.2f}" if m < 10 else f"{m:.1f}" for m in meds], fontsize=7, padding=2)
             ax.set_xticks(xs, [v["case"] for v in ok], rotation=35, ha="right", fontsize=8)
             if max(meds) / max(min(meds), 1e-6) > 20:
@@ -972,6 +1075,9 @@ def main(t_start):
                     help="another xfer binary to compare with: every xfer case gets a twin base:CASE, run right "
                          "next to it in every rep with this binary as sender and receiver; the table gets an "
                          "'x base' column (median / twin's median) and a comparison table follows it")
+    ap.add_argument("--no-insecure-twins", action="store_true",
+                    help="only the encrypted xfer cases: no insecure:CASE twin (--insecure on both sides) next "
+                         "to each, so no 'x insec' column and no targets")
     ap.add_argument("--no-chart", action="store_true", help="no PNG (and no matplotlib install)")
     ap.add_argument("--chart", metavar="JSON", help="only draw the PNG of an earlier run's JSON (to --out or beside it)")
     args = ap.parse_args()
@@ -1010,8 +1116,12 @@ def main(t_start):
     ctx.nc = nc_binary()
     hash_ok = False
     base_hash_ok = None  # None: no --baseline; else whether the baseline has --hash
+    secure_ok = False    # this xfer is v5+ (encrypted by default, --insecure to opt out)
+    base_secure_ok = None
     binaries = {}        # for the JSON: which binaries were measured
-    has_hash = lambda xfer: "--hash" in subprocess.run([xfer, "send", "--help"], capture_output=True, text=True).stdout
+    send_help = lambda xfer: subprocess.run([xfer, "send", "--help"], capture_output=True, text=True).stdout
+    has_hash = lambda xfer: "--hash" in send_help(xfer)
+    has_secure = lambda xfer: "--insecure" in send_help(xfer) and "--code-file" in send_help(xfer)
     if args.baseline and "xfer" not in groups:
         print("note: --baseline ignored: no xfer case selected", flush=True)
     if "xfer" in groups:
@@ -1028,7 +1138,12 @@ def main(t_start):
             skipped["xfer-blake3, xfer-blake3-cached"] = "this xfer has no --hash option (not in `xfer send --help`)"
             print(f"note: skipping xfer-blake3 and xfer-blake3-cached: {skipped['xfer-blake3, xfer-blake3-cached']}",
                   flush=True)
-        binaries["xfer"] = {"path": ctx.xfer, "sha256": file_sha256(ctx.xfer), "has_hash_option": hash_ok}
+        secure_ok = has_secure(ctx.xfer)
+        if not secure_ok:
+            skipped[f"{INSECURE} twins"] = "this xfer has no secure channel (no --insecure in `xfer send --help`): its cases run in plaintext"
+            print(f"note: no {INSECURE} twins: {skipped[f'{INSECURE} twins']}", flush=True)
+        binaries["xfer"] = {"path": ctx.xfer, "sha256": file_sha256(ctx.xfer), "has_hash_option": hash_ok,
+                            "secure_channel": secure_ok}
         if args.baseline or args.xfer:
             print(f"xfer: {ctx.xfer} (sha256 {binaries['xfer']['sha256'][:16]})", flush=True)
         if args.baseline:
@@ -1036,8 +1151,14 @@ def main(t_start):
             if not os.access(ctx.base_xfer, os.X_OK):
                 sys.exit(f"--baseline {ctx.base_xfer}: not an executable file")
             base_hash_ok = has_hash(ctx.base_xfer)
+            base_secure_ok = has_secure(ctx.base_xfer)
             binaries["baseline"] = {"path": ctx.base_xfer, "sha256": file_sha256(ctx.base_xfer),
-                                    "has_hash_option": base_hash_ok}
+                                    "has_hash_option": base_hash_ok, "secure_channel": base_secure_ok}
+            if secure_ok and not base_secure_ok:
+                skipped[f"{BASE} twins of the encrypted cases"] = (
+                    "the baseline xfer has no secure channel: compare insecure:CASE with base:insecure:CASE")
+                print(f"note: no {BASE} twins for the encrypted cases: the baseline is plaintext only "
+                      f"(its twins run next to the {INSECURE} cases)", flush=True)
             print(f"baseline: {ctx.base_xfer} (sha256 {binaries['baseline']['sha256'][:16]})", flush=True)
             if hash_ok and not base_hash_ok and (want("xfer-blake3", "xfer") or want("xfer-blake3-cached", "xfer")):
                 skipped[f"{BASE}xfer-blake3, {BASE}xfer-blake3-cached"] = "the baseline xfer has no --hash option"
@@ -1052,35 +1173,72 @@ def main(t_start):
         groups.discard("scp")
 
     sections = [(w, d) for w in workloads for d in dests]
-    cases = [c for w, d in sections for c in make_cases(w, d, dests[0], want, chunks, hash_ok, base_hash_ok)
+    xf = argparse.Namespace(hash=hash_ok, secure=secure_ok, twins=not args.no_insecure_twins,
+                            base=None if base_hash_ok is None else argparse.Namespace(hash=base_hash_ok,
+                                                                                      secure=base_secure_ok))
+    cases = [c for w, d in sections for c in make_cases(w, d, dests[0], want, chunks, xf)
              if c.group in groups]
     if not cases:
         sys.exit("no cases to run")
     runs = {c.id: [] for c in cases}
     errors = {}
-    # --baseline: case id <-> its twin's id. A twin runs right after its case (before it in even
-    # reps), and the budget gives both the same number of reps.
+    # twin: case id -> its base: twin's id (--baseline); insecure: encrypted case id -> its
+    # insecure: twin's id. A case and its twins (insecure:, base:, base:insecure:) are one group:
+    # they run back to back (in reverse order in even reps, so none always goes first), and the
+    # budget gives them the same number of reps.
     ids = {c.id for c in cases}
-    twin = {}
+    twin, insecure = {}, {}
+    mates = {c.id: [] for c in cases}  # case id -> the other ids of its group
     for c in cases:
-        if c.name.startswith(BASE) and (orig := f"{c.w.name}/{c.d.name}/{c.name.removeprefix(BASE)}") in ids:
-            twin[c.id], twin[orig] = orig, c.id
+        sec = f"{c.w.name}/{c.d.name}/"
+        if c.name.startswith(BASE) and (orig := sec + c.name.removeprefix(BASE)) in ids:
+            twin[orig] = c.id
+        if c.name.removeprefix(BASE).startswith(INSECURE) and (
+                enc := sec + c.name.replace(INSECURE, "", 1)) in ids:
+            insecure[enc] = c.id
+        if c.group == "xfer":
+            mates[c.id] = [x.id for x in cases if x.id != c.id and x.w is c.w and x.d is c.d
+                           and x.group == "xfer" and plain(x.name) == plain(c.name)]
+    group_of = lambda c: f"{c.w.name}/{c.d.name}/{plain(c.name)}" if mates[c.id] else c.id
 
-    # xfer's digest cache lives in the bench's work dir: never the user's, gone afterwards. The
-    # baseline gets a cache of its own (its cache format may differ).
+    # xfer's digest cache and keys live in the bench's work dir: never the user's, gone afterwards.
+    # Sender and receiver have a config dir (identity key, pinned / trusted peers) each, and the
+    # baseline gets its own cache and config dirs (their formats may differ). XFER_CODE is dropped:
+    # the encrypted cases read the code from ctx.code_file, which the first receiver writes.
     os.environ["XDG_CACHE_HOME"] = str(ctx.work / "cache")
-    ctx.base_env = dict(os.environ, XDG_CACHE_HOME=str(ctx.work / "cache-base"))
+    os.environ.pop("XFER_CODE", None)
+    ctx.code_file = ctx.work / "code"
+    ctx.env = {side: dict(os.environ, XDG_CONFIG_HOME=str(ctx.work / f"config-{side}")) for side in ("send", "recv")}
+    ctx.base_env = {side: dict(os.environ, XDG_CACHE_HOME=str(ctx.work / "cache-base"),
+                               XDG_CONFIG_HOME=str(ctx.work / f"config-base-{side}")) for side in ("send", "recv")}
+    # Pair once, untimed, per binary that runs encrypted: makes the code file and both identity
+    # keys, so the first timed run does not pay for key generation (every timed encrypted run still
+    # does a full code handshake: the receiver does not --remember senders).
+    hello = argparse.Namespace(name="file", src=ctx.work / "hello.txt", size=6, timeout=60)
+    hello.src.write_text("hello\n")
+    for base in (False, True):
+        mine = [c for c in cases if c.group == "xfer" and c.name.startswith(BASE) == base
+                and not c.name.removeprefix(BASE).startswith(INSECURE)]
+        if not mine or not (xf.secure if not base else xf.base.secure):
+            continue
+        use_dest(ctx, dests[0], hello)
+        try:
+            attempt(ctx, hello, lambda c, w: run_xfer(c, w, base=base, mode="secure"),
+                    f"pairing{'-base' if base else ''}.log")
+        except RunError as e:
+            for c in mine:
+                errors[c.id] = f"first encrypted send: {e}"
+            print(f"  first encrypted send ({'baseline' if base else 'xfer'}) FAILED: {e}", flush=True)
+        clear_dir(ctx.dest)
     for w in workloads:  # warm it: every timed xfer-cached / xfer-blake3-cached run is a repeat send
-        for name, hash, base in ((n, h, b) for b in (False, True)
-                                 for n, h in (("xfer-cached", None), ("xfer-blake3-cached", "blake3"))):
-            name = BASE + name if base else name
-            mine = [c for c in cases if c.w is w and c.name == name]
-            if not mine:
-                continue
+        warm = {}  # each -cached case (encrypted, insecure:, base:...) warms once, with its own options
+        for c in cases:
+            if c.w is w and c.group == "xfer" and plain(c.name).endswith("-cached") and c.id not in errors:
+                warm.setdefault(c.name, []).append(c)
+        for name, mine in warm.items():
             use_dest(ctx, dests[0], w)
             try:
-                attempt(ctx, w, lambda c, w: run_xfer(c, w, cached=True, hash=hash, base=base),
-                        f"{w.name}-{name}-warm-up.log")
+                attempt(ctx, w, mine[0].fn, f"{w.name}-{name}-warm-up.log")
             except RunError as e:
                 for c in mine:
                     errors[c.id] = f"warm-up: {e}"
@@ -1102,23 +1260,27 @@ def main(t_start):
         todo = [c for c in cases if c.id not in errors and planned[c.id] >= rep]
         if not todo:
             break
-        if rep % 2 == 0:  # even reps: each base: twin runs before its case, so neither always goes first
-            for i in range(len(todo) - 1):
-                if twin.get(todo[i].id) == todo[i + 1].id and not todo[i].name.startswith(BASE):
-                    todo[i], todo[i + 1] = todo[i + 1], todo[i]
+        if rep % 2 == 0:  # even reps: each group of twins runs in reverse, so none always goes first
+            runs_of = []  # todo cut into runs of consecutive cases of one group
+            for c in todo:
+                if runs_of and group_of(runs_of[-1][-1]) == group_of(c):
+                    runs_of[-1].append(c)
+                else:
+                    runs_of.append([c])
+            todo = [c for run in runs_of for c in reversed(run)]
         t_rep = time.monotonic()
-        committed = set()  # twins whose pair passed the budget check in this rep
+        committed = set()  # twins whose group passed the budget check in this rep
         for c in todo:
             if planned[c.id] < rep:
-                continue  # cut for the budget together with its twin
+                continue  # cut for the budget together with its twins
             if rep > 1 and budget and c.id not in committed:
-                mates = [m for m in [twin.get(c.id)] if m and m not in errors and planned[m] >= rep]
-                if time.monotonic() - t_start + est[c.id] + sum(est[m] for m in mates) + RESERVE > budget:
-                    for cid in [c.id, *mates]:
-                        planned[cid] = rep - 1  # running late: no more reps for this one (and its twin)
+                mine = [m for m in mates[c.id] if m not in errors and planned[m] >= rep]
+                if time.monotonic() - t_start + est[c.id] + sum(est[m] for m in mine) + RESERVE > budget:
+                    for cid in [c.id, *mine]:
+                        planned[cid] = rep - 1  # running late: no more reps for this one (and its twins)
                         print(f"  rep {rep} {cid:<30} skipped: over the budget", flush=True)
                     continue
-                committed.update(mates)
+                committed.update(mine)
             use_dest(ctx, c.d, c.w)
             clear_dir(ctx.dest)
             t_run = time.monotonic()
@@ -1139,11 +1301,11 @@ def main(t_start):
             alive = sorted((c for c in cases if c.id not in errors), key=lambda c: est[c.id])
             for c in alive:
                 planned[c.id] = 1
-            # A case and its base: twin (both alive) are one unit: they get the same reps.
+            # A case and its twins (those alive) are one unit: they get the same reps.
             units, seen = [], set()
             for c in alive:
                 if c.id not in seen:
-                    unit = [c] + [x for x in alive if x.id == twin.get(c.id)]
+                    unit = [c] + [x for x in alive if x.id in mates[c.id]]
                     seen.update(x.id for x in unit)
                     units.append(unit)
             units.sort(key=lambda u: sum(est[x.id] for x in u))
@@ -1164,10 +1326,14 @@ def main(t_start):
         clear_dir(d.path)
 
     summaries = {c.id: summarize(runs[c.id], c.w) for c in cases if runs[c.id] and c.id not in errors}
-    add_ratios(cases, summaries, twin if base_hash_ok is not None else None, runs)
-    print_table(sections, cases, summaries, errors, skipped, baseline=base_hash_ok is not None)
+    add_ratios(cases, summaries, twin, runs, insecure)
+    print_table(sections, cases, summaries, errors, skipped, baseline=base_hash_ok is not None,
+                insecure=bool(insecure))
     if twin:
         print_baseline(sections, cases, summaries, errors, twin)
+    if insecure:
+        print_baseline(sections, cases, summaries, errors, insecure, limit=1.25, key="insecure")
+    targets = check_targets(sections, summaries)
 
     now = datetime.datetime.now()
     out = Path(args.out or REPO / "bench" / "results" / f"{now:%Y-%m-%dT%H%M%S}-{info['host']}.json")
@@ -1180,6 +1346,11 @@ def main(t_start):
               "setup_s": setup_s,
               "tools": tools, "chunk_sizes": chunks, "xfer_has_hash_option": hash_ok,
               "binaries": binaries or None,
+              "xfer_modes": {"default": "encrypted" if secure_ok else "plaintext (no secure channel)",
+                             "insecure_twins": bool(insecure),
+                             "encrypted": "recv --code-file WORK/code, send --code-file WORK/code; each side its "
+                                          "own XDG_CONFIG_HOME in WORK; no --remember: a code handshake per send",
+                             "insecure": "--insecure on both sides"} if "xfer" in groups else None,
               "source_sha256": wl["file"].sha if "file" in wl else None,
               "durability_on_disk": {"xfer": "its own (fsync of a file, syncfs for a batch)", "rsync": "--fsync",
                                      "nc": "sync FILE / sync -f DIR after the copy, on the receiver",
@@ -1205,10 +1376,10 @@ def main(t_start):
         "cases": {c.id: {"workload": c.w.name, "dest": c.d.name, "case": c.name, "group": c.group,
                          "runs": runs[c.id], "summary": summaries.get(c.id), "error": errors.get(c.id)}
                   for c in cases},
-        "skipped": skipped, "total_s": total,
+        "targets": targets, "skipped": skipped, "total_s": total,
     }
     out.write_text(json.dumps(data, indent=2) + "\n")
-    cols, rows = csv_rows(cases, runs, summaries, errors, baseline=base_hash_ok is not None)
+    cols, rows = csv_rows(cases, runs, summaries, errors, baseline=base_hash_ok is not None, insecure=bool(insecure))
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, cols)
         writer.writeheader()
