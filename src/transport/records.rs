@@ -99,6 +99,19 @@ pub(crate) fn rekey_interval() -> u64 {
         .map_or(REKEY_RECORDS, |n| n.min(REKEY_RECORDS))
 }
 
+/// Room for one whole record: header, the most plaintext, tag.
+const RECORD_BUF: usize = FRAME_HEADER_LEN + MAX_RECORD_PLAIN as usize + TAG_LEN;
+
+/// A record buffer, made on first use (zeroed by the allocator, so pages a connection never
+/// fills cost nothing) and never cleared or zeroed again: filling, sealing and opening a record
+/// touch its bytes once.
+fn record_buf(buf: &mut Vec<u8>) -> &mut [u8] {
+    if buf.is_empty() {
+        *buf = vec![0u8; RECORD_BUF];
+    }
+    buf
+}
+
 /// Seals what is written into records and writes them to `inner`. Each `write` seals at most
 /// [`MAX_RECORD_PLAIN`] bytes into one record and writes the whole record before returning: a
 /// record is never left half-written on a healthy connection.
@@ -112,49 +125,51 @@ impl Sealer {
         Sealer { cipher, buf: Vec::new() }
     }
 
-    /// Seals `plain` as one record and writes it.
+    /// Seals `plain` (its first [`MAX_RECORD_PLAIN`] bytes) as one record and writes it.
     pub(crate) fn write_record<W: Write>(&mut self, inner: &mut W, plain: &[u8]) -> io::Result<usize> {
         // An empty record is refused by the opener: nothing to write is no record.
         if plain.is_empty() {
             return Ok(0);
         }
         let n = plain.len().min(MAX_RECORD_PLAIN as usize);
-        self.buf.clear();
-        self.buf.reserve(FRAME_HEADER_LEN + n + TAG_LEN);
-        self.buf.extend_from_slice(&[0; FRAME_HEADER_LEN]);
-        self.buf.extend_from_slice(&plain[..n]);
-        self.seal_and_write(inner)?;
+        record_buf(&mut self.buf)[FRAME_HEADER_LEN..FRAME_HEADER_LEN + n].copy_from_slice(&plain[..n]);
+        self.seal_and_write(inner, n)?;
         Ok(n)
     }
 
-    /// Builds one record in place: `fill` appends at most `MAX_RECORD_PLAIN` bytes of plaintext
-    /// to the buffer it is given (the bytes of a file straight from a read, for instance), then
-    /// the record is sealed in that buffer and written. One copy of a body's bytes, not three.
+    /// Builds one record in place: `fill` writes plaintext at the start of the room it is given
+    /// ([`MAX_RECORD_PLAIN`] bytes: the bytes of a file straight from a read, for instance) and
+    /// says how many; the record is sealed in that buffer and written. One copy of a body's
+    /// bytes, not three. Nothing is written when `fill` gives nothing.
     pub(crate) fn write_record_with<W: Write, E>(
         &mut self,
         inner: &mut W,
-        fill: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, E>,
     ) -> Result<Result<(), io::Error>, E> {
-        self.buf.clear();
-        self.buf.extend_from_slice(&[0; FRAME_HEADER_LEN]);
-        fill(&mut self.buf)?;
-        assert!(self.buf.len() - FRAME_HEADER_LEN <= MAX_RECORD_PLAIN as usize, "record too large");
-        Ok(self.seal_and_write(inner))
+        let room =
+            &mut record_buf(&mut self.buf)[FRAME_HEADER_LEN..FRAME_HEADER_LEN + MAX_RECORD_PLAIN as usize];
+        let n = fill(room)?;
+        assert!(n <= MAX_RECORD_PLAIN as usize, "record too large");
+        if n == 0 {
+            return Ok(Ok(()));
+        }
+        Ok(self.seal_and_write(inner, n))
     }
 
-    fn seal_and_write<W: Write>(&mut self, inner: &mut W) -> io::Result<()> {
-        let plain_len = self.buf.len() - FRAME_HEADER_LEN;
-        let header = FrameHeader { kind: FrameKind::Record, len: (plain_len + TAG_LEN) as u32 }.encode();
-        self.buf[..FRAME_HEADER_LEN].copy_from_slice(&header);
+    /// Seals the `n` plaintext bytes after the header slot and writes header, ciphertext, tag.
+    fn seal_and_write<W: Write>(&mut self, inner: &mut W, n: usize) -> io::Result<()> {
+        let header = FrameHeader { kind: FrameKind::Record, len: (n + TAG_LEN) as u32 }.encode();
         let nonce = self.cipher.advance();
-        let (_, body) = self.buf.split_at_mut(FRAME_HEADER_LEN);
+        let buf = &mut self.buf[..FRAME_HEADER_LEN + n + TAG_LEN];
+        buf[..FRAME_HEADER_LEN].copy_from_slice(&header);
+        let (body, tag_room) = buf[FRAME_HEADER_LEN..].split_at_mut(n);
         let tag = self
             .cipher
             .key
             .seal_in_place_separate_tag(nonce, Aad::from(header), body)
             .map_err(|_| io::Error::other("sealing a record failed"))?;
-        self.buf.extend_from_slice(tag.as_ref());
-        inner.write_all(&self.buf)
+        tag_room.copy_from_slice(tag.as_ref());
+        inner.write_all(buf)
     }
 }
 
@@ -170,6 +185,8 @@ pub(crate) struct Opener {
     buf: Vec<u8>,
     /// Bytes of the current record read so far (while reading), or 0 once opened.
     have: usize,
+    /// Bytes the current record has in all (its header until the header is in).
+    need: usize,
     /// Plaintext of the opened record: `buf[pos..end]` is still to be handed out.
     pos: usize,
     end: usize,
@@ -188,7 +205,18 @@ pub(crate) struct PlainRefusal(pub Vec<u8>);
 
 impl Opener {
     pub(crate) fn new(cipher: CipherState, idle: Option<Duration>, min_rate: u64) -> Opener {
-        Opener { cipher, buf: Vec::new(), have: 0, pos: 0, end: 0, idle, min_rate, window: None, first: true }
+        Opener {
+            cipher,
+            buf: Vec::new(),
+            have: 0,
+            need: FRAME_HEADER_LEN,
+            pos: 0,
+            end: 0,
+            idle,
+            min_rate,
+            window: None,
+            first: true,
+        }
     }
 
     /// Whether a record has opened.
@@ -215,17 +243,18 @@ impl Opener {
     /// Reads one whole record and opens it. `Ok(false)`: the peer closed cleanly between
     /// records. A timeout keeps the bytes already read for the next call.
     fn next_record<R: Read>(&mut self, inner: &mut R) -> io::Result<bool> {
+        record_buf(&mut self.buf);
         if self.have == 0 {
-            self.buf.resize(FRAME_HEADER_LEN, 0);
+            self.need = FRAME_HEADER_LEN;
         }
-        while self.have < self.buf.len() {
+        while self.have < self.need {
             let got = self.read_some(inner);
             match got {
                 Ok(0) if self.have == 0 => return Ok(false),
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => {
                     self.have += n;
-                    if self.have == FRAME_HEADER_LEN && self.buf.len() == FRAME_HEADER_LEN {
+                    if self.have == FRAME_HEADER_LEN && self.need == FRAME_HEADER_LEN {
                         self.expect_body()?;
                     }
                 }
@@ -238,7 +267,7 @@ impl Opener {
         let opened = self
             .cipher
             .key
-            .open_in_place(nonce, Aad::from(header), &mut self.buf[FRAME_HEADER_LEN..])
+            .open_in_place(nonce, Aad::from(header), &mut self.buf[FRAME_HEADER_LEN..self.need])
             .map(|p| p.len());
         let Ok(len) = opened else {
             return Err(broken("a record failed authentication (tampered, replayed, reordered or dropped)"));
@@ -254,7 +283,7 @@ impl Opener {
         let decoded = FrameHeader::decode(header);
         match decoded {
             Ok(h) if h.kind == FrameKind::Record && h.len as usize > TAG_LEN => {
-                self.buf.resize(FRAME_HEADER_LEN + h.len as usize, 0);
+                self.need = FRAME_HEADER_LEN + h.len as usize;
                 Ok(())
             }
             Ok(h) if h.kind == FrameKind::Record => Err(broken("an empty record")),
@@ -273,7 +302,7 @@ impl Opener {
     /// One read of the record's remaining bytes, with the minimum-rate rule for a begun record.
     fn read_some<R: Read>(&mut self, inner: &mut R) -> io::Result<usize> {
         let begun = self.have > 0;
-        let r = inner.read(&mut self.buf[self.have..]);
+        let r = inner.read(&mut self.buf[self.have..self.need]);
         let Some(idle) = self.idle else { return r };
         let now = Instant::now();
         let got = *r.as_ref().unwrap_or(&0) as u64;

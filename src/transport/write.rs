@@ -12,7 +12,7 @@ use indicatif::ProgressBar;
 use super::records::{CipherState, Sealer};
 use super::{MIN_RATE, SOCKET_BUF, Socket};
 use crate::error::{Error, Limit, is_timeout};
-use crate::protocol::{self, FRAME_HEADER_LEN, FrameHeader, FrameKind, MAX_RECORD_PLAIN, Message, WireError};
+use crate::protocol::{self, FRAME_HEADER_LEN, FrameHeader, FrameKind, Message, WireError};
 
 /// Writes this side's frames. Nothing is sent until [`FrameWriter::flush`] (or a full buffer):
 /// the engines flush at the end of each phase, so many small frames share one write.
@@ -290,7 +290,6 @@ impl FrameWriter {
         // Messages still buffered (the `Body` announcing this one) go first, in their own record.
         self.inner.flush().map_err(FileError::Net)?;
         file.seek(SeekFrom::Start(offset)).map_err(FileError::Local)?;
-        let room = MAX_RECORD_PLAIN as usize;
         let mut left = size - offset;
         let Out { sock, seal } = self.inner.get_mut();
         let sealer = seal.as_mut().expect("sealed");
@@ -298,27 +297,26 @@ impl FrameWriter {
         // as many whole frames as fit (a frame larger than a record spans several).
         let mut frame_left = 0u64;
         while left > 0 {
-            let written = sealer.write_record_with(sock, |buf| {
-                while left > 0 && buf.len() - FRAME_HEADER_LEN < room {
+            let written = sealer.write_record_with(sock, |room: &mut [u8]| {
+                let mut at = 0;
+                while left > 0 && at < room.len() {
                     if frame_left == 0 {
-                        if room - (buf.len() - FRAME_HEADER_LEN) < FRAME_HEADER_LEN + 1 {
+                        if room.len() - at < FRAME_HEADER_LEN + 1 {
                             break;
                         }
                         frame_left = left.min(u64::from(chunk));
-                        buf.extend_from_slice(
-                            &FrameHeader { kind: FrameKind::Data, len: frame_left as u32 }.encode(),
-                        );
+                        let header = FrameHeader { kind: FrameKind::Data, len: frame_left as u32 }.encode();
+                        room[at..at + FRAME_HEADER_LEN].copy_from_slice(&header);
+                        at += FRAME_HEADER_LEN;
                     }
-                    let space = room - (buf.len() - FRAME_HEADER_LEN);
-                    let n = frame_left.min(space as u64) as usize;
-                    let at = buf.len();
-                    buf.resize(at + n, 0);
-                    file.read_exact(&mut buf[at..]).map_err(FileError::Local)?;
+                    let n = frame_left.min((room.len() - at) as u64) as usize;
+                    file.read_exact(&mut room[at..at + n]).map_err(FileError::Local)?;
+                    at += n;
                     frame_left -= n as u64;
                     left -= n as u64;
                     bar.inc(n as u64);
                 }
-                Ok(())
+                Ok(at)
             })?;
             written.map_err(FileError::Net)?;
         }
