@@ -129,8 +129,9 @@ impl TrustStore {
         }
     }
 
-    /// Replaces `name` with `text` atomically (a temporary name of this process, then a rename).
-    fn write(&self, name: &str, text: &str) -> Result<(), Error> {
+    /// Writes `text` (mode 0600, synced) under a temporary name of this process, to be renamed or
+    /// linked to `name`: returns both paths.
+    fn write_temp(&self, name: &str, text: &str) -> Result<(PathBuf, PathBuf), Error> {
         self.ensure_dir()?;
         let path = self.dir.join(name);
         let tmp = self.dir.join(format!(".{name}.{}.tmp", std::process::id()));
@@ -138,7 +139,13 @@ impl TrustStore {
         let _ = fs::remove_file(&tmp);
         let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(ctx)?;
         f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(ctx)?;
-        fs::rename(&tmp, &path).map_err(ctx)
+        Ok((tmp, path))
+    }
+
+    /// Replaces `name` with `text` atomically (a temporary name of this process, then a rename).
+    fn write(&self, name: &str, text: &str) -> Result<(), Error> {
+        let (tmp, path) = self.write_temp(name, text)?;
+        fs::rename(&tmp, &path).map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
     }
 
     /// This user's identity, made on first use.
@@ -165,13 +172,8 @@ impl TrustStore {
         let text = Zeroizing::new(format!("{}\n{}\n", hex(&*private), hex(&public)));
         // Another xfer may make one at the same moment: the first to link its file wins, and
         // everyone uses that one.
-        self.ensure_dir()?;
-        let path = self.dir.join(IDENTITY);
-        let tmp = self.dir.join(format!(".{IDENTITY}.{}.tmp", std::process::id()));
+        let (tmp, path) = self.write_temp(IDENTITY, &text)?;
         let ctx = |e| Error::io(format!("cannot write {}", path.display()), e);
-        let _ = fs::remove_file(&tmp);
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(ctx)?;
-        f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(ctx)?;
         let linked = fs::hard_link(&tmp, &path);
         let _ = fs::remove_file(&tmp);
         match linked {
@@ -215,14 +217,7 @@ impl TrustStore {
         }
         let mut all: Vec<KnownReceiver> = known.into_iter().filter(|r| r.target != target).collect();
         all.push(KnownReceiver { target: target.to_string(), key, since: now(), remembers });
-        let text: String = all
-            .iter()
-            .map(|r| {
-                let how = if r.remembers { "remembers" } else { "asks" };
-                format!("{} {} {} {how}\n", r.target, hex(&r.key), r.since)
-            })
-            .collect();
-        self.write(RECEIVERS, &text)
+        self.write_receivers(&all)
     }
 
     pub fn senders(&self) -> Result<Vec<TrustedSender>, Error> {
@@ -255,6 +250,14 @@ impl TrustStore {
         self.write_senders(&all)
     }
 
+    fn write_receivers(&self, all: &[KnownReceiver]) -> Result<(), Error> {
+        let line = |r: &KnownReceiver| {
+            let how = if r.remembers { "remembers" } else { "asks" };
+            format!("{} {} {} {how}\n", r.target, hex(&r.key), r.since)
+        };
+        self.write(RECEIVERS, &all.iter().map(line).collect::<String>())
+    }
+
     fn write_senders(&self, all: &[TrustedSender]) -> Result<(), Error> {
         let text: String = all.iter().map(|s| format!("{} {} {}\n", hex(&s.key), s.since, s.from)).collect();
         self.write(SENDERS, &text)
@@ -270,14 +273,7 @@ impl TrustStore {
             receivers.iter().filter(|r| r.target != what && !by_key(&r.key)).cloned().collect();
         let mut gone = receivers.len() - keep.len();
         if gone > 0 {
-            let text: String = keep
-                .iter()
-                .map(|r| {
-                    let how = if r.remembers { "remembers" } else { "asks" };
-                    format!("{} {} {} {how}\n", r.target, hex(&r.key), r.since)
-                })
-                .collect();
-            self.write(RECEIVERS, &text)?;
+            self.write_receivers(&keep)?;
         }
         let senders = self.senders()?;
         let keep: Vec<TrustedSender> = senders.iter().filter(|s| !by_key(&s.key)).cloned().collect();

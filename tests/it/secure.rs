@@ -317,8 +317,7 @@ fn a_relay_running_its_own_handshakes_with_a_guessed_code_fails_on_both_sides() 
     let target = s.rx.addr;
     let mitm = std::thread::spawn(move || {
         let guess = Code::generate();
-        let me =
-            xfer::trust::TrustStore::at(&tempfile::tempdir().unwrap().path().join("k")).identity().unwrap();
+        let me = throwaway_identity();
         // Towards the sender: a receiver with the guessed code.
         let (mut c, _) = listener.accept().unwrap();
         protocol::write_hello(&mut c).unwrap();
@@ -352,6 +351,12 @@ fn a_relay_running_its_own_handshakes_with_a_guessed_code_fails_on_both_sides() 
     assert!(!mitm.join().unwrap(), "the relay's guess opened the sender's m3");
     s.rx.wait_log("wrong code");
     assert!(s.rx.files().is_empty());
+}
+
+/// A key pair made for one test and forgotten.
+fn throwaway_identity() -> xfer::trust::Identity {
+    let dir = tempfile::tempdir().unwrap();
+    xfer::trust::TrustStore::at(&dir.path().join("k")).identity().unwrap()
 }
 
 fn read_step(s: &mut TcpStream) -> Vec<u8> {
@@ -423,8 +428,7 @@ fn wrong_codes_are_rate_limited_and_aborted_handshakes_cost_nothing() {
         let mut c = TcpStream::connect(s.rx.addr).unwrap();
         protocol::write_hello(&mut c).unwrap();
         protocol::read_hello(&mut c).unwrap();
-        let me =
-            xfer::trust::TrustStore::at(&tempfile::tempdir().unwrap().path().join("k")).identity().unwrap();
+        let me = throwaway_identity();
         let (_, step1) = handshake::sender_code_start(&Code::generate(), &me, Random::System);
         write_step(&mut c, &step1);
         let _ = read_step(&mut c);
@@ -511,8 +515,7 @@ fn an_impostor_that_does_not_know_the_code_is_never_pinned() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
-        let me =
-            xfer::trust::TrustStore::at(&tempfile::tempdir().unwrap().path().join("k")).identity().unwrap();
+        let me = throwaway_identity();
         let (mut c, _) = listener.accept().unwrap();
         protocol::write_hello(&mut c).unwrap();
         protocol::read_hello(&mut c).unwrap();
