@@ -81,7 +81,14 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
     for (p, why) in &plan.refused {
         progress.line(&format!("xfer: cannot send {}: {why}", escape(&p.display().to_string())), true);
     }
+    for (p, why) in &plan.unreadable {
+        progress.line(&format!("xfer: cannot read {}: {why}", escape(&p.display().to_string())), true);
+    }
     if plan.items.is_empty() {
+        if let Some((p, why)) = plan.unreadable.first() {
+            let e = std::io::Error::other(why.clone());
+            return Err(Error::io(format!("cannot read {}", escape(&p.display().to_string())), e));
+        }
         return Err(Error::Usage("nothing to send (everything given was skipped)".into()));
     }
     let (files, bytes) = (plan.files(), plan.bytes());
@@ -188,7 +195,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
         return Err(e);
     }
     let mut cause = cause;
-    let mut entries = Vec::with_capacity(plan.entries.len() + plan.refused.len());
+    let mut entries = Vec::with_capacity(plan.entries.len() + plan.refused.len() + plan.unreadable.len());
     for (i, entry) in plan.entries.iter().enumerate() {
         let outcome = match (run.outcomes[i].take(), &cause) {
             (Some(o), _) => o,
@@ -214,9 +221,20 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
     }
     // Names the receiver would refuse were never offered: they count as failed, so a script
     // that deletes what it sent does not delete them.
-    for (p, why) in plan.refused {
+    let unreadable = plan.unreadable.into_iter().map(|(p, why)| {
+        let e = Error::io(
+            format!("cannot read {}", escape(&p.display().to_string())),
+            std::io::Error::other(why),
+        );
+        (p, e)
+    });
+    let refused = plan.refused.into_iter().map(|(p, why)| {
+        let e = Error::Usage(format!("cannot send {}: {why}", escape(&p.display().to_string())));
+        (p, e)
+    });
+    // Paths that could not be read here were never offered either: they fail too (exit 6).
+    for (p, e) in refused.chain(unreadable) {
         let shown = p.display().to_string();
-        let e = Error::Usage(format!("cannot send {}: {why}", escape(&shown)));
         entries.push(EntryReport {
             path: shown,
             is_dir: false,

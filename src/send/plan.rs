@@ -22,6 +22,8 @@ pub struct Plan {
     pub skipped: Vec<(PathBuf, String)>,
     /// Could not be sent (a name the receiver would refuse), with the reason.
     pub refused: Vec<(PathBuf, String)>,
+    /// Could not be read here, with the reason.
+    pub unreadable: Vec<(PathBuf, String)>,
     /// One regular file: reported as itself, not as a batch.
     pub single: bool,
 }
@@ -38,11 +40,11 @@ impl Plan {
 
 /// Plans the send of `opts.paths`.
 pub fn plan(opts: &SendOpts) -> Result<Plan, Error> {
-    let (items, skipped, refused, single) = if opts.is_single_file() {
-        (vec![single_item(opts)?], Vec::new(), Vec::new(), true)
+    let (items, skipped, refused, unreadable, single) = if opts.is_single_file() {
+        (vec![single_item(opts)?], Vec::new(), Vec::new(), Vec::new(), true)
     } else {
         let w = walk(&opts.paths, opts.follow)?;
-        (w.items, w.skipped, w.refused, false)
+        (w.items, w.skipped, w.refused, w.unreadable, false)
     };
     let entries = items
         .iter()
@@ -56,7 +58,7 @@ pub fn plan(opts: &SendOpts) -> Result<Plan, Error> {
             mtime: item.mtime,
         })
         .collect();
-    Ok(Plan { items, entries, skipped, refused, single })
+    Ok(Plan { items, entries, skipped, refused, unreadable, single })
 }
 
 /// The one regular file of a single-file send, under its own name or `--as`.

@@ -36,14 +36,22 @@ pub struct Walk {
     pub items: Vec<Item>,
     pub skipped: Vec<(PathBuf, String)>,
     pub refused: Vec<(PathBuf, String)>,
+    /// Could not be read here (missing, a folder that cannot be listed, a dangling symlink under
+    /// `--follow`): reported by path while the rest goes, as rsync does.
+    pub unreadable: Vec<(PathBuf, String)>,
 }
 
 /// Walks `paths` (files and folders) in a stable order (names sorted within each folder).
 pub fn walk(paths: &[PathBuf], follow: bool) -> Result<Walk, Error> {
     let mut w = Walk::default();
     for p in paths {
-        let meta = if follow { fs::metadata(p) } else { fs::symlink_metadata(p) }
-            .map_err(|e| Error::io(format!("cannot read {}", p.display()), e))?;
+        let meta = match if follow { fs::metadata(p) } else { fs::symlink_metadata(p) } {
+            Ok(m) => m,
+            Err(e) => {
+                w.unreadable.push((p.clone(), e.to_string()));
+                continue;
+            }
+        };
         // `.` or `dir/..` have no last component of their own: use the folder's real name.
         let name = p
             .file_name()
@@ -91,10 +99,16 @@ fn visit(
         }
         ancestors.push(id);
         w.items.push(Item { path: path.clone(), source: source.to_path_buf(), file: None, mode, mtime });
-        let mut children: Vec<_> = fs::read_dir(source)
-            .map_err(|e| Error::io(format!("cannot list {}", source.display()), e))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| Error::io(format!("cannot list {}", source.display()), e))?;
+        let listed = fs::read_dir(source).and_then(|d| d.collect::<Result<Vec<_>, _>>());
+        let mut children = match listed {
+            Ok(c) => c,
+            Err(e) => {
+                // The folder itself is sent (empty); what it holds is reported.
+                w.unreadable.push((source.to_path_buf(), format!("cannot list it: {e}")));
+                ancestors.pop();
+                return Ok(());
+            }
+        };
         children.sort_by_key(|e| e.file_name());
         for child in children {
             let child_path = child.path();
@@ -106,8 +120,14 @@ fn visit(
                 w.refused.push((child_path, e.to_string()));
                 continue;
             }
-            let meta = if follow { fs::metadata(&child_path) } else { fs::symlink_metadata(&child_path) };
-            let meta = meta.map_err(|e| Error::io(format!("cannot read {}", child_path.display()), e))?;
+            let meta =
+                match if follow { fs::metadata(&child_path) } else { fs::symlink_metadata(&child_path) } {
+                    Ok(m) => m,
+                    Err(e) => {
+                        w.unreadable.push((child_path, e.to_string()));
+                        continue;
+                    }
+                };
             let mut p = path.clone();
             p.push(name);
             visit(w, &child_path, p, meta, follow, ancestors)?;

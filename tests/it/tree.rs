@@ -369,3 +369,28 @@ fn already_there_names_the_copy_that_holds_the_content() {
     assert_eq!(crate::util::list(&rx.dir.join("t")), vec!["a".to_string(), "a (1)".to_string()]);
     assert_eq!(fs::read(rx.dir.join("t").join("a")).unwrap(), b"an older a");
 }
+
+#[test]
+fn what_cannot_be_read_is_reported_by_path_and_the_rest_is_sent() {
+    // A missing path and a dangling symlink under --follow: before, either stopped the whole
+    // batch before anything was sent (exit 6). Now each is reported and the rest arrives (exit 6).
+    let rx = Receiver::start(&["--quiet"]);
+    let src = tempfile::tempdir().unwrap();
+    let dir = src.path().join("d");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("a.txt"), b"readable").unwrap();
+    std::os::unix::fs::symlink(src.path().join("nowhere"), dir.join("dangling")).unwrap();
+    let missing = src.path().join("missing.txt");
+    let args = [
+        "send".to_string(),
+        missing.display().to_string(),
+        dir.display().to_string(),
+        rx.target(),
+        "--follow".to_string(),
+    ];
+    let run = crate::util::xfer(&args).expect(6);
+    assert!(run.stderr().contains("cannot read") && run.stderr().contains("missing.txt"), "{}", run.report());
+    assert!(run.stderr().contains("dangling"), "{}", run.report());
+    assert_eq!(fs::read(rx.dir.join("d/a.txt")).unwrap(), b"readable", "{}", run.report());
+    assert!(run.stdout().contains("1 verified") || run.stdout().contains("2 verified"), "{}", run.report());
+}
