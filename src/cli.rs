@@ -43,6 +43,18 @@ pub enum Command {
     Recv(RecvArgs),
     /// List or forget the receivers and senders this user paired with.
     Trust(TrustArgs),
+    /// Print a shell completion script: `xfer completions bash > /etc/bash_completion.d/xfer`.
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print a man page (roff): `xfer man > xfer.1`, `xfer man send > xfer-send.1`, then
+    /// `man ./xfer-send.1`.
+    Man {
+        /// The subcommand to document (send, recv, trust); none: xfer itself.
+        #[arg(value_name = "COMMAND")]
+        of: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]

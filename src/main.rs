@@ -129,6 +129,39 @@ fn run(cli: Cli) -> Result<(), Error> {
             if once { receiver.serve_once().map(drop) } else { receiver.serve() }
         }
         Command::Trust(args) => trust(args.action),
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "xfer", &mut out);
+            print_all(&out, "the completion script")
+        }
+        Command::Man { of } => {
+            let top = <Cli as clap::CommandFactory>::command();
+            let cmd = match of.as_deref() {
+                None => top,
+                Some(name @ ("send" | "recv" | "trust")) => {
+                    let page: &'static str = match name {
+                        "send" => "xfer-send",
+                        "recv" => "xfer-recv",
+                        _ => "xfer-trust",
+                    };
+                    top.find_subcommand(name).cloned().expect("a subcommand of xfer").name(page)
+                }
+                Some(name) => {
+                    return Err(Error::Usage(format!("no subcommand {name:?} (send, recv, trust)")));
+                }
+            };
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut out).map_err(|e| Error::io("making the man page", e))?;
+            print_all(&out, "the man page")
+        }
+    }
+}
+
+/// Writes `bytes` to stdout; a reader that went away (`| head`) is not an error.
+fn print_all(bytes: &[u8], what: &str) -> Result<(), Error> {
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io(format!("writing {what}"), e)),
+        _ => Ok(()),
     }
 }
 

@@ -242,3 +242,24 @@ fn a_receiver_that_cannot_write_its_folder_does_not_start() {
     assert_eq!(run.code(), 6, "{}", run.report());
     assert!(run.stderr().contains("cannot write in --dir"), "{}", run.report());
 }
+
+#[test]
+fn completions_for_every_shell_and_man_pages_are_generated() {
+    for shell in ["bash", "zsh", "fish", "powershell", "elvish"] {
+        let run = xfer(&["completions", shell]).expect(0);
+        for word in ["send", "recv", "code-file", "insecure", "remember"] {
+            assert!(run.stdout().contains(word), "{shell} completions lack {word}");
+        }
+    }
+    let run = xfer(&["man"]).expect(0);
+    assert!(run.stdout().starts_with(".ie") && run.stdout().contains(".TH xfer 1"), "{}", run.report());
+    let run = xfer(&["man", "send"]).expect(0);
+    assert!(
+        run.stdout().contains(".TH xfer-send 1") && run.stdout().contains("code\\-file"),
+        "{}",
+        run.report()
+    );
+    let run = xfer(&["man", "recv"]).expect(0);
+    assert!(run.stdout().contains("remember"), "{}", run.report());
+    xfer(&["man", "nonsense"]).expect(2);
+}
