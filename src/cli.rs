@@ -108,6 +108,10 @@ pub struct SendArgs {
     /// long, in seconds (0: wait forever).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub timeout: u64,
+    /// Wait this long for a busy receiver (all its transfer slots or connections taken), trying
+    /// again with growing pauses (0: give up at once, exit 4).
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub wait: u64,
     /// Give up connecting after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub connect_timeout: u64,
@@ -286,6 +290,7 @@ impl SendArgs {
             hash: self.hash,
             insecure: self.insecure,
             code_file: self.code_file,
+            wait: Duration::from_secs(self.wait),
         })
     }
 }

@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::progress::Progress;
 use crate::protocol::{EntryKind, HashAlg, MAX_MESSAGE_LEN, ManifestPart, Message, RejectCode};
 use crate::sanitize::{escape, peer_text};
-use crate::transport::FrameWriter;
+use crate::transport::{self, FrameWriter};
 
 mod body;
 pub(crate) mod events;
@@ -60,6 +60,8 @@ pub struct SendOpts {
     pub insecure: bool,
     /// Where the code comes from when one is needed (`-`: standard input).
     pub code_file: Option<PathBuf>,
+    /// How long a busy receiver is waited for (`--wait`; zero: not at all).
+    pub wait: Duration,
 }
 
 impl SendOpts {
@@ -111,49 +113,34 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
         events.clone(),
     );
 
-    let secure::Connected { mut r, mut w, peer, auth } = secure::connect(opts, ready, &hashing_bar)?;
-    // A receiver that refuses at once (busy) may hang up while the manifest is still going out:
-    // its refusal, read next, says more than the broken pipe.
-    let sent = write_manifest(&mut w, &plan.entries).map_err(|e| w.error("sending the manifest", e.into()));
-
-    // The receiver's first word: an empty answers part (the manifest is accepted) or a refusal.
-    // Nothing more is sent before it, so a refusal is never lost to a reset.
-    let first = r.message().map_err(|e| r.error("waiting for the manifest's acceptance", e));
-    if sent.is_err() && !matches!(first, Ok(Message::Reject(_))) {
-        return Err(sent.expect_err("checked"));
-    }
-    let first = first?;
-    // The receiver's first record opened: it knew the code, and its key can be pinned.
-    if r.records_opened() {
-        secure::pin(&auth, &opts.to)?;
-    }
-    match first {
-        Message::Answers(part) if part.answers.is_empty() => {}
-        Message::Reject(reject)
-            if matches!(
-                reject.code,
-                RejectCode::AuthRequired
-                    | RejectCode::AuthFailed
-                    | RejectCode::InsecureOnly
-                    | RejectCode::UnknownSender
-            ) =>
-        {
-            return Err(secure::refusal(reject, &opts.to, matches!(auth, secure::Auth::Pinned)));
-        }
-        Message::Reject(reject) => {
-            let reason = peer_text(reject.reason);
-            if reject.code == RejectCode::Failed {
-                return Err(Error::RemoteFailed(reason));
+    // A busy receiver is waited for (up to --wait), trying again with growing pauses: 64 sends
+    // started at once against one receiver all get through.
+    let mut ready = ready;
+    let mut waiting: Option<Instant> = None;
+    let mut pause = Duration::from_millis(250 + u64::from(std::process::id() % 250));
+    let (r, mut w, peer) = loop {
+        match offer(opts, &mut ready, &hashing_bar, &plan.entries, label.as_deref())? {
+            Offered::Accepted(r, w, peer) => break (r, w, peer),
+            Offered::Busy(e) => {
+                let since = *waiting.get_or_insert_with(|| {
+                    let shown = e.to_string();
+                    progress.line(
+                        &format!(
+                            "xfer: {shown}; waiting for a free slot (up to --wait {} s)",
+                            opts.wait.as_secs()
+                        ),
+                        false,
+                    );
+                    Instant::now()
+                });
+                if since.elapsed() + pause > opts.wait {
+                    return Err(e);
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 3 / 2).min(Duration::from_secs(4));
             }
-            let name = label.as_deref().map_or_else(|| "the batch".to_string(), escape);
-            return Err(Error::Rejected { name, code: reject.code, reason });
         }
-        other => {
-            let source =
-                crate::protocol::ProtocolError::UnexpectedMessage { expected: "answers", got: other.name() };
-            return Err(Error::Protocol { peer, source });
-        }
-    }
+    };
 
     let overall = progress.bytes(
         "sending",
@@ -255,6 +242,83 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
         resumed: run.resumed,
         elapsed: start.elapsed(),
     })
+}
+
+/// What became of one offer of the manifest.
+enum Offered {
+    /// Accepted: the connection, ready for digests and bodies.
+    Accepted(transport::FrameReader, FrameWriter, String),
+    /// The receiver is busy (no slot, or too many connections): try again later.
+    Busy(Error),
+}
+
+/// Connects, authenticates, offers the manifest and reads the receiver's first word.
+fn offer(
+    opts: &SendOpts,
+    ready: &mut secure::Ready,
+    bar: &indicatif::ProgressBar,
+    entries: &[crate::protocol::Entry],
+    label: Option<&str>,
+) -> Result<Offered, Error> {
+    let secure::Connected { mut r, mut w, peer, auth } = match secure::connect(opts, ready, bar) {
+        Ok(c) => c,
+        // Refused before the handshake: the receiver has no connection to spare.
+        Err(e @ Error::Rejected { code: RejectCode::Busy, .. }) if opts.wait > Duration::ZERO => {
+            return Ok(Offered::Busy(e));
+        }
+        Err(e) => return Err(e),
+    };
+    // A receiver that refuses at once (busy) may hang up while the manifest is still going out:
+    // its refusal, read next, says more than the broken pipe.
+    let sent = write_manifest(&mut w, entries).map_err(|e| w.error("sending the manifest", e.into()));
+
+    // The receiver's first word: an empty answers part (the manifest is accepted) or a refusal.
+    // Nothing more is sent before it, so a refusal is never lost to a reset.
+    let first = r.message().map_err(|e| r.error("waiting for the manifest's acceptance", e));
+    if sent.is_err() && !matches!(first, Ok(Message::Reject(_))) {
+        return Err(sent.expect_err("checked"));
+    }
+    let first = first?;
+    // The receiver's first record opened: it knew the code, and its key can be pinned.
+    let sealed = r.records_opened();
+    if sealed {
+        secure::pin(&auth, &opts.to)?;
+    }
+    match first {
+        Message::Answers(part) if part.answers.is_empty() => Ok(Offered::Accepted(r, w, peer)),
+        Message::Reject(reject)
+            if matches!(
+                reject.code,
+                RejectCode::AuthRequired
+                    | RejectCode::AuthFailed
+                    | RejectCode::InsecureOnly
+                    | RejectCode::UnknownSender
+            ) =>
+        {
+            Err(secure::refusal(reject, &opts.to, matches!(auth, secure::Auth::Pinned)))
+        }
+        Message::Reject(reject) => {
+            let reason = peer_text(reject.reason);
+            if reject.code == RejectCode::Failed {
+                return Err(Error::RemoteFailed(reason));
+            }
+            let name = label.map_or_else(|| "the batch".to_string(), escape);
+            let e = Error::Rejected { name, code: reject.code, reason };
+            // Busy with its slots, said by the receiver itself (in a record, or in the clear
+            // on a plaintext channel) is worth waiting for; a busy refusal in the clear after a
+            // code handshake is the guess budget, which waiting out would only spend.
+            let from_receiver = sealed || matches!(auth, secure::Auth::Insecure);
+            if reject.code == RejectCode::Busy && from_receiver && opts.wait > Duration::ZERO {
+                return Ok(Offered::Busy(e));
+            }
+            Err(e)
+        }
+        other => {
+            let source =
+                crate::protocol::ProtocolError::UnexpectedMessage { expected: "answers", got: other.name() };
+            Err(Error::Protocol { peer, source })
+        }
+    }
 }
 
 /// Writes the manifest as parts that each fit a message frame, and flushes it.

@@ -108,36 +108,35 @@ pub(crate) fn prepare(opts: &SendOpts) -> Result<Ready, Error> {
 }
 
 /// Connects and authenticates as prepared. `bar` is hidden while a late prompt asks for a code.
-pub(crate) fn connect(opts: &SendOpts, ready: Ready, bar: &ProgressBar) -> Result<Connected, Error> {
+pub(crate) fn connect(opts: &SendOpts, ready: &mut Ready, bar: &ProgressBar) -> Result<Connected, Error> {
     let Ready::Secure { store, me, pin, code } = ready else {
         let (r, mut w, peer) = dial(opts)?;
         w.handshake(&[MODE_INSECURE]).map_err(|e| w.error("starting the handshake", e.into()))?;
         return Ok(Connected { r, w, peer, auth: Auth::Insecure });
     };
-    let code = match (code, &pin) {
-        (Some(code), _) => code,
-        (None, Some(p)) => {
-            let (mut r, mut w, peer) = dial(opts)?;
-            let (st, step1) = handshake::sender_pinned_start(&me, &p.key, Random::System);
-            w.handshake(&step1).map_err(|e| w.error("starting the handshake", e.into()))?;
-            match r.handshake().map_err(|e| r.error("waiting for the handshake", e))? {
-                Handshake::Step(m2) => {
-                    let keys = st.finish(&m2).map_err(|_| changed_key(&opts.to))?;
-                    handshake::start_records(&mut r, &mut w, keys.to_receiver, keys.to_sender)?;
-                    return Ok(Connected { r, w, peer, auth: Auth::Pinned });
-                }
-                // The receiver forgot this sender (or lost its list): pair again with the code.
-                Handshake::Refused(rej) if rej.code == RejectCode::UnknownSender => {
-                    bar.suspend(|| obtain_code(opts))?
-                }
-                Handshake::Refused(rej) => return Err(refusal(rej, &opts.to, true)),
+    if code.is_none() {
+        let p = pin.as_ref().expect("prepare asks for a code when nothing is pinned");
+        let (mut r, mut w, peer) = dial(opts)?;
+        let (st, step1) = handshake::sender_pinned_start(me, &p.key, Random::System);
+        w.handshake(&step1).map_err(|e| w.error("starting the handshake", e.into()))?;
+        match r.handshake().map_err(|e| r.error("waiting for the handshake", e))? {
+            Handshake::Step(m2) => {
+                let keys = st.finish(&m2).map_err(|_| changed_key(&opts.to))?;
+                handshake::start_records(&mut r, &mut w, keys.to_receiver, keys.to_sender)?;
+                return Ok(Connected { r, w, peer, auth: Auth::Pinned });
             }
+            // The receiver forgot this sender (or lost its list): pair again with the code,
+            // kept for a retry.
+            Handshake::Refused(rej) if rej.code == RejectCode::UnknownSender => {
+                *code = Some(bar.suspend(|| obtain_code(opts))?);
+            }
+            Handshake::Refused(rej) => return Err(refusal(rej, &opts.to, true)),
         }
-        (None, None) => unreachable!("prepare asks for a code when nothing is pinned"),
-    };
+    }
+    let code = code.as_ref().expect("a code by now");
     let (mut r, mut w, peer) = dial(opts)?;
-    let (receiver, remembers) = code_handshake(&mut r, &mut w, &code, &me, pin.as_ref(), &opts.to)?;
-    Ok(Connected { r, w, peer, auth: Auth::Code { store, receiver, remembers } })
+    let (receiver, remembers) = code_handshake(&mut r, &mut w, code, me, pin.as_ref(), &opts.to)?;
+    Ok(Connected { r, w, peer, auth: Auth::Code { store: store.clone(), receiver, remembers } })
 }
 
 fn code_handshake(

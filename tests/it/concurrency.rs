@@ -56,7 +56,7 @@ fn past_the_transfer_limit_senders_are_refused_as_busy() {
     let mut holder = RawPeer::greet(rx.addr);
     offer_accepted(&mut holder, "holder", 100);
     let (_src, path) = source_file("second", b"second");
-    let run = send(&path, &rx.target(), &[]).expect(4);
+    let run = send(&path, &rx.target(), &["--wait", "0"]).expect(4);
     assert!(run.stderr().contains("receiver busy"), "{}", run.report());
     drop(holder);
     rx.wait_log("\"holder\"");
@@ -107,4 +107,29 @@ fn a_second_sender_of_the_same_name_is_told_busy_at_once() {
         other => panic!("expected a verdict, got {other:?}"),
     }
     rx.assert_files(&["same"]);
+}
+
+#[test]
+fn sixty_four_sends_at_once_all_get_through_a_default_receiver() {
+    // Before: 64 senders started at once against a default receiver (16 transfers, 8 per
+    // address, 32 connections per address): most were refused busy (exit 4; with --wait 0 they
+    // still are). Now a busy sender waits (--wait, default 300 s) and tries again.
+    let rx = Receiver::start(&["--quiet"]);
+    let src = tempfile::tempdir().unwrap();
+    let senders: Vec<_> = (0..64)
+        .map(|i| {
+            let path = src.path().join(format!("f{i:02}"));
+            std::fs::write(&path, random_bytes(64 * 1024 + i, i as u64)).unwrap();
+            let to = rx.target();
+            std::thread::spawn(move || crate::util::send(&path, &to, &["--quiet"]))
+        })
+        .collect();
+    let runs: Vec<_> = senders.into_iter().map(|h| h.join().unwrap()).collect();
+    for run in &runs {
+        assert_eq!(run.code(), 0, "{}", run.report());
+    }
+    for i in 0..64 {
+        let got = std::fs::read(rx.dir.join(format!("f{i:02}"))).unwrap();
+        assert_eq!(got, random_bytes(64 * 1024 + i, i as u64));
+    }
 }

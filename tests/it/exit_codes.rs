@@ -83,7 +83,7 @@ fn rejected_exits_4() {
     let mut holder = crate::util::RawPeer::greet(rx.addr);
     assert!(is_accept(&holder.offer("holder", 10, sha256(b""))));
     let (_src, path) = source_file("f", b"x");
-    let run = send(&path, &rx.target(), &[]).expect(4);
+    let run = send(&path, &rx.target(), &["--wait", "0"]).expect(4);
     assert!(run.stderr().starts_with("xfer: error: receiver rejected f: "), "{}", run.report());
 }
 

@@ -123,11 +123,11 @@ fn connections_past_the_limits_are_told_busy_not_just_closed() {
 
     // This address's share is taken by two connections that say nothing.
     let mine: Vec<_> = (0..2).map(|_| connect_from([127, 0, 0, 1], rx.addr).unwrap()).collect();
-    let run = send(&path, &rx.target(), &[]).expect(4);
+    let run = send(&path, &rx.target(), &["--wait", "0"]).expect(4);
     assert!(run.stderr().contains("xfer: error:"), "{}", run.report());
     assert!(run.stderr().contains("2 connections already open from this address"), "{}", run.report());
     // A folder's sender reads the same refusal where it expects the manifest's answer.
-    let run = send(path.parent().unwrap(), &rx.target(), &[]).expect(4);
+    let run = send(path.parent().unwrap(), &rx.target(), &["--wait", "0"]).expect(4);
     assert!(run.stderr().contains("rejected the batch"), "{}", run.report());
 
     // Now the whole limit, from two other addresses; a sender from a third is told so.
@@ -144,7 +144,7 @@ fn connections_past_the_limits_are_told_busy_not_just_closed() {
     // The refusal is readable even by a client that sent nothing: hello, then Reject { Busy }.
     let mut raw = crate::util::RawPeer::connect(rx.addr);
     protocol_hello_then_busy(&mut raw);
-    let run = send(&path, &rx.target(), &[]).expect(4);
+    let run = send(&path, &rx.target(), &["--wait", "0"]).expect(4);
     assert!(run.stderr().contains("4 connections open"), "{}", run.report());
     assert!(!rx.dir.join("late.bin").exists());
 
