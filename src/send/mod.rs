@@ -120,7 +120,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
     let mut pause = Duration::from_millis(250 + u64::from(std::process::id() % 250));
     let (r, mut w, peer) = loop {
         match offer(opts, &mut ready, &hashing_bar, &plan.entries, label.as_deref())? {
-            Offered::Accepted(r, w, peer) => break (r, w, peer),
+            Offered::Accepted(c) => break *c,
             Offered::Busy(e) => {
                 let since = *waiting.get_or_insert_with(|| {
                     let shown = e.to_string();
@@ -247,7 +247,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
 /// What became of one offer of the manifest.
 enum Offered {
     /// Accepted: the connection, ready for digests and bodies.
-    Accepted(transport::FrameReader, FrameWriter, String),
+    Accepted(Box<(transport::FrameReader, FrameWriter, String)>),
     /// The receiver is busy (no slot, or too many connections): try again later.
     Busy(Error),
 }
@@ -285,7 +285,7 @@ fn offer(
         secure::pin(&auth, &opts.to)?;
     }
     match first {
-        Message::Answers(part) if part.answers.is_empty() => Ok(Offered::Accepted(r, w, peer)),
+        Message::Answers(part) if part.answers.is_empty() => Ok(Offered::Accepted(Box::new((r, w, peer)))),
         Message::Reject(reject)
             if matches!(
                 reject.code,
