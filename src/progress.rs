@@ -40,6 +40,19 @@ impl Progress {
         bar
     }
 
+    /// A spinner saying what is being waited for (`set_message` changes it as the wait moves on):
+    /// no wait of more than a moment leaves the terminal blank.
+    pub fn spinner(&self, what: &str) -> ProgressBar {
+        let Some(multi) = &self.multi else {
+            return ProgressBar::hidden();
+        };
+        let style = ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("static template");
+        let bar = multi.add(ProgressBar::new_spinner().with_style(style));
+        bar.set_message(what.to_string());
+        bar.enable_steady_tick(Duration::from_millis(100));
+        bar
+    }
+
     /// Prints a human-readable line on stderr above any bars. Suppressed by `--quiet` unless
     /// `always` (errors and per-transfer log lines of the receiver are always printed).
     pub fn line(&self, text: &str, always: bool) {

@@ -117,11 +117,13 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
     // started at once against one receiver all get through.
     let mut ready = ready;
     let mut waiting: Option<Instant> = None;
+    let status = progress.spinner(&format!("connecting to {} (waiting for its hello)", opts.to));
     let mut pause = Duration::from_millis(250 + u64::from(std::process::id() % 250));
-    let (r, mut w, peer) = loop {
-        match offer(opts, &mut ready, &hashing_bar, &plan.entries, label.as_deref())? {
-            Offered::Accepted(c) => break *c,
-            Offered::Busy(e) => {
+    let offered = loop {
+        match offer(opts, &mut ready, (&hashing_bar, &status), &plan.entries, label.as_deref()) {
+            Err(e) => break Err(e),
+            Ok(Offered::Accepted(c)) => break Ok(*c),
+            Ok(Offered::Busy(e)) => {
                 let since = *waiting.get_or_insert_with(|| {
                     let shown = e.to_string();
                     progress.line(
@@ -134,13 +136,20 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
                     Instant::now()
                 });
                 if since.elapsed() + pause > opts.wait {
-                    return Err(e);
+                    break Err(e);
                 }
+                status.set_message(format!(
+                    "receiver busy: waiting for a free slot (up to --wait {} s)",
+                    opts.wait.as_secs()
+                ));
                 std::thread::sleep(pause);
+                status.set_message(format!("connecting to {} again", opts.to));
                 pause = (pause * 3 / 2).min(Duration::from_secs(4));
             }
         }
     };
+    status.finish_and_clear();
+    let (r, mut w, peer) = offered?;
 
     let overall = progress.bytes(
         "sending",
@@ -256,7 +265,7 @@ enum Offered {
 fn offer(
     opts: &SendOpts,
     ready: &mut secure::Ready,
-    bar: &indicatif::ProgressBar,
+    (bar, status): (&indicatif::ProgressBar, &indicatif::ProgressBar),
     entries: &[crate::protocol::Entry],
     label: Option<&str>,
 ) -> Result<Offered, Error> {
@@ -268,6 +277,7 @@ fn offer(
         }
         Err(e) => return Err(e),
     };
+    status.set_message(format!("connected to {peer}: waiting for it to accept the list of files"));
     // A receiver that refuses at once (busy) may hang up while the manifest is still going out:
     // its refusal, read next, says more than the broken pipe.
     let sent = write_manifest(&mut w, entries).map_err(|e| w.error("sending the manifest", e.into()));

@@ -45,3 +45,19 @@ fn a_batch_shows_a_hashing_bar_and_an_overall_bar() {
     // The overall bar counts entries (files and folders) and bytes done of the total.
     assert!(tty.contains("sending") && tty.contains("/4 entries"), "no overall bar:\n{tty}");
 }
+
+#[test]
+fn a_wait_for_a_silent_peer_shows_what_is_awaited() {
+    // Something accepts the connection and never answers: before, the terminal stayed blank
+    // until the timeout; now a spinner says what is awaited.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hold = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+    let (_src, path) = source_file("f", b"x");
+    let cmd = format!("{BIN} send --insecure --timeout 2 {} {addr} 2>&1", path.display());
+    let out = Command::new("script").args(["-qec", &cmd, "/dev/null"]).output().expect("run script(1)");
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(tty.contains("waiting for its hello"), "no word of the wait:\n{tty}");
+    assert!(tty.contains("timed out"), "{tty}");
+    drop(hold);
+}
