@@ -125,6 +125,10 @@ pub struct SendArgs {
     /// No progress bars or notes on stderr (the summary on stdout and errors remain).
     #[arg(short, long)]
     pub quiet: bool,
+    /// Print one JSON object a line on stdout (an entry each, then a summary) instead of the
+    /// summary lines; README, "Scripts", gives the schema.
+    #[arg(long)]
+    pub json: bool,
     /// Read the receiver's code from this file (`-`: standard input) instead of asking on the
     /// terminal. XFER_CODE in the environment works too. Codes are never taken on the command line.
     #[arg(long, value_name = "PATH")]
@@ -291,6 +295,7 @@ impl SendArgs {
             insecure: self.insecure,
             code_file: self.code_file,
             wait: Duration::from_secs(self.wait),
+            json: self.json,
         })
     }
 }

@@ -110,6 +110,9 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Send(args) => {
             let opts = args.into_opts()?;
             let progress = Progress::new(opts.quiet);
+            if opts.json {
+                return report_json(send(&opts, &progress), &opts);
+            }
             let r = send(&opts, &progress)?;
             if r.single { report_single(r, &opts) } else { report_batch(&r, opts.verbose) }
         }
@@ -193,6 +196,26 @@ fn trust(action: TrustAction) -> Result<(), Error> {
                 Ok(())
             }
         },
+    }
+}
+
+/// `--json`: the lines on stdout, then the same exit code (and stderr line) as without it.
+fn report_json(result: Result<Report, Error>, opts: &xfer::send::SendOpts) -> Result<(), Error> {
+    let r = match result {
+        Ok(r) => r,
+        Err(e) => {
+            println!("{}", xfer::send::json::error(&e));
+            return Err(e);
+        }
+    };
+    for l in xfer::send::json::report(&r, opts.hash) {
+        println!("{l}");
+    }
+    let failed = r.entries.iter().filter(|e| matches!(e.outcome, EntryOutcome::Failed(_))).count();
+    match r.worst() {
+        Some(e) if r.single => Err(Error::Batch { failed, total: 1, first: e.to_string(), code: e.exit() }),
+        Some(e) => Err(Error::Batch { failed, total: r.entries.len(), first: e.to_string(), code: e.exit() }),
+        None => Ok(()),
     }
 }
 

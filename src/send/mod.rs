@@ -19,6 +19,7 @@ use crate::transport::{self, FrameWriter};
 
 mod body;
 pub(crate) mod events;
+pub mod json;
 pub mod plan;
 mod report;
 pub(crate) mod run;
@@ -62,6 +63,8 @@ pub struct SendOpts {
     pub code_file: Option<PathBuf>,
     /// How long a busy receiver is waited for (`--wait`; zero: not at all).
     pub wait: Duration,
+    /// JSON lines on stdout instead of the summary (`--json`).
+    pub json: bool,
 }
 
 impl SendOpts {
