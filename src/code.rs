@@ -61,7 +61,13 @@ impl Code {
     /// Parses a code as a person typed it (see the module docs).
     pub fn parse(typed: &str) -> Result<Code, String> {
         let list = words();
-        let typed = Zeroizing::new(typed.to_lowercase());
+        // Text after `#` on a line is a comment (a code file says where it came from).
+        let mut kept = Zeroizing::new(String::with_capacity(typed.len()));
+        for l in typed.lines() {
+            kept.push_str(l.split('#').next().unwrap_or(""));
+            kept.push(' ');
+        }
+        let typed = Zeroizing::new(kept.to_lowercase());
         let tokens: Vec<&str> =
             typed.split(|c: char| !c.is_ascii_alphabetic()).filter(|t| !t.is_empty()).collect();
         if tokens.len() != CODE_WORDS {

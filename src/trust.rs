@@ -57,13 +57,16 @@ const SENDERS: &str = "trusted-senders";
 /// Trust files are small; a larger one is not ours to parse.
 const MAX_FILE: u64 = 16 << 20;
 
-/// Edits of the trust files within this process, one at a time: a receiver's connections may
-/// remember senders at once, and each edit reads, changes and rewrites a whole file through one
-/// temporary name per process.
+/// Edits of the trust files one at a time: within this process (a receiver's connections may
+/// remember senders at once) by a mutex, and between processes (`xfer trust forget` while a
+/// `--remember` receiver pairs someone) by an exclusive `flock` on `.lock` in the folder. Each edit
+/// reads, changes and rewrites a whole file, so two at once would lose one.
 static EDITS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn editing() -> std::sync::MutexGuard<'static, ()> {
-    EDITS.lock().unwrap_or_else(|e| e.into_inner())
+/// Held while one edit runs.
+struct Editing {
+    _file: File,
+    _thread: std::sync::MutexGuard<'static, ()>,
 }
 
 pub fn hex(b: &[u8]) -> String {
@@ -109,6 +112,23 @@ impl TrustStore {
         &self.dir
     }
 
+    /// Waits for the right to edit (see [`EDITS`]).
+    fn editing(&self) -> Result<Editing, Error> {
+        let thread = EDITS.lock().unwrap_or_else(|e| e.into_inner());
+        self.ensure_dir()?;
+        let path = self.dir.join(".lock");
+        let ctx = |e| Error::io(format!("cannot lock {}", path.display()), e);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(ctx)?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).map_err(|e| ctx(e.into()))?;
+        Ok(Editing { _file: file, _thread: thread })
+    }
+
     fn ensure_dir(&self) -> Result<(), Error> {
         let ctx = |e| Error::io(format!("cannot create {}", self.dir.display()), e);
         fs::create_dir_all(&self.dir).map_err(ctx)?;
@@ -150,7 +170,7 @@ impl TrustStore {
 
     /// This user's identity, made on first use.
     pub fn identity(&self) -> Result<Identity, Error> {
-        let _one = editing();
+        let one = self.editing()?;
         let text = Zeroizing::new(self.read(IDENTITY)?);
         let mut lines = text.lines();
         if let (Some(p), Some(q)) = (lines.next(), lines.next()) {
@@ -179,7 +199,7 @@ impl TrustStore {
         match linked {
             Ok(()) => Ok(Identity { private, public }),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                drop(_one);
+                drop(one);
                 self.identity()
             }
             Err(e) => Err(ctx(e)),
@@ -208,7 +228,7 @@ impl TrustStore {
 
     /// Pins `key` for `target` (replacing any earlier pin of that target).
     pub fn pin_receiver(&self, target: &str, key: [u8; 32], remembers: bool) -> Result<(), Error> {
-        let _one = editing();
+        let _one = self.editing()?;
         let known = self.receivers()?;
         // Already pinned just so: nothing to write (a send that asks for the code every time would
         // otherwise rewrite and sync this file every time).
@@ -241,7 +261,7 @@ impl TrustStore {
 
     /// Remembers a sender that proved the code (a `--remember` receiver).
     pub fn trust_sender(&self, key: [u8; 32], from: &str) -> Result<(), Error> {
-        let _one = editing();
+        let _one = self.editing()?;
         let mut all = self.senders()?;
         if all.iter().any(|s| s.key == key) {
             return Ok(());
@@ -266,7 +286,7 @@ impl TrustStore {
     /// Forgets a receiver (by `HOST:PORT` as it was typed) or a sender or receiver (by key, or
     /// a prefix of at least 8 hex digits of it). Returns how many entries went.
     pub fn forget(&self, what: &str) -> Result<usize, Error> {
-        let _one = editing();
+        let _one = self.editing()?;
         let by_key = |k: &[u8; 32]| what.len() >= 8 && hex(k).starts_with(&what.to_ascii_lowercase());
         let receivers = self.receivers()?;
         let keep: Vec<KnownReceiver> =

@@ -240,19 +240,7 @@ impl Receiver {
         let Some(s) = &self.shared.secure else {
             return "xfer: --insecure: senders are not authenticated and files travel in the clear".into();
         };
-        let remember = if s.remember.is_some() {
-            "; senders that pair once are remembered (xfer trust list)"
-        } else {
-            ""
-        };
-        match &s.shown {
-            Some(code) => format!(
-                "xfer: code for senders: {}  (they type it when xfer send asks; it stays valid while                  this receiver runs{remember})",
-                code.expose()
-            ),
-            None if s.remember.is_some() => format!("xfer: senders prove the code you set{remember}"),
-            None => String::new(),
-        }
+        s.notice.clone()
     }
 
     /// Removes partials older than `--keep-partials` now, and then every hour in the background.

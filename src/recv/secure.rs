@@ -22,8 +22,8 @@ pub(crate) struct Secure {
     pub guard: Guard,
     /// `--remember`: the store paired senders go into.
     pub remember: Option<TrustStore>,
-    /// The code to show on the terminal at start, when it is shown there.
-    pub shown: Option<Code>,
+    /// What to say on the terminal at start: the code itself when it is shown there.
+    pub notice: String,
 }
 
 /// Where a code came from decides what retiring it means.
@@ -36,7 +36,12 @@ enum Source {
     Operator,
 }
 
-fn read_code_file(path: &Path) -> Result<Code, Error> {
+/// The comment `write_code_file` puts under a code it made up: such a file's code is replaced
+/// when retired, also after a restart; an operator's own file is never rewritten.
+const MADE_UP: &str = "# made up by xfer recv: replaced by a new one after too many wrong guesses";
+
+/// The code in `path`, and whether xfer made it up (see [`MADE_UP`]).
+fn read_code_file(path: &Path) -> Result<(Code, bool), Error> {
     let ctx = |e| Error::io(format!("cannot read --code-file {}", path.display()), e);
     let f = std::fs::File::open(path).map_err(ctx)?;
     let meta = f.metadata().map_err(ctx)?;
@@ -49,7 +54,9 @@ fn read_code_file(path: &Path) -> Result<Code, Error> {
     }
     let mut text = zeroize::Zeroizing::new(String::new());
     f.take(4096).read_to_string(&mut text).map_err(ctx)?;
-    Code::parse(&text).map_err(|e| Error::Usage(format!("bad code in --code-file {}: {e}", path.display())))
+    let code = Code::parse(&text)
+        .map_err(|e| Error::Usage(format!("bad code in --code-file {}: {e}", path.display())))?;
+    Ok((code, text.lines().any(|l| l.trim() == MADE_UP)))
 }
 
 /// Writes a made-up code to `path`: a new file (mode 0600) or a rewrite through a temporary name.
@@ -62,7 +69,7 @@ fn write_code_file(path: &Path, code: &Code, fresh: bool) -> std::io::Result<()>
         path.with_file_name(name)
     };
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-    f.write_all(format!("{}\n", code.expose()).as_bytes())?;
+    f.write_all(format!("{}\n{MADE_UP}\n", code.expose()).as_bytes())?;
     f.sync_all()?;
     if !fresh {
         std::fs::rename(&tmp, path)?;
@@ -81,7 +88,10 @@ impl Secure {
             )
         } else if let Some(path) = &opts.code_file {
             if path.exists() {
-                (read_code_file(path)?, Source::Operator)
+                match read_code_file(path)? {
+                    (code, true) => (code, Source::Written(path.clone())),
+                    (code, false) => (code, Source::Operator),
+                }
             } else {
                 let code = Code::generate();
                 write_code_file(path, &code, true)
@@ -98,7 +108,20 @@ impl Secure {
                     .into(),
             ));
         };
-        let shown = matches!(source, Source::Shown).then(|| code.clone());
+        let remember =
+            if opts.remember { "; senders that pair once are remembered (xfer trust list)" } else { "" };
+        let notice = match &source {
+            Source::Shown => format!(
+                "xfer: code for senders: {}  (they type it when xfer send asks; it stays valid while \
+                 this receiver runs{remember})",
+                code.expose()
+            ),
+            Source::Written(path) => format!(
+                "xfer: the code for senders is in {} (xfer send --code-file reads it){remember}",
+                path.display()
+            ),
+            Source::Operator => format!("xfer: senders prove the code you set{remember}"),
+        };
         let progress = progress.clone();
         let renew: super::guard::Renew = Box::new(move || {
             let new = Code::generate();
@@ -147,6 +170,6 @@ impl Secure {
             }
         });
         let remember = opts.remember.then_some(store);
-        Ok(Secure { identity, guard: Guard::new(code, renew), remember, shown })
+        Ok(Secure { identity, guard: Guard::new(code, renew), remember, notice })
     }
 }

@@ -122,7 +122,7 @@ pub(crate) fn connect(opts: &SendOpts, ready: &mut Ready, bar: &ProgressBar) -> 
         match r.handshake().map_err(|e| r.error("waiting for the handshake", e))? {
             Handshake::Step(m2) => {
                 let keys = st.finish(&m2).map_err(|_| changed_key(&opts.to))?;
-                handshake::start_records(&mut r, &mut w, keys.to_receiver, keys.to_sender)?;
+                handshake::start_records(&mut r, &mut w, (keys.to_receiver, keys.to_sender), false)?;
                 return Ok(Connected { r, w, peer, auth: Auth::Pinned });
             }
             // The receiver forgot this sender (or lost its list): pair again with the code,
@@ -160,7 +160,7 @@ fn code_handshake(
     let (receiver, remembers) = (reply.receiver, reply.remembers);
     let (m3, keys) = reply.finish();
     w.handshake(&m3).map_err(|e| w.error("finishing the handshake", e.into()))?;
-    handshake::start_records(r, w, keys.to_receiver, keys.to_sender)?;
+    handshake::start_records(r, w, (keys.to_receiver, keys.to_sender), true)?;
     Ok((receiver, remembers))
 }
 

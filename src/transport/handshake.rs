@@ -319,15 +319,16 @@ impl PinnedReply {
     }
 }
 
-/// Switches both halves of a connection to records.
+/// Switches both halves of a connection to records. `plain_refusals`: whether the peer may still
+/// refuse in the clear in place of its first record (only a receiver checking a code).
 pub fn start_records(
     r: &mut FrameReader,
     w: &mut FrameWriter,
-    send: [u8; 32],
-    recv: [u8; 32],
+    (send, recv): ([u8; 32], [u8; 32]),
+    plain_refusals: bool,
 ) -> Result<(), Error> {
     let every = rekey_interval();
-    r.open_records(CipherState::new(recv, every), crate::transport::MIN_RATE);
+    r.open_records(CipherState::new(recv, every), crate::transport::MIN_RATE, plain_refusals);
     w.seal_records(CipherState::new(send, every))
         .map_err(|e| w.error("starting the secure channel", e.into()))
 }
@@ -409,6 +410,15 @@ fn receive_code(r: &mut FrameReader, w: &mut FrameWriter, admit: &Admit, step1: 
         .map_err(|_| malformed(r, "a malformed code handshake"))?;
     w.handshake(&step2).map_err(|e| w.error("answering the handshake", e.into()))?;
     let m3 = read_step(r, "waiting for the handshake's last step")?;
+    // A code retired (or replaced) while this handshake ran is not tested any more: the budget
+    // bounds guesses at each code, not at each code and the handshakes begun before it went.
+    if guard.code().as_ref() != Some(&code) {
+        return Err(refuse_plain(
+            w,
+            RejectCode::AuthFailed,
+            "this receiver's code was retired after too many wrong guesses while you connected: ask for the new one",
+        ));
+    }
     // Only now is a code tested: a guess costs a token of the budget, returned if it was right.
     if !guard.take(admit.ip) {
         return Err(refuse_plain(
@@ -423,7 +433,7 @@ fn receive_code(r: &mut FrameReader, w: &mut FrameWriter, admit: &Admit, step1: 
             if let Some(store) = admit.remember {
                 store.trust_sender(sender, r.peer())?;
             }
-            start_records(r, w, keys.to_sender, keys.to_receiver)
+            start_records(r, w, (keys.to_sender, keys.to_receiver), false)
         }
         Err(HsError::WrongCode) => {
             guard.wrong();
@@ -458,7 +468,7 @@ fn receive_pinned(
             }
             let (m2, keys) = reply.finish();
             w.handshake(&m2).map_err(|e| w.error("answering the handshake", e.into()))?;
-            start_records(r, w, keys.to_sender, keys.to_receiver)
+            start_records(r, w, (keys.to_sender, keys.to_receiver), false)
         }
         Err(HsError::NotOurKey) => Err(refuse_plain(
             w,

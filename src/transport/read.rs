@@ -5,8 +5,10 @@ use std::time::{Duration, Instant};
 
 use super::records::{CipherState, Opener, PlainRefusal, PlainRefusalError};
 use super::{RECV_BUF, Socket};
-use crate::error::{Error, Limit, is_timeout};
-use crate::protocol::{self, FRAME_HEADER_LEN, FrameHeader, FrameKind, Message, ProtocolError, WireError};
+use crate::error::{ChannelBroken, Error, Limit, is_timeout};
+use crate::protocol::{
+    self, FRAME_HEADER_LEN, FrameHeader, FrameKind, Message, ProtocolError, Reject, RejectCode, WireError,
+};
 
 /// A handshake step read from the peer, or its refusal in the clear.
 pub enum Handshake {
@@ -159,38 +161,45 @@ impl FrameReader {
     /// Reads one handshake frame, straight from the socket (see [`FrameReader::hello`]). The
     /// peer may refuse in the clear instead: a `Reject` message.
     pub fn handshake(&mut self) -> Result<Handshake, WireError> {
-        let raw = &mut self.inner.get_mut().raw;
-        let h = protocol::read_frame_header(raw)?;
-        // Lengths were checked against the kind's limit (1 KiB, 64 KiB) by the decoder; nothing
-        // is allocated for any other kind.
-        match h.kind {
-            FrameKind::Handshake => {
-                let mut payload = vec![0u8; h.len as usize];
-                raw.read_exact(&mut payload)?;
-                Ok(Handshake::Step(payload))
-            }
-            FrameKind::Message => {
-                let mut payload = vec![0u8; h.len as usize];
-                raw.read_exact(&mut payload)?;
-                match protocol::decode_message(&payload)? {
-                    Message::Reject(r) => Ok(Handshake::Refused(r)),
-                    other => Err(ProtocolError::UnexpectedMessage {
-                        expected: "a handshake step or a refusal",
-                        got: other.name(),
-                    }
-                    .into()),
+        let mut first = [0u8; 1];
+        self.inner.get_mut().raw.read_exact(&mut first)?;
+        self.begun(|r| {
+            let raw = &mut r.inner.get_mut().raw;
+            let mut rest = [0u8; FRAME_HEADER_LEN - 1];
+            raw.read_exact(&mut rest)?;
+            let h = FrameHeader::decode([first[0], rest[0], rest[1], rest[2], rest[3]])?;
+            // Lengths were checked against the kind's limit (1 KiB, 64 KiB) by the decoder;
+            // nothing is allocated for any other kind.
+            match h.kind {
+                FrameKind::Handshake => {
+                    let mut payload = vec![0u8; h.len as usize];
+                    raw.read_exact(&mut payload)?;
+                    Ok(Handshake::Step(payload))
                 }
+                FrameKind::Message => {
+                    let mut payload = vec![0u8; h.len as usize];
+                    raw.read_exact(&mut payload)?;
+                    match protocol::decode_message(&payload)? {
+                        Message::Reject(r) => Ok(Handshake::Refused(r)),
+                        other => Err(ProtocolError::UnexpectedMessage {
+                            expected: "a handshake step or a refusal",
+                            got: other.name(),
+                        }
+                        .into()),
+                    }
+                }
+                got => Err(ProtocolError::UnexpectedFrame { expected: FrameKind::Handshake, got }.into()),
             }
-            got => Err(ProtocolError::UnexpectedFrame { expected: FrameKind::Handshake, got }.into()),
-        }
+        })
     }
 
     /// From now on, reads open records with `cipher` (the handshake is done). Nothing was
     /// buffered: the hello and the handshake were read straight from the socket.
-    pub(crate) fn open_records(&mut self, cipher: CipherState, min_rate: u64) {
+    pub(crate) fn open_records(&mut self, cipher: CipherState, min_rate: u64, plain_refusals: bool) {
         debug_assert!(self.inner.buffer().is_empty());
         let ch = self.inner.get_mut();
-        ch.open = Some(Opener::new(cipher, ch.raw.idle, min_rate));
+        let opener = Opener::new(cipher, ch.raw.idle, min_rate);
+        ch.open = Some(if plain_refusals { opener } else { opener.without_plain_refusals() });
     }
 
     /// Reads one frame that must be a message. Waiting for its first byte is waiting (the idle
@@ -201,10 +210,31 @@ impl FrameReader {
         let mut first = [0u8; 1];
         if let Err(e) = self.inner.read_exact(&mut first) {
             return match e.get_ref().and_then(|i| i.downcast_ref::<PlainRefusalError>()) {
-                Some(&PlainRefusalError(len)) => self.plain_refusal(len),
+                Some(&PlainRefusalError(len)) => self.begun(|r| r.plain_refusal(len)),
                 None => Err(e.into()),
             };
         }
+        self.begun(|r| {
+            let mut rest = [0u8; FRAME_HEADER_LEN - 1];
+            r.inner.read_exact(&mut rest)?;
+            let h = FrameHeader::decode([first[0], rest[0], rest[1], rest[2], rest[3]])?;
+            if h.kind != FrameKind::Message {
+                return Err(
+                    ProtocolError::UnexpectedFrame { expected: FrameKind::Message, got: h.kind }.into()
+                );
+            }
+            // The length was checked against MAX_MESSAGE_LEN by `decode`: a bounded allocation.
+            let mut payload = vec![0u8; h.len as usize];
+            r.inner.read_exact(&mut payload)?;
+            Ok(protocol::decode_message(&payload)?)
+        })
+    }
+
+    /// Runs `read`, the rest of something whose first byte is in, under the rule that it must be
+    /// complete within one idle timeout (or the phase's deadline, if sooner): a peer cannot
+    /// trickle a message, a handshake step or a refusal a byte at a time, each just inside the
+    /// idle timeout, and hold this side for as long as it likes.
+    fn begun<T>(&mut self, read: impl FnOnce(&mut Self) -> Result<T, WireError>) -> Result<T, WireError> {
         let d = &mut self.inner.get_mut().raw;
         let saved = d.until;
         // Whether the phase's own deadline comes first (then it is the one a timeout reports).
@@ -214,29 +244,16 @@ impl FrameReader {
             outer_first = saved.is_some_and(|s| s <= by);
             d.until = Some(saved.map_or(by, |s| s.min(by)));
         }
-        let read = (|| {
-            let mut rest = [0u8; FRAME_HEADER_LEN - 1];
-            self.inner.read_exact(&mut rest)?;
-            let h = FrameHeader::decode([first[0], rest[0], rest[1], rest[2], rest[3]])?;
-            if h.kind != FrameKind::Message {
-                return Err(
-                    ProtocolError::UnexpectedFrame { expected: FrameKind::Message, got: h.kind }.into()
-                );
-            }
-            // The length was checked against MAX_MESSAGE_LEN by `decode`: a bounded allocation.
-            let mut payload = vec![0u8; h.len as usize];
-            self.inner.read_exact(&mut payload)?;
-            Ok(protocol::decode_message(&payload)?)
-        })();
+        let result = read(self);
         let d = &mut self.inner.get_mut().raw;
         d.until = saved;
         if saved.is_none() && d.armed {
             d.armed = false;
             let _ = d.stream.tcp().set_read_timeout(d.idle);
         }
-        // Stopped in the middle of a message: the stream is out of step, so this is not a quiet
-        // spell to wait out (as a timeout before the first byte is) but the end of the connection.
-        read.map_err(|e| match e {
+        // Stopped in the middle: the stream is out of step, so this is not a quiet spell to wait
+        // out (as a timeout before the first byte is) but the end of the connection.
+        result.map_err(|e| match e {
             WireError::Io(io) if is_timeout(&io) && !outer_first => WireError::Io(io::Error::other(format!(
                 "a message was not complete within {} s of its first byte (see --timeout)",
                 self.idle_limit.secs
@@ -251,9 +268,15 @@ impl FrameReader {
         let ch = self.inner.get_mut();
         let opener = ch.open.as_mut().expect("only an opener reports a plaintext refusal");
         let PlainRefusal(payload) = opener.take_refusal(&mut ch.raw, len)?;
+        // Only what a receiver may say after checking a code: the code was wrong, or its guess
+        // budget is spent. Anything else in the clear is someone on the path.
         match protocol::decode_message(&payload)? {
-            m @ Message::Reject(_) => Ok(m),
-            other => Err(ProtocolError::UnexpectedMessage { expected: "records", got: other.name() }.into()),
+            m @ Message::Reject(Reject { code: RejectCode::AuthFailed | RejectCode::Busy, .. }) => Ok(m),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                ChannelBroken(format!("a plaintext {} where the first record was due", other.name())),
+            )
+            .into()),
         }
     }
 

@@ -195,8 +195,10 @@ pub(crate) struct Opener {
     min_rate: u64,
     /// The current window of a begun record: when it started and the bytes it brought.
     window: Option<(Instant, u64)>,
-    /// The first record has not been opened yet: a plaintext refusal may come instead.
+    /// The first record has not been opened yet: a plaintext refusal may come instead, where the
+    /// handshake leaves the peer a reason to refuse (a code to check) and `plain_refusals` is on.
     first: bool,
+    plain_refusals: bool,
 }
 
 /// What the first frame on a secure connection turned out to be, when it is not a record: the
@@ -216,7 +218,15 @@ impl Opener {
             min_rate,
             window: None,
             first: true,
+            plain_refusals: true,
         }
+    }
+
+    /// From now on, a plaintext frame in place of the first record breaks the channel: after a
+    /// pinned handshake (the receiver proved its key) or on the receiver (senders never refuse).
+    pub(crate) fn without_plain_refusals(mut self) -> Opener {
+        self.plain_refusals = false;
+        self
     }
 
     /// Whether a record has opened.
@@ -288,7 +298,7 @@ impl Opener {
             }
             Ok(h) if h.kind == FrameKind::Record => Err(broken("an empty record")),
             // The peer's handshake failed and it says why in the clear, as a message frame.
-            Ok(h) if self.first && h.kind == FrameKind::Message => {
+            Ok(h) if self.first && self.plain_refusals && h.kind == FrameKind::Message => {
                 Err(io::Error::other(PlainRefusalError(h.len)))
             }
             Ok(h) => Err(broken(&format!("a {} frame where a record was due", h.kind))),

@@ -43,7 +43,9 @@ impl Secure {
     }
 
     fn code(&self) -> String {
-        std::fs::read_to_string(&self.code).unwrap().trim().to_string()
+        // The code's line; a comment line under it says xfer made it up.
+        let text = std::fs::read_to_string(&self.code).unwrap();
+        text.lines().next().unwrap_or("").trim().to_string()
     }
 }
 
@@ -633,4 +635,80 @@ fn on_terminals_the_code_is_shown_asked_and_typos_asked_again() {
     assert_eq!(status, 0, "{shown}");
     assert!(!shown.contains("code shown by"), "asked for a code again: {shown}");
     let _ = rx2.wait();
+}
+
+#[test]
+fn a_handshake_step_trickled_a_byte_at_a_time_is_given_up_on() {
+    // A fake receiver says hello, then a handshake frame of 1,024 bytes a byte every 1.5 s: each
+    // byte inside --timeout 2, the whole frame never. Before: the sender waited ~25 minutes.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        protocol::write_hello(&mut c).unwrap();
+        let _ = c.write_all(&[0, 0, 4, 0, FrameKind::Handshake as u8]);
+        for _ in 0..40 {
+            std::thread::sleep(Duration::from_millis(1500));
+            if c.write_all(&[0x42]).is_err() {
+                break;
+            }
+        }
+    });
+    let (_src, path) = source_file("f", b"x");
+    let cfg = config();
+    let run =
+        send_file(cfg.path(), &path, &addr, &["--timeout", "2"], &[("XFER_CODE", Code::generate().expose())]);
+    assert_eq!(run.code(), 3, "{}", run.report());
+    assert!(run.elapsed < Duration::from_secs(8), "took {:?}: {}", run.elapsed, run.report());
+}
+
+#[test]
+fn a_plaintext_refusal_injected_after_a_pinned_handshake_is_tampering_not_a_changed_key() {
+    let s = Secure::start(&["--quiet", "--remember"]);
+    let cfg = config();
+    let (_src, path) = source_file("a", b"x");
+    send_file(cfg.path(), &path, &s.rx.target(), &[], &[("XFER_CODE", &s.code())]).expect(0);
+    // Someone on the path: passes the handshake, then puts a refusal in the clear where the
+    // receiver's first record was due.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = listener.local_addr().unwrap().to_string();
+    let target = s.rx.addr;
+    std::thread::spawn(move || {
+        let (client, _) = listener.accept().unwrap();
+        let server = TcpStream::connect(target).unwrap();
+        let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut c_in, &mut s_out);
+        });
+        let (mut s_in, mut c_out) = (server, client);
+        let mut hello = [0u8; protocol::HELLO_LEN];
+        s_in.read_exact(&mut hello).unwrap();
+        c_out.write_all(&hello).unwrap();
+        loop {
+            let mut h = [0u8; protocol::FRAME_HEADER_LEN];
+            if s_in.read_exact(&mut h).is_err() {
+                return;
+            }
+            let len = u32::from_be_bytes(h[..4].try_into().unwrap()) as usize;
+            if h[4] == FrameKind::Record as u8 {
+                let reject = protocol::Reject { code: protocol::RejectCode::AuthFailed, reason: "x".into() };
+                let _ = protocol::write_message(&mut c_out, &protocol::Message::Reject(reject));
+                std::thread::sleep(Duration::from_millis(300));
+                return;
+            }
+            let mut body = vec![0u8; len];
+            s_in.read_exact(&mut body).unwrap();
+            c_out.write_all(&h).unwrap();
+            c_out.write_all(&body).unwrap();
+        }
+    });
+    // The sender's pin for the proxy's address is the receiver's real key (as it is for an
+    // attacker who sits on the path to the real address).
+    let pins = cfg.path().join("xfer/known-receivers");
+    let line = std::fs::read_to_string(&pins).unwrap();
+    let copied = line.replace(&s.rx.target(), &proxy);
+    std::fs::write(&pins, format!("{line}{copied}")).unwrap();
+    let run = send_file(cfg.path(), &path, &proxy, &[], &[]).expect(8);
+    assert!(run.stderr().contains("tampering"), "{}", run.report());
+    assert!(!run.stderr().contains("trust forget"), "a proven key was called changed: {}", run.report());
 }
