@@ -274,8 +274,12 @@ fn offer(
 ) -> Result<Offered, Error> {
     let secure::Connected { mut r, mut w, peer, auth } = match secure::connect(opts, ready, bar) {
         Ok(c) => c,
-        // Refused before the handshake: the receiver has no connection to spare.
+        // Refused before the handshake, or closed without a word: the receiver has no
+        // connection to spare.
         Err(e @ Error::Rejected { code: RejectCode::Busy, .. }) if opts.wait > Duration::ZERO => {
+            return Ok(Offered::Busy(e));
+        }
+        Err(e @ Error::Connection { what: secure::CLOSED_AT_ONCE, .. }) if opts.wait > Duration::ZERO => {
             return Ok(Offered::Busy(e));
         }
         Err(e) => return Err(e),

@@ -6,7 +6,7 @@
 //! terminal, and is checked against the word list before anything is sent (a typo costs no guess).
 //! A receiver key is pinned only once the receiver's first record opened: then it knew the code.
 
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, ErrorKind, Read, Write};
 use std::net::TcpStream;
 
 use super::SendOpts;
@@ -39,9 +39,20 @@ fn dial(opts: &SendOpts) -> Result<(FrameReader, FrameWriter, String), Error> {
     let stream: TcpStream = transport::connect(&opts.to, opts.connect_timeout)?;
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| opts.to.clone());
     let (mut r, mut w) = transport::split(stream, &peer, opts.timeout)?;
-    transport::exchange_hellos(&mut r, &mut w)?;
-    Ok((r, w, peer))
+    match transport::exchange_hellos(&mut r, &mut w) {
+        // Closed before a word: what a receiver too busy even to refuse does (past its queue of
+        // refusals); `send` waits for it as for a busy refusal.
+        Err(Error::Connection { source, .. })
+            if matches!(source.kind(), ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof) =>
+        {
+            Err(Error::Connection { peer, what: CLOSED_AT_ONCE, source })
+        }
+        other => other.map(|()| (r, w, peer)),
+    }
 }
+
+/// How [`dial`] names a connection closed before the receiver's hello.
+pub(crate) const CLOSED_AT_ONCE: &str = "was closed before a word (the receiver may be overloaded)";
 
 /// The message for a receiver whose key is not the one pinned for `to`.
 fn changed_key(to: &str) -> Error {
