@@ -123,9 +123,21 @@ pub fn escape(s: &str) -> String {
 }
 
 /// Text from the peer (a reason, a message) made fit for our terminal: cut to
-/// [`MAX_REASON_LEN`](crate::protocol::MAX_REASON_LEN) bytes and escaped.
+/// [`MAX_REASON_LEN`](crate::protocol::MAX_REASON_LEN) bytes, and every character that could act
+/// on a terminal or hide itself escaped. Quotes and backslashes stay as they are: the text is not
+/// quoted here, and names the peer quoted in it are already escaped once (escaping them again
+/// showed `\"src/Case.txt\"`).
 pub fn peer_text(text: String) -> String {
-    escape(&crate::protocol::bounded_reason(text))
+    let text = crate::protocol::bounded_reason(text);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if is_hidden_char(c) {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The `n`th keep-both alternative of a valid name: `img.jpg` → `img (1).jpg`,
@@ -157,6 +169,12 @@ pub fn numbered_name(name: &str, n: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_text_escapes_what_acts_on_a_terminal_and_nothing_twice() {
+        let reason = "name \"src/Case.txt\" and back\\slash.txt\u{1b}]0;x\u{7}\u{202e}".to_string();
+        assert_eq!(peer_text(reason), "name \"src/Case.txt\" and back\\slash.txt\\u{1b}]0;x\\u{7}\\u{202e}");
+    }
 
     #[test]
     fn accepted_names() {

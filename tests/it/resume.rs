@@ -167,7 +167,9 @@ fn resume_after_the_connection_drops() {
     let proxy = Proxy::start(rx.addr, Some(CUT));
     proxy.release.send(()).unwrap(); // drop as soon as the cut is reached
     let run = send(&path, &proxy.addr.to_string(), &[]).expect(3);
-    assert!(run.stderr().starts_with("xfer: error: "), "{}", run.report());
+    assert!(run.stderr().contains("xfer: error: "), "{}", run.report());
+    // The sender says what to do next.
+    assert!(run.stderr().contains("sending the same files again resumes"), "{}", run.report());
     rx.wait_log("\"big.bin\"");
     rx.assert_files_and_partial(&[], "big.bin");
     resend_and_check(&rx, &path, &data);
