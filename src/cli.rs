@@ -101,7 +101,8 @@ pub struct SendArgs {
     /// Body chunk size: bytes, or with a K/M suffix (binary), from 1 to 16M.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub chunk_size: Option<u32>,
-    /// Store under this name instead of the file's own.
+    /// Store under this name instead of its own: a file or a folder, and may be a path inside the
+    /// receiver's folder (`--as backups/2024/db.sql`).
     #[arg(long = "as", value_name = "NAME")]
     pub name: Option<String>,
     /// Give up if the receiver takes nothing this long, or owes an answer and says nothing this
@@ -276,7 +277,7 @@ impl SendArgs {
     pub fn into_opts(self) -> Result<SendOpts, Error> {
         if self.name.is_some() && self.paths.len() > 1 {
             return Err(Error::Usage(
-                "--as names a single file; it cannot be used with several paths".into(),
+                "--as names one file or folder; it cannot be used with several paths".into(),
             ));
         }
         Ok(SendOpts {

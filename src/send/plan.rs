@@ -11,7 +11,7 @@ use super::SendOpts;
 use super::walk::{Item, walk};
 use crate::cache::Stamp;
 use crate::error::Error;
-use crate::protocol::{Entry, EntryKind};
+use crate::protocol::{Entry, EntryKind, MAX_DEPTH};
 use crate::sanitize::{escape, validate_name};
 
 /// The entries to list, in order, and where they come from.
@@ -43,7 +43,14 @@ pub fn plan(opts: &SendOpts) -> Result<Plan, Error> {
     let (items, skipped, refused, unreadable, single) = if opts.is_single_file() {
         (vec![single_item(opts)?], Vec::new(), Vec::new(), Vec::new(), true)
     } else {
-        let w = walk(&opts.paths, opts.follow)?;
+        let mut w = walk(&opts.paths, opts.follow)?;
+        // `--as` on a folder: everything in it goes under that path instead of its own name.
+        if let Some(name) = &opts.name {
+            let root = as_path(name)?;
+            for item in &mut w.items {
+                item.path.splice(..1, root.iter().cloned());
+            }
+        }
         (w.items, w.skipped, w.refused, w.unreadable, false)
     };
     let entries = items
@@ -61,6 +68,25 @@ pub fn plan(opts: &SendOpts) -> Result<Plan, Error> {
     Ok(Plan { items, entries, skipped, refused, unreadable, single })
 }
 
+/// `--as NAME` or `--as sub/folder/name`: a path inside the receiver's folder, each component
+/// checked by the receiver's name rules.
+fn as_path(name: &str) -> Result<Vec<String>, Error> {
+    let parts: Vec<String> = name.split('/').map(str::to_owned).collect();
+    if parts.len() > MAX_DEPTH {
+        return Err(Error::Usage(format!("--as {name:?} is deeper than {MAX_DEPTH} folders")));
+    }
+    for p in &parts {
+        validate_name(p).map_err(|e| {
+            Error::Usage(format!(
+                "cannot send as \"{}\": \"{}\": {e} (pick another with --as)",
+                escape(name),
+                escape(p)
+            ))
+        })?;
+    }
+    Ok(parts)
+}
+
 /// The one regular file of a single-file send, under its own name or `--as`.
 fn single_item(opts: &SendOpts) -> Result<Item, Error> {
     let path = opts.file.display().to_string();
@@ -73,20 +99,23 @@ fn single_item(opts: &SendOpts) -> Result<Item, Error> {
     if !meta.is_file() {
         return Err(Error::Usage(format!("{path} is not a regular file")));
     }
-    let name = match &opts.name {
-        Some(n) => n.clone(),
-        None => opts
-            .file
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| Error::Usage(format!("{path} has no UTF-8 file name; pick one with --as")))?
-            .to_string(),
+    let path = match &opts.name {
+        Some(n) => as_path(n)?,
+        None => vec![
+            opts.file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| Error::Usage(format!("{path} has no UTF-8 file name; pick one with --as")))?
+                .to_string(),
+        ],
     };
-    validate_name(&name).map_err(|e| {
-        Error::Usage(format!("cannot send as \"{}\": {e} (pick another with --as)", escape(&name)))
-    })?;
+    if let [name] = &path[..] {
+        validate_name(name).map_err(|e| {
+            Error::Usage(format!("cannot send as \"{}\": {e} (pick another with --as)", escape(name)))
+        })?;
+    }
     Ok(Item {
-        path: vec![name],
+        path,
         source: opts.file.clone(),
         file: Some(Stamp::of(&meta)),
         mode: meta.mode() & 0o777,

@@ -394,3 +394,23 @@ fn what_cannot_be_read_is_reported_by_path_and_the_rest_is_sent() {
     assert_eq!(fs::read(rx.dir.join("d/a.txt")).unwrap(), b"readable", "{}", run.report());
     assert!(run.stdout().contains("1 verified") || run.stdout().contains("2 verified"), "{}", run.report());
 }
+
+#[test]
+fn as_renames_a_folder_or_puts_a_file_at_a_path_inside_dir() {
+    // Before: --as on a folder was silently ignored and `--as sub/x.txt` was refused.
+    let rx = Receiver::start(&["--quiet"]);
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("tree");
+    fs::create_dir_all(tree.join("sub")).unwrap();
+    fs::write(tree.join("sub/a.txt"), b"in a folder").unwrap();
+    let one = src.path().join("one.txt");
+    fs::write(&one, b"one file").unwrap();
+    send(&one, &rx.target(), &["--as", "backups/2024/renamed.txt"]).expect(0);
+    assert_eq!(fs::read(rx.dir.join("backups/2024/renamed.txt")).unwrap(), b"one file");
+    send(&tree, &rx.target(), &["--as", "trees/t2"]).expect(0);
+    assert_eq!(fs::read(rx.dir.join("trees/t2/sub/a.txt")).unwrap(), b"in a folder");
+    assert!(!rx.dir.join("tree").exists());
+    // Still a path inside DIR, component by component.
+    let run = send(&one, &rx.target(), &["--as", "a/../../x"]).expect(2);
+    assert!(run.stderr().contains("\"..\""), "{}", run.report());
+}
