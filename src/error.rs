@@ -67,6 +67,9 @@ pub enum Error {
     Protocol { peer: String, source: ProtocolError },
     #[error("{0}")]
     Auth(String),
+    /// A transfer cut off after some of it arrived: sending again resumes.
+    #[error("{0} (what arrived is kept on the receiver: sending the same files again resumes from there)")]
+    Resumable(Box<Error>),
     #[error("{failed} of {total} entries failed; the first: {first}")]
     Batch { failed: usize, total: usize, first: String, code: Exit },
 }
@@ -86,6 +89,7 @@ impl Error {
             Error::Io { .. } => Exit::Io,
             Error::Protocol { .. } => Exit::Protocol,
             Error::Auth(_) => Exit::Auth,
+            Error::Resumable(e) => e.exit(),
             Error::Batch { code, .. } => *code,
         }
     }

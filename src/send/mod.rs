@@ -193,14 +193,13 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
     if let Some(e @ Error::Protocol { .. }) = cause {
         return Err(e);
     }
-    // Cut off mid-transfer after bytes went out: they are kept on the receiver.
-    if matches!(cause, Some(Error::Connection { .. } | Error::Timeout { .. })) && overall.position() > 0 {
-        progress.line(
-            "xfer: what arrived is kept on the receiver: sending the same files again resumes from there",
-            true,
-        );
-    }
-    let mut cause = cause;
+    // Cut off mid-transfer after bytes went out: they are kept on the receiver, and the error
+    // says what to do next.
+    let cut = overall.position() > 0;
+    let mut cause = cause.map(|e| match e {
+        e @ (Error::Connection { .. } | Error::Timeout { .. }) if cut => Error::Resumable(Box::new(e)),
+        e => e,
+    });
     let mut entries = Vec::with_capacity(plan.entries.len() + plan.refused.len() + plan.unreadable.len());
     for (i, entry) in plan.entries.iter().enumerate() {
         let outcome = match (run.outcomes[i].take(), &cause) {
