@@ -51,11 +51,39 @@ impl Receiver {
         let secure = args.iter().any(|a| *a == "--code-file" || *a == "--remember")
             || envs.iter().any(|(k, _)| *k == "XFER_CODE");
         let listen = if args.contains(&"--listen") { &[][..] } else { &["--listen", "127.0.0.1:0"][..] };
+        // A port a test chose (to restart a receiver on it) may be taken for a moment by another
+        // test's outgoing connection: try again for a while before calling it a failure.
+        let mut tries = 0;
+        loop {
+            let rx = Receiver::spawn(&root, &dir, listen, secure, args, envs);
+            match rx {
+                Ok((child, addr, stderr, stderr_reader)) => {
+                    return Receiver { child, addr, root, dir, stderr, stderr_reader };
+                }
+                Err(said) if said.contains("Address already in use") && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(said) => panic!("{said}"),
+            }
+        }
+    }
+
+    /// Starts one `xfer recv`; its address, or what it said when it did not start.
+    #[allow(clippy::type_complexity)]
+    fn spawn(
+        root: &tempfile::TempDir,
+        dir: &Path,
+        listen: &[&str],
+        secure: bool,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<(Child, SocketAddr, Arc<Mutex<String>>, std::thread::JoinHandle<()>), String> {
         let mut child = Command::new(BIN)
             .arg("recv")
             .args(listen)
             .arg("--dir")
-            .arg(&dir)
+            .arg(dir)
             .args(if secure { &[][..] } else { &["--insecure"][..] })
             .args(args)
             .env("XDG_CONFIG_HOME", root.path().join("config"))
@@ -78,13 +106,12 @@ impl Receiver {
         });
         let mut first = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
-        let addr = first
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("first stdout line was {first:?}; stderr: {}", stderr.lock().unwrap()))
-            .trim()
-            .parse()
-            .unwrap();
-        Receiver { child, addr, root, dir, stderr, stderr_reader }
+        let Some(addr) = first.strip_prefix("listening on ") else {
+            let _ = child.wait();
+            let _ = stderr_reader.join();
+            return Err(format!("first stdout line was {first:?}; stderr: {}", stderr.lock().unwrap()));
+        };
+        Ok((child, addr.trim().parse().unwrap(), stderr, stderr_reader))
     }
 
     pub fn target(&self) -> String {
