@@ -414,3 +414,58 @@ fn as_renames_a_folder_or_puts_a_file_at_a_path_inside_dir() {
     let run = send(&one, &rx.target(), &["--as", "a/../../x"]).expect(2);
     assert!(run.stderr().contains("\"..\""), "{}", run.report());
 }
+
+#[test]
+fn json_lines_follow_the_documented_schema() {
+    let rx = Receiver::start(&["--quiet"]);
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("j");
+    fs::create_dir_all(tree.join("sub")).unwrap();
+    fs::write(tree.join("sub/a.txt"), b"json a").unwrap();
+    // A name the receiver would refuse, holding a terminal escape: a failed entry, exit 2.
+    fs::write(tree.join("b\u{1b}[31m.txt"), b"json b").unwrap();
+    let run = send(&tree, &rx.target(), &["--json"]).expect(2);
+    assert!(!run.stdout().contains('\u{1b}'), "a raw escape on stdout: {}", run.report());
+    let lines: Vec<serde_json::Value> = run
+        .stdout()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let (entries, summary) = lines.split_at(lines.len() - 1);
+    assert_eq!(entries.len(), 4, "{}", run.report());
+    for e in entries {
+        assert_eq!(e["type"], "entry");
+        assert!(e["size"].is_u64() && e["path"].is_string(), "{e}");
+        match e["outcome"].as_str() {
+            Some("verified") => assert!(e["stored_as"].is_string(), "{e}"),
+            Some("failed") => {
+                assert_eq!(e["exit"], 2, "{e}");
+                assert!(e["error"].as_str().unwrap().contains("control"), "{e}");
+                assert!(
+                    e["path"].as_str().unwrap().ends_with("b\u{1b}[31m.txt"),
+                    "the exact name parses back: {e}"
+                );
+            }
+            other => panic!("outcome {other:?}: {e}"),
+        }
+        if e["kind"] == "file" && e["outcome"] == "verified" {
+            assert_eq!(e["hash"], "sha256");
+            assert_eq!(e["digest"].as_str().unwrap().len(), 64);
+        }
+    }
+    let s = &summary[0];
+    assert_eq!(
+        (s["type"].as_str(), s["entries"].as_u64(), s["files"].as_u64()),
+        (Some("summary"), Some(4), Some(1))
+    );
+    assert_eq!(
+        (s["verified"].as_u64(), s["failed"].as_u64(), s["exit"].as_u64()),
+        (Some(3), Some(1), Some(2))
+    );
+    assert!(s["seconds"].is_f64() && s["bytes"].is_u64() && s["sent"].is_u64());
+    // A send that fails as a whole: one error line, and the exit code as without --json.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let run = send(&tree.join("sub"), &free, &["--json"]).expect(3);
+    let e: serde_json::Value = serde_json::from_str(run.stdout().trim()).unwrap();
+    assert_eq!((e["type"].as_str(), e["exit"].as_u64()), (Some("error"), Some(3)));
+}
