@@ -104,7 +104,7 @@ fn receiver_random() -> Random<'static> {
     Random::Fixed { spake: [0x66; 32], ephemeral: &RECEIVER_EPHEMERAL }
 }
 
-fn code() -> &'static Code {
+fn fixed_code() -> &'static Code {
     static PARSED: OnceLock<Code> = OnceLock::new();
     PARSED.get_or_init(|| Code::parse(CODE).expect("a code from the word list"))
 }
@@ -158,7 +158,7 @@ pub fn handshake(data: &[u8]) {
     let (sender, receiver) = (identity(SENDER_KEY, SENDER_PUB), identity(RECEIVER_KEY, RECEIVER_PUB));
 
     if let Ok((state, step2)) =
-        handshake::receiver_code_start(code(), &receiver, first, true, receiver_random())
+        handshake::receiver_code_start(fixed_code(), &receiver, first, true, receiver_random())
     {
         sent(&step2);
         if let Ok((_, keys)) = state.finish(m3) {
@@ -173,7 +173,7 @@ pub fn handshake(data: &[u8]) {
         distinct(&keys);
     }
 
-    let (state, _) = handshake::sender_code_start(code(), &sender, sender_random());
+    let (state, _) = handshake::sender_code_start(fixed_code(), &sender, sender_random());
     if let Ok(reply) = handshake::sender_code_reply(state, first) {
         let (m3, keys) = reply.finish();
         sent(&m3);
@@ -214,9 +214,9 @@ pub fn handshake_seeds() -> Vec<(&'static str, Vec<u8>)> {
         let (m3, _) = handshake::sender_code_reply(st, &step2).expect("a real step 2 opens").finish();
         ([handshake_frame(&step1), handshake_frame(&m3)].concat(), handshake_frame(&step2))
     };
-    let (code_receiver, code_sender) = code_run(code(), code());
-    let (wrong_receiver, _) = code_run(&other, code());
-    let (_, wrong_sender) = code_run(code(), &other);
+    let (code_receiver, code_sender) = code_run(fixed_code(), fixed_code());
+    let (wrong_receiver, _) = code_run(&other, fixed_code());
+    let (_, wrong_sender) = code_run(fixed_code(), &other);
     let (_, pinned) = handshake::sender_pinned_start(&sender, &RECEIVER_PUB, sender_random());
     let (_, reply) = handshake::receiver_pinned(&receiver, &pinned, receiver_random())
         .expect("a real pinned step 1 opens");
@@ -428,7 +428,7 @@ mod tests {
         let (sender, receiver) = (identity(SENDER_KEY, SENDER_PUB), identity(RECEIVER_KEY, RECEIVER_PUB));
         let steps = handshake_steps(&seed(&seeds, "seed-code-receiver"));
         let (state, _) =
-            handshake::receiver_code_start(code(), &receiver, &steps[0], true, receiver_random())
+            handshake::receiver_code_start(fixed_code(), &receiver, &steps[0], true, receiver_random())
                 .ok()
                 .unwrap();
         let (who, _) = state.finish(&steps[1]).unwrap();
@@ -436,14 +436,14 @@ mod tests {
 
         let steps = handshake_steps(&seed(&seeds, "seed-code-receiver-wrong-code"));
         let (state, _) =
-            handshake::receiver_code_start(code(), &receiver, &steps[0], true, receiver_random())
+            handshake::receiver_code_start(fixed_code(), &receiver, &steps[0], true, receiver_random())
                 .ok()
                 .unwrap();
         assert!(matches!(state.finish(&steps[1]), Err(handshake::HsError::WrongCode)));
 
         for name in ["seed-code-sender", "seed-code-sender-wrong-code"] {
             let steps = handshake_steps(&seed(&seeds, name));
-            let (state, _) = handshake::sender_code_start(code(), &sender, sender_random());
+            let (state, _) = handshake::sender_code_start(fixed_code(), &sender, sender_random());
             let reply = handshake::sender_code_reply(state, &steps[0]).unwrap();
             assert_eq!(reply.receiver, RECEIVER_PUB);
         }

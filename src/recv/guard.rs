@@ -72,7 +72,7 @@ impl Guard {
     }
 
     /// The code in force, or `None` once retired for good.
-    pub fn code(&self) -> Option<Code> {
+    pub fn current_code(&self) -> Option<Code> {
         self.lock().code.clone()
     }
 
@@ -144,16 +144,16 @@ mod tests {
     #[test]
     fn wrong_codes_retire_the_code() {
         let g = Guard::new(Code::generate(), Box::new(|| None));
-        let first = g.code().unwrap();
+        let first = g.current_code().unwrap();
         for _ in 0..AUTH_MAX_WRONG - 1 {
             g.wrong();
         }
-        assert_eq!(g.code(), Some(first));
+        assert_eq!(g.current_code(), Some(first));
         g.wrong();
-        assert_eq!(g.code(), None, "an operator's code stops working");
+        assert_eq!(g.current_code(), None, "an operator's code stops working");
         let renewed = Guard::new(Code::generate(), Box::new(|| Some(Code::generate())));
-        let before = renewed.code().unwrap();
+        let before = renewed.current_code().unwrap();
         (0..AUTH_MAX_WRONG).for_each(|_| renewed.wrong());
-        assert_ne!(renewed.code().unwrap(), before, "a generated code is replaced");
+        assert_ne!(renewed.current_code().unwrap(), before, "a generated code is replaced");
     }
 }

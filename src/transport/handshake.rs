@@ -399,7 +399,7 @@ fn receive_code(r: &mut FrameReader, w: &mut FrameWriter, admit: &Admit, step1: 
     let (Some(me), Some(guard)) = (admit.identity, admit.guard) else {
         unreachable!("a secure receiver has an identity and a guard")
     };
-    let Some(code) = guard.code() else {
+    let Some(code) = guard.current_code() else {
         return Err(refuse_plain(
             w,
             RejectCode::AuthFailed,
@@ -412,7 +412,7 @@ fn receive_code(r: &mut FrameReader, w: &mut FrameWriter, admit: &Admit, step1: 
     let m3 = read_step(r, "waiting for the handshake's last step")?;
     // A code retired (or replaced) while this handshake ran is not tested any more: the budget
     // bounds guesses at each code, not at each code and the handshakes begun before it went.
-    if guard.code().as_ref() != Some(&code) {
+    if guard.current_code().as_ref() != Some(&code) {
         return Err(refuse_plain(
             w,
             RejectCode::AuthFailed,
@@ -557,7 +557,7 @@ mod golden {
         Identity { private: Zeroizing::new(private), public: m[..32].try_into().unwrap() }
     }
 
-    fn code() -> Code {
+    fn fixed_code() -> Code {
         let w = crate::code::words();
         Code::parse(&format!("{}-{}-{}-{}", w[0], w[1], w[2], w[3])).unwrap()
     }
@@ -620,8 +620,8 @@ mod golden {
         let accept = frame(protocol::FrameKind::Message, &accept);
 
         // First contact: the code.
-        let (st, step1) = sender_code_start(&code(), &s, rs);
-        let (rst, step2) = receiver_code_start(&code(), &r, &step1, true, rr).unwrap();
+        let (st, step1) = sender_code_start(&fixed_code(), &s, rs);
+        let (rst, step2) = receiver_code_start(&fixed_code(), &r, &step1, true, rr).unwrap();
         let reply = sender_code_reply(st, &step2).unwrap();
         let (m3, ks) = reply.finish();
         let (_, kr) = rst.finish(&m3).unwrap();
@@ -629,7 +629,7 @@ mod golden {
         let sections = vec![
             (format!("sender's key pair: private {} public {}", crate::trust::hex(&s.private[..]), crate::trust::hex(&s.public)), vec![]),
             (format!("receiver's key pair: private {} public {}", crate::trust::hex(&r.private[..]), crate::trust::hex(&r.public)), vec![]),
-            (format!("code {:?}; ephemerals 33.. (sender) and 44.. (receiver); SPAKE2 seeds 55.. and 66..", code().expose()), vec![]),
+            (format!("code {:?}; ephemerals 33.. (sender) and 44.. (receiver); SPAKE2 seeds 55.. and 66..", fixed_code().expose()), vec![]),
             ("hello, both ways (plaintext)".into(), hello.clone()),
             ("sender: handshake frame (kind 03): mode 01 (code), A (33 bytes), Noise XXpsk3 m1 (48 bytes: e, tag)".into(), frame(protocol::FrameKind::Handshake, &step1)),
             ("receiver: handshake frame: B (33 bytes), m2 (97 bytes: e, ee, s, es, payload 01 = remembers senders, tags)".into(), frame(protocol::FrameKind::Handshake, &step2)),
