@@ -19,7 +19,7 @@ use crate::protocol::{
 };
 use crate::recv::manifest::validate;
 use crate::transport::handshake::{self, Keys, MODE_INSECURE, MODE_PINNED, Random};
-use crate::transport::records::{CipherState, Opener, PlainRefusal, PlainRefusalError, Sealer, TAG_LEN};
+use crate::transport::records::{CipherState, Opener, PlainRefusalError, Sealer, TAG_LEN};
 use crate::trust::Identity;
 
 /// A stream of frames: message frames until the first error (what is accepted writes back and
@@ -291,7 +291,7 @@ fn open_stream(data: &[u8], trickle: bool, every: u64, chunk: usize) -> (Vec<u8>
                     // Only the first frame may be a refusal in the clear.
                     assert!(!opener.opened_one() && out.is_empty());
                     assert!(len <= FrameKind::Message.limit());
-                    if let Ok(PlainRefusal(payload)) = opener.take_refusal(&mut wire, len) {
+                    if let Ok(payload) = opener.take_refusal(&mut wire, len) {
                         assert_eq!(payload.len(), len as usize);
                         let _ = decode_message(&payload);
                     }

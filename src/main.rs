@@ -213,7 +213,6 @@ fn report_json(result: Result<Report, Error>, opts: &xfer::send::SendOpts) -> Re
     }
     let failed = r.entries.iter().filter(|e| matches!(e.outcome, EntryOutcome::Failed(_))).count();
     match r.worst() {
-        Some(e) if r.single => Err(Error::Batch { failed, total: 1, first: e.to_string(), code: e.exit() }),
         Some(e) => Err(Error::Batch { failed, total: r.entries.len(), first: e.to_string(), code: e.exit() }),
         None => Ok(()),
     }

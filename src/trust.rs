@@ -69,6 +69,14 @@ struct Editing {
     _thread: std::sync::MutexGuard<'static, ()>,
 }
 
+/// Writes `bytes` to `path` as a new file only this user can read (mode 0600), synced; fails if
+/// `path` exists. Secrets and trust files are written this way (then renamed or linked in place).
+pub fn write_new_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -157,8 +165,7 @@ impl TrustStore {
         let tmp = self.dir.join(format!(".{name}.{}.tmp", std::process::id()));
         let ctx = |e| Error::io(format!("cannot write {}", path.display()), e);
         let _ = fs::remove_file(&tmp);
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(ctx)?;
-        f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(ctx)?;
+        write_new_private(&tmp, text.as_bytes()).map_err(ctx)?;
         Ok((tmp, path))
     }
 

@@ -5,8 +5,8 @@
 //! written there, mode 0600), or is made up and shown on the terminal. A receiver with none of
 //! these refuses to start: a code nobody can read would lock every sender out.
 
-use std::io::{IsTerminal, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::io::{IsTerminal, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::RecvOpts;
@@ -14,7 +14,7 @@ use super::guard::{AUTH_MAX_WRONG, Guard};
 use crate::code::Code;
 use crate::error::Error;
 use crate::progress::Progress;
-use crate::trust::{Identity, TrustStore};
+use crate::trust::{Identity, TrustStore, write_new_private};
 
 /// What a secure receiver holds.
 pub(crate) struct Secure {
@@ -68,9 +68,8 @@ fn write_code_file(path: &Path, code: &Code, fresh: bool) -> std::io::Result<()>
         name.push(format!(".{}.tmp", std::process::id()));
         path.with_file_name(name)
     };
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-    f.write_all(format!("{}\n{MADE_UP}\n", code.expose()).as_bytes())?;
-    f.sync_all()?;
+    let text = zeroize::Zeroizing::new(format!("{}\n{MADE_UP}\n", code.expose()));
+    write_new_private(&tmp, text.as_bytes())?;
     if !fresh {
         std::fs::rename(&tmp, path)?;
     }

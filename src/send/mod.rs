@@ -104,7 +104,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
     // manifest; its digests go out as they come, between bodies (or right after its body).
     // Keys, pin and (when this receiver needs one) the code come first: a prompt for the code
     // must not fight with the hashing bar.
-    let ready = secure::prepare(opts)?;
+    let mut ready = secure::prepare(opts)?;
     let (events, inbox) = mpsc::sync_channel(events::EVENT_QUEUE);
     let hashing_bar =
         progress.bytes("hashing", label.as_deref().unwrap_or(&format!("0/{files} files")), bytes);
@@ -118,7 +118,6 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
 
     // A busy receiver is waited for (up to --wait), trying again with growing pauses: 64 sends
     // started at once against one receiver all get through.
-    let mut ready = ready;
     let mut waiting: Option<Instant> = None;
     let status = progress.spinner(&format!("connecting to {} (waiting for its hello)", opts.to));
     let mut pause = Duration::from_millis(250 + u64::from(std::process::id() % 250));

@@ -483,9 +483,8 @@ fn receive_pinned(
 mod tests {
     use super::*;
 
-    fn identity(seed: u8) -> Identity {
+    fn identity() -> Identity {
         let kp = Builder::new(XX.parse().unwrap()).generate_keypair().unwrap();
-        let _ = seed;
         let mut private = Zeroizing::new([0u8; 32]);
         private.copy_from_slice(&kp.private);
         Identity { private, public: kp.public.try_into().unwrap() }
@@ -493,7 +492,7 @@ mod tests {
 
     #[test]
     fn code_handshake_agrees_and_a_wrong_code_fails_exactly_at_m3() {
-        let (s, rcv) = (identity(1), identity(2));
+        let (s, rcv) = (identity(), identity());
         let code = Code::generate();
         for (sender_code, right) in [(code.clone(), true), (Code::generate(), false)] {
             let (st, step1) = sender_code_start(&sender_code, &s, Random::System);
@@ -518,7 +517,7 @@ mod tests {
 
     #[test]
     fn pinned_handshake_needs_the_pinned_key() {
-        let (s, rcv, other) = (identity(1), identity(2), identity(3));
+        let (s, rcv, other) = (identity(), identity(), identity());
         let (st, step1) = sender_pinned_start(&s, &rcv.public, Random::System);
         let (sender, reply) = receiver_pinned(&rcv, &step1, Random::System).ok().unwrap();
         assert_eq!(sender, s.public);

@@ -3,7 +3,7 @@
 use std::io::{self, BufRead, BufReader, Read};
 use std::time::{Duration, Instant};
 
-use super::records::{CipherState, Opener, PlainRefusal, PlainRefusalError};
+use super::records::{CipherState, Opener, PlainRefusalError};
 use super::{RECV_BUF, Socket};
 use crate::error::{ChannelBroken, Error, Limit, is_timeout};
 use crate::protocol::{
@@ -263,11 +263,12 @@ impl FrameReader {
     }
 
     /// The first frame on a secure connection was a message in the clear: the peer's refusal
-    /// (its side of the handshake failed). Anything but a `Reject` there is a protocol error.
+    /// (its side of the code handshake failed). Only `AuthFailed` and `Busy` may come so; anything
+    /// else breaks the channel.
     fn plain_refusal(&mut self, len: u32) -> Result<Message, WireError> {
         let ch = self.inner.get_mut();
         let opener = ch.open.as_mut().expect("only an opener reports a plaintext refusal");
-        let PlainRefusal(payload) = opener.take_refusal(&mut ch.raw, len)?;
+        let payload = opener.take_refusal(&mut ch.raw, len)?;
         // Only what a receiver may say after checking a code: the code was wrong, or its guess
         // budget is spent. Anything else in the clear is someone on the path.
         match protocol::decode_message(&payload)? {

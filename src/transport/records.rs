@@ -201,10 +201,6 @@ pub(crate) struct Opener {
     plain_refusals: bool,
 }
 
-/// What the first frame on a secure connection turned out to be, when it is not a record: the
-/// peer's plaintext refusal (sent when the handshake failed on its side).
-pub(crate) struct PlainRefusal(pub Vec<u8>);
-
 impl Opener {
     pub(crate) fn new(cipher: CipherState, idle: Option<Duration>, min_rate: u64) -> Opener {
         Opener {
@@ -341,10 +337,10 @@ impl Opener {
     }
 
     /// After [`PlainRefusalError`]: the refusal's message payload, read in the clear.
-    pub(crate) fn take_refusal<R: Read>(&mut self, inner: &mut R, len: u32) -> io::Result<PlainRefusal> {
+    pub(crate) fn take_refusal<R: Read>(&mut self, inner: &mut R, len: u32) -> io::Result<Vec<u8>> {
         let mut payload = vec![0u8; len as usize];
         inner.read_exact(&mut payload)?;
-        Ok(PlainRefusal(payload))
+        Ok(payload)
     }
 }
 
@@ -419,7 +415,7 @@ impl RecordOpener {
         match self.opener.read(inner, out) {
             Err(e) => match e.get_ref().and_then(|i| i.downcast_ref::<PlainRefusalError>()) {
                 Some(&PlainRefusalError(len)) => {
-                    let PlainRefusal(payload) = self.opener.take_refusal(inner, len)?;
+                    let payload = self.opener.take_refusal(inner, len)?;
                     let header = FrameHeader { kind: FrameKind::Message, len }.encode();
                     self.refusal = [&header[..], &payload].concat();
                     self.passthrough = true;
