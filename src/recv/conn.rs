@@ -32,10 +32,16 @@ pub(super) fn handle_logged<H>(
     let result = handle(shared, stream, &peer.to_string(), &mut seen);
     let elapsed = start.elapsed();
     drop(held);
+    // What was listed, then what actually arrived: a refused, resumed or cut transfer moves less
+    // than it listed.
     let what = match (&seen.name, seen.size) {
-        (Some(n), Some(s)) => format!("\"{}\" {}", escape(n), human_bytes(s)),
+        (Some(n), Some(s)) => format!("\"{}\" ({})", escape(n), human_bytes(s)),
         (Some(n), None) => format!("\"{}\"", escape(n)),
         _ => "(no offer)".to_string(),
+    };
+    let moved = match seen.received {
+        0 => "nothing received".to_string(),
+        n => format!("{} received", human_bytes(n)),
     };
     let resumed =
         if seen.resumed > 0 { format!(" (resumed at {} bytes)", seen.resumed) } else { String::new() };
@@ -45,11 +51,9 @@ pub(super) fn handle_logged<H>(
         Ok(s) => format!("verified, stored as \"{}\"{resumed}", escape(&s.name)),
         Err(e) => format!("failed: {e}"),
     };
-    let line = format!(
-        "{peer} {what} in {:.2} s ({}): {outcome}",
-        elapsed.as_secs_f64(),
-        human_rate(seen.received, elapsed)
-    );
+    let rate =
+        if seen.received > 0 { format!(" ({})", human_rate(seen.received, elapsed)) } else { String::new() };
+    let line = format!("{peer} {what}: {moved} in {:.2} s{rate}, {outcome}", elapsed.as_secs_f64());
     shared.progress.line(&line, true);
     (result, seen.name.is_some())
 }

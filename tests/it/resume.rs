@@ -111,6 +111,17 @@ fn resend_and_check(rx: &Receiver, path: &std::path::Path, data: &[u8]) -> crate
     assert!(moved < SIZE as u64 - offset + (64 << 10), "moved {moved} bytes after resuming at {offset}");
     rx.assert_files(&["big.bin"]);
     assert!(std::fs::read(rx.dir.join("big.bin")).unwrap() == data, "resumed file differs");
+    // The receiver's log says what arrived, not what was listed: about the half that was left.
+    let line = rx.wait_log(&format!("(resumed at {offset} bytes)"));
+    let line =
+        line.lines().rfind(|l| l.contains(&format!("(resumed at {offset} bytes)"))).unwrap().to_string();
+    let received: f64 = line
+        .split("\"big.bin\" (64.0 MiB): ")
+        .nth(1)
+        .and_then(|t| t.split(" MiB received").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no size received in {line}"));
+    assert!((30.0..=34.0).contains(&received), "{line}");
     run
 }
 

@@ -191,6 +191,10 @@ fn an_uncached_send_of_a_file_the_receiver_has_sends_no_body() {
     send(&path, &rx.target(), &["--no-cache"]).expect(0);
     let again = send(&path, &rx.target(), &["--no-cache"]).expect(0);
     assert!(again.stdout().contains("receiver already has it as \"have.bin\""), "{}", again.report());
+    // Its log says nothing arrived (it used to give the listed 2 MiB as if received).
+    let log = rx.wait_log("already have it");
+    let line = log.lines().find(|l| l.contains("already have it")).unwrap();
+    assert!(line.contains("\"have.bin\" (2.0 MiB): nothing received in "), "{line}");
     // A different file of the same name and size: answered once its digest came, then sent
     // beside it.
     let other = random_bytes(2 << 20, 10);
