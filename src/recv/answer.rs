@@ -81,6 +81,13 @@ pub(super) fn answer_file(
     // In a folder this transfer just created there is nothing to compare with or resume:
     // no lookups at all (the renames stay no-replace, whatever appears meanwhile).
     if !resumable && dirs.created.contains(parent_path) {
+        if let Some(reservation) = room {
+            let need = Room::file(size, false, reservation.block());
+            if let Err(available) = reservation.grow(need)? {
+                let reason = no_room("this file", need, available);
+                return Ok(Some((Answer::Reject { code: RejectCode::InsufficientSpace, reason }, None)));
+            }
+        }
         return send(plan(0, None, false, None));
     }
     let parent = dirs.get(parent_path)?;
@@ -102,10 +109,20 @@ pub(super) fn answer_file(
         }
     }
     if let Some(reservation) = room {
-        let need = Room::file(size, resumable, reservation.block());
+        let block = reservation.block();
+        let need = match Partial::held_for(parent, name, &id) {
+            0 => Room::file(size, resumable, block),
+            // The partial and its record are there: only the rest of the bytes.
+            held => Room { bytes: round_up(size - held, block), inodes: 0 },
+        };
         if let Err(available) = reservation.grow(need)? {
-            let what =
-                if rules.overwrite { "a replacement" } else { "a copy beside a file of the same size" };
+            let what = if rules.overwrite {
+                "a replacement"
+            } else if store::same_size_exists(parent, name, size, false)? {
+                "a copy beside a file of the same size"
+            } else {
+                "this file"
+            };
             let reason = no_room(what, need, available);
             return Ok(Some((Answer::Reject { code: RejectCode::InsufficientSpace, reason }, None)));
         }
@@ -154,6 +171,9 @@ pub(super) fn no_room(what: &str, need: Room, available: Room) -> String {
 /// What the transfer will probably need, reserved when it is accepted.
 pub(super) struct Needed {
     pub room: Room,
+    /// The part of `room` the new folders take: what a batch that does not fit whole reserves
+    /// before its files reserve their own, one by one (see [`Needed::per_file`]).
+    pub folders: Room,
     /// By entry: a file not counted because a same-size regular file is at its path (most likely
     /// the same content: re-sending a tree must not need its size twice). If it is not, it
     /// reserves its own room before it is answered `Send` (see [`answer_file`]).
@@ -167,7 +187,8 @@ pub(super) struct Needed {
 pub(super) fn likely_needed(root: &SafeDir, entries: &[Entry], block: u64) -> io::Result<Needed> {
     let single = super::manifest::is_single(entries);
     let mut dirs = Dirs::new(root)?;
-    let mut room = Room::entry(block) * new_folders(&mut dirs, entries);
+    let folders = Room::entry(block) * new_folders(&mut dirs, entries);
+    let mut room = folders;
     let mut uncounted = vec![false; entries.len()];
     for (i, e) in entries.iter().enumerate() {
         let EntryKind::File { size, hash, tag } = e.kind else { continue };
@@ -189,7 +210,17 @@ pub(super) fn likely_needed(root: &SafeDir, entries: &[Entry], block: u64) -> io
             held => Room { bytes: round_up(size - held, block), inodes: 0 },
         };
     }
-    Ok(Needed { room, uncounted })
+    Ok(Needed { room, folders, uncounted })
+}
+
+impl Needed {
+    /// A batch that does not fit whole is refused per file instead: only its folders are
+    /// reserved up front, and every file reserves its own room before it is answered `Send`, in
+    /// manifest order, or is answered `Reject { InsufficientSpace }` when none is left.
+    pub fn per_file(self, entries: &[Entry]) -> Needed {
+        let uncounted = entries.iter().map(|e| matches!(e.kind, EntryKind::File { .. })).collect();
+        Needed { room: self.folders, folders: self.folders, uncounted }
+    }
 }
 
 /// How many folders the entries need that are not there: folders listed, and folders implied by

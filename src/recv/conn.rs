@@ -196,15 +196,22 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
     };
     // Room for what will probably be written (see `likely_needed`): files, records, folders, in
     // blocks and inodes; a file it does not count reserves its own before it is answered.
-    let needed = shared
-        .space
-        .block_size()
-        .and_then(|block| likely_needed(&root, &entries, block))
-        .and_then(|needed| Ok((shared.space.reserve(needed.room)?, needed)));
+    // A batch that does not fit whole is answered file by file: what fits is sent, the rest is
+    // refused for space (like rsync, which sends what it can).
+    let needed = shared.space.block_size().and_then(|block| likely_needed(&root, &entries, block)).and_then(
+        |needed| match shared.space.reserve(needed.room)? {
+            Err(_) if !single => {
+                let needed = needed.per_file(&entries);
+                Ok((shared.space.reserve(needed.room)?, needed))
+            }
+            reserved => Ok((reserved, needed)),
+        },
+    );
     let (reservation, uncounted) = match needed {
         Ok((Ok(r), needed)) => (r, needed.uncounted),
         Ok((Err(available), needed)) => {
-            let reason = no_room(if single { "file" } else { "batch" }, needed.room, available);
+            let what_needs = if single { "file" } else { "the batch's folders alone" };
+            let reason = no_room(what_needs, needed.room, available);
             drop((entries, needed));
             drop(held);
             return Err(refuse((&mut r, &mut w), RejectCode::InsufficientSpace, reason, &what, None));

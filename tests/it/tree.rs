@@ -180,12 +180,36 @@ fn hostile_manifests_are_refused_before_any_write() {
         assert_refused(reply, code, needle);
         rx.assert_files(&[]);
     }
-    // A total beyond free space.
-    let free = xfer::store::free_space(&rx.dir).unwrap();
-    let mut huge = file(&["huge"], b"");
-    huge.kind = EntryKind::File { size: free + (1 << 30), hash: HashAlg::Sha256, tag: [0; 16] };
-    assert_refused(offer_manifest(&rx, vec![dir(&["t"]), huge]), RejectCode::InsufficientSpace, "free");
     rx.assert_files(&[]);
+}
+
+#[test]
+fn a_batch_that_does_not_fit_whole_is_refused_file_by_file() {
+    // A folder and a file larger than the free space: the batch is accepted, the folder made,
+    // and only the file that cannot fit is refused, before its body (it used to refuse it all).
+    let rx = Receiver::start(&["--quiet"]);
+    let free = xfer::store::free_space(&rx.dir).unwrap();
+    let mut huge = file(&["t", "huge"], b"");
+    huge.kind = EntryKind::File { size: free + (1 << 30), hash: HashAlg::Sha256, tag: [0; 16] };
+    let mut p = RawPeer::greet(rx.addr);
+    let manifest = Message::Manifest(protocol::ManifestPart { entries: vec![dir(&["t"]), huge], last: true });
+    protocol::write_message(&mut p.stream, &manifest).unwrap();
+    assert!(crate::util::is_accept(&p.read().unwrap()));
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match p.read().expect("answers") {
+            Message::Answers(part) => got.extend(part.answers),
+            other => panic!("expected answers, got {other:?}"),
+        }
+    }
+    assert_eq!(got[0], protocol::Answer::Send { offset: 0 }, "{got:?}");
+    assert!(
+        matches!(&got[1], protocol::Answer::Reject { code: RejectCode::InsufficientSpace, reason } if reason.contains("free")),
+        "{got:?}"
+    );
+    drop(p);
+    rx.wait_log("batch of 2 entries");
+    rx.assert_files(&["t"]);
 }
 
 #[test]
@@ -271,15 +295,26 @@ fn resending_a_tree_that_is_there_does_not_need_its_size_again() {
     // 4 MiB stored, about 2 MiB free: the tree is there, so the repeat must not be refused.
     let again = send(&tree, &rx.target(), &[]).expect(0);
     assert!(again.stdout().contains("5 already there"), "{}", again.report());
-    // A different tree of the same size does not fit and is refused before any write.
+    // A different tree of the same size does not fit whole: what fits is sent, the rest is
+    // refused file by file for space, and the send exits 4.
     let other = src.path().join("u");
     fs::create_dir(&other).unwrap();
     for i in 0..4 {
         fs::write(other.join(format!("g{i}")), random_bytes(1 << 20, 10 + i)).unwrap();
     }
-    let run = send(&other, &rx.target(), &[]).expect(4);
+    let run = send(&other, &rx.target(), &["--verbose"]).expect(4);
     assert!(run.stderr().contains("free"), "{}", run.report());
-    assert!(!dir.join("u").exists());
+    let out = run.stdout();
+    let sent: Vec<_> = (0..4).filter(|i| out.contains(&format!("verified \"u/g{i}\""))).collect();
+    let refused = out.matches("failed \"u/g").count();
+    assert!(!sent.is_empty() && refused > 0 && sent.len() + refused == 4, "{}", run.report());
+    for i in 0..4 {
+        let there = dir.join("u").join(format!("g{i}"));
+        assert_eq!(there.exists(), sent.contains(&i), "u/g{i}\n{}", run.report());
+        if sent.contains(&i) {
+            assert!(fs::read(&there).unwrap() == fs::read(other.join(format!("g{i}"))).unwrap());
+        }
+    }
     drop(rx);
 }
 
