@@ -10,7 +10,7 @@ use crate::protocol::{
     MAX_CHUNK_LEN, MAX_DEPTH, MAX_DIGESTS_PER_PART, MAX_ENTRIES, MAX_HANDSHAKE_LEN, MAX_MESSAGE_LEN,
     MAX_NAME_LEN, MAX_PATH_LEN, MAX_REASON_LEN, MAX_RECORD_LEN, MAX_TOTAL_SIZE,
 };
-use crate::recv::{answer, body, durable, guard, litter, manifest, refuse, transfer};
+use crate::recv::{answer, body, durable, guard, litter, manifest, queue, refuse, transfer};
 
 const PROTOCOL_MD: &str = include_str!("../PROTOCOL.md");
 
@@ -98,6 +98,8 @@ fn expected() -> Vec<(&'static str, String)> {
         ("PEER_SHARE", n(crate::recv::PEER_SHARE as u64)),
         ("MAX_LINGERING", n(refuse::MAX_LINGERING as u64)),
         ("REFUSE_QUEUE", n(refuse::REFUSE_QUEUE as u64)),
+        ("QUEUE_TICK", secs(queue::QUEUE_TICK)),
+        ("QUEUE_WAIT", secs(queue::QUEUE_WAIT)),
         ("RECV_BUF", bytes(crate::transport::RECV_BUF as u64)),
         ("PIPELINE_BUFFERS", n(body::PIPELINE_BUFFERS as u64)),
         ("GROUP_FILES", n(durable::GROUP_FILES as u64)),

@@ -125,6 +125,16 @@ pub struct Reject {
     pub reason: String,
 }
 
+/// Receiver → sender, in place of the acceptance while every transfer slot is taken: the manifest
+/// waits in the receiver's queue with `ahead` transfers before it, and keeps its place. Sent when
+/// the position changes and at least every [`QUEUE_TICK`](crate::recv::QUEUE_TICK), so a queued
+/// sender's idle timeout is fed; the acceptance (or a refusal) follows when its turn comes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Queued {
+    /// Manifests waiting before this one.
+    pub ahead: u32,
+}
+
 /// Receiver → sender: the outcome of one file after its body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
@@ -155,6 +165,8 @@ pub enum Message {
     FileVerdict(FileVerdict),
     /// Receiver → sender (variant 6).
     Reject(Reject),
+    /// Receiver → sender (variant 7), only before the acceptance.
+    Queued(Queued),
 }
 
 impl Message {
@@ -168,6 +180,7 @@ impl Message {
             Message::Withdraw(_) => "withdraw",
             Message::FileVerdict(_) => "file verdict",
             Message::Reject(_) => "reject",
+            Message::Queued(_) => "queued",
         }
     }
 }

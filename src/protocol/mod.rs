@@ -1,4 +1,4 @@
-//! The xfer wire protocol, version 5. PROTOCOL.md is the full specification; this is its summary.
+//! The xfer wire protocol, version 6. PROTOCOL.md is the full specification; this is its summary.
 //!
 //! Roles: the *receiver* listens, the *sender* connects. One connection carries one transfer: a
 //! single file is a transfer of one entry, a folder or several paths a transfer of many; there is
@@ -38,7 +38,7 @@ pub use frame::{
 };
 pub use messages::{
     Answer, AnswersPart, Body, Digest, DigestsPart, Entry, EntryKind, FileVerdict, HashAlg, ManifestPart,
-    Message, Reject, RejectCode, Verdict, Withdraw, bounded_reason, decode_message, encode_message,
+    Message, Queued, Reject, RejectCode, Verdict, Withdraw, bounded_reason, decode_message, encode_message,
 };
 
 use std::io::{self, Read, Write};
@@ -49,7 +49,7 @@ pub const MAGIC: [u8; 8] = *b"\x89XFR\r\n\x1a\n";
 
 /// The protocol version this build speaks. Bumped for any incompatible change to frames or
 /// messages; message variants are never renumbered within a version.
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 
 /// Digests per `DigestsPart` a sender puts in one message (33 bytes each, well within a frame).
 pub const MAX_DIGESTS_PER_PART: usize = 1024;

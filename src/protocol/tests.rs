@@ -116,6 +116,7 @@ fn golden() -> Vec<(&'static str, Message)> {
             "reject.hex",
             Message::Reject(Reject { code: RejectCode::InvalidName, reason: "name is empty".into() }),
         ),
+        ("queued.hex", Message::Queued(Queued { ahead: 3 })),
     ]
 }
 

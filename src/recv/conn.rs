@@ -7,12 +7,13 @@ use std::time::Instant;
 
 use super::answer::{likely_needed, no_room};
 use super::manifest::{self, ManifestError};
+use super::queue::{self, Left};
 use super::refuse::LINGER;
 use super::transfer::{Seen, Transfer};
-use super::{InFlight, PEER_SHARE, Shared, Stored, peer_key, take_slot};
+use super::{InFlight, PEER_SHARE, Shared, Stored, peer_key};
 use crate::error::{Error, Limit};
 use crate::progress::{human_bytes, human_rate};
-use crate::protocol::{AnswersPart, Message, ProtocolError, Reject, RejectCode, bounded_reason};
+use crate::protocol::{AnswersPart, Message, ProtocolError, Queued, Reject, RejectCode, bounded_reason};
 use crate::sanitize::escape;
 use crate::store::SafeDir;
 use crate::transport::handshake::{self, Admit};
@@ -32,6 +33,8 @@ pub(super) fn handle_logged<H>(
     let result = handle(shared, stream, &peer.to_string(), &mut seen);
     let elapsed = start.elapsed();
     drop(held);
+    // Its transfer slot, if it had one, is free: the next manifest in line may take it.
+    shared.line.wake();
     // What was listed, then what actually arrived: a refused, resumed or cut transfer moves less
     // than it listed.
     let what = match (&seen.name, seen.size) {
@@ -130,16 +133,27 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
     // refusal lingers, so a refused peer holds nothing (freeing the entries before the pool
     // credit keeps the pool true to what is allocated).
     // One address may hold at most its share of the transfer slots, as of the connections.
+    // A complete manifest that finds every slot taken waits in line (told its place); one still
+    // coming is refused as busy, since reading more of it would take memory without a slot.
     let share = (opts.max_transfers / PEER_SHARE).max(1);
-    let Some(mine) = shared.per_peer_transfers.slot(ip, share) else {
-        drop(m);
-        let reason = format!("receiver busy: {share} transfers already in progress from this address");
-        return Err(refuse((&mut r, &mut w), RejectCode::Busy, reason, &what, None));
-    };
-    let Some(slot) = take_slot(&shared.transfers, opts.max_transfers) else {
-        drop((m, mine));
-        let reason = format!("receiver busy: {} transfers in progress, try again later", opts.max_transfers);
-        return Err(refuse((&mut r, &mut w), RejectCode::Busy, reason, &what, None));
+    let tell = |ahead| w.message(&Message::Queued(Queued { ahead })).and_then(|()| w.flush());
+    let (slot, mine) = match shared.line.take(shared, (ip, share), m.last, tell) {
+        Ok(slots) => slots,
+        Err(left) => {
+            drop(m);
+            let reason = match left {
+                Left::Full => format!(
+                    "receiver busy: {} transfers in progress ({share} at most from one address), try again later",
+                    opts.max_transfers
+                ),
+                Left::TooLong => format!(
+                    "receiver busy: waited {} s in line for a transfer slot, try again later",
+                    queue::QUEUE_WAIT.as_secs()
+                ),
+                Left::Gone(e) => return Err(w.error("telling the sender its place in line", e.into())),
+            };
+            return Err(refuse((&mut r, &mut w), RejectCode::Busy, reason, &what, None));
+        }
     };
     let memory_busy =
         || "receiver busy: the memory set aside for manifests is in use, try again later".to_string();

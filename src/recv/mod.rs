@@ -1,8 +1,8 @@
 //! The receiver: accept senders, read and validate their manifests, write, verify, acknowledge.
 //!
 //! Each connection gets a thread (blocking I/O keeps back-pressure and fsync simple). The number
-//! of transfers in flight is bounded by `--max-transfers`; a manifest past it is refused as busy,
-//! and connections past a larger bound (or past one address's share of it) get a busy refusal
+//! of transfers in flight is bounded by `--max-transfers`; a manifest past it waits in line for a
+//! slot (`queue`), and connections past a larger bound (or past one address's share of it) get a busy refusal
 //! from one background thread (`refuse`) without a thread of their own. Every connection ends
 //! with one log line on stderr, and no failure of one transfer stops the receiver.
 //!
@@ -11,7 +11,7 @@
 //! verdicts), `answer` (one entry against the disk), `verify` (one announced body checked and
 //! queued, or failed alone), `body` (frames into a partial, hashed on the way),
 //! `durable` (groups made durable before they are acknowledged), `litter` (the partials each
-//! address leaves behind, bounded).
+//! address leaves behind, bounded), `queue` (the line manifests wait in for a slot).
 
 use std::collections::HashMap;
 use std::io;
@@ -32,6 +32,7 @@ pub(crate) mod durable;
 pub mod guard;
 pub(crate) mod litter;
 pub mod manifest;
+pub(crate) mod queue;
 pub(crate) mod refuse;
 mod secure;
 pub(crate) mod transfer;
@@ -100,6 +101,8 @@ struct Shared {
     litter: litter::Litter,
     /// Keys, code and guess budget; `None` with `--insecure`.
     secure: Option<secure::Secure>,
+    /// Manifests waiting for a transfer slot.
+    line: queue::Line,
 }
 
 /// How many connections (or transfers) each peer address holds.
@@ -116,6 +119,11 @@ impl PeerCounts {
         }
         *n += 1;
         true
+    }
+
+    /// How many `ip` holds.
+    fn count(&self, ip: IpAddr) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&ip).copied().unwrap_or(0)
     }
 
     fn release(&self, ip: IpAddr) {
@@ -226,6 +234,7 @@ impl Receiver {
             manifests: manifest::MemoryPool::new(manifest::MANIFEST_MEMORY),
             litter: litter::Litter::default(),
             secure,
+            line: queue::Line::default(),
         };
         Ok(Receiver { listener, shared: Arc::new(shared) })
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::Error;
 use crate::progress::Progress;
-use crate::protocol::{EntryKind, HashAlg, MAX_MESSAGE_LEN, ManifestPart, Message, RejectCode};
+use crate::protocol::{EntryKind, HashAlg, MAX_MESSAGE_LEN, ManifestPart, Message, Queued, RejectCode};
 use crate::sanitize::{escape, peer_text};
 use crate::transport::{self, FrameWriter};
 
@@ -122,7 +122,14 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
     let status = progress.spinner(&format!("connecting to {} (waiting for its hello)", opts.to));
     let mut pause = Duration::from_millis(250 + u64::from(std::process::id() % 250));
     let offered = loop {
-        match offer(opts, &mut ready, (&hashing_bar, &status), &plan.entries, label.as_deref()) {
+        match offer(
+            opts,
+            &mut ready,
+            (&hashing_bar, &status),
+            &plan.entries,
+            label.as_deref(),
+            (&mut waiting, progress),
+        ) {
             Err(e) => break Err(e),
             Ok(Offered::Accepted(c)) => break Ok(*c),
             Ok(Offered::Busy(e)) => {
@@ -276,6 +283,7 @@ fn offer(
     (bar, status): (&indicatif::ProgressBar, &indicatif::ProgressBar),
     entries: &[crate::protocol::Entry],
     label: Option<&str>,
+    (waiting, progress): (&mut Option<Instant>, &Progress),
 ) -> Result<Offered, Error> {
     let secure::Connected { mut r, mut w, peer, auth } = match secure::connect(opts, ready, bar) {
         Ok(c) => c,
@@ -300,11 +308,42 @@ fn offer(
     if sent.is_err() && !matches!(first, Ok(Message::Reject(_))) {
         return Err(sent.expect_err("checked"));
     }
-    let first = first?;
+    let mut first = first?;
     // The receiver's first record opened: it knew the code, and its key can be pinned.
     let sealed = r.records_opened();
     if sealed {
         secure::pin(&auth, &opts.to)?;
+    }
+    // Every slot is taken: the manifest waits in the receiver's line, which says how many are
+    // before it, until its turn (the acceptance) or --wait runs out.
+    while let Message::Queued(Queued { ahead }) = first {
+        if opts.wait.is_zero() {
+            let name = label.map_or_else(|| "the batch".to_string(), escape);
+            let reason =
+                format!("receiver busy: every transfer slot is taken, {ahead} ahead in its line (--wait 0)");
+            return Err(Error::Rejected { name, code: RejectCode::Busy, reason });
+        }
+        let since = *waiting.get_or_insert_with(|| {
+            let line = format!(
+                "xfer: receiver busy: {ahead} ahead in its line; waiting for our turn (up to --wait {} s)",
+                opts.wait.as_secs()
+            );
+            progress.line(&line, false);
+            Instant::now()
+        });
+        if since.elapsed() >= opts.wait {
+            let name = label.map_or_else(|| "the batch".to_string(), escape);
+            let reason = format!(
+                "receiver busy: still {ahead} ahead in its line after --wait {} s",
+                opts.wait.as_secs()
+            );
+            return Err(Error::Rejected { name, code: RejectCode::Busy, reason });
+        }
+        status.set_message(format!(
+            "waiting for the receiver: {ahead} ahead in its line (up to --wait {} s)",
+            opts.wait.as_secs()
+        ));
+        first = r.message().map_err(|e| r.error("waiting in the receiver's line", e))?;
     }
     match first {
         Message::Answers(part) if part.answers.is_empty() => Ok(Offered::Accepted(Box::new((r, w, peer)))),

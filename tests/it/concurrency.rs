@@ -65,6 +65,76 @@ fn past_the_transfer_limit_senders_are_refused_as_busy() {
     rx.assert_files(&["second"]);
 }
 
+/// `xfer send` in the background with its stderr in a file, to watch what it says while waiting.
+fn spawn_watched(
+    path: &std::path::Path,
+    target: &str,
+    args: &[&str],
+) -> (std::process::Child, tempfile::NamedTempFile) {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let child = std::process::Command::new(crate::util::BIN)
+        .args(["send", "--insecure"])
+        .args(args)
+        .arg(path)
+        .arg(target)
+        .env("XDG_CACHE_HOME", crate::util::test_cache_home())
+        .stdout(std::process::Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    (child, log)
+}
+
+fn wait_for_text(log: &tempfile::NamedTempFile, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never said {needle:?}:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_full_receiver_keeps_senders_in_line_and_says_how_many_are_ahead() {
+    // This address's one slot of two (its share) is held by a transfer that does not move: the
+    // senders that come next wait in line, told their place, and go in the order they came.
+    let rx = Receiver::start(&["--quiet", "--max-transfers", "2"]);
+    let mut holder = RawPeer::greet(rx.addr);
+    offer_accepted(&mut holder, "holder", 100);
+    let (_a_src, a) = source_file("first-in-line", &random_bytes(300_000, 1));
+    let (_b_src, b) = source_file("second-in-line", &random_bytes(300_000, 2));
+    let (mut first, first_log) = spawn_watched(&a, &rx.target(), &[]);
+    wait_for_text(&first_log, "receiver busy: 0 ahead in its line");
+    let (mut second, second_log) = spawn_watched(&b, &rx.target(), &[]);
+    wait_for_text(&second_log, "receiver busy: 1 ahead in its line");
+    // One that will not wait long gives up with exit 4 and says why.
+    let (_c_src, c) = source_file("impatient", b"impatient");
+    let run = send(&c, &rx.target(), &["--wait", "1"]).expect(4);
+    assert!(run.stderr().contains("2 ahead in its line after --wait 1 s"), "{}", run.report());
+    // Nothing moved while the slot was held; then they go, in the order they came.
+    assert!(first.try_wait().unwrap().is_none() && second.try_wait().unwrap().is_none());
+    drop(holder);
+    assert_eq!(
+        first.wait().unwrap().code(),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(first_log.path()).unwrap()
+    );
+    assert_eq!(
+        second.wait().unwrap().code(),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(second_log.path()).unwrap()
+    );
+    let log = rx.wait_log("\"second-in-line\"");
+    let at = |name: &str| log.find(&format!("\"{name}\"")).unwrap();
+    assert!(at("holder") < at("first-in-line") && at("first-in-line") < at("second-in-line"), "{log}");
+    rx.assert_files(&["first-in-line", "second-in-line"]);
+}
+
 #[test]
 fn concurrent_offers_cannot_overbook_free_space() {
     let rx = Receiver::start(&["--quiet"]);

@@ -98,7 +98,7 @@ fn the_digest_after_the_body_decides_what_is_kept() {
     p.data(b"abc");
     p.data(b"d");
     assert!(p.closed_by_peer());
-    rx.wait_log("\"no-digest\" 3 B in");
+    rx.wait_log("\"no-digest\" (3 B): ");
     rx.wait_log("expected a message frame, got a data frame");
     // Any other message instead of it: a protocol error too (only digests may come between a
     // body's end and its digest).
@@ -108,7 +108,7 @@ fn the_digest_after_the_body_decides_what_is_kept() {
     p.data(b"abc");
     p.body(0);
     assert!(p.closed_by_peer());
-    rx.wait_log("\"body-again\" 3 B in");
+    rx.wait_log("\"body-again\" (3 B): ");
     rx.wait_log("expected the file's digest, got body");
     still_serves(&rx, 0);
 }
