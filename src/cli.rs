@@ -7,7 +7,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::error::Error;
 use crate::protocol::{HashAlg, MAX_CHUNK_LEN};
-use crate::recv::RecvOpts;
+use crate::recv::{Output, RecvOpts, make_scratch};
+use crate::sanitize::validate_name;
 use crate::send::{DEFAULT_CHUNK_SIZE, SendOpts};
 
 /// The port both sides use when none is given.
@@ -149,9 +150,15 @@ pub struct SendArgs {
     content is not sent again; a different one is kept and the new file stored as `name (1).ext` \
     unless --overwrite.")]
 pub struct RecvArgs {
-    /// Folder to store received files in (created if missing).
-    #[arg(short, long, value_name = "DIR", default_value = ".")]
-    pub dir: PathBuf,
+    /// Folder to store received files in (created if missing) [default: .]
+    #[arg(short, long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// With --once: store the one file at PATH whatever name the sender gave it, replacing
+    /// what is there (atomically, once verified); `-`: write it to standard output once verified
+    /// (it waits in a hidden partial in --dir, or in a private folder in $TMPDIR). A folder or
+    /// several files are refused.
+    #[arg(short = 'o', long = "output", value_name = "PATH", requires = "once")]
+    pub output: Option<PathBuf>,
     /// Address to listen on: IP:PORT, PORT or :PORT (every interface), or an IP (port 8888).
     /// Port 0 picks a free port.
     #[arg(short, long, value_name = "ADDR", default_value = "0.0.0.0:8888")]
@@ -301,37 +308,67 @@ impl SendArgs {
     }
 }
 
+/// Where `-o PATH` or `-o -` puts the file, and the folder the receiver works in.
+fn output_and_dir(output: Option<PathBuf>, dir: Option<PathBuf>) -> Result<(Option<Output>, PathBuf), Error> {
+    let Some(path) = output else { return Ok((None, dir.unwrap_or_else(|| ".".into()))) };
+    if path.as_os_str() == "-" {
+        let dir = match dir {
+            Some(d) => d,
+            None => make_scratch().map_err(|e| Error::io("cannot make a private folder in $TMPDIR", e))?,
+        };
+        return Ok((Some(Output::Stdout), dir));
+    }
+    let shown = path.display().to_string();
+    if dir.is_some() {
+        return Err(Error::Usage(format!(
+            "-o {shown} names the file and its folder: leave out --dir (or give -o a path inside it)"
+        )));
+    }
+    if std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) || shown.ends_with('/') {
+        return Err(Error::Usage(format!("-o {shown} is a folder: -o names the file to write")));
+    }
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::Usage(format!("-o {shown} has no UTF-8 file name")))?;
+    validate_name(name).map_err(|e| Error::Usage(format!("cannot write -o {shown}: {e}")))?;
+    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    Ok((Some(Output::File(name.to_string())), folder.to_path_buf()))
+}
+
 impl RecvArgs {
     pub fn into_opts(self) -> Result<RecvOpts, Error> {
+        let (output, dir) = output_and_dir(self.output, self.dir)?;
         // Like `mkdir -p`: `xfer recv --dir ./downloads` works in a fresh folder.
-        if !self.dir.exists() {
-            std::fs::create_dir_all(&self.dir)
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir)
                 .and_then(|()| {
                     // The new folder must survive a power cut with the files acknowledged in it.
-                    let parent = self.dir.parent().filter(|p| !p.as_os_str().is_empty());
+                    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
                     std::fs::File::open(parent.unwrap_or(std::path::Path::new(".")))
                         .and_then(|d| d.sync_all())
                 })
-                .map_err(|e| Error::io(format!("cannot create --dir {}", self.dir.display()), e))?;
+                .map_err(|e| Error::io(format!("cannot create --dir {}", dir.display()), e))?;
         }
-        let meta = std::fs::metadata(&self.dir)
-            .map_err(|e| Error::io(format!("cannot use --dir {}", self.dir.display()), e))?;
+        let meta = std::fs::metadata(&dir)
+            .map_err(|e| Error::io(format!("cannot use --dir {}", dir.display()), e))?;
         if !meta.is_dir() {
-            return Err(Error::Usage(format!("--dir {} is not a folder", self.dir.display())));
+            return Err(Error::Usage(format!("--dir {} is not a folder", dir.display())));
         }
         // A receiver that cannot write its folder would fail every sender: say so at start.
-        let probe = self.dir.join(format!(".xfer-probe-{}", std::process::id()));
+        let probe = dir.join(format!(".xfer-probe-{}", std::process::id()));
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&probe)
             .and_then(|_| std::fs::remove_file(&probe))
-            .map_err(|e| Error::io(format!("cannot write in --dir {}", self.dir.display()), e))?;
+            .map_err(|e| Error::io(format!("cannot write in --dir {}", dir.display()), e))?;
         Ok(RecvOpts {
-            dir: self.dir,
+            dir,
             listen: parse_listen(&self.listen)?,
             once: self.once,
-            overwrite: self.overwrite,
+            // `-o PATH` writes PATH, like `cp` or `curl -o`: what is there is replaced.
+            overwrite: self.overwrite || matches!(output, Some(Output::File(_))),
             max_transfers: self.max_transfers as usize,
             timeout: secs(self.timeout),
             handshake_timeout: Duration::from_secs(self.handshake_timeout),
@@ -340,6 +377,7 @@ impl RecvArgs {
             insecure: self.insecure,
             code_file: self.code_file,
             remember: self.remember,
+            output,
         })
     }
 }

@@ -42,6 +42,8 @@ pub(super) struct Rules {
     /// locked from its answer to its body, so a second sender of the same name is told busy at
     /// once instead of after sending its whole body.
     pub single: bool,
+    /// Nothing on the disk counts as "already have it" (`-o -`: the bytes must reach stdout).
+    pub fresh: bool,
 }
 
 /// In a transfer of many files, files up to this size keep no record while they arrive, so they
@@ -86,6 +88,11 @@ pub(super) fn answer_file(
     let parent = dirs.get(parent_path)?;
     let id = FileId { size, alg, digest: digest.copied(), tag: Some(tag) };
     match digest {
+        _ if rules.fresh => {
+            if digest.is_none() && id.digest_would_resume(parent, name) {
+                return Ok(None);
+            }
+        }
         Some(d) => {
             if let Some(stored) =
                 store::find_existing(parent, name, (size, alg, d), rules.overwrite, rules.until)?

@@ -292,6 +292,7 @@ impl<'a> Transfer<'a> {
                 until: Instant::now() + compare_for,
                 hold: self.held < MAX_HELD,
                 single: self.single,
+                fresh: opts.output == Some(super::Output::Stdout),
             };
             let is_file = matches!(entry.kind, EntryKind::File { .. });
             let answered = match (&entry.kind, self.digests.get(self.file_no)) {

@@ -208,10 +208,8 @@ impl Transfer<'_> {
         }
         self.flushed_at = std::time::Instant::now();
         let new_folders = self.answer_dirs.made || self.body_dirs.made;
-        let stored = self
-            .group
-            .flush(&self.root, self.w, (self.shared.opts.overwrite, new_folders))
-            .map_err(|e| match e {
+        let stored =
+            self.group.flush(&self.root, self.w, (&self.shared.opts, new_folders)).map_err(|e| match e {
                 GroupError::Local(e) => Error::io("making received files durable", e),
                 GroupError::Wire(e) => self.w.error("acknowledging files", e.into()),
             })?;
