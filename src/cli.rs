@@ -87,7 +87,8 @@ pub enum TrustAction {
     The first send to a receiver asks for the code it shows (or reads XFER_CODE / --code-file); \
     after that, a receiver run with --remember lets this user in without it.")]
 pub struct SendArgs {
-    /// Files and folders to send (folders with everything in them).
+    /// Files and folders to send (folders with everything in them); `-` alone sends standard
+    /// input as one file named by --as (it cannot resume).
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
     /// Where the receiver listens: HOST:PORT, HOST (port 8888), or [IPv6]:PORT.
@@ -282,6 +283,22 @@ fn secs(n: u64) -> Option<Duration> {
 
 impl SendArgs {
     pub fn into_opts(self) -> Result<SendOpts, Error> {
+        let stdin = self.paths.iter().any(|p| p.as_os_str() == "-");
+        if stdin && self.paths.len() > 1 {
+            return Err(Error::Usage("`-` (standard input) must be the only path to send".into()));
+        }
+        if stdin && self.name.is_none() {
+            return Err(Error::Usage(
+                "`xfer send -` needs --as NAME: standard input has no name of its own".into(),
+            ));
+        }
+        if stdin && self.code_file.as_ref().is_some_and(|p| p.as_os_str() == "-") {
+            return Err(Error::Usage(
+                "--code-file - reads the code from standard input, which `xfer send -` sends: \
+                 give the code in a file or XFER_CODE"
+                    .into(),
+            ));
+        }
         if self.name.is_some() && self.paths.len() > 1 {
             return Err(Error::Usage(
                 "--as names one file or folder; it cannot be used with several paths".into(),
@@ -304,6 +321,7 @@ impl SendArgs {
             code_file: self.code_file,
             wait: Duration::from_secs(self.wait),
             json: self.json,
+            stdin,
         })
     }
 }

@@ -1,16 +1,16 @@
 //! Pipes and one-file receivers: `recv --once -o PATH` stores the one file at PATH, `recv --once
 //! -o -` writes it to stdout only once verified, `send - HOST --as NAME` streams stdin.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::util::{BIN, RawPeer, is_accept, list, random_bytes, sha256, xfer};
+use crate::util::{BIN, RawPeer, Receiver, file_entry, is_accept, list, random_bytes, sha256, xfer};
 use xfer::code::Code;
-use xfer::protocol::{Answer, Message, Verdict};
+use xfer::protocol::{Answer, Entry, EntryKind, HashAlg, Message, RejectCode, STREAM_END, Verdict};
 
 /// A `xfer recv --once` started without the harness's `--dir`: its stdout is collected whole
 /// (with `-o -` it is the file), its stderr too; the `listening on` line is looked for on both.
@@ -268,4 +268,214 @@ fn output_stdout_closed_early_fails_both_sides() {
     assert_eq!(code, 6, "{log}");
     assert_eq!(out, data[..10].to_vec());
     assert!(log.contains("standard output"), "{log}");
+}
+
+/// Runs `xfer send - TO --as NAME EXTRA...` with `data` on its standard input.
+fn send_stdin(data: &[u8], to: &str, name: &str, extra: &[&str], envs: &[(&str, &str)]) -> crate::util::Run {
+    let start = Instant::now();
+    let cfg = tempfile::tempdir().unwrap();
+    let secure = envs.iter().any(|(k, _)| *k == "XFER_CODE");
+    let mut child = Command::new(BIN)
+        .args(["send", "-", to, "--as", name])
+        .args(if secure { &[][..] } else { &["--insecure"][..] })
+        .args(extra)
+        .env("XDG_CONFIG_HOME", cfg.path())
+        .env("XDG_CACHE_HOME", cfg.path())
+        .envs(envs.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let data = data.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&data);
+    });
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    crate::util::Run { out, cmd: format!("xfer send - {to} --as {name}"), elapsed: start.elapsed() }
+}
+
+#[test]
+fn stdin_streams_into_a_file_of_any_size() {
+    let rx = Receiver::start(&["--quiet"]);
+    for (name, data) in [
+        ("empty.sql", Vec::new()),
+        ("small.sql", b"SELECT 1;\n".to_vec()),
+        ("db.sql", random_bytes(7 << 20, 37)),
+    ] {
+        let run = send_stdin(&data, &rx.target(), name, &["--chunk-size", "64K"], &[]).expect(0);
+        let digest = sha256(&data).to_hex();
+        assert!(run.stdout().contains(&digest), "the summary has the stream's digest\n{}", run.report());
+        assert!(run.stdout().contains(&format!("{} bytes", data.len())), "{}", run.report());
+        let got = std::fs::read(rx.dir.join(name)).unwrap();
+        assert!(got == data, "{name}: stored bytes differ ({} of {})", got.len(), data.len());
+        let meta = std::fs::metadata(rx.dir.join(name)).unwrap();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o644);
+        let age = meta.modified().unwrap().elapsed().unwrap_or_default();
+        assert!(age < Duration::from_secs(120), "mtime is the time of the send: {age:?} old");
+    }
+    rx.assert_files(&["db.sql", "empty.sql", "small.sql"]);
+}
+
+#[test]
+fn stdin_needs_as_and_must_be_the_only_path() {
+    let r = xfer(&["send", "-", "127.0.0.1:9"]).expect(2);
+    assert!(r.stderr().contains("--as"), "{}", r.report());
+    let r = xfer(&["send", "-", "Cargo.toml", "127.0.0.1:9", "--as", "x"]).expect(2);
+    assert!(r.stderr().contains("only path"), "{}", r.report());
+    let r = xfer(&["send", "-", "127.0.0.1:9", "--as", "x", "--code-file", "-", "--insecure"]).expect(2);
+    assert!(r.stderr().contains("--code-file -"), "{}", r.report());
+}
+
+#[test]
+fn stdin_through_xfer_to_stdout_over_the_secure_channel() {
+    // `producer | xfer send - host --as x` into `xfer recv --once -o - | consumer`: a pipe
+    // through xfer, encrypted (the default), verified before the consumer sees a byte.
+    let code = Code::generate();
+    let env = [("XFER_CODE", code.expose())];
+    let data = random_bytes(3 << 20, 38);
+    let rx = OneShot::start(&["-o", "-"], &env, None);
+    let run = send_stdin(&data, &rx.addr, "dump.tar", &[], &env).expect(0);
+    assert!(run.stdout().contains("stored as \"(standard output)\""), "{}", run.report());
+    let (code, out, log) = rx.finish();
+    assert_eq!(code, 0, "{log}");
+    assert!(out == data, "what came out ({} bytes) is not what went in", out.len());
+}
+
+#[test]
+fn stdin_into_output_path() {
+    let root = tempfile::tempdir().unwrap();
+    let target = root.path().join("restored.sql");
+    let data = random_bytes(300_000, 39);
+    let rx = recv_to_path(&target, &[]);
+    send_stdin(&data, &rx.addr, "db.sql", &[], &[]).expect(0);
+    let (code, _, log) = rx.finish();
+    assert_eq!(code, 0, "{log}");
+    assert!(std::fs::read(&target).unwrap() == data);
+    assert_eq!(list(root.path()), vec!["restored.sql"]);
+}
+
+#[test]
+fn stream_cut_midway_leaves_nothing_under_its_name() {
+    let rx = Receiver::start(&[]);
+    let cfg = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["send", "-", &rx.target(), "--as", "cut.bin", "--insecure"])
+        .env("XDG_CONFIG_HOME", cfg.path())
+        .env("XDG_CACHE_HOME", cfg.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&random_bytes(2 << 20, 40)).unwrap();
+    // Wait until bytes reached the receiver's partial, then kill the sender mid-stream.
+    let stem = xfer::store::stem_for("cut.bin");
+    let part = rx.dir.join(format!("{stem}.part"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&part).map_or(0, |m| m.len()) == 0 {
+        assert!(Instant::now() < deadline, "no bytes arrived; stderr:\n{}", rx.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(stdin);
+    let log = rx.wait_log("failed");
+    assert!(log.contains("cannot resume"), "the receiver says a stream does not resume\n{log}");
+    rx.assert_files(&[]);
+}
+
+#[test]
+fn stream_that_outgrows_the_disk_is_refused_and_removed() {
+    let disk = crate::util::SmallDisk::mount("4M");
+    let dir = disk.0.path().join("dir");
+    std::fs::create_dir(&dir).unwrap();
+    let rx = Receiver::start_in(tempfile::tempdir().unwrap(), dir.clone(), &[]);
+    let run = send_stdin(&random_bytes(12 << 20, 41), &rx.target(), "big.bin", &[], &[]).expect(1);
+    assert!(run.stderr().contains("ran out of room"), "{}", run.report());
+    assert!(list(&dir).is_empty(), "nothing stays: {:?}", list(&dir));
+    // The receiver goes on serving.
+    send_stdin(b"fits", &rx.target(), "small.txt", &[], &[]).expect(0);
+    assert_eq!(list(&dir), vec!["small.txt"]);
+}
+
+/// A stream as a raw peer writes it: the manifest's one `Stream` entry, the body as data frames
+/// ended by an empty one, then the digest.
+fn raw_stream(p: &mut RawPeer, name: &str, frames: &[&[u8]], digest: Option<xfer::protocol::Digest>) {
+    let entry = Entry {
+        path: vec![name.to_string()],
+        kind: EntryKind::Stream { hash: HashAlg::Sha256 },
+        mode: 0o600,
+        mtime: (1_600_000_000, 0),
+    };
+    p.manifest(vec![entry]);
+    assert!(is_accept(&p.read().unwrap()));
+    assert_eq!(p.answer(), Answer::Send { offset: 0 }, "a stream is answered at once, from 0");
+    p.body(0);
+    for f in frames {
+        p.data(f);
+    }
+    p.send_raw(&STREAM_END);
+    p.digests(0, vec![digest]);
+}
+
+#[test]
+fn raw_stream_framing() {
+    let rx = Receiver::start(&[]);
+    let mut p = RawPeer::greet(rx.addr);
+    raw_stream(&mut p, "s.bin", &[b"ab", b"c", b"defg"], Some(sha256(b"abcdefg")));
+    match p.read().unwrap() {
+        Message::FileVerdict(v) => assert_eq!(v.verdict, Verdict::Verified { name: "s.bin".into() }),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(std::fs::read(rx.dir.join("s.bin")).unwrap(), b"abcdefg");
+
+    // A wrong digest: nothing stored.
+    let mut p = RawPeer::greet(rx.addr);
+    raw_stream(&mut p, "t.bin", &[b"abc"], Some(sha256(b"abd")));
+    assert!(
+        matches!(p.read().unwrap(), Message::FileVerdict(v) if matches!(v.verdict, Verdict::HashMismatch { .. }))
+    );
+    // No digest (the sender could not read its input to the end): nothing stored.
+    let mut p = RawPeer::greet(rx.addr);
+    raw_stream(&mut p, "u.bin", &[b"abc"], None);
+    assert!(
+        matches!(p.read().unwrap(), Message::FileVerdict(v) if matches!(v.verdict, Verdict::Failed { .. }))
+    );
+
+    // A stream is alone in its manifest.
+    let mut p = RawPeer::greet(rx.addr);
+    let stream = Entry {
+        path: vec!["v.bin".into()],
+        kind: EntryKind::Stream { hash: HashAlg::Sha256 },
+        mode: 0o644,
+        mtime: (0, 0),
+    };
+    p.manifest(vec![stream, file_entry(&["w.bin"], 1)]);
+    match p.read().unwrap() {
+        Message::Reject(r) => {
+            assert_eq!(r.code, RejectCode::InvalidManifest);
+            assert!(r.reason.contains("only entry"), "{}", r.reason);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A message inside a stream's body breaks the protocol: nothing stored, no partial left.
+    let mut p = RawPeer::greet(rx.addr);
+    let stream = Entry {
+        path: vec!["x.bin".into()],
+        kind: EntryKind::Stream { hash: HashAlg::Sha256 },
+        mode: 0o644,
+        mtime: (0, 0),
+    };
+    p.manifest(vec![stream]);
+    assert!(is_accept(&p.read().unwrap()));
+    assert_eq!(p.answer(), Answer::Send { offset: 0 });
+    p.body(0);
+    p.data(b"abc");
+    p.digests(0, vec![Some(sha256(b"abc"))]);
+    assert!(p.closed_by_peer());
+    rx.assert_files(&["s.bin"]);
 }
