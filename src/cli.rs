@@ -79,7 +79,8 @@ pub enum TrustAction {
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  xfer send img.jpg 192.168.1.20:8888\n  \
-    xfer send photos/ notes.txt 192.168.1.20     (one batch; port 8888)\n\n\
+    xfer send photos/ notes.txt 192.168.1.20     (one batch; port 8888)\n  \
+    tar c photos | xfer send - 192.168.1.20 --as photos.tar     (standard input; no resume)\n\n\
     Prints one summary line on stdout (for one file: name, size, time, rate, SHA-256, outcome; \
     for a batch: totals, and with --verbose a line per entry first); progress and \
     errors go to stderr. Sending the same file again after an interruption resumes it. Exit codes: 0 verified or already there, 2 usage, 3 connection, \
@@ -143,8 +144,11 @@ pub struct SendArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  xfer recv --dir ./downloads --listen 0.0.0.0:8888\n\n\
-    The first line on stdout is `listening on IP:PORT` (with the real port when PORT is 0). \
+#[command(after_help = "Examples:\n  xfer recv --dir ./downloads --listen 0.0.0.0:8888\n  \
+    xfer recv --once -o ./restore/db.sql     (one file, stored at that path)\n  \
+    xfer recv --once -o - | tar x            (one file to stdout, once verified)\n\n\
+    The first line on stdout is `listening on IP:PORT` (with the real port when PORT is 0; on \
+    stderr with -o -, where stdout carries only the file). \
     Each finished transfer logs one line on stderr. Files arrive as hidden `.xfer-*.part` files \
     and get their final name only once verified and synced; an interrupted transfer keeps its \
     partial, and sending the same file again resumes it. An existing file with the same \

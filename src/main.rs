@@ -50,6 +50,8 @@ fn misplaced_option(e: &clap::Error) -> Option<String> {
         "--max-transfers",
         "--keep-partials",
         "--handshake-timeout",
+        "--output",
+        "-o",
     ];
     const SEND: &[&str] =
         &["--as", "--follow", "--hash", "--chunk-size", "--no-cache", "--connect-timeout", "--verbose"];

@@ -479,3 +479,37 @@ fn raw_stream_framing() {
     assert!(p.closed_by_peer());
     rx.assert_files(&["s.bin"]);
 }
+
+#[test]
+fn output_path_resumes_like_any_file() {
+    let root = tempfile::tempdir().unwrap();
+    let target = root.path().join("resumed.bin");
+    let data = random_bytes(3 << 20, 42);
+    let cut = 1 << 20;
+    // Cut after 1 MiB: the partial stays in PATH's folder, under PATH's name.
+    let rx = recv_to_path(&target, &[]);
+    let mut p = RawPeer::greet(rx.addr.parse().unwrap());
+    assert!(is_accept(&p.offer("sender-name.bin", data.len() as u64, sha256(&data))));
+    assert_eq!(p.answer(), Answer::Send { offset: 0 });
+    p.body(0);
+    p.data(&data[..cut]);
+    drop(p);
+    let (code, _, log) = rx.finish();
+    assert_eq!(code, 3, "{log}");
+    assert!(!target.exists(), "nothing under PATH before it is verified");
+    // The same file offered again (under another name even) to the same -o PATH resumes.
+    let rx = recv_to_path(&target, &[]);
+    let mut p = RawPeer::greet(rx.addr.parse().unwrap());
+    assert!(is_accept(&p.offer("another-name.bin", data.len() as u64, sha256(&data))));
+    assert_eq!(p.answer(), Answer::Send { offset: cut as u64 }, "resumed where it stopped");
+    p.body(0);
+    p.data(&data[cut..]);
+    match p.read().unwrap() {
+        Message::FileVerdict(v) => assert_eq!(v.verdict, Verdict::Verified { name: "resumed.bin".into() }),
+        other => panic!("{other:?}"),
+    }
+    let (code, _, log) = rx.finish();
+    assert_eq!(code, 0, "{log}");
+    assert!(std::fs::read(&target).unwrap() == data);
+    assert_eq!(list(root.path()), vec!["resumed.bin"]);
+}
