@@ -7,7 +7,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::error::Error;
 use crate::protocol::{HashAlg, MAX_CHUNK_LEN};
-use crate::recv::RecvOpts;
+use crate::recv::{Output, RecvOpts, make_scratch};
+use crate::sanitize::validate_name;
 use crate::send::{DEFAULT_CHUNK_SIZE, SendOpts};
 
 /// The port both sides use when none is given.
@@ -78,7 +79,8 @@ pub enum TrustAction {
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  xfer send img.jpg 192.168.1.20:8888\n  \
-    xfer send photos/ notes.txt 192.168.1.20     (one batch; port 8888)\n\n\
+    xfer send photos/ notes.txt 192.168.1.20     (one batch; port 8888)\n  \
+    tar c photos | xfer send - 192.168.1.20 --as photos.tar     (standard input; no resume)\n\n\
     Prints one summary line on stdout (for one file: name, size, time, rate, SHA-256, outcome; \
     for a batch: totals, and with --verbose a line per entry first); progress and \
     errors go to stderr. Sending the same file again after an interruption resumes it. Exit codes: 0 verified or already there, 2 usage, 3 connection, \
@@ -86,7 +88,8 @@ pub enum TrustAction {
     The first send to a receiver asks for the code it shows (or reads XFER_CODE / --code-file); \
     after that, a receiver run with --remember lets this user in without it.")]
 pub struct SendArgs {
-    /// Files and folders to send (folders with everything in them).
+    /// Files and folders to send (folders with everything in them); `-` alone sends standard
+    /// input as one file named by --as (it cannot resume).
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
     /// Where the receiver listens: HOST:PORT, HOST (port 8888), or [IPv6]:PORT.
@@ -141,17 +144,26 @@ pub struct SendArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  xfer recv --dir ./downloads --listen 0.0.0.0:8888\n\n\
-    The first line on stdout is `listening on IP:PORT` (with the real port when PORT is 0). \
+#[command(after_help = "Examples:\n  xfer recv --dir ./downloads --listen 0.0.0.0:8888\n  \
+    xfer recv --once -o ./restore/db.sql     (one file, stored at that path)\n  \
+    xfer recv --once -o - | tar x            (one file to stdout, once verified)\n\n\
+    The first line on stdout is `listening on IP:PORT` (with the real port when PORT is 0; on \
+    stderr with -o -, where stdout carries only the file). \
     Each finished transfer logs one line on stderr. Files arrive as hidden `.xfer-*.part` files \
     and get their final name only once verified and synced; an interrupted transfer keeps its \
     partial, and sending the same file again resumes it. An existing file with the same \
     content is not sent again; a different one is kept and the new file stored as `name (1).ext` \
     unless --overwrite.")]
 pub struct RecvArgs {
-    /// Folder to store received files in (created if missing).
-    #[arg(short, long, value_name = "DIR", default_value = ".")]
-    pub dir: PathBuf,
+    /// Folder to store received files in (created if missing) [default: .]
+    #[arg(short, long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// With --once: store the one file at PATH whatever name the sender gave it, replacing
+    /// what is there (atomically, once verified); `-`: write it to standard output once verified
+    /// (it waits in a hidden partial in --dir, or in a private folder in $TMPDIR). A folder or
+    /// several files are refused.
+    #[arg(short = 'o', long = "output", value_name = "PATH", requires = "once")]
+    pub output: Option<PathBuf>,
     /// Address to listen on: IP:PORT, PORT or :PORT (every interface), or an IP (port 8888).
     /// Port 0 picks a free port.
     #[arg(short, long, value_name = "ADDR", default_value = "0.0.0.0:8888")]
@@ -275,6 +287,22 @@ fn secs(n: u64) -> Option<Duration> {
 
 impl SendArgs {
     pub fn into_opts(self) -> Result<SendOpts, Error> {
+        let stdin = self.paths.iter().any(|p| p.as_os_str() == "-");
+        if stdin && self.paths.len() > 1 {
+            return Err(Error::Usage("`-` (standard input) must be the only path to send".into()));
+        }
+        if stdin && self.name.is_none() {
+            return Err(Error::Usage(
+                "`xfer send -` needs --as NAME: standard input has no name of its own".into(),
+            ));
+        }
+        if stdin && self.code_file.as_ref().is_some_and(|p| p.as_os_str() == "-") {
+            return Err(Error::Usage(
+                "--code-file - reads the code from standard input, which `xfer send -` sends: \
+                 give the code in a file or XFER_CODE"
+                    .into(),
+            ));
+        }
         if self.name.is_some() && self.paths.len() > 1 {
             return Err(Error::Usage(
                 "--as names one file or folder; it cannot be used with several paths".into(),
@@ -297,41 +325,72 @@ impl SendArgs {
             code_file: self.code_file,
             wait: Duration::from_secs(self.wait),
             json: self.json,
+            stdin,
         })
     }
 }
 
+/// Where `-o PATH` or `-o -` puts the file, and the folder the receiver works in.
+fn output_and_dir(output: Option<PathBuf>, dir: Option<PathBuf>) -> Result<(Option<Output>, PathBuf), Error> {
+    let Some(path) = output else { return Ok((None, dir.unwrap_or_else(|| ".".into()))) };
+    if path.as_os_str() == "-" {
+        let dir = match dir {
+            Some(d) => d,
+            None => make_scratch().map_err(|e| Error::io("cannot make a private folder in $TMPDIR", e))?,
+        };
+        return Ok((Some(Output::Stdout), dir));
+    }
+    let shown = path.display().to_string();
+    if dir.is_some() {
+        return Err(Error::Usage(format!(
+            "-o {shown} names the file and its folder: leave out --dir (or give -o a path inside it)"
+        )));
+    }
+    if std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) || shown.ends_with('/') {
+        return Err(Error::Usage(format!("-o {shown} is a folder: -o names the file to write")));
+    }
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::Usage(format!("-o {shown} has no UTF-8 file name")))?;
+    validate_name(name).map_err(|e| Error::Usage(format!("cannot write -o {shown}: {e}")))?;
+    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    Ok((Some(Output::File(name.to_string())), folder.to_path_buf()))
+}
+
 impl RecvArgs {
     pub fn into_opts(self) -> Result<RecvOpts, Error> {
+        let (output, dir) = output_and_dir(self.output, self.dir)?;
         // Like `mkdir -p`: `xfer recv --dir ./downloads` works in a fresh folder.
-        if !self.dir.exists() {
-            std::fs::create_dir_all(&self.dir)
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir)
                 .and_then(|()| {
                     // The new folder must survive a power cut with the files acknowledged in it.
-                    let parent = self.dir.parent().filter(|p| !p.as_os_str().is_empty());
+                    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
                     std::fs::File::open(parent.unwrap_or(std::path::Path::new(".")))
                         .and_then(|d| d.sync_all())
                 })
-                .map_err(|e| Error::io(format!("cannot create --dir {}", self.dir.display()), e))?;
+                .map_err(|e| Error::io(format!("cannot create --dir {}", dir.display()), e))?;
         }
-        let meta = std::fs::metadata(&self.dir)
-            .map_err(|e| Error::io(format!("cannot use --dir {}", self.dir.display()), e))?;
+        let meta = std::fs::metadata(&dir)
+            .map_err(|e| Error::io(format!("cannot use --dir {}", dir.display()), e))?;
         if !meta.is_dir() {
-            return Err(Error::Usage(format!("--dir {} is not a folder", self.dir.display())));
+            return Err(Error::Usage(format!("--dir {} is not a folder", dir.display())));
         }
         // A receiver that cannot write its folder would fail every sender: say so at start.
-        let probe = self.dir.join(format!(".xfer-probe-{}", std::process::id()));
+        let probe = dir.join(format!(".xfer-probe-{}", std::process::id()));
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&probe)
             .and_then(|_| std::fs::remove_file(&probe))
-            .map_err(|e| Error::io(format!("cannot write in --dir {}", self.dir.display()), e))?;
+            .map_err(|e| Error::io(format!("cannot write in --dir {}", dir.display()), e))?;
         Ok(RecvOpts {
-            dir: self.dir,
+            dir,
             listen: parse_listen(&self.listen)?,
             once: self.once,
-            overwrite: self.overwrite,
+            // `-o PATH` writes PATH, like `cp` or `curl -o`: what is there is replaced.
+            overwrite: self.overwrite || matches!(output, Some(Output::File(_))),
             max_transfers: self.max_transfers as usize,
             timeout: secs(self.timeout),
             handshake_timeout: Duration::from_secs(self.handshake_timeout),
@@ -340,6 +399,7 @@ impl RecvArgs {
             insecure: self.insecure,
             code_file: self.code_file,
             remember: self.remember,
+            output,
         })
     }
 }

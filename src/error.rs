@@ -70,6 +70,11 @@ pub enum Error {
     /// A transfer cut off after some of it arrived: sending again resumes.
     #[error("{0} (what arrived is kept on the receiver: sending the same files again resumes from there)")]
     Resumable(Box<Error>),
+    /// A stream from standard input that failed: nothing of it is kept, it cannot resume.
+    #[error(
+        "{0} (a stream from standard input cannot resume: nothing of it was stored; send it again from the start)"
+    )]
+    NotResumable(Box<Error>),
     #[error("{failed} of {total} entries failed; the first: {first}")]
     Batch { failed: usize, total: usize, first: String, code: Exit },
 }
@@ -89,7 +94,7 @@ impl Error {
             Error::Io { .. } => Exit::Io,
             Error::Protocol { .. } => Exit::Protocol,
             Error::Auth(_) => Exit::Auth,
-            Error::Resumable(e) => e.exit(),
+            Error::Resumable(e) | Error::NotResumable(e) => e.exit(),
             Error::Batch { code, .. } => *code,
         }
     }

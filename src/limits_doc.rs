@@ -102,6 +102,7 @@ fn expected() -> Vec<(&'static str, String)> {
         ("QUEUE_WAIT", secs(queue::QUEUE_WAIT)),
         ("RECV_BUF", bytes(crate::transport::RECV_BUF as u64)),
         ("PIPELINE_BUFFERS", n(body::PIPELINE_BUFFERS as u64)),
+        ("STREAM_STEP", bytes(body::STREAM_STEP)),
         ("GROUP_FILES", n(durable::GROUP_FILES as u64)),
         ("GROUP_BYTES", bytes(durable::GROUP_BYTES)),
         ("MAX_HELD", n(transfer::MAX_HELD as u64)),

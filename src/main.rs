@@ -25,7 +25,10 @@ fn main() -> ExitCode {
         }
     };
     exit_on_signals(matches!(cli.command, Command::Recv(_)));
-    match run(cli) {
+    let result = run(cli);
+    // `recv -o -` without --dir kept its partial in a private folder of its own.
+    xfer::recv::remove_scratch();
+    match result {
         Ok(()) => Exit::Ok.into(),
         Err(e) => {
             eprintln!("xfer: error: {e}");
@@ -47,6 +50,8 @@ fn misplaced_option(e: &clap::Error) -> Option<String> {
         "--max-transfers",
         "--keep-partials",
         "--handshake-timeout",
+        "--output",
+        "-o",
     ];
     const SEND: &[&str] =
         &["--as", "--follow", "--hash", "--chunk-size", "--no-cache", "--connect-timeout", "--verbose"];
@@ -95,6 +100,7 @@ fn exit_on_signals(receiving: bool) {
     };
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
+            xfer::recv::remove_scratch();
             if receiving && xfer::recv::transfers_in_flight() == 0 {
                 std::process::exit(0);
             }
@@ -119,12 +125,17 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Recv(args) => {
             let opts = args.into_opts()?;
             let once = opts.once;
+            let to_stdout = opts.output == Some(xfer::recv::Output::Stdout);
             let receiver = Receiver::bind(opts)?;
             let addr = receiver.local_addr().map_err(|e| Error::io("reading the listening address", e))?;
             // Scripts and tests read this line to learn the port; flush it before anything else.
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "listening on {addr}").and_then(|()| out.flush());
-            drop(out);
+            // With `-o -` stdout carries the file and nothing else: the line goes to stderr.
+            if to_stdout {
+                eprintln!("listening on {addr}");
+            } else {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "listening on {addr}").and_then(|()| out.flush());
+            }
             let notice = receiver.notice();
             if !notice.is_empty() {
                 eprintln!("{notice}");

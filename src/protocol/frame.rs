@@ -105,6 +105,21 @@ pub fn read_frame_header<R: Read>(r: &mut R) -> Result<FrameHeader, WireError> {
     Ok(FrameHeader::decode(b)?)
 }
 
+/// The end of a stream's body (an [`EntryKind::Stream`](super::EntryKind) entry): an empty data
+/// frame. Valid only there; anywhere else [`FrameHeader::decode`] refuses it (`EmptyChunk`).
+pub const STREAM_END: [u8; FRAME_HEADER_LEN] = [0, 0, 0, 0, FrameKind::Data as u8];
+
+/// Reads one frame header of a stream's body: `None` for [`STREAM_END`], otherwise a checked
+/// header (which the caller requires to be a data frame).
+pub fn read_stream_frame_header<R: Read>(r: &mut R) -> Result<Option<FrameHeader>, WireError> {
+    let mut b = [0u8; FRAME_HEADER_LEN];
+    r.read_exact(&mut b)?;
+    if b == STREAM_END {
+        return Ok(None);
+    }
+    Ok(Some(FrameHeader::decode(b)?))
+}
+
 /// Writes one message as a single frame.
 pub fn write_message<W: Write>(w: &mut W, msg: &Message) -> io::Result<()> {
     let payload = encode_message(msg);

@@ -198,12 +198,17 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// A file's size; 0 for a folder.
+    /// A file's size; 0 for a folder, and for a stream (its size is known only at its end).
     pub fn size(&self) -> u64 {
         match self.kind {
             EntryKind::File { size, .. } => size,
-            EntryKind::Dir => 0,
+            EntryKind::Dir | EntryKind::Stream { .. } => 0,
         }
+    }
+
+    /// A file or a stream: it has a body and a digest, and counts among the files.
+    pub fn has_body(&self) -> bool {
+        !matches!(self.kind, EntryKind::Dir)
     }
 
     /// Bytes this entry takes inside an encoded message (see PROTOCOL.md: u64 lengths, u32
@@ -214,6 +219,7 @@ impl Entry {
         let kind = match self.kind {
             EntryKind::Dir => 4,
             EntryKind::File { .. } => 4 + 8 + 4 + 16,
+            EntryKind::Stream { .. } => 4 + 4,
         };
         path + kind + 4 + 8 + 4
     }
@@ -229,6 +235,10 @@ pub enum EntryKind {
     /// partial left by an interrupted send of the same version can be resumed before the digest
     /// is known. The final digest check covers every byte either way.
     File { size: u64, hash: HashAlg, tag: [u8; 16] },
+    /// A file of unknown size (variant 2): what `xfer send -` reads from its standard input.
+    /// Only as the one entry of a manifest. Its body is data frames ended by an empty data
+    /// frame; its digest follows the body. It never resumes and is never "already there".
+    Stream { hash: HashAlg },
 }
 
 /// Sender → receiver: a slice of the manifest.

@@ -21,7 +21,9 @@
 //!    disk could match it, otherwise once its digest is here.
 //! 6. For each file answered "send", the sender writes `Body` and the bytes from the offset as data
 //!    frames (no sentinel: the body ends when `size - offset` bytes arrived), or `Withdraw`; the
-//!    file's digest must be sent by the end of its body.
+//!    file's digest must be sent by the end of its body. A stream (`EntryKind::Stream`, size
+//!    unknown: `xfer send -`) is the one entry of its manifest; its body ends with an empty data
+//!    frame ([`STREAM_END`]) and its digest follows.
 //! 7. Receiver: a `FileVerdict` per file (verified / hash mismatch / size mismatch / failed), sent
 //!    only after the file is hashed, compared, flushed to stable storage and renamed.
 //!
@@ -33,8 +35,8 @@ mod frame;
 mod messages;
 
 pub use frame::{
-    FRAME_HEADER_LEN, FrameHeader, FrameKind, read_frame_header, read_message, write_frame_header,
-    write_message,
+    FRAME_HEADER_LEN, FrameHeader, FrameKind, STREAM_END, read_frame_header, read_message,
+    read_stream_frame_header, write_frame_header, write_message,
 };
 pub use messages::{
     Answer, AnswersPart, Body, Digest, DigestsPart, Entry, EntryKind, FileVerdict, HashAlg, ManifestPart,

@@ -58,6 +58,18 @@ fn golden() -> Vec<(&'static str, Message)> {
                 last: true,
             }),
         ),
+        (
+            "manifest-stream.hex",
+            Message::Manifest(ManifestPart {
+                entries: vec![Entry {
+                    path: vec!["db.sql".into()],
+                    kind: EntryKind::Stream { hash: HashAlg::Sha256 },
+                    mode: 0o644,
+                    mtime: (1_600_000_000, 0),
+                }],
+                last: true,
+            }),
+        ),
         ("answers-accept.hex", Message::Answers(AnswersPart { answers: vec![], last: false })),
         (
             "answers-part.hex",
@@ -178,6 +190,18 @@ fn golden_data_frame() {
     let h = read_frame_header(&mut &want[..]).unwrap();
     assert_eq!((h.kind, h.len), (FrameKind::Data, 3));
     assert_eq!(&want[FRAME_HEADER_LEN..], b"abc");
+}
+
+#[test]
+fn golden_stream_end() {
+    let want = fixture("stream-end.hex");
+    assert_eq!(want, STREAM_END);
+    // Inside a stream's body it ends the body; data frames still read as data frames.
+    assert_eq!(read_stream_frame_header(&mut &want[..]).unwrap(), None);
+    let h = read_stream_frame_header(&mut &fixture("data.hex")[..]).unwrap().unwrap();
+    assert_eq!((h.kind, h.len), (FrameKind::Data, 3));
+    // Anywhere else an empty data frame is still refused.
+    assert!(matches!(read_frame_header(&mut &want[..]), Err(WireError::Protocol(ProtocolError::EmptyChunk))));
 }
 
 #[test]

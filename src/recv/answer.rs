@@ -42,6 +42,8 @@ pub(super) struct Rules {
     /// locked from its answer to its body, so a second sender of the same name is told busy at
     /// once instead of after sending its whole body.
     pub single: bool,
+    /// Nothing on the disk counts as "already have it" (`-o -`: the bytes must reach stdout).
+    pub fresh: bool,
 }
 
 /// In a transfer of many files, files up to this size keep no record while they arrive, so they
@@ -93,6 +95,11 @@ pub(super) fn answer_file(
     let parent = dirs.get(parent_path)?;
     let id = FileId { size, alg, digest: digest.copied(), tag: Some(tag) };
     match digest {
+        _ if rules.fresh => {
+            if digest.is_none() && id.digest_would_resume(parent, name) {
+                return Ok(None);
+            }
+        }
         Some(d) => {
             if let Some(stored) =
                 store::find_existing(parent, name, (size, alg, d), rules.overwrite, rules.until)?
@@ -151,6 +158,29 @@ pub(super) fn answer_file(
     }
 }
 
+/// The answer for a stream (a file of unknown size, the one entry of its transfer): always
+/// `Send { offset: 0 }` into a fresh partial, locked from now until its body. Never "already
+/// have it" (its digest comes after its body) and never a resume (what a sender read from a pipe
+/// it cannot read again): whatever partial of that name was there is emptied, and its record
+/// goes with the partial. Its room is reserved as it arrives (`body::receive_stream`).
+pub(super) fn answer_stream(
+    dirs: &mut Dirs,
+    (index, file_no, entry): (usize, usize, &Entry),
+) -> io::Result<Option<(Answer, Option<Plan>)>> {
+    let (parent_path, name) = entry.path.split_at(entry.path.len() - 1);
+    let parent = dirs.get(parent_path)?;
+    Ok(Some(match Partial::reopen(parent.try_clone()?, &name[0], 0, true)? {
+        Some(p) => {
+            let plan = Plan { index, file_no, offset: 0, hasher: None, record: true, held: Some(p) };
+            (Answer::Send { offset: 0 }, Some(plan))
+        }
+        None => {
+            let reason = "another transfer of this file is in progress, try again later".into();
+            (Answer::Reject { code: RejectCode::Busy, reason }, None)
+        }
+    }))
+}
+
 /// Why `need` was refused with `available` left, for a refusal's reason.
 pub(super) fn no_room(what: &str, need: Room, available: Room) -> String {
     if need.bytes > available.bytes {
@@ -191,7 +221,15 @@ pub(super) fn likely_needed(root: &SafeDir, entries: &[Entry], block: u64) -> io
     let mut room = folders;
     let mut uncounted = vec![false; entries.len()];
     for (i, e) in entries.iter().enumerate() {
-        let EntryKind::File { size, hash, tag } = e.kind else { continue };
+        let (size, hash, tag) = match e.kind {
+            EntryKind::File { size, hash, tag } => (size, hash, tag),
+            // Its partial; its bytes reserve their room as they arrive.
+            EntryKind::Stream { .. } => {
+                room += Room::entry(block);
+                continue;
+            }
+            EntryKind::Dir => continue,
+        };
         let resumable = size > RESUME_MIN || single;
         let (parent, name) = e.path.split_at(e.path.len() - 1);
         // A folder that is not there yet holds nothing of it.

@@ -5,7 +5,7 @@ use std::sync::mpsc;
 
 use crate::hash::Hasher;
 use crate::protocol::{self, FrameKind, ProtocolError, WireError};
-use crate::store::{Partial, Reservation};
+use crate::store::{Partial, Reservation, Room};
 use crate::transport::{FrameReader, RECV_BUF};
 
 pub(super) enum BodyError {
@@ -177,4 +177,74 @@ fn receive_small(
     outcome?;
     hasher.update(&buf);
     Ok(hasher.finish())
+}
+
+/// Room a stream (a file of unknown size, `xfer send -`) reserves at a time as it arrives: one
+/// look at the free room (blocks) per this many bytes, so concurrent transfers cannot overbook
+/// the disk with it either.
+pub(crate) const STREAM_STEP: u64 = 16 << 20;
+
+/// Reads a stream's body into its partial until its end mark: data frames of any number, then
+/// an empty data frame. Hashed on this thread as it is written. Before each write the room for it
+/// is reserved, [`STREAM_STEP`] at a time (or only what this write needs, when that much is not
+/// free); when even that is not free the body fails with `StorageFull`: the disk is the only cap.
+pub(super) fn receive_stream(
+    r: &mut FrameReader,
+    partial: &Partial,
+    mut hasher: Hasher,
+    received: &mut u64,
+    reservation: &mut Reservation<'_>,
+    bar: &indicatif::ProgressBar,
+) -> Result<protocol::Digest, BodyError> {
+    let mut buf = vec![0u8; RECV_BUF];
+    let mut file = partial.file();
+    while let Some(h) = r.stream_header().map_err(BodyError::Wire)? {
+        let mut left = data_frame_len(h, u64::MAX)?;
+        while left > 0 {
+            let n = left.min(RECV_BUF);
+            r.payload(&mut buf[..n]).map_err(|e| BodyError::Wire(e.into()))?;
+            left -= n;
+            if reservation.left().bytes < n as u64 {
+                reserve_more(reservation, n as u64, *received)
+                    .map_err(|e| BodyError::Local(e, left as u64))?;
+            }
+            file.write_all(&buf[..n]).map_err(|e| BodyError::Local(e, left as u64))?;
+            reservation.consume(n as u64);
+            hasher.update(&buf[..n]);
+            *received += n as u64;
+            bar.inc(n as u64);
+        }
+    }
+    Ok(hasher.finish())
+}
+
+/// Reserves room for the next `n` bytes of a stream that has `so_far` bytes.
+fn reserve_more(reservation: &mut Reservation<'_>, n: u64, so_far: u64) -> io::Result<()> {
+    let step = Room { bytes: STREAM_STEP.max(n), inodes: 0 };
+    if reservation.grow(step)?.is_ok() {
+        return Ok(());
+    }
+    match reservation.grow(Room { bytes: n, inodes: 0 })? {
+        Ok(()) => Ok(()),
+        Err(available) => Err(io::Error::new(
+            io::ErrorKind::StorageFull,
+            format!(
+                "the receiver ran out of room after {so_far} bytes of the stream ({} free, less what other transfers reserved)",
+                crate::progress::human_bytes(available.bytes)
+            ),
+        )),
+    }
+}
+
+/// Reads and discards the rest of a stream's body: `frame_left` bytes of the frame under way,
+/// then frames up to its end mark. Keeps the connection in step after a local failure.
+pub(super) fn skip_stream(r: &mut FrameReader, frame_left: u64) -> Result<(), WireError> {
+    r.skip(frame_left)?;
+    while let Some(h) = r.stream_header()? {
+        if h.kind != FrameKind::Data {
+            return Err(ProtocolError::UnexpectedFrame { expected: FrameKind::Data, got: h.kind }.into());
+        }
+        r.skip(u64::from(h.len))?;
+    }
+    Ok(())
 }

@@ -10,7 +10,7 @@ use super::manifest::{self, ManifestError};
 use super::queue::{self, Left};
 use super::refuse::LINGER;
 use super::transfer::{Seen, Transfer};
-use super::{InFlight, PEER_SHARE, Shared, Stored, peer_key};
+use super::{InFlight, Output, PEER_SHARE, Shared, Stored, peer_key};
 use crate::error::{Error, Limit};
 use crate::progress::{human_bytes, human_rate};
 use crate::protocol::{AnswersPart, Message, ProtocolError, Queued, Reject, RejectCode, bounded_reason};
@@ -171,7 +171,7 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
         }
     }
     deadline(&mut r, None)?;
-    let entries = m.entries;
+    let mut entries = m.entries;
     if !single {
         seen.name = Some(format!("batch of {} entries", entries.len()));
     }
@@ -199,6 +199,24 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
         }
     };
     seen.size = Some(summary.total_bytes);
+    // `-o PATH` / `-o -`: one file, whatever its name, goes where the receiver was told.
+    if let Some(output) = &opts.output {
+        let flag = if *output == Output::Stdout { "-o -" } else { "-o PATH" };
+        if !single {
+            let reason = format!(
+                "manifest refused: this receiver takes one file ({flag}), not a folder or several files"
+            );
+            drop(entries);
+            drop(held);
+            return Err(refuse((&mut r, &mut w), RejectCode::InvalidManifest, reason, &what, None));
+        }
+        let name = match output {
+            Output::File(name) => name.clone(),
+            // The sender's own name (already checked), without folders: the partial's name.
+            Output::Stdout => entries[0].path.last().expect("paths are not empty").clone(),
+        };
+        entries[0].path = vec![name];
+    }
     let root = match SafeDir::open_root(&opts.dir) {
         Ok(d) => d,
         Err(e) => {

@@ -12,6 +12,7 @@
 
 use std::io;
 
+use super::{Output, RecvOpts, STDOUT_NAME};
 use crate::protocol::{FileVerdict, Message, Verdict, bounded_reason};
 use crate::store::{Durability, Partial, SafeDir};
 use crate::transport::FrameWriter;
@@ -74,7 +75,7 @@ impl Group {
         &mut self,
         root: &SafeDir,
         w: &mut FrameWriter,
-        (overwrite, new_folders): (bool, bool),
+        (opts, new_folders): (&RecvOpts, bool),
     ) -> Result<Stored, GroupError> {
         self.bytes = 0;
         let files = std::mem::take(&mut self.files);
@@ -86,8 +87,17 @@ impl Group {
             root.sync_filesystem().map_err(GroupError::Local)?;
         }
         let durability = if one { Durability::Fsync } else { Durability::Deferred };
-        let stored: Stored =
-            files.into_iter().map(|p| (p.index, p.partial.commit(&p.name, overwrite, durability))).collect();
+        let store = |p: Pending| match &opts.output {
+            None => p.partial.commit(&p.name, opts.overwrite, durability),
+            Some(Output::File(name)) => p.partial.commit_exact(name, durability),
+            // Nothing is kept, so nothing needs to be durable; stdout takes it all first.
+            Some(Output::Stdout) => p
+                .partial
+                .pour(&mut io::stdout().lock())
+                .map(|()| STDOUT_NAME.to_string())
+                .map_err(|e| io::Error::new(e.kind(), format!("writing it to standard output: {e}"))),
+        };
+        let stored: Stored = files.into_iter().map(|p| (p.index, store(p))).collect();
         if !one {
             root.sync_filesystem().map_err(GroupError::Local)?;
         }

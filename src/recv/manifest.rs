@@ -36,7 +36,7 @@ pub(crate) const MANIFEST_MEMORY: usize = 160 << 20;
 /// A transfer of a single file: a manifest of exactly one entry, a file. Its failure is reported
 /// as itself, its log line names it, and it always keeps a resume record.
 pub(super) fn is_single(entries: &[Entry]) -> bool {
-    matches!(entries, [e] if matches!(e.kind, EntryKind::File { .. }))
+    matches!(entries, [e] if e.has_body())
 }
 
 /// A manifest being read: its entries so far and what they cost.
@@ -185,6 +185,9 @@ pub enum ManifestError {
     /// The sizes of the files up to and including `path` add up to more than the limit.
     #[error("files add up to more than {MAX_TOTAL_SIZE} bytes at \"{path}\"")]
     TooLarge { path: String },
+    /// A stream (a file of unknown size, `xfer send -`) must be the one entry of its manifest.
+    #[error("\"{path}\" is a stream of unknown size: it must be the only entry of its transfer")]
+    StreamNotAlone { path: String },
 }
 
 /// Totals of a valid manifest. `dirs` counts listed folders only, not implied parents.
@@ -254,6 +257,11 @@ pub fn validate(entries: &[Entry]) -> Result<Summary, ManifestError> {
     if entries.len() > MAX_ENTRIES {
         return Err(ManifestError::TooManyEntries(entries.len()));
     }
+    if entries.len() > 1
+        && let Some(e) = entries.iter().find(|e| matches!(e.kind, EntryKind::Stream { .. }))
+    {
+        return Err(ManifestError::StreamNotAlone { path: show(&e.path) });
+    }
     let mut nodes: Vec<Node> = Vec::new();
     // The batch root, parent of every first component: not a node, as it is never a file.
     let root = usize::MAX;
@@ -290,7 +298,7 @@ pub fn validate(entries: &[Entry]) -> Result<Summary, ManifestError> {
                         return Err(ManifestError::Collision { first, second: show(&entry.path) });
                     }
                     // An earlier entry already lies below this path, so it cannot be a file.
-                    (Node::Implied(below), EntryKind::File { .. }) => {
+                    (Node::Implied(below), EntryKind::File { .. } | EntryKind::Stream { .. }) => {
                         let path = show(&entries[below].path);
                         return Err(ManifestError::BelowFile { path, file: show(&entry.path) });
                     }
@@ -301,7 +309,7 @@ pub fn validate(entries: &[Entry]) -> Result<Summary, ManifestError> {
         }
         match entry.kind {
             EntryKind::Dir => summary.dirs += 1,
-            EntryKind::File { .. } => summary.files += 1,
+            EntryKind::File { .. } | EntryKind::Stream { .. } => summary.files += 1,
         }
     }
     Ok(summary)
@@ -310,7 +318,7 @@ pub fn validate(entries: &[Entry]) -> Result<Summary, ManifestError> {
 fn listed(index: usize, kind: &EntryKind) -> Node {
     match kind {
         EntryKind::Dir => Node::Dir(index),
-        EntryKind::File { .. } => Node::File(index),
+        EntryKind::File { .. } | EntryKind::Stream { .. } => Node::File(index),
     }
 }
 
@@ -530,10 +538,9 @@ mod tests {
         let keys: Vec<_> = m.iter().map(|e| fold_key(&e.path)).collect();
         let sizes = m.iter().map(|e| match e.kind {
             EntryKind::File { size, .. } => u128::from(size),
-            EntryKind::Dir => 0,
+            EntryKind::Dir | EntryKind::Stream { .. } => 0,
         });
-        let below_file =
-            |i: usize, j: usize| matches!(m[i].kind, EntryKind::File { .. }) && keys[j].starts_with(&keys[i]);
+        let below_file = |i: usize, j: usize| m[i].has_body() && keys[j].starts_with(&keys[i]);
         (1..=MAX_ENTRIES).contains(&m.len())
             && m.iter().enumerate().all(|(i, e)| check_shape(i, &e.path).is_ok())
             && sizes.sum::<u128>() <= u128::from(MAX_TOTAL_SIZE)

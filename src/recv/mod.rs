@@ -73,6 +73,38 @@ pub struct RecvOpts {
     pub code_file: Option<PathBuf>,
     /// Remember paired senders (`--remember`).
     pub remember: bool,
+    /// `-o PATH` / `-o -`: the one file of the one transfer goes there, whatever its name.
+    pub output: Option<Output>,
+}
+
+/// Where `xfer recv --once -o` puts its one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// `-o PATH`: stored as this name in `dir` (PATH's folder), replacing what is there.
+    File(String),
+    /// `-o -`: verified in a hidden partial, then copied to standard output and removed.
+    Stdout,
+}
+
+/// The name a file poured to standard output is reported as, in the verdict and the log line.
+pub const STDOUT_NAME: &str = "(standard output)";
+
+/// A private folder made for `-o -` without `--dir`, removed when xfer ends (also on a signal).
+static SCRATCH: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Makes the private folder `-o -` keeps its partial in, in `$TMPDIR`, removed by
+/// [`remove_scratch`].
+pub fn make_scratch() -> io::Result<PathBuf> {
+    let dir = tempfile::Builder::new().prefix("xfer-recv-").tempdir()?.keep();
+    *SCRATCH.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir.clone());
+    Ok(dir)
+}
+
+/// Removes the folder [`make_scratch`] made, if any, with what is in it.
+pub fn remove_scratch() {
+    if let Some(dir) = SCRATCH.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// A finished, successful transfer.

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use super::answer::{Dirs, Plan, Rules, answer_dir, answer_file};
+use super::answer::{Dirs, Plan, Rules, answer_dir, answer_file, answer_stream};
 use super::durable::Group;
 use super::manifest::Summary;
 use super::{Shared, Stored};
@@ -292,8 +292,9 @@ impl<'a> Transfer<'a> {
                 until: Instant::now() + compare_for,
                 hold: self.held < MAX_HELD,
                 single: self.single,
+                fresh: opts.output == Some(super::Output::Stdout),
             };
-            let is_file = matches!(entry.kind, EntryKind::File { .. });
+            let is_file = entry.has_body();
             let answered = match (&entry.kind, self.digests.get(self.file_no)) {
                 (EntryKind::File { .. }, Some(None)) => {
                     let reason = "not sent: the sender could not read it".to_string();
@@ -307,6 +308,9 @@ impl<'a> Transfer<'a> {
                     self.uncounted[index].then_some(&mut self.reservation),
                 ),
                 (EntryKind::Dir, _) => answer_dir(&mut self.answer_dirs, entry).map(|a| Some((a, None))),
+                (EntryKind::Stream { .. }, _) => {
+                    answer_stream(&mut self.answer_dirs, (index, self.file_no, entry))
+                }
             };
             let mut failure = None;
             let (answer, plan) = match answered {

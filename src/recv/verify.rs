@@ -4,12 +4,14 @@
 //! files: groups flushed and acknowledged, partials of a broken-off transfer cleaned up.
 
 use super::answer::Plan;
-use super::body::{BodyError, receive_body, skip_body};
+use super::body::{BodyError, receive_body, receive_stream, skip_body, skip_stream};
 use super::durable::{GroupError, Pending};
 use super::transfer::{Seen, Transfer};
 use crate::error::Error;
 use crate::hash::Hasher;
-use crate::protocol::{Digest, EntryKind, FileVerdict, Message, ProtocolError, Verdict, bounded_reason};
+use crate::protocol::{
+    Digest, EntryKind, FileVerdict, HashAlg, Message, ProtocolError, Verdict, bounded_reason,
+};
 use crate::sanitize::{escape, peer_text};
 use crate::store::space::round_up;
 use crate::store::{self, Partial, Room, SafeDir};
@@ -36,6 +38,13 @@ impl Transfer<'_> {
     /// file's room is settled: what was written shows in the file system now, and the rest of its
     /// blocks, its inode and its record's are no longer reserved (the file is there, or gone).
     pub(super) fn body(&mut self, plan: Plan, seen: &mut Seen) -> Result<(), Error> {
+        if let EntryKind::Stream { hash } = self.entries[plan.index].kind {
+            let outcome = self.stream(plan, hash, seen);
+            // Alone in its transfer: what its partial and bytes reserved is all that is left.
+            let left = self.reservation.left();
+            self.reservation.release(left);
+            return outcome;
+        }
         let block = self.reservation.block();
         let size = self.entries[plan.index].size();
         // As the acceptance counted it (`likely_needed`): a resume only the blocks it lacks.
@@ -183,6 +192,85 @@ impl Transfer<'_> {
         Ok(())
     }
 
+    /// Receives a stream's body (see `body::receive_stream`), then its digest, and queues it like
+    /// any verified file. Whatever goes wrong removes its partial: a stream cannot resume. A local
+    /// failure (the disk is full) is told at once, then the rest of the stream is read and
+    /// dropped, so the sender, which looks for a verdict while it streams, can stop early.
+    fn stream(&mut self, mut plan: Plan, hash: HashAlg, seen: &mut Seen) -> Result<(), Error> {
+        self.bodies += 1;
+        let partial = plan.held.take().expect("a stream's partial is held from its answer");
+        let mut received = 0u64;
+        self.r.set_min_rate(Some(MIN_RATE));
+        let body = receive_stream(
+            self.r,
+            &partial,
+            Hasher::new(hash),
+            &mut received,
+            &mut self.reservation,
+            &self.bar,
+        );
+        self.r.set_min_rate(None);
+        seen.received += received;
+        seen.size = Some(received);
+        let actual = match body {
+            Ok(d) => d,
+            Err(BodyError::Local(e, frame_left)) => {
+                partial.discard();
+                let reason = bounded_reason(format!("storing the stream: {e}; nothing was stored"));
+                let err = Error::io("storing the received stream", e);
+                self.verdict_failed(&plan, Verdict::Failed { reason }, err)?;
+                skip_stream(self.r, frame_left).map_err(|e| self.r.error("receiving the stream", e))?;
+                // Its digest (or its absence) still comes: the sender ends the stream properly.
+                return self.digest_of(plan.file_no, 0).map(drop);
+            }
+            Err(BodyError::Wire(e)) => {
+                partial.discard();
+                let err = self.r.error("receiving the stream", e);
+                let reason = match &err {
+                    Error::Auth(_) => format!(
+                        "secure channel broken: what arrived for this stream did not authenticate ({err})"
+                    ),
+                    _ => format!("receiver: {err}; nothing was stored (a stream cannot resume)"),
+                };
+                let v = Verdict::Failed { reason: bounded_reason(reason) };
+                let _ =
+                    self.send(&Message::FileVerdict(FileVerdict { index: plan.index as u32, verdict: v }));
+                return Err(Error::NotResumable(Box::new(err)));
+            }
+            Err(BodyError::TooLong(_)) => unreachable!("a stream has no size to run past"),
+        };
+        self.progress_at = std::time::Instant::now();
+        let expected = match self.digest_of(plan.file_no, received) {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                partial.discard();
+                let reason = "the sender could not read its input to the end; nothing was stored";
+                let e = Error::Integrity(reason.into());
+                return self.verdict_failed(&plan, Verdict::Failed { reason: reason.into() }, e);
+            }
+            Err(e) => {
+                partial.discard();
+                return Err(e);
+            }
+        };
+        if actual != expected {
+            partial.discard();
+            let e =
+                Error::Integrity(format!("content hashed to {actual}, the sender's digest is {expected}"));
+            return self.verdict_failed(&plan, Verdict::HashMismatch { expected, actual }, e);
+        }
+        let entry = &self.entries[plan.index];
+        let name = entry.path[entry.path.len() - 1].clone();
+        if let Err(e) = partial.set_attributes(entry.mode, entry.mtime) {
+            partial.discard();
+            let reason = bounded_reason(format!("storing the stream: {e}"));
+            let err = Error::io("storing the received stream", e);
+            return self.verdict_failed(&plan, Verdict::Failed { reason }, err);
+        }
+        self.group.push(Pending { index: plan.index as u32, partial, name, size: received });
+        Ok(())
+    }
+
     /// The digest of file `n`, reading further `Digests` parts (and keepalives) if it has not
     /// come yet: nothing else may come between a body and its digest.
     pub(super) fn digest_of(&mut self, n: usize, size: u64) -> Result<Option<Digest>, Error> {
@@ -208,10 +296,8 @@ impl Transfer<'_> {
         }
         self.flushed_at = std::time::Instant::now();
         let new_folders = self.answer_dirs.made || self.body_dirs.made;
-        let stored = self
-            .group
-            .flush(&self.root, self.w, (self.shared.opts.overwrite, new_folders))
-            .map_err(|e| match e {
+        let stored =
+            self.group.flush(&self.root, self.w, (&self.shared.opts, new_folders)).map_err(|e| match e {
                 GroupError::Local(e) => Error::io("making received files durable", e),
                 GroupError::Wire(e) => self.w.error("acknowledging files", e.into()),
             })?;

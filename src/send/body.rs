@@ -38,6 +38,9 @@ impl Run<'_> {
                 reason: peer_text(reason.clone()),
             })),
             (Answer::Send { .. }, EntryKind::File { .. }) => None,
+            (Answer::Send { .. }, EntryKind::Stream { .. }) => {
+                unreachable!("streams are sent by send::stream")
+            }
         };
         self.done += 1;
         if self.entries.len() > 1 {

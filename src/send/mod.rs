@@ -24,6 +24,7 @@ pub mod plan;
 mod report;
 pub(crate) mod run;
 mod secure;
+mod stream;
 pub mod walk;
 
 pub use report::{EntryOutcome, EntryReport, Report};
@@ -65,19 +66,24 @@ pub struct SendOpts {
     pub wait: Duration,
     /// JSON lines on stdout instead of the summary (`--json`).
     pub json: bool,
+    /// `xfer send - HOST --as NAME`: standard input is sent as one stream.
+    pub stdin: bool,
 }
 
 impl SendOpts {
     /// One path that is not a folder goes the single-file way (which explains what is wrong with
     /// it, if anything); several paths or a folder make a batch.
     pub fn is_single_file(&self) -> bool {
-        self.paths.len() == 1 && !std::fs::metadata(&self.paths[0]).is_ok_and(|m| m.is_dir())
+        self.stdin || self.paths.len() == 1 && !std::fs::metadata(&self.paths[0]).is_ok_and(|m| m.is_dir())
     }
 }
 
 /// Sends `opts.paths`. A single file's failure is returned as the error; a batch's failures are
 /// in the report, entry by entry.
 pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
+    if opts.stdin {
+        return stream::send_stdin(opts, progress);
+    }
     let start = Instant::now();
     let plan = plan::plan(opts)?;
     for (p, why) in &plan.skipped {
@@ -116,49 +122,8 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
         events.clone(),
     );
 
-    // A busy receiver is waited for (up to --wait), trying again with growing pauses: 64 sends
-    // started at once against one receiver all get through.
-    let mut waiting: Option<Instant> = None;
-    let status = progress.spinner(&format!("connecting to {} (waiting for its hello)", opts.to));
-    let mut pause = Duration::from_millis(250 + u64::from(std::process::id() % 250));
-    let offered = loop {
-        match offer(
-            opts,
-            &mut ready,
-            (&hashing_bar, &status),
-            &plan.entries,
-            label.as_deref(),
-            (&mut waiting, progress),
-        ) {
-            Err(e) => break Err(e),
-            Ok(Offered::Accepted(c)) => break Ok(*c),
-            Ok(Offered::Busy(e)) => {
-                let since = *waiting.get_or_insert_with(|| {
-                    let shown = e.to_string();
-                    progress.line(
-                        &format!(
-                            "xfer: {shown}; waiting for a free slot (up to --wait {} s)",
-                            opts.wait.as_secs()
-                        ),
-                        false,
-                    );
-                    Instant::now()
-                });
-                if since.elapsed() + pause > opts.wait {
-                    break Err(e);
-                }
-                status.set_message(format!(
-                    "receiver busy: waiting for a free slot (up to --wait {} s)",
-                    opts.wait.as_secs()
-                ));
-                std::thread::sleep(pause);
-                status.set_message(format!("connecting to {} again", opts.to));
-                pause = (pause * 3 / 2).min(Duration::from_secs(4));
-            }
-        }
-    };
-    status.finish_and_clear();
-    let (r, mut w, peer) = offered?;
+    let (r, mut w, peer) =
+        connect(opts, &mut ready, &hashing_bar, progress, &plan.entries, label.as_deref())?;
 
     let overall = progress.bytes(
         "sending",
@@ -266,6 +231,53 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
         resumed: run.resumed,
         elapsed: start.elapsed(),
     })
+}
+
+/// Connects, authenticates and offers `entries` until the receiver accepts them. A busy receiver
+/// is waited for (up to --wait), trying again with growing pauses: 64 sends started at once
+/// against one receiver all get through.
+fn connect(
+    opts: &SendOpts,
+    ready: &mut secure::Ready,
+    hashing_bar: &indicatif::ProgressBar,
+    progress: &Progress,
+    entries: &[crate::protocol::Entry],
+    label: Option<&str>,
+) -> Result<(transport::FrameReader, FrameWriter, String), Error> {
+    let mut waiting: Option<Instant> = None;
+    let status = progress.spinner(&format!("connecting to {} (waiting for its hello)", opts.to));
+    let mut pause = Duration::from_millis(250 + u64::from(std::process::id() % 250));
+    let offered = loop {
+        match offer(opts, ready, (hashing_bar, &status), entries, label, (&mut waiting, progress)) {
+            Err(e) => break Err(e),
+            Ok(Offered::Accepted(c)) => break Ok(*c),
+            Ok(Offered::Busy(e)) => {
+                let since = *waiting.get_or_insert_with(|| {
+                    let shown = e.to_string();
+                    progress.line(
+                        &format!(
+                            "xfer: {shown}; waiting for a free slot (up to --wait {} s)",
+                            opts.wait.as_secs()
+                        ),
+                        false,
+                    );
+                    Instant::now()
+                });
+                if since.elapsed() + pause > opts.wait {
+                    break Err(e);
+                }
+                status.set_message(format!(
+                    "receiver busy: waiting for a free slot (up to --wait {} s)",
+                    opts.wait.as_secs()
+                ));
+                std::thread::sleep(pause);
+                status.set_message(format!("connecting to {} again", opts.to));
+                pause = (pause * 3 / 2).min(Duration::from_secs(4));
+            }
+        }
+    };
+    status.finish_and_clear();
+    offered
 }
 
 /// What became of one offer of the manifest.

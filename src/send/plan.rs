@@ -70,7 +70,7 @@ pub fn plan(opts: &SendOpts) -> Result<Plan, Error> {
 
 /// `--as NAME` or `--as sub/folder/name`: a path inside the receiver's folder, each component
 /// checked by the receiver's name rules.
-fn as_path(name: &str) -> Result<Vec<String>, Error> {
+pub(super) fn as_path(name: &str) -> Result<Vec<String>, Error> {
     let parts: Vec<String> = name.split('/').map(str::to_owned).collect();
     if parts.len() > MAX_DEPTH {
         return Err(Error::Usage(format!("--as {name:?} is deeper than {MAX_DEPTH} folders")));

@@ -278,12 +278,43 @@ impl Partial {
     /// does neither: the caller has synced the data (one `syncfs` for a group) and syncs the
     /// renames before acknowledging any of them. Returns the stored name.
     pub fn commit(self, name: &str, overwrite: bool, durability: Durability) -> io::Result<String> {
+        self.commit_as(name, overwrite, durability, MAX_KEEP_BOTH)
+    }
+
+    /// [`Partial::commit`] to `name` itself, replacing what is there (`xfer recv -o PATH`): no
+    /// keep-both name is ever taken, a folder in the way is an error.
+    pub fn commit_exact(self, name: &str, durability: Durability) -> io::Result<String> {
+        self.commit_as(name, true, durability, 0).map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                io::Error::new(e.kind(), format!("{name:?} is a folder or cannot be replaced"))
+            } else {
+                e
+            }
+        })
+    }
+
+    /// Writes the whole file to `out` and flushes it, then removes the partial and its record
+    /// (`xfer recv -o -`: the verified bytes go to standard output, nothing is kept).
+    pub fn pour(mut self, out: &mut impl Write) -> io::Result<()> {
+        self.file.seek(SeekFrom::Start(0))?;
+        let copied = io::copy(&mut self.file, out).and_then(|n| out.flush().map(|()| n));
+        self.discard();
+        copied.map(drop)
+    }
+
+    fn commit_as(
+        self,
+        name: &str,
+        overwrite: bool,
+        durability: Durability,
+        keep_both: u32,
+    ) -> io::Result<String> {
         if durability == Durability::Fsync {
             self.file.sync_all()?;
         }
         let from = self.name(PART_SUFFIX);
         let mut stored = None;
-        for n in 0..=MAX_KEEP_BOTH {
+        for n in 0..=keep_both {
             let candidate = numbered_name(name, n);
             match self.dir.rename(&from, &candidate, overwrite && n == 0) {
                 Ok(()) => {
@@ -298,10 +329,7 @@ impl Partial {
             }
         }
         let stored = stored.ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{MAX_KEEP_BOTH} files named like this exist"),
-            )
+            io::Error::new(io::ErrorKind::AlreadyExists, format!("{keep_both} files named like this exist"))
         })?;
         if self.record {
             let _ = self.dir.remove_file(&self.name(RECORD_SUFFIX));

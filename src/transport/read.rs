@@ -291,6 +291,12 @@ impl FrameReader {
         protocol::read_frame_header(&mut self.inner)
     }
 
+    /// Reads one frame header of a stream's body: `None` at its end (an empty data frame, see
+    /// [`protocol::STREAM_END`]).
+    pub fn stream_header(&mut self) -> Result<Option<FrameHeader>, WireError> {
+        protocol::read_stream_frame_header(&mut self.inner)
+    }
+
     /// Reads a frame header; one that is not already buffered is read straight from the socket,
     /// so the buffer does not fill up with the frame's payload, which [`FrameReader::payload`]
     /// then reads without a copy through it.

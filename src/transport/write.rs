@@ -240,6 +240,21 @@ impl FrameWriter {
         let _ = self.inner.get_ref().sock.socket.tcp().shutdown(how);
     }
 
+    /// Writes `bytes` as data frames of at most `chunk` bytes each (a stream's body, read from a
+    /// pipe). Does not flush.
+    pub fn data(&mut self, bytes: &[u8], chunk: u32) -> io::Result<()> {
+        for piece in bytes.chunks(chunk as usize) {
+            protocol::write_frame_header(&mut self.inner, FrameKind::Data, piece.len() as u32)?;
+            self.inner.write_all(piece)?;
+        }
+        Ok(())
+    }
+
+    /// Ends a stream's body ([`protocol::STREAM_END`]). Does not flush.
+    pub fn stream_end(&mut self) -> io::Result<()> {
+        self.inner.write_all(&protocol::STREAM_END)
+    }
+
     /// Writes bytes `offset..size` of `file` as data frames of at most `chunk` bytes, advancing
     /// `bar`. Does not flush: a batch streams many bodies through one buffer.
     pub fn file_body(

@@ -59,7 +59,7 @@ pub(crate) fn accept_manifest(s: &mut TcpStream) -> Vec<Entry> {
 pub(crate) fn size_of(e: &Entry) -> u64 {
     match e.kind {
         EntryKind::File { size, .. } => size,
-        EntryKind::Dir => panic!("{:?} is a folder", e.path),
+        EntryKind::Dir | EntryKind::Stream { .. } => panic!("{:?} has no size", e.path),
     }
 }
 

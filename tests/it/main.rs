@@ -16,6 +16,7 @@ mod hostile; // a raw peer speaking the wire format attacks the receiver
 mod hostile_receiver; // a fake receiver lies to the sender: bad offsets, frames, answers, names
 mod load; // 64 senders at once; a flood of idle connections from one address
 mod pipeline; // hashing overlaps sending: files are answered and stored as their digests come
+mod pipes; // recv --once -o PATH and -o -, send - (stdin): one file to a path, to stdout, from a pipe
 mod progress; // bars on a terminal (a pty from script(1)), none with --quiet or in a pipe
 mod resume; // interrupted three ways, then resumed; other versions not reused
 mod secure; // codes, pinned keys, downgrades, tampering, relays: the secure channel under attack
