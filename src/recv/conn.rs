@@ -45,11 +45,12 @@ pub(super) fn handle_logged<H>(
         Ok(s) => format!("verified, stored as \"{}\"{resumed}", escape(&s.name)),
         Err(e) => format!("failed: {e}"),
     };
-    let line = format!(
-        "{peer} {what} in {:.2} s ({}): {outcome}",
-        elapsed.as_secs_f64(),
-        human_rate(seen.received, elapsed)
-    );
+    // A rate only for bytes that arrived: a copy it already had received nothing.
+    let moved = match seen.received {
+        0 => "nothing received".to_string(),
+        n => human_rate(n, elapsed),
+    };
+    let line = format!("{peer} {what} in {:.2} s ({moved}): {outcome}", elapsed.as_secs_f64());
     shared.progress.line(&line, true);
     (result, seen.name.is_some())
 }
