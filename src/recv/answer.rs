@@ -48,7 +48,7 @@ pub(super) struct Rules<'a> {
 
 /// Re-hashing a copy or a partial start of at least this size shows a "checking" bar on the
 /// receiver's terminal (smaller ones take a moment, and a batch may hold thousands).
-pub(crate) const CHECK_BAR_MIN: u64 = 16 << 20;
+const CHECK_BAR_MIN: u64 = 16 << 20;
 
 /// In a transfer of many files, files up to this size keep no record while they arrive, so they
 /// never resume: for them a record costs more than resending does. A single file always does.

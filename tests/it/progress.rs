@@ -314,7 +314,7 @@ fn the_rate_after_a_resume_counts_moved_bytes_only() {
     let link = moved as f64 / took.as_secs_f64();
     let rows = rows(&tty, 200, |_| false);
     let mut rates = Vec::new();
-    for r in rows.iter().filter(|r| r.starts_with("sending")) {
+    for r in rows.iter().filter(|r| r.trim_start().starts_with("sending")) {
         let Some(at) = r.find("/s ") else { continue };
         let words: Vec<&str> = r[..at].rsplitn(3, ' ').collect();
         let Ok(v) = words[1].parse::<f64>() else { continue };
