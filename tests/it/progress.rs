@@ -252,7 +252,9 @@ fn bars_fit_the_terminal_and_count_files_as_they_are_verified() {
                 assert!(d < t || all_in, "{side}: {d}/{t} before the end: {row:?}");
             }
             assert!(
-                rows.iter().any(|r| r.starts_with(verb) && r.contains("f1.bin")),
+                // Small files may go by between two draws of a busy sender: one of them at least.
+                rows.iter()
+                    .any(|r| r.starts_with(verb) && (0..5).any(|i| r.contains(&format!("batch/f{i}.bin")))),
                 "{side}: no file named:\n{all}"
             );
             let long_shown = if cols < 100 {
