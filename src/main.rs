@@ -7,7 +7,7 @@ use clap::Parser;
 
 use xfer::cli::{Cli, Command, TrustAction};
 use xfer::error::{Error, Exit};
-use xfer::progress::{Progress, human_bytes, human_rate};
+use xfer::progress::{Progress, human_bytes, human_rate, moved};
 use xfer::recv::Receiver;
 use xfer::sanitize::escape;
 use xfer::send::{EntryOutcome, Report, send};
@@ -245,13 +245,19 @@ fn report_single(mut r: Report, opts: &xfer::send::SendOpts) -> Result<(), Error
         EntryOutcome::AlreadyThere(n) => format!("receiver already has it as \"{}\"", escape(n)),
     };
     let digest = e.digest.map(|d| d.to_hex()).unwrap_or_default();
+    // What moved: a rate only for bytes that did (none when the receiver had it, the rest only
+    // after a resume).
+    let moved = match &e.outcome {
+        EntryOutcome::AlreadyThere(_) => "nothing sent".to_string(),
+        _ if e.offset > 0 => moved("sent", e.size - e.offset, e.offset, r.elapsed),
+        _ => human_rate(e.size, r.elapsed),
+    };
     println!(
-        "\"{}\" {} bytes ({}) in {:.2} s ({}) {} {digest}{}: {outcome}",
+        "\"{}\" {} bytes ({}) in {:.2} s ({moved}) {} {digest}{}: {outcome}",
         escape(&e.path),
         e.size,
         human_bytes(e.size),
         r.elapsed.as_secs_f64(),
-        human_rate(e.size, r.elapsed),
         opts.hash,
         if e.cached { " (cached)" } else { "" }
     );
@@ -292,14 +298,21 @@ fn report_batch(r: &Report, verbose: bool) -> Result<(), Error> {
         }
     }
     let resumed = if r.resumed > 0 { format!(", resumed past {} bytes", r.resumed) } else { String::new() };
+    // A rate only for bytes that moved: a batch that was all there sent nothing.
+    let sent = if r.sent == 0 {
+        format!(
+            "nothing sent{}",
+            if resumed.is_empty() { String::new() } else { format!(" ({})", &resumed[2..]) }
+        )
+    } else {
+        format!("{} sent ({}{resumed})", human_bytes(r.sent), human_rate(r.sent, r.elapsed))
+    };
     println!(
-        "{} ({}, {}) in {:.2} s, {} sent ({}{resumed}): {verified} verified, {there} already there, {failed} failed, {} skipped",
+        "{} ({}, {}) in {:.2} s, {sent}: {verified} verified, {there} already there, {failed} failed, {} skipped",
         plural(r.entries.len(), "entry", "entries"),
         plural(r.files, "file", "files"),
         human_bytes(r.bytes),
         r.elapsed.as_secs_f64(),
-        human_bytes(r.sent),
-        human_rate(r.sent, r.elapsed),
         r.skipped.len()
     );
     match r.worst() {

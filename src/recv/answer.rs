@@ -11,7 +11,7 @@ use std::io;
 use std::time::Instant;
 
 use crate::hash::Hasher;
-use crate::progress::human_bytes;
+use crate::progress::{Bar, Progress, human_bytes};
 use crate::protocol::{Answer, Digest, Entry, EntryKind, RejectCode};
 use crate::store::space::round_up;
 use crate::store::{self, FileId, Kind, Opened, Partial, Reservation, Room, SafeDir};
@@ -32,7 +32,7 @@ pub(super) struct Plan {
 }
 
 /// How an entry is answered.
-pub(super) struct Rules {
+pub(super) struct Rules<'a> {
     pub overwrite: bool,
     /// Comparing with existing files stops here: the sender is waiting.
     pub until: Instant,
@@ -44,7 +44,13 @@ pub(super) struct Rules {
     pub single: bool,
     /// Nothing on the disk counts as "already have it" (`-o -`: the bytes must reach stdout).
     pub fresh: bool,
+    /// Where a "checking" bar shows while a large copy or partial here is re-hashed.
+    pub progress: &'a Progress,
 }
+
+/// Re-hashing a copy or a partial start of at least this size shows a "checking" bar on the
+/// receiver's terminal (smaller ones take a moment, and a batch may hold thousands).
+const CHECK_BAR_MIN: u64 = 16 << 20;
 
 /// In a transfer of many files, files up to this size keep no record while they arrive, so they
 /// never resume: for them a record costs more than resending does. A single file always does.
@@ -69,7 +75,7 @@ pub(super) fn answer_file(
     dirs: &mut Dirs,
     (index, file_no, entry): (usize, usize, &Entry),
     digest: Option<&Digest>,
-    rules: &Rules,
+    rules: &Rules<'_>,
     room: Option<&mut Reservation<'_>>,
 ) -> io::Result<Option<(Answer, Option<Plan>)>> {
     let (parent_path, name) = entry.path.split_at(entry.path.len() - 1);
@@ -94,6 +100,10 @@ pub(super) fn answer_file(
     }
     let parent = dirs.get(parent_path)?;
     let id = FileId { size, alg, digest: digest.copied(), tag: Some(tag) };
+    let check = || {
+        let shown = entry.path.join("/");
+        if size >= CHECK_BAR_MIN { rules.progress.bytes("checking", &shown, 0, None) } else { Bar::hidden() }
+    };
     match digest {
         _ if rules.fresh => {
             if digest.is_none() && id.digest_would_resume(parent, name) {
@@ -101,9 +111,11 @@ pub(super) fn answer_file(
             }
         }
         Some(d) => {
-            if let Some(stored) =
-                store::find_existing(parent, name, (size, alg, d), rules.overwrite, rules.until)?
-            {
+            let bar = check();
+            let found =
+                store::find_existing(parent, name, (size, alg, d), rules.overwrite, rules.until, &bar);
+            bar.finish_and_clear();
+            if let Some(stored) = found? {
                 return Ok(Some((Answer::Have { name: stored }, None)));
             }
         }
@@ -138,7 +150,10 @@ pub(super) fn answer_file(
     if !resumable && Partial::absent(parent, name) {
         return send(plan(0, None, false, None));
     }
-    match Partial::open(parent.try_clone()?, name, &id, rules.until, resumable)? {
+    let bar = check();
+    let opened = Partial::open(parent.try_clone()?, name, &id, rules.until, resumable, &bar);
+    bar.finish_and_clear();
+    match opened? {
         Opened::Ready { partial, offset, hasher } => {
             let record = partial.has_record();
             // A resumed partial stays locked until its body: its prefix was hashed and nothing

@@ -88,7 +88,7 @@ pub(super) struct Transfer<'a> {
     pub(super) first_failure: Option<Error>,
     /// For a single file: what the log line says.
     pub(super) stored: Option<(String, bool)>,
-    pub(super) bar: indicatif::ProgressBar,
+    pub(super) bar: crate::progress::Bar,
 }
 
 impl<'a> Transfer<'a> {
@@ -100,9 +100,9 @@ impl<'a> Transfer<'a> {
         (reservation, uncounted): (Reservation<'a>, Vec<bool>),
     ) -> Result<Transfer<'a>, Error> {
         let single = super::manifest::is_single(&entries);
-        let label =
-            if single { escape(&entries[0].path.join("/")) } else { format!("{} files", summary.files) };
-        let bar = shared.progress.bytes("receiving", &label, summary.total_bytes);
+        let (label, files) =
+            if single { (entries[0].path.join("/"), None) } else { (String::new(), Some(summary.files)) };
+        let bar = shared.progress.bytes("receiving", &label, summary.total_bytes, files);
         let dirs = || Dirs::new(&root).map_err(|e| Error::io("opening the target folder", e));
         Ok(Transfer {
             answer_dirs: dirs()?,
@@ -293,6 +293,7 @@ impl<'a> Transfer<'a> {
                 hold: self.held < MAX_HELD,
                 single: self.single,
                 fresh: opts.output == Some(super::Output::Stdout),
+                progress: &self.shared.progress,
             };
             let is_file = entry.has_body();
             let answered = match (&entry.kind, self.digests.get(self.file_no)) {
@@ -330,9 +331,8 @@ impl<'a> Transfer<'a> {
             match (&answer, plan) {
                 (Answer::Send { offset }, Some(p)) => {
                     self.held += usize::from(p.held.is_some());
-                    if self.single {
-                        self.bar.set_position(*offset);
-                    }
+                    // Already here from an earlier transfer: done, but not moved now.
+                    self.bar.skip(*offset);
                     self.plans.push_back(p);
                 }
                 (Answer::Send { .. }, None) => {
@@ -342,11 +342,17 @@ impl<'a> Transfer<'a> {
                 }
                 (Answer::Reject { code, reason }, _) => {
                     self.failed += 1;
+                    if is_file {
+                        self.bar.skip(entry.size());
+                        self.bar.file_done();
+                    }
                     let name = escape(&entry.path.join("/"));
                     failure.get_or_insert(Error::Rejected { name, code: *code, reason: reason.clone() });
                 }
                 (Answer::Have { name }, _) if is_file => {
                     self.there += 1;
+                    self.bar.skip(entry.size());
+                    self.bar.file_done();
                     self.stored = Some((name.clone(), true));
                 }
                 _ => {}

@@ -21,6 +21,7 @@ impl Transfer<'_> {
     /// Sends a file's failed verdict and counts it.
     pub(super) fn verdict_failed(&mut self, plan: &Plan, verdict: Verdict, e: Error) -> Result<(), Error> {
         self.failed += 1;
+        self.bar.file_done();
         self.fail(e);
         self.send(&Message::FileVerdict(FileVerdict { index: plan.index as u32, verdict }))
     }
@@ -28,6 +29,7 @@ impl Transfer<'_> {
     pub(super) fn withdrawn(&mut self, plan: Plan, reason: String) -> Result<(), Error> {
         let reason = bounded_reason(format!("not sent: {}", peer_text(reason)));
         let e = Error::Integrity(format!("the sender withdrew it ({reason})"));
+        self.bar.skip(self.entries[plan.index].size() - plan.offset);
         let sent = self.verdict_failed(&plan, Verdict::Failed { reason }, e);
         self.abandon(plan);
         sent
@@ -67,6 +69,8 @@ impl Transfer<'_> {
         let name = name[0].clone();
         if self.single {
             seen.resumed = plan.offset;
+        } else {
+            self.bar.set_name(&entry.path.join("/"));
         }
         let opened = match plan.held.take() {
             Some(p) => Ok(p),
@@ -83,6 +87,7 @@ impl Transfer<'_> {
                 // The body comes anyway (it was promised): take it off the wire and say why.
                 skip_body(self.r, 0, size - plan.offset).map_err(|w| self.r.error("receiving a body", w))?;
                 seen.received += size - plan.offset;
+                self.bar.inc(size - plan.offset);
                 let shown = escape(&entry.path.join("/"));
                 let reason = bounded_reason(format!("{shown}: {e}"));
                 return self.verdict_failed(&plan, Verdict::Failed { reason }, Error::io(shown, e));
@@ -142,6 +147,7 @@ impl Transfer<'_> {
                 skip_body(self.r, frame_left, size - at - frame_left)
                     .map_err(|w| self.r.error("receiving a body", w))?;
                 seen.received += size - at;
+                self.bar.inc(size - at);
                 let reason = bounded_reason(format!("writing the file: {e}"));
                 return self.verdict_failed(
                     &plan,
@@ -189,6 +195,8 @@ impl Transfer<'_> {
             );
         }
         self.group.push(Pending { index: plan.index as u32, partial, name, size });
+        // Verified: done on this side's bar (its sender counts it when the group is acknowledged).
+        self.bar.file_done();
         Ok(())
     }
 

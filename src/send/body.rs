@@ -43,11 +43,12 @@ impl Run<'_> {
             }
         };
         self.done += 1;
-        if self.entries.len() > 1 {
-            self.bar.set_message(format!("{}/{} entries", self.done, self.entries.len()));
-        }
         if let Some(o) = outcome {
-            self.bar.inc(size);
+            // Nothing moves for it: it is done (a file counts once its outcome is known).
+            self.bar.skip(size);
+            if is_file {
+                self.bar.file_done();
+            }
             if !self.local[i] {
                 self.outcomes[i] = Some(o);
             }
@@ -57,7 +58,10 @@ impl Run<'_> {
         self.owed[i] = true;
         self.owing += 1;
         self.offsets[i] = offset;
-        self.bar.inc(offset);
+        self.bar.skip(offset);
+        if self.entries.len() > 1 {
+            self.bar.set_name(&shown);
+        }
         let item = &self.items[i];
         let path = item.source.display().to_string();
         let stamp = item.file.expect("files have stamps");
@@ -72,7 +76,7 @@ impl Run<'_> {
                 let reason = bounded_reason(e.to_string());
                 self.local[i] = true;
                 self.outcomes[i].get_or_insert(EntryOutcome::Failed(e));
-                self.bar.inc(size - offset);
+                self.bar.skip(size - offset);
                 let withdraw = Message::Withdraw(Withdraw { index: i as u32, reason });
                 return w.message(&withdraw).map_err(|e| w.error("sending bodies", e.into()));
             }

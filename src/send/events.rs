@@ -6,12 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use indicatif::ProgressBar;
-
 use super::walk::Item;
 use crate::cache::{DigestCache, Stamp};
 use crate::error::{Error, is_timeout};
 use crate::hash::hash_reader;
+use crate::progress::Bar;
 use crate::protocol::{AnswersPart, Digest, FileVerdict, HashAlg, Message, ProtocolError, WireError};
 use crate::transport::FrameReader;
 
@@ -40,7 +39,7 @@ const CACHE_SAVE: Duration = Duration::from_secs(1);
 pub(super) fn spawn_hashing(
     items: &[Item],
     (cache, alg): (bool, HashAlg),
-    bar: ProgressBar,
+    bar: Bar,
     label: Option<String>,
     events: mpsc::SyncSender<Event>,
 ) -> std::thread::JoinHandle<()> {
@@ -48,10 +47,12 @@ pub(super) fn spawn_hashing(
         items.iter().filter_map(|i| i.file.map(|s| (i.source.clone(), s))).collect();
     std::thread::spawn(move || {
         let mut cache = cache.then(|| DigestCache::open_default(alg));
-        let total = files.len();
         let mut saved = Instant::now();
         for (n, (source, stamp)) in files.into_iter().enumerate() {
             let path = source.display().to_string();
+            if label.is_none() {
+                bar.set_name(&path);
+            }
             let digest = open_unchanged(&source, stamp)
                 .and_then(|mut f| digest_of(&mut f, (stamp, alg), cache.as_mut(), &bar, &path));
             // Saved as it goes, so an interrupted send's retry does not hash it all again.
@@ -62,11 +63,9 @@ pub(super) fn spawn_hashing(
                 saved = Instant::now();
             }
             if digest.is_err() {
-                bar.inc(stamp.size);
+                bar.skip(stamp.size);
             }
-            if label.is_none() {
-                bar.set_message(format!("{}/{total} files", n + 1));
-            }
+            bar.file_done();
             if events.send(Event::Hashed(n, digest)).is_err() {
                 return;
             }
@@ -82,11 +81,12 @@ fn digest_of(
     file: &mut File,
     (stamp, alg): (Stamp, HashAlg),
     cache: Option<&mut DigestCache>,
-    bar: &ProgressBar,
+    bar: &Bar,
     path: &str,
 ) -> Result<(Digest, bool), Error> {
     if let Some(d) = cache.as_ref().and_then(|c| c.get(&stamp)) {
-        bar.inc(stamp.size);
+        // Known from the cache: done, but not hashed in this run.
+        bar.skip(stamp.size);
         return Ok((d, true));
     }
     let (digest, hashed) =

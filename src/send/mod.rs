@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
-use crate::progress::Progress;
+use crate::progress::{Bar, Progress};
 use crate::protocol::{EntryKind, HashAlg, MAX_MESSAGE_LEN, ManifestPart, Message, Queued, RejectCode};
 use crate::sanitize::{escape, peer_text};
 use crate::transport::{self, FrameWriter};
@@ -112,8 +112,8 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
     // must not fight with the hashing bar.
     let mut ready = secure::prepare(opts)?;
     let (events, inbox) = mpsc::sync_channel(events::EVENT_QUEUE);
-    let hashing_bar =
-        progress.bytes("hashing", label.as_deref().unwrap_or(&format!("0/{files} files")), bytes);
+    let batch = (!plan.single).then_some(files);
+    let hashing_bar = progress.bytes("hashing", label.as_deref().unwrap_or(""), bytes, batch);
     let hashing = events::spawn_hashing(
         &plan.items,
         (opts.cache, opts.hash),
@@ -125,11 +125,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
     let (r, mut w, peer) =
         connect(opts, &mut ready, &hashing_bar, progress, &plan.entries, label.as_deref())?;
 
-    let overall = progress.bytes(
-        "sending",
-        label.as_deref().unwrap_or(&format!("0/{} entries", plan.entries.len())),
-        bytes,
-    );
+    let overall = progress.bytes("sending", label.as_deref().unwrap_or(""), bytes, batch);
     let mut run = run::Run::new((&plan.entries, &plan.items), (opts, progress), &overall, &peer);
     let cause = std::thread::scope(|scope| {
         let reader_events = events.clone();
@@ -153,6 +149,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
         w.shutdown(Shutdown::Both);
         cause
     });
+    run.end_wait();
     overall.finish_and_clear();
     hashing_bar.finish_and_clear();
     if run.hashed == run.files() {
@@ -239,7 +236,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
 fn connect(
     opts: &SendOpts,
     ready: &mut secure::Ready,
-    hashing_bar: &indicatif::ProgressBar,
+    hashing_bar: &Bar,
     progress: &Progress,
     entries: &[crate::protocol::Entry],
     label: Option<&str>,
@@ -292,7 +289,7 @@ enum Offered {
 fn offer(
     opts: &SendOpts,
     ready: &mut secure::Ready,
-    (bar, status): (&indicatif::ProgressBar, &indicatif::ProgressBar),
+    (bar, status): (&Bar, &Bar),
     entries: &[crate::protocol::Entry],
     label: Option<&str>,
     (waiting, progress): (&mut Option<Instant>, &Progress),

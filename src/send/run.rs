@@ -5,14 +5,12 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use indicatif::ProgressBar;
-
 use super::SendOpts;
 use super::events::Event;
 use super::report::{EntryOutcome, beside, verdict_result};
 use super::walk::Item;
 use crate::error::Error;
-use crate::progress::Progress;
+use crate::progress::{Bar, Progress};
 use crate::protocol::{
     Answer, Digest, DigestsPart, Entry, EntryKind, FileVerdict, MAX_DIGESTS_PER_PART, Message, ProtocolError,
     Verdict,
@@ -32,7 +30,9 @@ pub(super) struct Run<'a> {
     pub(super) opts: &'a SendOpts,
     pub(super) progress: &'a Progress,
     pub(super) peer: String,
-    pub(super) bar: &'a ProgressBar,
+    pub(super) bar: &'a Bar,
+    /// A spinner saying what the receiver is doing while this side waits for it.
+    pub(super) status: Option<Bar>,
     /// Each file's digest once hashed, by entry index, and whether it came from the cache.
     pub(super) digests: Vec<Option<Digest>>,
     pub(super) cached: Vec<bool>,
@@ -73,7 +73,7 @@ impl<'a> Run<'a> {
     pub fn new(
         (entries, items): (&'a [Entry], &'a [Item]),
         (opts, progress): (&'a SendOpts, &'a Progress),
-        bar: &'a ProgressBar,
+        bar: &'a Bar,
         peer: &str,
     ) -> Run<'a> {
         let mut file_entry = Vec::new();
@@ -92,6 +92,7 @@ impl<'a> Run<'a> {
             progress,
             peer: peer.to_string(),
             bar,
+            status: None,
             digests: vec![None; n],
             cached: vec![false; n],
             unsent: Vec::new(),
@@ -183,6 +184,7 @@ impl<'a> Run<'a> {
         match inbox.recv_timeout(KEEPALIVE) {
             Ok(e) => Ok(Some(e)),
             Err(mpsc::RecvTimeoutError::Timeout) => {
+                self.show_wait();
                 if still_hashing {
                     let keepalive = DigestsPart { first: self.told as u32, digests: Vec::new() };
                     w.message(&Message::Digests(keepalive))
@@ -195,6 +197,33 @@ impl<'a> Run<'a> {
                 let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
                 Err(w.error("waiting for answers", eof.into()))
             }
+        }
+    }
+
+    /// After a second without news: says what the receiver is busy with when this side has
+    /// nothing to do but wait for it. Owing the next answer while it has what it needs, it is
+    /// checking a copy it holds (an identical file, or a partial's start, re-hashed); owing
+    /// verdicts once every body went out, it is verifying and syncing what it received.
+    fn show_wait(&mut self) {
+        let next = self.answers.len();
+        let what = if next < self.entries.len() && self.acted == next && !self.receiver_waits_for_a_digest() {
+            let name = crate::sanitize::escape(&self.entries[next].path.join("/"));
+            format!("the receiver is checking its copy of \"{name}\"")
+        } else if self.acted == self.entries.len() && self.owing > 0 {
+            "waiting for the receiver to verify and store what it received".to_string()
+        } else {
+            return self.end_wait();
+        };
+        match &self.status {
+            Some(s) => s.set_message(what),
+            None => self.status = Some(self.progress.spinner(&what)),
+        }
+    }
+
+    /// The receiver spoke: the spinner goes.
+    pub(super) fn end_wait(&mut self) {
+        if let Some(s) = self.status.take() {
+            s.finish_and_clear();
         }
     }
 
@@ -285,10 +314,12 @@ impl<'a> Run<'a> {
                 Ok(())
             }
             Event::Answers(part) => {
+                self.end_wait();
                 self.waiting_since = Instant::now();
                 self.take_answers(part.answers)
             }
             Event::Verdict(v) => {
+                self.end_wait();
                 self.waiting_since = Instant::now();
                 self.take_verdict(v)
             }
@@ -348,6 +379,7 @@ impl<'a> Run<'a> {
         }
         self.owed[i] = false;
         self.owing -= 1;
+        self.bar.file_done();
         if self.local[i] {
             return Ok(());
         }

@@ -8,7 +8,7 @@ use std::net::Shutdown;
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use indicatif::ProgressBar;
+use crate::progress::Bar;
 
 use super::events::{self, EVENT_QUEUE, Event};
 use super::report::{EntryOutcome, EntryReport, Report, beside, verdict_result};
@@ -38,7 +38,7 @@ pub(super) fn send_stdin(opts: &SendOpts, progress: &Progress) -> Result<Report,
     let entries = vec![entry];
     let mut ready = secure::prepare(opts)?;
     let (r, mut w, peer) =
-        super::connect(opts, &mut ready, &ProgressBar::hidden(), progress, &entries, Some(&label))?;
+        super::connect(opts, &mut ready, &Bar::hidden(), progress, &entries, Some(&label))?;
     let spinner = progress.spinner(&format!("sending standard input as \"{}\"", escape(&label)));
     let mut sent = Sent { bytes: 0, digest: None };
     let outcome = std::thread::scope(|scope| {
@@ -97,7 +97,7 @@ struct Conversation<'a> {
 
 impl Conversation<'_> {
     /// The answer, the body and its digest, the verdict: the name the receiver stored it as.
-    fn run(mut self, spinner: &ProgressBar, sent: &mut Sent) -> Result<String, Error> {
+    fn run(mut self, spinner: &Bar, sent: &mut Sent) -> Result<String, Error> {
         match self.next("waiting for answers")? {
             Event::Answers(part) => match part.answers.as_slice() {
                 [Answer::Send { offset: 0 }] => {}
@@ -127,7 +127,7 @@ impl Conversation<'_> {
     /// mark and the digest. Between reads, looks whether the receiver has given its verdict
     /// already (it failed to store the stream, e.g. its disk is full): then the stream ends there,
     /// with no digest, and that verdict is returned.
-    fn body(&mut self, spinner: &ProgressBar, sent: &mut Sent) -> Result<Option<Verdict>, Error> {
+    fn body(&mut self, spinner: &Bar, sent: &mut Sent) -> Result<Option<Verdict>, Error> {
         let net = |w: &FrameWriter, e: std::io::Error| w.error("sending standard input", e.into());
         self.w.message(&Message::Body(Body { index: 0 })).map_err(|e| net(self.w, e))?;
         let mut hasher = Hasher::new(self.opts.hash);

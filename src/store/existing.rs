@@ -19,13 +19,15 @@ pub const MAX_KEEP_BOTH: u32 = 9999;
 /// variants, returns the name it is stored under. Only same-size regular files are hashed, and
 /// only until `deadline`: the sender is waiting for the reply, and a peer must not be able to make
 /// the receiver read huge files for nothing. Past the deadline the answer is "not found", which
-/// costs a resend (stored beside the old file), never a wrong "already have it".
+/// costs a resend (stored beside the old file), never a wrong "already have it". `bar` counts
+/// the bytes hashed.
 pub fn find_existing(
     dir: &SafeDir,
     name: &str,
     (size, alg, digest): (u64, HashAlg, &Digest),
     overwrite: bool,
     deadline: Instant,
+    bar: &ProgressBar,
 ) -> io::Result<Option<String>> {
     let last = if overwrite { 0 } else { MAX_KEEP_BOTH };
     for n in 0..=last {
@@ -37,7 +39,9 @@ pub fn find_existing(
                 // One this receiver may not read (its mode came from a sender) is not this content
                 // as far as it can tell: the next name is tried.
                 let Ok(file) = dir.open_read(&candidate) else { continue };
-                match hash_reader_until(alg, file, &ProgressBar::hidden(), Some(deadline))? {
+                bar.set_length(len);
+                bar.set_position(0);
+                match hash_reader_until(alg, file, bar, Some(deadline))? {
                     Some((d, _)) if &d == digest => return Ok(Some(candidate)),
                     Some(_) => {}
                     None => return Ok(None),

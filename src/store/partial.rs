@@ -137,7 +137,7 @@ fn tag_hex(bytes: &[u8; 16]) -> String {
 impl Partial {
     /// Opens the partial for `name` in `dir` for an entry of `size` bytes with `digest`, resuming
     /// from what it holds if it belongs to exactly that file. The prefix is re-hashed until
-    /// `deadline` at most.
+    /// `deadline` at most, advancing `bar`.
     /// Without `resumable` no record is written, so an interruption leaves nothing to resume.
     pub fn open(
         dir: SafeDir,
@@ -145,6 +145,7 @@ impl Partial {
         id: &FileId,
         deadline: Instant,
         resumable: bool,
+        bar: &indicatif::ProgressBar,
     ) -> io::Result<Opened> {
         let stem = stem_for(name);
         let (part_name, record_name) = (format!("{stem}{PART_SUFFIX}"), format!("{stem}{RECORD_SUFFIX}"));
@@ -164,7 +165,8 @@ impl Partial {
             }
         };
         let (hasher, offset) = if id.matches(name, &have) && len <= size {
-            hash_prefix(&file, len, alg, deadline)?
+            bar.set_length(len);
+            hash_prefix(&file, len, alg, deadline, bar)?
         } else {
             (Hasher::new(alg), 0)
         };
@@ -469,7 +471,13 @@ fn read_record(dir: &SafeDir, record_name: &str) -> io::Result<String> {
 
 /// Hashes the first `len` bytes of `file`, stopping early at `deadline` on a block boundary.
 /// Returns the hash state and how many bytes it covers.
-fn hash_prefix(file: &File, len: u64, alg: HashAlg, deadline: Instant) -> io::Result<(Hasher, u64)> {
+fn hash_prefix(
+    file: &File,
+    len: u64,
+    alg: HashAlg,
+    deadline: Instant,
+    bar: &indicatif::ProgressBar,
+) -> io::Result<(Hasher, u64)> {
     let mut hasher = Hasher::new(alg);
     let mut buf = vec![0u8; PREFIX_BUF];
     let mut done = 0u64;
@@ -478,6 +486,7 @@ fn hash_prefix(file: &File, len: u64, alg: HashAlg, deadline: Instant) -> io::Re
         file.read_exact_at(&mut buf[..want], done)?;
         hasher.update(&buf[..want]);
         done += want as u64;
+        bar.inc(want as u64);
     }
     Ok((hasher, done))
 }

@@ -18,7 +18,9 @@ use crate::util::{random_bytes, send, source_file};
 
 /// A one-connection fake receiver: greets, reads the sender's hello and first message, then
 /// runs `script` on the connection. Returns its address.
-fn fake(script: impl FnOnce(&mut TcpStream, Message) + Send + 'static) -> (String, JoinHandle<()>) {
+pub(crate) fn fake(
+    script: impl FnOnce(&mut TcpStream, Message) + Send + 'static,
+) -> (String, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let handle = std::thread::spawn(move || {
