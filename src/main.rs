@@ -274,11 +274,12 @@ fn report_batch(r: &Report, verbose: bool) -> Result<(), Error> {
         let shown = if *is_dir { format!("{}/", escape(path)) } else { escape(path) };
         let line = match outcome {
             EntryOutcome::Verified(stored) | EntryOutcome::AlreadyThere(stored) => {
+                // The totals count files, as the receiver's do; folders are counted apart.
                 let word = if let EntryOutcome::Verified(_) = outcome {
-                    verified += 1;
+                    verified += usize::from(!is_dir);
                     "verified"
                 } else {
-                    there += 1;
+                    there += usize::from(!is_dir);
                     "already there"
                 };
                 // The receiver may have stored it under a keep-both name.
@@ -307,8 +308,11 @@ fn report_batch(r: &Report, verbose: bool) -> Result<(), Error> {
     } else {
         format!("{} sent ({}{resumed})", human_bytes(r.sent), human_rate(r.sent, r.elapsed))
     };
+    let folders = r.entries.iter().filter(|e| e.is_dir).count();
+    let folders =
+        if folders > 0 { format!(", {}", plural(folders, "folder", "folders")) } else { String::new() };
     println!(
-        "{} ({}, {}) in {:.2} s, {sent}: {verified} verified, {there} already there, {failed} failed, {} skipped",
+        "{} ({}{folders}, {}) in {:.2} s, {sent}: {verified} verified, {there} already there, {failed} failed, {} skipped",
         plural(r.entries.len(), "entry", "entries"),
         plural(r.files, "file", "files"),
         human_bytes(r.bytes),

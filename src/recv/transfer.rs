@@ -167,9 +167,14 @@ impl<'a> Transfer<'a> {
             };
         }
         let s = &self.summary;
+        let count = |n: usize, one: &str| format!("{n} {one}{}", if n == 1 { "" } else { "s" });
         let name = format!(
-            "{} files, {} folders: {} received, {} already there, {} failed",
-            s.files, s.dirs, self.verified, self.there, self.failed
+            "{}, {}: {} received, {} already there, {} failed",
+            count(s.files, "file"),
+            count(s.dirs, "folder"),
+            self.verified,
+            self.there,
+            self.failed
         );
         if self.failed > 0 {
             return Err(Error::Integrity(name));

@@ -237,7 +237,12 @@ fn a_send_answered_before_its_digest_is_sent_and_its_digest_follows_the_body() {
         until_closed(s);
     });
     let run = send(&tree, &addr, &["--quiet", "--no-cache"]).expect(0);
-    assert!(run.stdout().contains("2 verified, 1 already there, 0 failed"), "{}", run.report());
+    assert!(
+        run.stdout().contains("(2 files, 1 folder, ")
+            && run.stdout().contains("2 verified, 0 already there, 0 failed"),
+        "{}",
+        run.report()
+    );
     fake.join().unwrap();
 }
 
