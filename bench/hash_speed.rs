@@ -3,6 +3,10 @@
 //!
 //! `cargo run --release --example hash-speed [MiB]` hashes a buffer already in memory five times
 //! with each and prints the medians, so the figures are the CPU's, not the disk's.
+//!
+//! `hash-speed --file PATH [--hash sha256|blake3]` hashes one file once, read as the sender reads
+//! it (the same `hash_reader`), and prints `DIGEST  PATH`: the hash floor `bench/run.py` measures
+//! next to xfer (a first send cannot take less than one such pass).
 
 use std::time::Instant;
 
@@ -23,7 +27,25 @@ fn median_secs(mut f: impl FnMut()) -> f64 {
     secs[2]
 }
 
+/// `--file PATH [--hash ALG]`: one pass over the file, as the sender hashes it.
+fn hash_file(args: &[String]) {
+    let path = args.get(1).expect("--file PATH");
+    let alg = match args.iter().position(|a| a == "--hash").and_then(|i| args.get(i + 1)).map(String::as_str)
+    {
+        None | Some("sha256") => HashAlg::Sha256,
+        Some("blake3") => HashAlg::Blake3,
+        Some(other) => panic!("unknown hash {other}"),
+    };
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let (digest, _) = hash_reader(alg, file, &ProgressBar::hidden()).expect("reading the file");
+    println!("{}  {path}", digest.to_hex());
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--file") {
+        return hash_file(&args);
+    }
     let mib: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1024);
     let data: Vec<u8> =
         (0..mib * 1024 * 1024).map(|i| (i as u32).wrapping_mul(2_654_435_761) as u8).collect();

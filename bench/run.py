@@ -25,7 +25,8 @@ GROUPS = ("xfer", "nc", "rsync", "scp", "ref")
 # Every case name --tools accepts (besides the groups and xfer-chunk-N), with its group.
 # For folders nc is tar|nc (and nc+sha256sum is tar|nc+sha256sum).
 CASE_GROUP = {"xfer": "xfer", "xfer-cached": "xfer", "xfer-blake3": "xfer", "xfer-blake3-cached": "xfer",
-              "nc": "nc", "nc+sha256sum": "nc", "rsync": "rsync", "scp": "scp", "dd": "ref", "sha256sum": "ref"}
+              "nc": "nc", "nc+sha256sum": "nc", "rsync": "rsync", "scp": "scp", "dd": "ref", "sha256sum": "ref",
+              "floor-sha256": "ref", "floor-blake3": "ref"}
 CASE_NAMES = tuple(CASE_GROUP)
 BASE = "base:"            # --baseline: the twin of xfer case NAME, run with the baseline binary, is BASE + NAME
 INSECURE = "insecure:"    # the twin of xfer case NAME with --insecure on both sides (plaintext) is INSECURE + NAME
@@ -34,6 +35,14 @@ INSECURE = "insecure:"    # the twin of xfer case NAME with --insecure on both s
 TARGETS = (("file", "xfer-blake3", 1.25, "encrypted BLAKE3 1 GiB <= 1.25 x insecure BLAKE3"),
            ("file", "xfer", 1.05, "encrypted SHA-256 1 GiB <= 1.05 x insecure SHA-256"),
            ("tree", "xfer", 1.15, "10,000 files <= 1.15 x insecure"))
+# Issue 14's targets: a case's median over a reference's median in the same run and section (the
+# hash floor: one pass of xfer's own hash over the same file, `hash-speed --file`), for the default
+# (encrypted) case. (workload, case, reference case, limit, what)
+TARGETS14 = (("file", "xfer", "floor-sha256", 1.4, "SHA-256 1 GiB first send <= 1.4 x one SHA-256 pass (2-core loopback)"),
+             ("file", "xfer-blake3", "rsync", 0.75, "BLAKE3 1 GiB <= 0.75 x rsync daemon"),
+             ("file", "xfer-blake3", "nc", 1.2, "BLAKE3 1 GiB <= 1.2 x nc"),
+             ("tree", "xfer", "rsync", 1.0, "10,000 files, SHA-256 <= 1.0 x rsync daemon"),
+             ("tree", "xfer-blake3", "tar|nc", 1.5, "10,000 files, BLAKE3 <= 1.5 x tar|nc"))
 DEFAULT_BUDGET = 540      # s: the default run stops adding repetitions when the next would pass this
 RESERVE = 20              # s kept for the table, chart and cleanup when the budget is checked
 
@@ -500,6 +509,19 @@ def run_sha256sum(ctx, w):
     return result(wall, cpu, 0.0, rss, 0)
 
 
+def run_floor(ctx, w, alg):
+    """The hash floor: one pass of xfer's own hash (the sender's `hash_reader`) over the source
+    file, as `hash-speed --file` (a first send cannot take less than this on one core)."""
+    out = ctx.work / "floor.out"
+    t0 = time.perf_counter()
+    pid = spawn(ctx, [ctx.hash_speed, "--file", w.src, "--hash", alg], stdout=out)
+    rc, cpu, rss = reap(pid)
+    wall = time.perf_counter() - t0
+    if rc or (alg == "sha256" and out.read_text().split()[:1] != [w.sha]):
+        raise RunError(f"hash-speed exit {rc}, output {out.read_text()!r}")
+    return result(wall, cpu, 0.0, rss, 0)
+
+
 def run_dd(ctx, w):
     """A local copy onto the disk destination, durable (conv=fsync): what the disk can do."""
     t0 = time.perf_counter()
@@ -746,9 +768,14 @@ def make_cases(w, d, first_dest, want, chunks, xf):
         table.append(("dd", "ref", run_dd))
     if not folder and d is first_dest:  # local hashing speed; the destination plays no part
         table.append(("sha256sum", "ref", run_sha256sum))
+        if xf.floor:
+            table += [("floor-sha256", "ref", lambda c, w: run_floor(c, w, "sha256")),
+                      ("floor-blake3", "ref", lambda c, w: run_floor(c, w, "blake3"))]
     return [argparse.Namespace(name=name, group=group, fn=fn, w=w, d=d, id=f"{w.name}/{d.name}/{name}",
-                               check=None if name == "sha256sum" else w.verify)
-            for name, group, fn in table if want(plain(name), group)]
+                               check=None if name == "sha256sum" or name.startswith("floor-") else w.verify)
+            for name, group, fn in table
+            # The hash floor goes with xfer's cases: their ratio to it is one of the targets.
+            if want(plain(name), group) or name.startswith("floor-") and want("xfer", "xfer")]
 
 
 # ---------------------------------------------------------------- running and reporting
@@ -787,6 +814,7 @@ def summarize(runs, w):
     med = statistics.median(walls)
     s = {"n": len(runs), "median_s": med, "min_s": min(walls), "max_s": max(walls),
          "mb_per_s": w.size / med / 1e6, "median_cpu_s": statistics.median(r["cpu"] for r in runs),
+         "cpu_s_per_gib": statistics.median(r["cpu"] for r in runs) / (w.size / 2**30),
          "median_cpu_send_s": statistics.median(r["cpu_send"] for r in runs),
          "median_cpu_recv_s": statistics.median(r["cpu_recv"] for r in runs),
          "max_rss_send_mib": max(r["rss_send_kib"] for r in runs) / 1024,
@@ -830,7 +858,7 @@ def add_ratios(cases, summaries, twin=None, runs=None, insecure=None):
 
 def print_table(sections, cases, summaries, errors, skipped, baseline=False, insecure=False):
     wide = max([20] + [len(c.name) + 1 for c in cases])  # room for base:insecure:xfer-blake3-cached
-    head = (f"{'case':<{wide}}{'n':>3}{'median s':>9}{'min':>8}{'max':>8}{'MB/s':>8}{'CPU s':>7}"
+    head = (f"{'case':<{wide}}{'n':>3}{'median s':>9}{'min':>8}{'max':>8}{'MB/s':>8}{'CPU s':>7}{'CPU/GiB':>8}"
             f"{'RSS snd':>9}{'RSS rcv':>9}{'x nc':>7}{'x rsync':>8}{'x scp':>7}"
             + (f"{'x insec':>8}" if insecure else "") + (f"{'x base':>8}" if baseline else ""))
     fmt = lambda v: "-" if v is None else f"{v:.2f}"
@@ -841,7 +869,8 @@ def print_table(sections, cases, summaries, errors, skipped, baseline=False, ins
         for c in mine:
             if s := summaries.get(c.id):
                 print(f"{c.name:<{wide}}{s['n']:>3}{s['median_s']:>9.3f}{s['min_s']:>8.3f}{s['max_s']:>8.3f}"
-                      f"{s['mb_per_s']:>8.0f}{s['median_cpu_s']:>7.2f}{s['max_rss_send_mib']:>9.1f}"
+                      f"{s['mb_per_s']:>8.0f}{s['median_cpu_s']:>7.2f}{s['median_cpu_s'] / (w.size / 2**30):>8.2f}"
+                      f"{s['max_rss_send_mib']:>9.1f}"
                       f"{s['max_rss_recv_mib']:>9.1f}{fmt(s['x_nc']):>7}{fmt(s['x_rsync']):>8}{fmt(s['x_scp']):>7}"
                       + (f"{fmt(s.get('x_insecure')):>8}" if insecure else "")
                       + (f"{fmt(s.get('x_base')):>8}" if baseline else ""))
@@ -853,14 +882,15 @@ def print_table(sections, cases, summaries, errors, skipped, baseline=False, ins
             print(f"xfer / dd = {xfer['median_s'] / dd['median_s']:.2f} (the issue's target for xfer to disk: <= 1.10)")
     for what, why in skipped.items():
         print(f"skipped {what}: {why}")
-    print("n = runs (reps); MB = 10^6 bytes; RSS in MiB (peak over runs); CPU = user+sys of sender+receiver, median.\n"
+    print("n = runs (reps); MB = 10^6 bytes; RSS in MiB (peak over runs); CPU = user+sys of sender+receiver, median;\n"
+          "CPU/GiB = that CPU per GiB moved (2^30 bytes of the workload): the CPU a transfer leaves for other work.\n"
           "x nc / x rsync / x scp = this median / that peer's median in the same section (below 1 = faster);\n"
           "for folders nc is tar|nc. rsync and scp receivers = the daemon (rsync --daemon, a private sshd)\n"
           "incl. its per-connection forks (a fresh daemon per run). tar|nc and nc+sha256sum sides are sh\n"
           "pipelines (CPU of all their tools, RSS of the largest). disk: durable before the clock stops\n"
           "(xfer itself, rsync --fsync, nc/scp + sync, dd conv=fsync).")
     if insecure:
-        print("xfer cases run encrypted (protocol v5: a code handshake, AES-256-GCM records); insecure: twins\n"
+        print("xfer cases run encrypted (protocol v5 and later: a code handshake, AES-256-GCM records); insecure: twins\n"
               "run both sides with --insecure (plaintext, sendfile). x insec = this median / its insecure: twin's.")
     if baseline:
         print("x base = this median / the median of its base: twin (the --baseline binary on both sides).")
@@ -936,6 +966,35 @@ def check_targets(sections, summaries):
             print(f"  {t['section']:<10} {t['case']:<12} {t['encrypted_median_s']:.3f} s / {t['insecure_median_s']:.3f} s"
                   f" = {t['x_insecure']:.3f} (paired {paired}, n {t['n']}) <= {t['limit']:.2f}: "
                   f"{'met' if t['met'] else 'NOT MET'}   [{t['target']}"
+                  + ("" if t["at_target_size"] else f"; measured on {t['workload']}") + "]")
+    return out
+
+
+def check_targets14(sections, summaries):
+    """Issue 14's targets (TARGETS14): the default (encrypted) case's median over a reference's
+    median in the same run (the hash floor is measured once, in the first destination's section).
+    Returns one dict per target that could be measured (for the JSON); prints them."""
+    out = []
+    for w, d in sections:
+        for wl, case, ref, limit, what in TARGETS14:
+            s = summaries.get(f"{w.name}/{d.name}/{case}")
+            r = summaries.get(f"{w.name}/{d.name}/{ref}") or next(
+                (v for k, v in summaries.items() if k.startswith(f"{w.name}/") and k.endswith(f"/{ref}")), None)
+            if w.name != wl or not s or not r:
+                continue
+            x = s["median_s"] / r["median_s"]
+            scale = (w.name == "file" and w.size != 1 << 30) or (w.name == "tree" and w.files != 10_000)
+            out.append({"section": f"{w.name}/{d.name}", "case": case, "reference": ref, "target": what,
+                        "at_target_size": not scale,
+                        "limit": limit, "workload": w.label, "n": s["n"], "median_s": s["median_s"],
+                        "reference_median_s": r["median_s"], "ratio": x, "met": x <= limit,
+                        "cpu_s_per_gib": s["median_cpu_s"] / (w.size / 2**30)})
+    if out:
+        print("\ntargets (issue 14: the default, encrypted case's median / the reference's median, same run)")
+        for t in out:
+            print(f"  {t['section']:<10} {t['case']:<12} / {t['reference']:<13} {t['median_s']:.3f} s / "
+                  f"{t['reference_median_s']:.3f} s = {t['ratio']:.3f} <= {t['limit']:.2f}: "
+                  f"{'met' if t['met'] else 'NOT MET'}   [{t['target']}; CPU {t['cpu_s_per_gib']:.2f} s/GiB"
                   + ("" if t["at_target_size"] else f"; measured on {t['workload']}") + "]")
     return out
 
@@ -1128,9 +1187,12 @@ def main(t_start):
         if args.xfer:
             ctx.xfer = str(Path(args.xfer).resolve())
         else:
-            if not args.no_build and subprocess.run(["cargo", "build", "--release"], cwd=REPO).returncode:
+            if not args.no_build and subprocess.run(["cargo", "build", "--release", "--bin", "xfer",
+                                                     "--example", "hash-speed"], cwd=REPO).returncode:
                 sys.exit("cargo build --release failed")
             ctx.xfer = str(Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"), "release", "xfer"))
+        floor = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"), "release", "examples", "hash-speed")
+        ctx.hash_speed = str(floor) if os.access(floor, os.X_OK) else None
         if not os.access(ctx.xfer, os.X_OK):
             sys.exit(f"{ctx.xfer} not found; build it or drop xfer from --tools")
         hash_ok = has_hash(ctx.xfer)
@@ -1174,10 +1236,11 @@ def main(t_start):
 
     sections = [(w, d) for w in workloads for d in dests]
     xf = argparse.Namespace(hash=hash_ok, secure=secure_ok, twins=not args.no_insecure_twins,
+                            floor=getattr(ctx, "hash_speed", None),
                             base=None if base_hash_ok is None else argparse.Namespace(hash=base_hash_ok,
                                                                                       secure=base_secure_ok))
     cases = [c for w, d in sections for c in make_cases(w, d, dests[0], want, chunks, xf)
-             if c.group in groups]
+             if c.group in groups or c.name.startswith("floor-") and "xfer" in groups]
     if not cases:
         sys.exit("no cases to run")
     runs = {c.id: [] for c in cases}
@@ -1334,6 +1397,7 @@ def main(t_start):
     if insecure:
         print_baseline(sections, cases, summaries, errors, insecure, limit=1.25, key="insecure")
     targets = check_targets(sections, summaries)
+    targets14 = check_targets14(sections, summaries)
 
     now = datetime.datetime.now()
     out = Path(args.out or REPO / "bench" / "results" / f"{now:%Y-%m-%dT%H%M%S}-{info['host']}.json")
@@ -1376,7 +1440,7 @@ def main(t_start):
         "cases": {c.id: {"workload": c.w.name, "dest": c.d.name, "case": c.name, "group": c.group,
                          "runs": runs[c.id], "summary": summaries.get(c.id), "error": errors.get(c.id)}
                   for c in cases},
-        "targets": targets, "skipped": skipped, "total_s": total,
+        "targets": targets, "targets14": targets14, "skipped": skipped, "total_s": total,
     }
     out.write_text(json.dumps(data, indent=2) + "\n")
     cols, rows = csv_rows(cases, runs, summaries, errors, baseline=base_hash_ok is not None, insecure=bool(insecure))
