@@ -166,8 +166,8 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
         drop(held);
         return Err(refuse((&mut r, &mut w), RejectCode::InvalidManifest, reason, &what, None));
     }
-    let summary = match manifest::validate(&entries) {
-        Ok(s) => s,
+    let checked = match manifest::validate(&entries, shared.names) {
+        Ok(c) => c,
         Err(e) => {
             let code = if matches!(e, ManifestError::BadName { .. }) {
                 RejectCode::InvalidName
@@ -180,7 +180,7 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
             return Err(refuse((&mut r, &mut w), code, reason, &what, None));
         }
     };
-    seen.size = Some(summary.total_bytes);
+    seen.size = Some(checked.summary.total_bytes);
     let root = match SafeDir::open_root(&opts.dir) {
         Ok(d) => d,
         Err(e) => {
@@ -195,7 +195,7 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
     let needed = shared
         .space
         .block_size()
-        .and_then(|block| likely_needed(&root, &entries, block))
+        .and_then(|block| likely_needed(&root, &entries, &checked.refused, block))
         .and_then(|needed| Ok((shared.space.reserve(needed.room)?, needed)));
     let (reservation, uncounted) = match needed {
         Ok((Ok(r), needed)) => (r, needed.uncounted),
@@ -217,5 +217,5 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
         .and_then(|()| w.flush())
         .map_err(|e| w.error("accepting the manifest", e.into()))?;
     let room = (reservation, uncounted);
-    Transfer::new(shared, (&mut r, &mut w), (ip, entries, summary), root, room)?.run(seen)
+    Transfer::new(shared, (&mut r, &mut w), (ip, entries, checked), root, room)?.run(seen)
 }

@@ -23,7 +23,8 @@ use std::time::Duration;
 
 use crate::error::Error;
 use crate::progress::Progress;
-use crate::store::{SpacePool, partial};
+use crate::sanitize::FsRules;
+use crate::store::{SpacePool, fs_rules, partial};
 
 pub(crate) mod answer;
 pub(crate) mod body;
@@ -100,6 +101,8 @@ struct Shared {
     litter: litter::Litter,
     /// Keys, code and guess budget; `None` with `--insecure`.
     secure: Option<secure::Secure>,
+    /// What the target folder's file system adds to the name rules, found at start.
+    names: FsRules,
 }
 
 /// How many connections (or transfers) each peer address holds.
@@ -214,6 +217,7 @@ impl Receiver {
         })?;
         let progress = Progress::new(opts.quiet);
         let space = SpacePool::new(&opts.dir);
+        let names = fs_rules::for_dir(&opts.dir).map_err(Error::Usage)?;
         let secure = if opts.insecure { None } else { Some(secure::Secure::setup(&opts, &progress)?) };
         let shared = Shared {
             opts,
@@ -226,6 +230,7 @@ impl Receiver {
             manifests: manifest::MemoryPool::new(manifest::MANIFEST_MEMORY),
             litter: litter::Litter::default(),
             secure,
+            names,
         };
         Ok(Receiver { listener, shared: Arc::new(shared) })
     }
