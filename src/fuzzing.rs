@@ -18,6 +18,7 @@ use crate::protocol::{
     Reject, RejectCode, decode_message, encode_message, read_frame_header, read_message, write_message,
 };
 use crate::recv::manifest::validate;
+use crate::sanitize::FsRules;
 use crate::transport::handshake::{self, Keys, MODE_INSECURE, MODE_PINNED, Random};
 use crate::transport::records::{CipherState, Opener, PlainRefusalError, Sealer, TAG_LEN};
 use crate::trust::Identity;
@@ -64,12 +65,16 @@ pub fn message(data: &[u8]) {
 }
 
 /// A message payload that decodes to a manifest part has its entries validated, as the receiver
-/// does, and a valid one is counted right.
+/// does on a Linux, a casefold and a Windows-like target, and a valid one is counted right, with
+/// only entries it holds refused alone.
 pub fn manifest(data: &[u8]) {
-    if let Ok(Message::Manifest(part)) = decode_message(data)
-        && let Ok(summary) = validate(&part.entries)
-    {
-        assert_eq!(summary.files + summary.dirs, part.entries.len());
+    let Ok(Message::Manifest(part)) = decode_message(data) else { return };
+    for rules in [FsRules::POSIX, FsRules::CASEFOLD, FsRules::WINDOWS] {
+        if let Ok(checked) = validate(&part.entries, rules) {
+            assert_eq!(checked.summary.files + checked.summary.dirs, part.entries.len());
+            assert!(checked.refused.len() <= part.entries.len());
+            assert!(rules != FsRules::POSIX || checked.refused.is_empty());
+        }
     }
 }
 

@@ -3,8 +3,16 @@
 //!
 //! The rules follow the bugs this kind of tool keeps having (scp CVE-2019-6111, croc
 //! CVE-2023-43619/43620, magic-wormhole's lost `basename()`): a name from the peer is one
-//! component, never a path; it avoids what Windows would alter or treat as a device; and it cannot
-//! hide from a human reading the log.
+//! component, never a path, and it cannot hide from a human reading the log. Two layers:
+//!
+//! - [`validate_name`]: the universal rules, the same on the sender and on every receiver. What a
+//!   Linux file system can hold is accepted (`a:b.txt`, `back\slash.txt`, `CON`, a trailing
+//!   space), except what is unsafe anywhere: separators, `.`/`..`, NUL, xfer's own `.xfer-`
+//!   prefix, and characters that deceive a terminal. Those are refused rather than stored and
+//!   shown escaped: a stored name with a bidi override deceives every later `ls`, not only our
+//!   logs.
+//! - [`validate_for`]: what the receiver's own file system cannot hold ([`FsRules`]): on FAT,
+//!   exFAT, NTFS or SMB the characters, endings and device names Windows refuses or alters.
 
 use std::fmt::Write as _;
 
@@ -15,7 +23,7 @@ use crate::protocol::MAX_NAME_LEN;
 pub const TEMP_PREFIX: &str = ".xfer-";
 
 /// Why a name was refused. The message is sent to the peer as the rejection reason.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
     #[error("name is empty")]
     Empty,
@@ -25,16 +33,52 @@ pub enum NameError {
     DotOrDotDot,
     #[error("name contains a path separator ({0:?}); only a single file name is allowed")]
     Separator(char),
-    #[error("name contains `:` (drive letter or alternate data stream)")]
-    Colon,
     #[error("name contains control or invisible character U+{0:04X}")]
     ControlChar(u32),
-    #[error("name ends with a dot or a space")]
-    TrailingDotOrSpace,
-    #[error("name is a reserved device name on Windows ({0})")]
-    ReservedDevice(String),
     #[error("name starts with `{TEMP_PREFIX}`, reserved for xfer's temporary files")]
     ReservedPrefix,
+    // The rules of the receiver's file system (see `FsRules`).
+    #[error("name contains `{0}`, which the receiver's file system (FAT, exFAT, NTFS or SMB) cannot hold")]
+    WindowsChar(char),
+    #[error(
+        "name ends with a dot or a space, which the receiver's file system (FAT, exFAT, NTFS or SMB) drops"
+    )]
+    TrailingDotOrSpace,
+    #[error(
+        "name is the Windows device name {0}, which the receiver's file system (FAT, exFAT, NTFS or SMB) cannot hold"
+    )]
+    ReservedDevice(&'static str),
+    #[error(
+        "name starts with `{TEMP_PREFIX}` once case is ignored, as the receiver's file system does; reserved for xfer's temporary files"
+    )]
+    ReservedPrefixAnyCase,
+}
+
+/// What the receiver's file system adds to the universal rules, found once at start (see
+/// `store::fs_rules`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FsRules {
+    /// FAT, exFAT, NTFS, SMB: refuse what Windows cannot hold ([`validate_for`]).
+    pub windows: bool,
+    /// Names equal once Unicode form and case are ignored are one name there.
+    pub case_insensitive: bool,
+}
+
+impl FsRules {
+    /// A Linux file system: the universal rules only.
+    pub const POSIX: FsRules = FsRules { windows: false, case_insensitive: false };
+    /// FAT, exFAT, NTFS, SMB.
+    pub const WINDOWS: FsRules = FsRules { windows: true, case_insensitive: true };
+    /// A case-insensitive folder of ext4 or f2fs (`chattr +F`).
+    pub const CASEFOLD: FsRules = FsRules { windows: false, case_insensitive: true };
+
+    /// Both sets of rules at once: the stricter.
+    pub fn and(self, other: FsRules) -> FsRules {
+        FsRules {
+            windows: self.windows || other.windows,
+            case_insensitive: self.case_insensitive || other.case_insensitive,
+        }
+    }
 }
 
 /// Windows device names, reserved with any extension (`CON.txt` too).
@@ -43,6 +87,9 @@ const RESERVED: &[&str] = &[
     "COM9", "LPT0", "LPT1", "LPT2", "LPT3", "LPT4", "LPT5", "LPT6", "LPT7", "LPT8", "LPT9", "CONIN$",
     "CONOUT$",
 ];
+
+/// Characters FAT, exFAT, NTFS and SMB refuse in a name (controls are refused everywhere).
+const WINDOWS_CHARS: &[char] = &['\\', ':', '*', '?', '"', '<', '>', '|'];
 
 /// True for characters that must never be in a stored name or reach a terminal raw: controls
 /// (C0, DEL, C1), line and paragraph separators, and every default-ignorable code point — the
@@ -71,7 +118,14 @@ fn is_hidden_char(c: char) -> bool {
         )
 }
 
-/// Checks that `name` is a single, safe file name. Returns the first rule it breaks.
+/// True for the spaces other than U+0020 that print as a blank: a name holding one looks like
+/// the name with a plain space, or without it (`report.pdf` + U+00A0).
+fn is_lookalike_space(c: char) -> bool {
+    matches!(c, '\u{A0}' | '\u{1680}' | '\u{2000}'..='\u{200A}' | '\u{202F}' | '\u{205F}' | '\u{3000}')
+}
+
+/// Checks that `name` is a single, safe file name by the universal rules (see the module's
+/// documentation). Returns the first rule it breaks.
 pub fn validate_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() {
         return Err(NameError::Empty);
@@ -84,8 +138,7 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     }
     for c in name.chars() {
         match c {
-            '/' | '\\' => return Err(NameError::Separator(c)),
-            ':' => return Err(NameError::Colon),
+            '/' => return Err(NameError::Separator(c)),
             c if is_hidden_char(c) => return Err(NameError::ControlChar(c as u32)),
             _ => {}
         }
@@ -93,31 +146,57 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     if name.starts_with(TEMP_PREFIX) {
         return Err(NameError::ReservedPrefix);
     }
-    if name.ends_with('.') || name.ends_with(' ') {
-        return Err(NameError::TrailingDotOrSpace);
+    Ok(())
+}
+
+/// Checks a name that passed [`validate_name`] against what the receiver's file system cannot
+/// hold: on a Windows-like one (`rules.windows`) `\ : * ? " < > |`, a trailing dot or space (Windows
+/// drops them, so `a.` would land as `a`) and the device names (`CON`, `nul.txt`, `COM1.tar.gz`);
+/// on a case-insensitive one the `.xfer-` prefix in any case.
+pub fn validate_for(name: &str, rules: FsRules) -> Result<(), NameError> {
+    if rules.windows {
+        if let Some(c) = name.chars().find(|c| WINDOWS_CHARS.contains(c)) {
+            return Err(NameError::WindowsChar(c));
+        }
+        if name.ends_with(['.', ' ']) {
+            return Err(NameError::TrailingDotOrSpace);
+        }
+        let stem = name.split('.').next().unwrap_or(name).trim_end();
+        if let Some(r) = RESERVED.iter().find(|r| r.eq_ignore_ascii_case(stem)) {
+            return Err(NameError::ReservedDevice(r));
+        }
     }
-    let stem = name.split('.').next().unwrap_or(name).trim_end();
-    if let Some(r) = RESERVED.iter().find(|r| r.eq_ignore_ascii_case(stem)) {
-        return Err(NameError::ReservedDevice((*r).to_string()));
+    if rules.case_insensitive
+        && name.get(..TEMP_PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(TEMP_PREFIX))
+    {
+        return Err(NameError::ReservedPrefixAnyCase);
     }
     Ok(())
 }
 
 /// Escapes a string for a terminal or log: printable characters pass; backslash and `"` get a
 /// backslash (log lines quote names, so a name cannot forge the fields after it); the characters
-/// [`validate_name`] refuses as hidden become `\u{..}` escapes. Used for every name or peer
-/// message printed, valid or not, because a rejected name is still logged.
+/// [`validate_name`] refuses as hidden become `\u{..}` escapes, and so do the blanks that make a
+/// name pass for another: spaces other than U+0020 (`report.pdf` + U+00A0 shows as
+/// `report.pdf\u{a0}`), and a U+0020 at the start or end of a name (the string's ends, or beside a
+/// `/` in a path: `\u{20}`). Used for every name or peer message printed, valid or not, because
+/// a rejected name is still logged; it loses nothing, so two names never print alike.
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
+    let mut prev = None;
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        let edge_space =
+            c == ' ' && (matches!(prev, None | Some('/')) || matches!(chars.peek(), None | Some('/')));
         if c == '\\' || c == '"' {
             out.push('\\');
             out.push(c);
-        } else if is_hidden_char(c) {
+        } else if is_hidden_char(c) || is_lookalike_space(c) || edge_space {
             let _ = write!(out, "\\u{{{:x}}}", c as u32);
         } else {
             out.push(c);
         }
+        prev = Some(c);
     }
     out
 }
@@ -190,9 +269,23 @@ mod tests {
             "日本語.txt",
             "emoji 🎉.png",
             "CONSOLE.txt",
+            // Legal on Linux, refused only by a Windows-like receiver (`validate_for`).
+            "a:b.txt",
+            "backup-2024-01-01T10:00:00.tar",
+            "trailing ",
+            "trailing.",
+            " leading",
+            "CON",
+            "nul.txt",
+            "back\\slash.txt",
+            "C:\\x",
+            "what?*<>|\"",
+            "report.pdf\u{a0}",
+            ".XFER-upper",
             &"x".repeat(MAX_NAME_LEN),
         ] {
             assert_eq!(validate_name(name), Ok(()), "{name:?} should be accepted");
+            assert_eq!(validate_for(name, FsRules::POSIX), Ok(()), "{name:?} should be accepted");
         }
     }
 
@@ -206,11 +299,6 @@ mod tests {
             ("../x", NameError::Separator('/')),
             ("/etc/x", NameError::Separator('/')),
             ("a/b", NameError::Separator('/')),
-            ("C:\\x", NameError::Colon),
-            ("C:x", NameError::Colon),
-            ("\\\\srv\\x", NameError::Separator('\\')),
-            ("..\\x", NameError::Separator('\\')),
-            ("file.txt:stream", NameError::Colon),
             ("a\0b", NameError::ControlChar(0)),
             ("a\x1b[2Jb", NameError::ControlChar(0x1b)),
             ("a\nb", NameError::ControlChar(0x0a)),
@@ -218,8 +306,6 @@ mod tests {
             ("a\u{85}b", NameError::ControlChar(0x85)),
             ("evil\u{202E}gpj.exe", NameError::ControlChar(0x202e)),
             ("zero\u{200B}width", NameError::ControlChar(0x200b)),
-            ("trailing.", NameError::TrailingDotOrSpace),
-            ("trailing ", NameError::TrailingDotOrSpace),
             ("a\u{2028}b", NameError::ControlChar(0x2028)),
             ("a\u{061C}b", NameError::ControlChar(0x061c)),
             ("a\u{00AD}b", NameError::ControlChar(0xad)),
@@ -227,13 +313,48 @@ mod tests {
             ("tag\u{E0041}", NameError::ControlChar(0xe0041)),
             ("vs\u{FE0F}", NameError::ControlChar(0xfe0f)),
             (".xfer-abc123.part", NameError::ReservedPrefix),
-            ("CON", NameError::ReservedDevice("CON".into())),
-            ("nul.txt", NameError::ReservedDevice("NUL".into())),
-            ("com1.tar.gz", NameError::ReservedDevice("COM1".into())),
             (&long, NameError::TooLong(MAX_NAME_LEN + 1)),
         ];
         for (name, want) in cases {
             assert_eq!(validate_name(name).as_ref(), Err(want), "{name:?}");
+        }
+    }
+
+    #[test]
+    fn what_a_windows_like_file_system_cannot_hold() {
+        let w = FsRules::WINDOWS;
+        let cases: &[(&str, NameError)] = &[
+            ("a:b.txt", NameError::WindowsChar(':')),
+            ("C:x", NameError::WindowsChar(':')),
+            ("file.txt:stream", NameError::WindowsChar(':')),
+            ("back\\slash.txt", NameError::WindowsChar('\\')),
+            ("..\\x", NameError::WindowsChar('\\')),
+            ("what?", NameError::WindowsChar('?')),
+            ("a*b", NameError::WindowsChar('*')),
+            ("a<b", NameError::WindowsChar('<')),
+            ("a>b", NameError::WindowsChar('>')),
+            ("a|b", NameError::WindowsChar('|')),
+            ("say \"hi\"", NameError::WindowsChar('"')),
+            ("trailing.", NameError::TrailingDotOrSpace),
+            ("trailing ", NameError::TrailingDotOrSpace),
+            ("CON", NameError::ReservedDevice("CON")),
+            ("nul.txt", NameError::ReservedDevice("NUL")),
+            ("com1.tar.gz", NameError::ReservedDevice("COM1")),
+            ("Aux .txt", NameError::ReservedDevice("AUX")),
+            (".XFER-abc.part", NameError::ReservedPrefixAnyCase),
+        ];
+        for (name, want) in cases {
+            assert_eq!(validate_name(name), Ok(()), "{name:?} is legal on Linux");
+            assert_eq!(validate_for(name, w).as_ref(), Err(want), "{name:?}");
+            assert_eq!(validate_for(name, FsRules::POSIX), Ok(()), "{name:?}");
+        }
+        for name in ["CONSOLE.txt", "COM10", "img.jpg", " leading", "a.b.c", "日本語.txt"] {
+            assert_eq!(validate_for(name, w), Ok(()), "{name:?}");
+        }
+        // A case-insensitive folder refuses the reserved prefix in any case, and nothing else.
+        assert_eq!(validate_for(".Xfer-x", FsRules::CASEFOLD), Err(NameError::ReservedPrefixAnyCase));
+        for name in ["a:b.txt", "CON", "trailing ", "back\\slash"] {
+            assert_eq!(validate_for(name, FsRules::CASEFOLD), Ok(()), "{name:?}");
         }
     }
 
@@ -252,6 +373,25 @@ mod tests {
         assert_eq!(escape("a\" 1 B: verified"), "a\\\" 1 B: verified");
         assert_eq!(escape("line\u{2028}break"), "line\\u{2028}break");
         assert!(!escape("\0\r\n\x07").chars().any(|c| c.is_control()));
+    }
+
+    #[test]
+    fn escape_shows_lookalike_blanks() {
+        // Not `report.pdf`: every blank that could hide is spelled out.
+        assert_eq!(escape("report.pdf\u{a0}"), "report.pdf\\u{a0}");
+        assert_eq!(escape("report.pdf "), "report.pdf\\u{20}");
+        assert_eq!(escape(" report.pdf"), "\\u{20}report.pdf");
+        assert_eq!(escape("with space.txt"), "with space.txt");
+        assert_eq!(escape("a  b"), "a  b");
+        // In a path, at the ends of each component.
+        assert_eq!(escape("dir /x"), "dir\\u{20}/x");
+        assert_eq!(escape("dir/ x"), "dir/\\u{20}x");
+        assert_eq!(escape(" "), "\\u{20}");
+        for c in
+            ['\u{a0}', '\u{1680}', '\u{2000}', '\u{2007}', '\u{200a}', '\u{202f}', '\u{205f}', '\u{3000}']
+        {
+            assert_eq!(escape(&format!("a{c}b")), format!("a\\u{{{:x}}}b", c as u32));
+        }
     }
 
     #[test]
@@ -285,6 +425,9 @@ mod tests {
             '/',
             '\\',
             ':',
+            '?',
+            '\u{a0}',
+            '\u{3000}',
             '\0',
             '\x1b',
             '\n',
@@ -298,7 +441,7 @@ mod tests {
         let text = |len: std::ops::Range<usize>| {
             proptest::collection::vec(ch.clone(), len).prop_map(|v| v.into_iter().collect::<String>())
         };
-        let prefix = prop_oneof![8 => Just(""), 1 => Just(".."), 1 => Just(".xfer-"), 1 => Just("CON"), 1 => Just("nul."), 1 => Just("../")];
+        let prefix = prop_oneof![8 => Just(""), 1 => Just(".."), 1 => Just(".xfer-"), 1 => Just(".XFER-"), 1 => Just("CON"), 1 => Just("nul."), 1 => Just("../")];
         prop_oneof![
             4 => (prefix, text(0..24)).prop_map(|(p, b)| format!("{p}{b}")),
             1 => text(60..130),
@@ -340,10 +483,9 @@ mod tests {
                 prop_assert_eq!(joined.parent(), Some(base));
                 prop_assert_eq!(joined.file_name().and_then(|n| n.to_str()), Some(name.as_str()));
                 prop_assert!(name.len() <= MAX_NAME_LEN);
-                prop_assert!(!name.contains(['/', '\\', ':', '\0']));
+                prop_assert!(!name.contains(['/', '\0']));
                 prop_assert!(!name.chars().any(is_hidden_char));
                 prop_assert!(!name.starts_with(TEMP_PREFIX));
-                prop_assert!(!name.ends_with(['.', ' ']));
                 prop_assert_eq!(escape(&name).chars().filter(|&c| c == '\n').count(), 0);
             }
         }
@@ -354,16 +496,35 @@ mod tests {
             if validate_name(&name).is_ok() {
                 let alt = numbered_name(&name, n);
                 prop_assert_eq!(validate_name(&alt), Ok(()), "{:?} -> {:?}", name, alt);
-                prop_assert_ne!(alt, name);
+                prop_assert_ne!(&alt, &name);
+                // On a Windows-like receiver too: a keep-both copy must be storable there.
+                if validate_for(&name, FsRules::WINDOWS).is_ok() {
+                    prop_assert_eq!(validate_for(&alt, FsRules::WINDOWS), Ok(()), "{:?} -> {:?}", name, alt);
+                }
             }
         }
 
-        /// Escaped text is one inert line (no control, bidi or invisible character, every quote
-        /// escaped) and loses nothing: it unescapes to the original, so two names never print alike.
+        /// A name a Windows-like receiver accepts holds nothing Windows refuses or alters.
+        #[test]
+        fn a_name_accepted_for_windows_is_one_windows_keeps(name in names()) {
+            if validate_name(&name).is_ok() && validate_for(&name, FsRules::WINDOWS).is_ok() {
+                prop_assert!(!name.contains(WINDOWS_CHARS));
+                prop_assert!(!name.ends_with(['.', ' ']));
+                let stem = name.split('.').next().unwrap().trim_end().to_ascii_uppercase();
+                prop_assert!(!RESERVED.contains(&stem.as_str()), "{:?}", name);
+                prop_assert!(!name.to_ascii_lowercase().starts_with(TEMP_PREFIX));
+            }
+        }
+
+        /// Escaped text is one inert line (no control, bidi or invisible character, no blank
+        /// but inner plain spaces, every quote escaped) and loses nothing: it unescapes to the
+        /// original, so two names never print alike.
         #[test]
         fn escaped_text_is_inert_and_loses_nothing(text in names()) {
             let shown = escape(&text);
-            prop_assert!(!shown.chars().any(is_hidden_char), "{:?}", shown);
+            prop_assert!(!shown.chars().any(|c| is_hidden_char(c) || is_lookalike_space(c)), "{:?}", shown);
+            prop_assert!(!shown.starts_with(' ') && !shown.ends_with(' '), "{:?}", shown);
+            prop_assert!(!shown.contains(" /") && !shown.contains("/ "), "{:?}", shown);
             let unquoted = shown.replace("\\\\", "").replace("\\\"", "");
             prop_assert!(!unquoted.contains('"'), "{:?}", shown);
             prop_assert_eq!(unescape(&shown), Some(text));

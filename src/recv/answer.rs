@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::time::Instant;
 
+use super::manifest::Refused;
 use crate::hash::Hasher;
 use crate::progress::{Bar, Progress, human_bytes};
 use crate::protocol::{Answer, Digest, Entry, EntryKind, RejectCode};
@@ -228,14 +229,23 @@ pub(super) struct Needed {
 /// Room the transfer will probably need: for each file its blocks and an inode (less what a
 /// partial of the same version already holds: a resume needs only the rest) and, if it keeps a
 /// resume record, a block and an inode for it; a block and an inode for each folder not there
-/// yet. Files with a same-size regular file at their path are not counted (see [`Needed`]).
-pub(super) fn likely_needed(root: &SafeDir, entries: &[Entry], block: u64) -> io::Result<Needed> {
+/// yet. Files with a same-size regular file at their path are not counted (see [`Needed`]), nor
+/// entries refused alone (they write nothing).
+pub(super) fn likely_needed(
+    root: &SafeDir,
+    entries: &[Entry],
+    refused: &Refused,
+    block: u64,
+) -> io::Result<Needed> {
     let single = super::manifest::is_single(entries);
     let mut dirs = Dirs::new(root)?;
-    let folders = Room::entry(block) * new_folders(&mut dirs, entries);
+    let folders = Room::entry(block) * new_folders(&mut dirs, entries, refused);
     let mut room = folders;
     let mut uncounted = vec![false; entries.len()];
     for (i, e) in entries.iter().enumerate() {
+        if refused.get(i).is_some() {
+            continue;
+        }
         let (size, hash, tag) = match e.kind {
             EntryKind::File { size, hash, tag } => (size, hash, tag),
             // Its partial; its bytes reserve their room as they arrive.
@@ -278,10 +288,10 @@ impl Needed {
 
 /// How many folders the entries need that are not there: folders listed, and folders implied by
 /// a deeper path. Each is looked up once (a folder below a missing one is missing too).
-fn new_folders(dirs: &mut Dirs, entries: &[Entry]) -> u64 {
+fn new_folders(dirs: &mut Dirs, entries: &[Entry], refused: &Refused) -> u64 {
     let mut there: HashMap<&[String], bool> = HashMap::new();
     let mut new = 0;
-    for e in entries {
+    for (_, e) in entries.iter().enumerate().filter(|&(i, _)| refused.get(i).is_none()) {
         let depth = if matches!(e.kind, EntryKind::Dir) { e.path.len() } else { e.path.len() - 1 };
         // The deepest folder of this path already decided; the ones below it are decided now.
         let mut known = depth;

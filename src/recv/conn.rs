@@ -184,8 +184,8 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
         drop(held);
         return Err(refuse((&mut r, &mut w), RejectCode::InvalidManifest, reason, &what, None));
     }
-    let summary = match manifest::validate(&entries) {
-        Ok(s) => s,
+    let mut checked = match manifest::validate(&entries, shared.names) {
+        Ok(c) => c,
         Err(e) => {
             let code = if matches!(e, ManifestError::BadName { .. }) {
                 RejectCode::InvalidName
@@ -198,7 +198,7 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
             return Err(refuse((&mut r, &mut w), code, reason, &what, None));
         }
     };
-    seen.size = Some(summary.total_bytes);
+    seen.size = Some(checked.summary.total_bytes);
     // `-o PATH` / `-o -`: one file, whatever its name, goes where the receiver was told.
     if let Some(output) = &opts.output {
         let flag = if *output == Output::Stdout { "-o -" } else { "-o PATH" };
@@ -216,6 +216,9 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
             Output::Stdout => entries[0].path.last().expect("paths are not empty").clone(),
         };
         entries[0].path = vec![name];
+        // The name is the receiver's own choice now, not the sender's: what the sender's name
+        // would have been refused for no longer applies.
+        checked.refused = manifest::Refused::default();
     }
     let root = match SafeDir::open_root(&opts.dir) {
         Ok(d) => d,
@@ -230,15 +233,17 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
     // blocks and inodes; a file it does not count reserves its own before it is answered.
     // A batch that does not fit whole is answered file by file: what fits is sent, the rest is
     // refused for space (like rsync, which sends what it can).
-    let needed = shared.space.block_size().and_then(|block| likely_needed(&root, &entries, block)).and_then(
-        |needed| match shared.space.reserve(needed.room)? {
+    let needed = shared
+        .space
+        .block_size()
+        .and_then(|block| likely_needed(&root, &entries, &checked.refused, block))
+        .and_then(|needed| match shared.space.reserve(needed.room)? {
             Err(_) if !single => {
                 let needed = needed.per_file(&entries);
                 Ok((shared.space.reserve(needed.room)?, needed))
             }
             reserved => Ok((reserved, needed)),
-        },
-    );
+        });
     let (reservation, uncounted) = match needed {
         Ok((Ok(r), needed)) => (r, needed.uncounted),
         Ok((Err(available), needed)) => {
@@ -260,5 +265,5 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
         .and_then(|()| w.flush())
         .map_err(|e| w.error("accepting the manifest", e.into()))?;
     let room = (reservation, uncounted);
-    Transfer::new(shared, (&mut r, &mut w), (ip, entries, summary), root, room)?.run(seen)
+    Transfer::new(shared, (&mut r, &mut w), (ip, entries, checked), root, room)?.run(seen)
 }

@@ -5,8 +5,13 @@
 //! parent, a path too deep or too long for the OS to create halfway through a batch. Tools that
 //! trusted the peer's file list and checked it piecemeal, as they wrote, kept shipping fixes for
 //! it (rsync CVE-2022-29154 and CVE-2024-12087, croc CVE-2023-43619). So the receiver checks every
-//! rule over the entire manifest first and refuses the batch as a whole: either the tree is sound
-//! or nothing of it lands.
+//! rule over the entire manifest first, in two passes:
+//!
+//! - the universal rules (names, depth, length, exact duplicates, a file used as a folder): a
+//!   manifest that breaks one comes from no honest sender, and is refused as a whole;
+//! - the rules of the target's file system ([`FsRules`]): a name it cannot hold, or two names it
+//!   would merge (on a case-insensitive one). These come from honest senders on other systems, so
+//!   only the entries concerned are refused ([`Refused`]) and the rest of the batch lands.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,7 +24,7 @@ use crate::protocol::{
     Entry, EntryKind, MAX_DEPTH, MAX_ENTRIES, MAX_PATH_LEN, MAX_TOTAL_SIZE, ManifestPart, Message,
     ProtocolError,
 };
-use crate::sanitize::{NameError, escape, validate_name};
+use crate::sanitize::{FsRules, NameError, escape, validate_for, validate_name};
 use crate::transport::FrameReader;
 
 /// Time allowed for the whole manifest to arrive after its first part, however it trickles.
@@ -128,7 +133,8 @@ fn cost(before: Option<&Entry>, entries: &[Entry]) -> usize {
 
 /// What one entry costs the receiver in memory, from its decoding to the end of [`validate`]: a
 /// model of the heap it takes (the entry, each component's `String`, and the folded copy, map slot
-/// and node that validation adds for a component that is a new path).
+/// and node that validation adds for a component that is a new path; the folded copy is made only
+/// for a case-insensitive target, whose pass runs after the first pass's map is freed).
 ///
 /// Components an entry shares with the one `before` it (the same strings, from the first on)
 /// cost only their `String`: validation walked that prefix for the entry before and finds its
@@ -176,9 +182,9 @@ pub enum ManifestError {
     BadName { path: String, component: usize, error: NameError },
     #[error("\"{path}\" is {len} bytes long, the limit is {MAX_PATH_LEN}")]
     PathTooLong { path: String, len: usize },
-    /// Two entries name the same path once Unicode form and case are ignored (or exactly).
-    #[error("\"{first}\" and \"{second}\" are the same path once case and Unicode form are ignored")]
-    Collision { first: String, second: String },
+    /// Two entries name exactly the same path (a file and a folder, or one listed twice).
+    #[error("\"{path}\" is listed twice")]
+    Duplicate { path: String },
     /// `path` lies below `file`: a file and a folder at the same path, or a file used as a parent.
     #[error("\"{path}\" is below \"{file}\", which is a file")]
     BelowFile { path: String, file: String },
@@ -198,20 +204,18 @@ pub struct Summary {
     pub total_bytes: u64,
 }
 
-/// Folds one component: NFC, then `str::to_lowercase`. This is a simple fold, not full Unicode
-/// case folding (`ß` and `ss` stay apart), but it merges what the common case-insensitive file
-/// systems merge: `É` written precomposed or as `E` + U+0301 (macOS normalises), and `Readme`
-/// vs `README` (Windows and macOS ignore case). Identical names fold identically, so exact
-/// duplicates are caught by the same comparison. It may refuse two names a case-sensitive file
-/// system would keep apart; that is deliberate, since a batch must land the same everywhere.
+/// Folds one component for a case-insensitive target: NFC, then `char::to_lowercase` on each
+/// character. NFC rather than NFD: two names are canonically equivalent exactly when their NFC
+/// forms (or their NFD forms) are equal, so either finds the same collisions, and NFC keeps a
+/// name's usual length (names are mostly NFC already; NFD would lengthen every accented one, and
+/// the memory model counts the folded copy as long as the name). A per-character lowercase, not
+/// full Unicode case folding (`ß` and `ss` stay apart) nor `str::to_lowercase` (which lowers a
+/// final `Σ` to `ς` and so would tell `ΑΣ` from `ασ`): it merges what the common
+/// case-insensitive file systems merge: `É` written precomposed or as `E` + U+0301, and
+/// `Readme` vs `README`. A pair it misses is still caught by the file system itself when the
+/// second file arrives: it finds the first under its name and keeps both.
 fn fold(component: &str) -> String {
-    component.nfc().collect::<String>().to_lowercase()
-}
-
-/// A folded key for one path, as used by [`validate`], so the receiver can detect the same
-/// collisions against its own bookkeeping (files already on disk, other batches).
-pub fn fold_key(path: &[String]) -> Vec<String> {
-    path.iter().map(|c| fold(c)).collect()
+    component.nfc().flat_map(char::to_lowercase).collect()
 }
 
 /// A path for an error message: each component escaped, joined with `/`.
@@ -233,8 +237,9 @@ fn show(path: &[String]) -> String {
 /// Longest path shown in a [`ManifestError`], in bytes.
 const SHOWN_PATH: usize = 200;
 
-/// What the manifest says about one folded path. The index is the entry that listed it or, for
-/// an implied folder, the first entry below it (named if a file later claims the same path).
+/// What the manifest says about one path (exact, or folded for a case-insensitive target). The
+/// index is the entry that listed it or, for an implied folder, the first entry below it (named
+/// if a file later claims the same path).
 #[derive(Clone, Copy)]
 enum Node {
     Implied(usize),
@@ -242,14 +247,100 @@ enum Node {
     File(usize),
 }
 
-/// Checks the entire manifest; see [`ManifestError`] for the rules. Folders that are parents of
-/// entries need not be listed themselves: they are implied. Entries may come in any order.
+/// The parent of every first component: not a node, as it is never a file.
+const ROOT: usize = usize::MAX;
+
+/// A manifest that may go on: its totals (refused entries included: their digests still come)
+/// and the entries refused alone.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Checked {
+    pub summary: Summary,
+    pub refused: Refused,
+}
+
+/// Why one entry is refused alone by this receiver's file system; the rest of the batch goes on.
+/// Kept small (no text) so a manifest refused entry by entry costs little more memory; the
+/// reason is written when the entry is answered ([`Refusal::reason`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Component `component` (from 0) is a name the file system cannot hold.
+    Name { component: u8, error: NameError },
+    /// The same path as entry `other` once case and Unicode form are ignored.
+    SamePath { other: u32 },
+    /// Below entry `file`, a file, once case and Unicode form are ignored.
+    BelowFile { file: u32 },
+    /// A file where entry `below` needs a folder, once case and Unicode form are ignored.
+    AboveEntry { below: u32 },
+}
+
+const IGNORING: &str = "on the receiver's file system, which ignores case and Unicode form";
+
+impl Refusal {
+    /// The reason sent with the answer of entry `index`: the rule, and both paths when two
+    /// entries meet, each escaped once.
+    pub fn reason(self, entries: &[Entry], index: usize) -> String {
+        let this = show(&entries[index].path);
+        let other = |i: u32| show(&entries[i as usize].path);
+        match self {
+            Refusal::Name { component, error } => {
+                format!("\"{this}\": component {} is refused: {error}", component + 1)
+            }
+            Refusal::SamePath { other: o } => {
+                let other = other(o);
+                // NFC and NFD spellings print alike: say why two equal-looking paths are two.
+                let alike = this.nfc().eq(other.nfc());
+                let spelled = if alike { " (spelled with other Unicode code points)" } else { "" };
+                format!("\"{this}\" is refused: it is the same path as \"{other}\"{spelled} {IGNORING}")
+            }
+            Refusal::BelowFile { file } => {
+                format!("\"{this}\" is refused: it lies below \"{}\", a file, {IGNORING}", other(file))
+            }
+            Refusal::AboveEntry { below } => format!(
+                "\"{this}\" is refused: it is a file where \"{}\" needs a folder {IGNORING}",
+                other(below)
+            ),
+        }
+    }
+}
+
+/// The entries of a manifest refused alone, in manifest order.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Refused(Vec<(u32, Refusal)>);
+
+impl Refused {
+    /// Why entry `index` is refused, if it is.
+    pub fn get(&self, index: usize) -> Option<Refusal> {
+        let i = self.0.binary_search_by_key(&index, |&(i, _)| i as usize).ok()?;
+        Some(self.0[i].1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Checks the entire manifest for a target whose file system needs `rules`: the universal rules
+/// (see [`ManifestError`]) refuse it as a whole, the target's refuse entries alone ([`Refused`]).
+/// Folders that are parents of entries need not be listed themselves: they are implied. Entries
+/// may come in any order.
 ///
-/// Runs in time linear in the manifest's bytes: the folded paths form a tree keyed by (parent
-/// node, folded component), so each component is hashed once, and "is any parent a file?" is
-/// answered while walking down, instead of hashing every prefix of every path (up to 64 × 4 KiB
-/// per entry, which a hostile peer could multiply by [`MAX_ENTRIES`]).
-pub fn validate(entries: &[Entry]) -> Result<Summary, ManifestError> {
+/// Runs in time linear in the manifest's bytes: the paths form a tree keyed by (parent node,
+/// component), so each component is hashed once, and "is any parent a file?" is answered while
+/// walking down, instead of hashing every prefix of every path (up to 64 × 4 KiB per entry,
+/// which a hostile peer could multiply by [`MAX_ENTRIES`]). The target's pass builds its folded
+/// tree only after the first pass's tree is freed.
+pub fn validate(entries: &[Entry], rules: FsRules) -> Result<Checked, ManifestError> {
+    let summary = validate_universal(entries)?;
+    Ok(Checked { summary, refused: refuse_for_target(entries, rules) })
+}
+
+/// The universal pass: exact paths, so `Case.txt` and `case.txt`, or the NFC and NFD spellings
+/// of a name, are two names here.
+fn validate_universal(entries: &[Entry]) -> Result<Summary, ManifestError> {
     // Counted first, so a huge manifest costs nothing more than having been received.
     if entries.is_empty() {
         return Err(ManifestError::Empty);
@@ -263,9 +354,7 @@ pub fn validate(entries: &[Entry]) -> Result<Summary, ManifestError> {
         return Err(ManifestError::StreamNotAlone { path: show(&e.path) });
     }
     let mut nodes: Vec<Node> = Vec::new();
-    // The batch root, parent of every first component: not a node, as it is never a file.
-    let root = usize::MAX;
-    let mut children: HashMap<(usize, String), usize> = HashMap::new();
+    let mut children: HashMap<(usize, &str), usize> = HashMap::new();
     let mut summary = Summary { files: 0, dirs: 0, total_bytes: 0 };
 
     for (index, entry) in entries.iter().enumerate() {
@@ -279,10 +368,10 @@ pub fn validate(entries: &[Entry]) -> Result<Summary, ManifestError> {
         }
 
         let last = entry.path.len() - 1;
-        let mut parent = root;
+        let mut parent = ROOT;
         for (depth, component) in entry.path.iter().enumerate() {
             let next = nodes.len();
-            let id = *children.entry((parent, fold(component))).or_insert(next);
+            let id = *children.entry((parent, component.as_str())).or_insert(next);
             if id == next {
                 // A new path: the entry itself, or a parent it implies.
                 nodes.push(if depth < last { Node::Implied(index) } else { listed(index, &entry.kind) });
@@ -293,9 +382,8 @@ pub fn validate(entries: &[Entry]) -> Result<Summary, ManifestError> {
                 }
             } else {
                 match (nodes[id], &entry.kind) {
-                    (Node::Dir(first) | Node::File(first), _) => {
-                        let first = show(&entries[first].path);
-                        return Err(ManifestError::Collision { first, second: show(&entry.path) });
+                    (Node::Dir(_) | Node::File(_), _) => {
+                        return Err(ManifestError::Duplicate { path: show(&entry.path) });
                     }
                     // An earlier entry already lies below this path, so it cannot be a file.
                     (Node::Implied(below), EntryKind::File { .. } | EntryKind::Stream { .. }) => {
@@ -313,6 +401,70 @@ pub fn validate(entries: &[Entry]) -> Result<Summary, ManifestError> {
         }
     }
     Ok(summary)
+}
+
+/// The target's pass, over a manifest that passed the universal one: names its file system
+/// cannot hold, and on a case-insensitive one entries that meet once folded ([`fold`]). The
+/// first entry of such a pair lands; the later one is refused. Two folders that fold alike are
+/// one folder there and merge (as they would when copied there by hand); a refused entry adds
+/// nothing to the tree, so what lies below a refused folder is refused too (its name, or the
+/// file it meets).
+fn refuse_for_target(entries: &[Entry], rules: FsRules) -> Refused {
+    let mut refused = Vec::new();
+    if rules == FsRules::POSIX {
+        return Refused(refused);
+    }
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut children: HashMap<(usize, String), usize> = HashMap::new();
+    'entries: for (index, entry) in entries.iter().enumerate() {
+        let bad =
+            entry.path.iter().enumerate().find_map(|(c, name)| Some((c, validate_for(name, rules).err()?)));
+        if let Some((component, error)) = bad {
+            // MAX_DEPTH (64) components at most: the position fits.
+            refused.push((index as u32, Refusal::Name { component: component as u8, error }));
+            continue;
+        }
+        if !rules.case_insensitive {
+            continue;
+        }
+        let last = entry.path.len() - 1;
+        let mut parent = ROOT;
+        for (depth, component) in entry.path.iter().enumerate() {
+            let next = nodes.len();
+            let id = *children.entry((parent, fold(component))).or_insert(next);
+            // MAX_ENTRIES (250,000) entries at most: positions fit.
+            let refusal = if id == next {
+                nodes.push(if depth < last { Node::Implied(index) } else { listed(index, &entry.kind) });
+                None
+            } else if depth < last {
+                match nodes[id] {
+                    Node::File(file) => Some(Refusal::BelowFile { file: file as u32 }),
+                    Node::Dir(_) | Node::Implied(_) => None,
+                }
+            } else {
+                match (nodes[id], &entry.kind) {
+                    (Node::File(other), _)
+                    | (Node::Dir(other), EntryKind::File { .. } | EntryKind::Stream { .. }) => {
+                        Some(Refusal::SamePath { other: other as u32 })
+                    }
+                    (Node::Implied(below), EntryKind::File { .. } | EntryKind::Stream { .. }) => {
+                        Some(Refusal::AboveEntry { below: below as u32 })
+                    }
+                    (Node::Implied(_), EntryKind::Dir) => {
+                        nodes[id] = Node::Dir(index);
+                        None
+                    }
+                    (Node::Dir(_), EntryKind::Dir) => None,
+                }
+            };
+            if let Some(r) = refusal {
+                refused.push((index as u32, r));
+                continue 'entries;
+            }
+            parent = id;
+        }
+    }
+    Refused(refused)
 }
 
 fn listed(index: usize, kind: &EntryKind) -> Node {
@@ -367,12 +519,24 @@ mod tests {
         Entry { path: components.iter().map(|c| c.to_string()).collect(), ..dir("x") }
     }
 
+    /// The manifest checked for a Linux target, where nothing is refused alone.
+    fn validate(entries: &[Entry]) -> Result<Summary, ManifestError> {
+        let checked = super::validate(entries, FsRules::POSIX)?;
+        assert!(checked.refused.is_empty(), "{:?}", checked.refused);
+        Ok(checked.summary)
+    }
+
+    /// The entries refused alone on a target with `rules`, by position.
+    fn refused(entries: &[Entry], rules: FsRules) -> Vec<(u32, Refusal)> {
+        super::validate(entries, rules).expect("valid everywhere").refused.0
+    }
+
     fn summary(files: usize, dirs: usize, total_bytes: u64) -> Result<Summary, ManifestError> {
         Ok(Summary { files, dirs, total_bytes })
     }
 
-    fn collision(first: &str, second: &str) -> Result<Summary, ManifestError> {
-        Err(ManifestError::Collision { first: first.into(), second: second.into() })
+    fn duplicate(path: &str) -> Result<Summary, ManifestError> {
+        Err(ManifestError::Duplicate { path: path.into() })
     }
 
     fn below_file(path: &str, file: &str) -> Result<Summary, ManifestError> {
@@ -427,7 +591,7 @@ mod tests {
         assert_eq!(validate(&[raw(&["a", "."])]), bad("a/.", 1, NameError::DotOrDotDot));
         assert_eq!(validate(&[raw(&["a", "b/../../c"])]), bad("a/b/../../c", 1, NameError::Separator('/')));
         assert_eq!(validate(&[raw(&["/etc"])]), bad("/etc", 0, NameError::Separator('/')));
-        assert_eq!(validate(&[raw(&["a", "..\\x"])]), bad("a/..\\\\x", 1, NameError::Separator('\\')));
+        assert_eq!(validate(&[raw(&["a", "x\0"])]), bad("a/x\\u{0}", 1, NameError::ControlChar(0)));
         assert_eq!(validate(&[raw(&["a", "", "b"])]), bad("a//b", 1, NameError::Empty));
         // A bad entry anywhere refuses the batch, not just itself.
         let m = [dir("ok"), file("ok/f", 1), raw(&["ok", ".."])];
@@ -442,40 +606,128 @@ mod tests {
 
     #[test]
     fn rejects_exact_duplicates() {
-        assert_eq!(validate(&[file("a/b", 1), file("a/b", 1)]), collision("a/b", "a/b"));
-        assert_eq!(validate(&[dir("a"), dir("a")]), collision("a", "a"));
-    }
-
-    #[test]
-    fn rejects_nfc_nfd_duplicates() {
-        let m = [file("\u{C9}", 1), file("E\u{301}", 1)];
-        assert_eq!(validate(&m), collision("\u{C9}", "E\u{301}"));
-        // In a parent too: both files would land in the same folder.
-        let m = [file("\u{C9}/x", 1), file("E\u{301}/x", 1)];
-        assert_eq!(validate(&m), collision("\u{C9}/x", "E\u{301}/x"));
-    }
-
-    #[test]
-    fn rejects_case_duplicates() {
-        let m = [file("Readme", 1), file("README", 2)];
-        assert_eq!(validate(&m), collision("Readme", "README"));
-        let m = [dir("Docs"), file("docs/a", 1), file("DOCS/A", 1)];
-        assert_eq!(validate(&m), collision("docs/a", "DOCS/A"));
-    }
-
-    #[test]
-    fn rejects_file_and_folder_at_same_path() {
-        assert_eq!(validate(&[file("a", 1), dir("a")]), collision("a", "a"));
-        assert_eq!(validate(&[dir("a"), file("A", 1)]), collision("a", "A"));
+        assert_eq!(validate(&[file("a/b", 1), file("a/b", 1)]), duplicate("a/b"));
+        assert_eq!(validate(&[dir("a"), dir("a")]), duplicate("a"));
+        assert_eq!(validate(&[file("a", 1), dir("a")]), duplicate("a"));
+        // Whatever the target: an exact duplicate comes from no honest sender.
+        let err = super::validate(&[file("x", 1), file("x", 1)], FsRules::WINDOWS).unwrap_err();
+        assert_eq!(err, ManifestError::Duplicate { path: "x".into() });
     }
 
     #[test]
     fn rejects_file_as_parent() {
         assert_eq!(validate(&[file("a", 1), file("a/b", 1)]), below_file("a/b", "a"));
         assert_eq!(validate(&[file("a/b", 1), dir("a/b/c/d")]), below_file("a/b/c/d", "a/b"));
-        // The same when the file comes second, and when only folding makes them meet.
+        // The same when the file comes second.
         assert_eq!(validate(&[dir("a/b/c"), file("a", 1)]), below_file("a/b/c", "a"));
-        assert_eq!(validate(&[file("\u{C9}", 1), file("e\u{301}/x", 1)]), below_file("e\u{301}/x", "\u{C9}"));
+    }
+
+    #[test]
+    fn case_and_unicode_twins_are_two_names_on_a_case_sensitive_target() {
+        let m = [
+            file("\u{C9}", 1),
+            file("E\u{301}", 1),
+            file("Readme", 1),
+            file("README", 2),
+            dir("Docs"),
+            file("docs/a", 1),
+            file("DOCS/A", 1),
+            dir("a"),
+            file("A", 1),
+            file("\u{C9}t\u{E9}/x", 1),
+            file("e\u{301}te\u{301}", 1),
+        ];
+        assert_eq!(validate(&m), summary(9, 2, 10));
+    }
+
+    #[test]
+    fn a_case_insensitive_target_refuses_the_later_of_two_twins_alone() {
+        let same = |other| Refusal::SamePath { other };
+        for rules in [FsRules::CASEFOLD, FsRules::WINDOWS] {
+            // NFC and NFD, case, and both at once.
+            assert_eq!(refused(&[file("\u{C9}", 1), file("E\u{301}", 1)], rules), [(1, same(0))]);
+            assert_eq!(refused(&[file("Readme", 1), file("README", 2)], rules), [(1, same(0))]);
+            assert_eq!(refused(&[file("caf\u{E9}", 1), file("CAFE\u{301}", 2)], rules), [(1, same(0))]);
+            // In a folder: the folders merge, the files meet.
+            let m = [dir("Docs"), file("docs/a", 1), file("DOCS/A", 1), file("docs/b", 1)];
+            assert_eq!(refused(&m, rules), [(2, same(1))]);
+            // A file and a folder.
+            assert_eq!(refused(&[dir("a"), file("A", 1)], rules), [(1, same(0))]);
+            assert_eq!(refused(&[file("a", 1), dir("A")], rules), [(1, same(0))]);
+            // Below a file, and a file where a folder is needed; what lies below a refused
+            // folder is refused too.
+            let m =
+                [file("\u{C9}", 1), file("e\u{301}/x", 1), dir("E\u{301}/y"), file("b/c", 1), file("B", 1)];
+            let r = refused(&m, rules);
+            assert_eq!(r[..2], [(1, Refusal::BelowFile { file: 0 }), (2, Refusal::BelowFile { file: 0 })]);
+            assert_eq!(r[2..], [(4, Refusal::AboveEntry { below: 3 })]);
+            // Distinct names stay distinct; Greek capital sigma folds alike anywhere in a word.
+            assert_eq!(refused(&[file("a", 1), file("b", 1), file("\u{C9}x", 1)], rules), []);
+            assert_eq!(
+                refused(&[file("\u{391}\u{3A3}", 1), file("\u{3B1}\u{3C3}", 1)], rules),
+                [(1, same(0))]
+            );
+        }
+    }
+
+    #[test]
+    fn a_windows_like_target_refuses_what_it_cannot_hold_alone() {
+        let name = |component, error| Refusal::Name { component, error };
+        let m = [
+            dir("d"),
+            file("d/a:b.txt", 1),
+            file("d/ok.txt", 1),
+            dir("CON"),
+            file("CON/x", 1),
+            file("trailing ", 1),
+            file("back\\slash.txt", 1),
+            file(".XFER-x", 1),
+        ];
+        let checked = super::validate(&m, FsRules::WINDOWS).unwrap();
+        assert_eq!(checked.summary, Summary { files: 6, dirs: 2, total_bytes: 6 });
+        assert_eq!(
+            checked.refused.0,
+            [
+                (1, name(1, NameError::WindowsChar(':'))),
+                (3, name(0, NameError::ReservedDevice("CON"))),
+                (4, name(0, NameError::ReservedDevice("CON"))),
+                (5, name(0, NameError::TrailingDotOrSpace)),
+                (6, name(0, NameError::WindowsChar('\\'))),
+                (7, name(0, NameError::ReservedPrefixAnyCase)),
+            ]
+        );
+        // A casefold folder holds all of these but `.XFER-x`.
+        assert_eq!(refused(&m, FsRules::CASEFOLD), [(7, name(0, NameError::ReservedPrefixAnyCase))]);
+        assert_eq!(refused(&m, FsRules::POSIX), []);
+    }
+
+    #[test]
+    fn a_refusal_names_both_paths_escaped_once() {
+        let m = [file("d/Back\\slash", 1), file("d/back\\SLASH", 1), file("a:b", 1)];
+        let reason = |i, rules| {
+            let r = super::validate(&m, rules).unwrap().refused;
+            r.get(i).map(|r| r.reason(&m, i))
+        };
+        assert_eq!(
+            reason(1, FsRules::CASEFOLD).unwrap(),
+            "\"d/back\\\\SLASH\" is refused: it is the same path as \"d/Back\\\\slash\" on the receiver's \
+             file system, which ignores case and Unicode form"
+        );
+        assert_eq!(
+            reason(2, FsRules::WINDOWS).unwrap(),
+            "\"a:b\": component 1 is refused: name contains `:`, which the receiver's file system (FAT, \
+             exFAT, NTFS or SMB) cannot hold"
+        );
+        let m = [file("caf\u{E9}", 1), file("cafe\u{301}", 1)];
+        let r = super::validate(&m, FsRules::CASEFOLD).unwrap().refused;
+        assert_eq!(
+            r.get(1).unwrap().reason(&m, 1),
+            "\"cafe\u{301}\" is refused: it is the same path as \"caf\u{E9}\" (spelled with other Unicode \
+             code points) on the receiver's file system, which ignores case and Unicode form"
+        );
+        // The first of the pair lands.
+        let r = super::validate(&m, FsRules::CASEFOLD).unwrap().refused;
+        assert_eq!((r.get(0), r.len()), (None, 1));
     }
 
     #[test]
@@ -527,30 +779,48 @@ mod tests {
         assert!(msg.starts_with("\"dir/evil\\u{a}\\u{202e}txt.exe\": component 2 is refused"), "{msg}");
     }
 
-    #[test]
-    fn fold_key_merges_what_validate_merges() {
-        assert_eq!(fold_key(&p("Docs/\u{C9}")), fold_key(&p("docs/e\u{301}")));
-        assert_ne!(fold_key(&p("a/b")), fold_key(&p("a/c")));
-    }
-
-    /// The rules stated naively, in quadratic time, to check the linear algorithm against.
+    /// The universal rules stated naively, in quadratic time, to check the linear algorithm
+    /// against.
     fn model_accepts(m: &[Entry]) -> bool {
-        let keys: Vec<_> = m.iter().map(|e| fold_key(&e.path)).collect();
+        let keys: Vec<_> = m.iter().map(|e| &e.path).collect();
         let sizes = m.iter().map(|e| match e.kind {
             EntryKind::File { size, .. } => u128::from(size),
             EntryKind::Dir | EntryKind::Stream { .. } => 0,
         });
-        let below_file = |i: usize, j: usize| m[i].has_body() && keys[j].starts_with(&keys[i]);
+        let below_file = |i: usize, j: usize| m[i].has_body() && keys[j].starts_with(keys[i]);
         (1..=MAX_ENTRIES).contains(&m.len())
             && m.iter().enumerate().all(|(i, e)| check_shape(i, &e.path).is_ok())
             && sizes.sum::<u128>() <= u128::from(MAX_TOTAL_SIZE)
             && (0..m.len()).all(|i| (0..m.len()).all(|j| i == j || (keys[i] != keys[j] && !below_file(i, j))))
     }
 
+    /// The target's rules stated naively: an entry is refused if a component breaks them, or (on a
+    /// case-insensitive target) if it meets an earlier entry that was not refused, once folded:
+    /// the same path unless both are folders, below that entry as a file, or a file above it.
+    fn model_refused(m: &[Entry], rules: FsRules) -> Vec<usize> {
+        let keys: Vec<Vec<String>> = m.iter().map(|e| e.path.iter().map(|c| fold(c)).collect()).collect();
+        let is_file = |i: usize| matches!(m[i].kind, EntryKind::File { .. });
+        let below = |i: usize, j: usize| keys[i].len() > keys[j].len() && keys[i].starts_with(&keys[j]);
+        let mut refused: Vec<usize> = Vec::new();
+        for i in 0..m.len() {
+            let meets = |j: usize| {
+                (keys[i] == keys[j] && (is_file(i) || is_file(j)))
+                    || (is_file(j) && below(i, j))
+                    || (is_file(i) && below(j, i))
+            };
+            let bad_name = m[i].path.iter().any(|c| validate_for(c, rules).is_err());
+            let met = rules.case_insensitive && (0..i).any(|j| !refused.contains(&j) && meets(j));
+            if bad_name || met {
+                refused.push(i);
+            }
+        }
+        refused
+    }
+
     fn component() -> impl Strategy<Value = String> {
         // Mostly a tiny alphabet, so duplicates, case and NFC/NFD pairs and files used as parents
         // come up often; sometimes anything at all, hostile characters included.
-        prop_oneof![4 => "(a|A|b|\u{C9}|e\u{301}|E\u{301})", 1 => "(\\PC|[./\\\\:\u{202E}])*"]
+        prop_oneof![4 => "(a|A|b|\u{C9}|e\u{301}|E\u{301}|a:|CON)", 1 => "(\\PC|[./\\\\:\u{202E}])*"]
     }
 
     fn entry() -> impl Strategy<Value = Entry> {
@@ -564,10 +834,14 @@ mod tests {
     proptest! {
         #[test]
         fn never_panics_and_agrees_with_model(m in prop::collection::vec(entry(), 0..12)) {
-            let result = validate(&m);
-            prop_assert_eq!(result.is_ok(), model_accepts(&m), "{:?}", result);
-            if let Ok(s) = result {
-                prop_assert_eq!(s.files + s.dirs, m.len());
+            for rules in [FsRules::POSIX, FsRules::CASEFOLD, FsRules::WINDOWS] {
+                let result = super::validate(&m, rules);
+                prop_assert_eq!(result.is_ok(), model_accepts(&m), "{:?}", result);
+                if let Ok(c) = result {
+                    prop_assert_eq!(c.summary.files + c.summary.dirs, m.len());
+                    let refused: Vec<usize> = c.refused.0.iter().map(|&(i, _)| i as usize).collect();
+                    prop_assert_eq!(refused, model_refused(&m, rules), "{:?}", rules);
+                }
             }
         }
     }
@@ -621,8 +895,13 @@ mod tests {
         static A: Counting = Counting;
 
         /// Measures the peak heap of decoding `entries` from the wire, holding them and validating
-        /// them, and asserts the model covers it.
+        /// them for a Linux target, and asserts the model covers it.
         fn peak_heap(entries: Vec<Entry>) {
+            peak_heap_for(entries, FsRules::POSIX)
+        }
+
+        /// [`peak_heap`] for a target with `rules`.
+        fn peak_heap_for(entries: Vec<Entry>, rules: FsRules) {
             let n = entries.len();
             // As the sender cuts it: parts that each fit a message.
             let mut payloads = Vec::new();
@@ -651,7 +930,7 @@ mod tests {
                 model += cost(all.last(), &part.entries);
                 all.extend(part.entries);
             }
-            let summary = validate(&all);
+            let summary = crate::recv::manifest::validate(&all, rules);
             drop(all);
             ON.with(|on| on.set(false));
             assert!(summary.is_ok(), "{summary:?}");
@@ -719,6 +998,23 @@ mod tests {
                 })
                 .collect();
             peak_heap(deep_walk);
+            // A Windows-like target: every other entry refused alone (a case twin), every third
+            // one for its name; and deep one-letter paths folded.
+            let twins = (0..20_000)
+                .map(|i| {
+                    let name = format!("f{}{}", name(i / 2), if i % 3 == 0 { ":" } else { "" });
+                    let name = if i % 2 == 0 { name } else { name.to_uppercase() };
+                    Entry { path: vec![name], ..file("x", 1) }
+                })
+                .collect();
+            peak_heap_for(twins, FsRules::WINDOWS);
+            let deep = (0..500)
+                .map(|i| Entry {
+                    path: std::iter::once(name(i)).chain((1..MAX_DEPTH).map(|_| "A".into())).collect(),
+                    ..dir("x")
+                })
+                .collect();
+            peak_heap_for(deep, FsRules::CASEFOLD);
         }
     }
 }

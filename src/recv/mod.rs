@@ -23,7 +23,8 @@ use std::time::Duration;
 
 use crate::error::Error;
 use crate::progress::Progress;
-use crate::store::{SpacePool, partial};
+use crate::sanitize::FsRules;
+use crate::store::{SpacePool, fs_rules, partial};
 
 pub(crate) mod answer;
 pub(crate) mod body;
@@ -135,6 +136,8 @@ struct Shared {
     secure: Option<secure::Secure>,
     /// Manifests waiting for a transfer slot.
     line: queue::Line,
+    /// What the target folder's file system adds to the name rules, found at start.
+    names: FsRules,
 }
 
 /// How many connections (or transfers) each peer address holds.
@@ -254,6 +257,7 @@ impl Receiver {
         })?;
         let progress = Progress::new(opts.quiet);
         let space = SpacePool::new(&opts.dir);
+        let names = fs_rules::for_dir(&opts.dir).map_err(Error::Usage)?;
         let secure = if opts.insecure { None } else { Some(secure::Secure::setup(&opts, &progress)?) };
         let shared = Shared {
             opts,
@@ -267,6 +271,7 @@ impl Receiver {
             litter: litter::Litter::default(),
             secure,
             line: queue::Line::default(),
+            names,
         };
         Ok(Receiver { listener, shared: Arc::new(shared) })
     }

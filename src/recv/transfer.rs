@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::answer::{Dirs, Plan, Rules, answer_dir, answer_file, answer_stream};
 use super::durable::Group;
-use super::manifest::Summary;
+use super::manifest::{Checked, Refused, Summary};
 use super::{Shared, Stored};
 use crate::error::Error;
 use crate::protocol::{
@@ -54,6 +54,8 @@ pub(super) struct Transfer<'a> {
     pub(super) w: &'a mut FrameWriter,
     pub(super) entries: Vec<Entry>,
     pub(super) summary: Summary,
+    /// Entries the target's file system refuses alone: answered `Reject { InvalidName }`.
+    pub(super) refused: Refused,
     pub(super) root: SafeDir,
     pub(super) reservation: Reservation<'a>,
     /// By entry: files the acceptance did not reserve room for (see `answer::Needed`).
@@ -95,7 +97,7 @@ impl<'a> Transfer<'a> {
     pub fn new(
         shared: &'a Shared,
         (r, w): (&'a mut FrameReader, &'a mut FrameWriter),
-        (peer, entries, summary): (IpAddr, Vec<Entry>, Summary),
+        (peer, entries, Checked { summary, refused }): (IpAddr, Vec<Entry>, Checked),
         root: SafeDir,
         (reservation, uncounted): (Reservation<'a>, Vec<bool>),
     ) -> Result<Transfer<'a>, Error> {
@@ -112,6 +114,7 @@ impl<'a> Transfer<'a> {
             w,
             entries,
             summary,
+            refused,
             root,
             reservation,
             uncounted,
@@ -301,20 +304,29 @@ impl<'a> Transfer<'a> {
                 progress: &self.shared.progress,
             };
             let is_file = entry.has_body();
-            let answered = match (&entry.kind, self.digests.get(self.file_no)) {
-                (EntryKind::File { .. }, Some(None)) => {
+            // A name this file system cannot hold, or would merge with another's: refused alone,
+            // before anything else is looked at (no digest is needed for it).
+            let refused = self.refused.get(index);
+            let answered = match (refused, &entry.kind, self.digests.get(self.file_no)) {
+                (Some(refusal), _, _) => {
+                    let reason = bounded_reason(refusal.reason(&self.entries, index));
+                    Ok(Some((Answer::Reject { code: RejectCode::InvalidName, reason }, None)))
+                }
+                (None, EntryKind::File { .. }, Some(None)) => {
                     let reason = "not sent: the sender could not read it".to_string();
                     Ok(Some((Answer::Reject { code: RejectCode::Failed, reason }, None)))
                 }
-                (EntryKind::File { .. }, digest) => answer_file(
+                (None, EntryKind::File { .. }, digest) => answer_file(
                     &mut self.answer_dirs,
                     (index, self.file_no, entry),
                     digest.map(|d| d.as_ref().expect("matched above")),
                     &rules,
                     self.uncounted[index].then_some(&mut self.reservation),
                 ),
-                (EntryKind::Dir, _) => answer_dir(&mut self.answer_dirs, entry).map(|a| Some((a, None))),
-                (EntryKind::Stream { .. }, _) => {
+                (None, EntryKind::Dir, _) => {
+                    answer_dir(&mut self.answer_dirs, entry).map(|a| Some((a, None)))
+                }
+                (None, EntryKind::Stream { .. }, _) => {
                     answer_stream(&mut self.answer_dirs, (index, self.file_no, entry))
                 }
             };

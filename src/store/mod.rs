@@ -6,8 +6,10 @@
 //!   commit to a final name (durability: fsync, or a group's syncfs by the caller).
 //! - [`existing`]: files already there, recognised by content ("already have it").
 //! - [`space`]: free space and inodes reserved by transfers in flight.
+//! - [`fs_rules`]: the name rules the target folder's file system adds (Windows-like, casefold).
 
 pub mod existing;
+pub mod fs_rules;
 pub mod partial;
 pub mod safedir;
 pub mod space;

@@ -15,6 +15,7 @@ mod hashes; // --hash blake3: announced, verified with that algorithm, cached ap
 mod hostile; // a raw peer speaking the wire format attacks the receiver
 mod hostile_receiver; // a fake receiver lies to the sender: bad offsets, frames, answers, names
 mod load; // 64 senders at once; a flood of idle connections from one address
+mod names; // names Linux allows arrive; what the target's file system cannot hold is refused alone
 mod pipeline; // hashing overlaps sending: files are answered and stored as their digests come
 mod pipes; // recv --once -o PATH and -o -, send - (stdin): one file to a path, to stdout, from a pipe
 mod progress; // bars on a terminal (a pty from script(1)), none with --quiet or in a pipe
