@@ -32,11 +32,16 @@ impl Run<'_> {
             (Answer::Reject { code: RejectCode::Failed, reason }, _) => {
                 Some(EntryOutcome::Failed(Error::RemoteFailed(peer_text(reason.clone()))))
             }
-            (Answer::Reject { code, reason }, _) => Some(EntryOutcome::Failed(Error::Rejected {
-                name: escape(&shown),
-                code: *code,
-                reason: peer_text(reason.clone()),
-            })),
+            (Answer::Reject { code, reason }, _) => {
+                let name = escape(&shown);
+                // A receiver's reason may begin by naming the entry, which the error already does.
+                let reason = peer_text(reason.clone());
+                let reason = match reason.strip_prefix(&format!("\"{name}\": ")) {
+                    Some(rest) => rest.to_string(),
+                    None => reason,
+                };
+                Some(EntryOutcome::Failed(Error::Rejected { name, code: *code, reason }))
+            }
             (Answer::Send { .. }, EntryKind::File { .. }) => None,
             (Answer::Send { .. }, EntryKind::Stream { .. }) => {
                 unreachable!("streams are sent by send::stream")
