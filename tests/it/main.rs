@@ -19,6 +19,7 @@ mod names; // names Linux allows arrive; what the target's file system cannot ho
 mod pipeline; // hashing overlaps sending: files are answered and stored as their digests come
 mod pipes; // recv --once -o PATH and -o -, send - (stdin): one file to a path, to stdout, from a pipe
 mod progress; // bars on a terminal (a pty from script(1)), none with --quiet or in a pipe
+mod readme; // README's runnable examples, run as pasted
 mod resume; // interrupted three ways, then resumed; other versions not reused
 mod secure; // codes, pinned keys, downgrades, tampering, relays: the secure channel under attack
 mod streaming; // answered before the digest when nothing could match; the digest after the body decides
