@@ -19,6 +19,12 @@ use crate::transport::MIN_RATE;
 
 impl Transfer<'_> {
     /// Sends a file's failed verdict and counts it.
+    /// The body hashed to `actual`, not the sender's `expected`: nothing is stored.
+    fn hash_mismatch(&mut self, plan: &Plan, expected: Digest, actual: Digest) -> Result<(), Error> {
+        let e = Error::Integrity(format!("content hashed to {actual}, the sender's digest is {expected}"));
+        self.verdict_failed(plan, Verdict::HashMismatch { expected, actual }, e)
+    }
+
     pub(super) fn verdict_failed(&mut self, plan: &Plan, verdict: Verdict, e: Error) -> Result<(), Error> {
         self.failed += 1;
         self.bar.file_done();
@@ -180,9 +186,7 @@ impl Transfer<'_> {
         };
         if actual != expected {
             partial.discard();
-            let e =
-                Error::Integrity(format!("content hashed to {actual}, the sender's digest is {expected}"));
-            return self.verdict_failed(&plan, Verdict::HashMismatch { expected, actual }, e);
+            return self.hash_mismatch(&plan, expected, actual);
         }
         let entry = &self.entries[plan.index];
         if let Err(e) = partial.set_attributes(entry.mode, entry.mtime) {
@@ -263,9 +267,7 @@ impl Transfer<'_> {
         };
         if actual != expected {
             partial.discard();
-            let e =
-                Error::Integrity(format!("content hashed to {actual}, the sender's digest is {expected}"));
-            return self.verdict_failed(&plan, Verdict::HashMismatch { expected, actual }, e);
+            return self.hash_mismatch(&plan, expected, actual);
         }
         let entry = &self.entries[plan.index];
         let name = entry.path[entry.path.len() - 1].clone();
