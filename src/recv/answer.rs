@@ -93,7 +93,7 @@ pub(super) fn answer_file(
     let fresh = || Plan { unnamed: !rules.overwrite, ..plan(0, None, false, None) };
     let send = |plan| Ok(Some((Answer::Send { offset: 0 }, Some(plan))));
     // In a folder this transfer just created there is nothing to compare with or resume:
-    // no lookups at all (the renames stay no-replace, whatever appears meanwhile).
+    // no lookups at all (names are still claimed no-replace, whatever appears meanwhile).
     if !resumable && dirs.created.contains(parent_path) {
         if let Some(reservation) = room {
             let need = Room::file(size, false, reservation.block());
