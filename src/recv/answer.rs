@@ -30,6 +30,9 @@ pub(super) struct Plan {
     pub record: bool,
     /// The partial, still locked, for a resumed file.
     pub held: Option<Partial>,
+    /// Its body may arrive in a partial with no name (`Partial::unnamed`): it keeps no record,
+    /// no partial is under its name, and it will not replace a file (no `--overwrite`).
+    pub unnamed: bool,
 }
 
 /// How an entry is answered.
@@ -85,10 +88,13 @@ pub(super) fn answer_file(
         unreachable!("answer_file takes files")
     };
     let resumable = size > RESUME_MIN || rules.single;
-    let plan = |offset, hasher, record, held| Plan { index, file_no, offset, hasher, record, held };
+    let plan =
+        |offset, hasher, record, held| Plan { index, file_no, offset, hasher, record, held, unnamed: false };
+    // Nothing under its name to take over or remove: a partial with no name will do.
+    let fresh = || Plan { unnamed: !rules.overwrite, ..plan(0, None, false, None) };
     let send = |plan| Ok(Some((Answer::Send { offset: 0 }, Some(plan))));
     // In a folder this transfer just created there is nothing to compare with or resume:
-    // no lookups at all (the renames stay no-replace, whatever appears meanwhile).
+    // no lookups at all (names are still claimed no-replace, whatever appears meanwhile).
     if !resumable && dirs.created.contains(parent_path) {
         if let Some(reservation) = room {
             let need = Room::file(size, false, reservation.block());
@@ -97,7 +103,7 @@ pub(super) fn answer_file(
                 return Ok(Some((Answer::Reject { code: RejectCode::InsufficientSpace, reason }, None)));
             }
         }
-        return send(plan(0, None, false, None));
+        return send(fresh());
     }
     let parent = dirs.get(parent_path)?;
     let id = FileId { size, alg, digest: digest.copied(), tag: Some(tag) };
@@ -149,7 +155,7 @@ pub(super) fn answer_file(
     }
     // Nothing to resume and nothing worth a record: answer without touching the disk.
     if !resumable && Partial::absent(parent, name) {
-        return send(plan(0, None, false, None));
+        return send(fresh());
     }
     let bar = check();
     let opened = Partial::open(parent.try_clone()?, name, &id, rules.until, resumable, &bar);
@@ -187,7 +193,8 @@ pub(super) fn answer_stream(
     let parent = dirs.get(parent_path)?;
     Ok(Some(match Partial::reopen(parent.try_clone()?, &name[0], 0, true)? {
         Some(p) => {
-            let plan = Plan { index, file_no, offset: 0, hasher: None, record: true, held: Some(p) };
+            let plan =
+                Plan { index, file_no, offset: 0, hasher: None, record: true, held: Some(p), unnamed: false };
             (Answer::Send { offset: 0 }, Some(plan))
         }
         None => {

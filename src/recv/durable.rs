@@ -1,14 +1,15 @@
 //! Acknowledging files only once they are on disk for good, without a journal commit per file.
 //!
-//! Verified files wait under their hidden partial names in a group (up to [`GROUP_FILES`] files
-//! or [`GROUP_BYTES`] bytes, or whatever is there when the transfer ends, the sender pauses, or a
-//! body that would fill the group on its own begins).
-//! Then one `syncfs` makes their data durable, they are renamed to their final names, a second
-//! `syncfs` makes the names durable, and only then are their verdicts sent. A group of one file
-//! (a single file; a batch's tail, or a file flushed early) in a transfer that created no folder
-//! is flushed with `fsync` of the file and its folder instead, which costs less than flushing
-//! the whole file system. A crash at any point leaves
-//! each file either hidden under its partial name or complete under its final name.
+//! Verified files wait under their hidden partial names (a batch's small files with no name at
+//! all, see `Partial::unnamed`) in a group (up to [`GROUP_FILES`] files or [`GROUP_BYTES`] bytes,
+//! or whatever is there when the transfer ends, the sender pauses, or a body that would fill the
+//! group on its own begins). Then one `syncfs` makes their data durable, they are renamed (or
+//! linked) to their final names, a second `syncfs` makes the names durable, and only then are
+//! their verdicts sent. A group of one file (a single file; a batch's tail, or a file flushed
+//! early) in a transfer that created no folder is flushed with `fsync` of the file and its folder
+//! instead, which costs less than flushing the whole file system. A crash at any point leaves
+//! each file either hidden under its partial name (or gone, one with no name) or complete under
+//! its final name.
 
 use std::io;
 

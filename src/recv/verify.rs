@@ -78,14 +78,18 @@ impl Transfer<'_> {
         } else {
             self.bar.set_name(&entry.path.join("/"));
         }
+        let mode = entry.mode;
         let opened = match plan.held.take() {
             Some(p) => Ok(p),
-            None => self
-                .body_dirs
-                .get(parent)
-                .and_then(SafeDir::try_clone)
-                .and_then(|d| Partial::reopen(d, &name, plan.offset, plan.record))
-                .and_then(|p| p.ok_or_else(|| std::io::Error::other("the partial file is in use or gone"))),
+            None => self.body_dirs.get(parent).and_then(SafeDir::try_clone).and_then(|d| {
+                if plan.unnamed
+                    && let Some(p) = Partial::unnamed(d.try_clone()?, mode)?
+                {
+                    return Ok(p);
+                }
+                Partial::reopen(d, &name, plan.offset, plan.record)?
+                    .ok_or_else(|| std::io::Error::other("the partial file is in use or gone"))
+            }),
         };
         let partial = match opened {
             Ok(p) => p,

@@ -11,6 +11,10 @@
 //!
 //! Paths are single validated components joined to the target folder, and the partial and its
 //! record are opened with `O_NOFOLLOW`, so a symlink planted under those names is not followed.
+//!
+//! A file of a batch that keeps no record (it never resumes) can instead arrive in a partial with
+//! no name at all ([`Partial::unnamed`], `O_TMPFILE`), linked under its final name once verified
+//! and synced: no lock, no rename, nothing left behind when a transfer breaks off.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -22,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rustix::fs::FlockOperation;
 
 use super::existing::MAX_KEEP_BOTH;
-use super::safedir::{Kind, SafeDir, set_mode_and_mtime};
+use super::safedir::{Kind, SafeDir, set_mode_and_mtime, set_mtime};
 use crate::hash::Hasher;
 use crate::protocol::{Digest, HashAlg, MAX_DEPTH};
 use crate::sanitize::{TEMP_PREFIX, numbered_name};
@@ -48,9 +52,13 @@ const PREFIX_BUF: usize = 1024 * 1024;
 pub struct Partial {
     file: File,
     dir: SafeDir,
-    stem: String,
+    /// `.xfer-<id>`, the hidden name less its suffix; `None` for a partial with no name.
+    stem: Option<String>,
     /// A record exists beside the partial (and must go when it does).
     record: bool,
+    /// The permission bits the file has, when known (a partial with no name is created with the
+    /// file's own): [`Partial::set_attributes`] then changes them only if they differ.
+    mode: Option<u32>,
 }
 
 /// What opening a partial for an entry gave.
@@ -188,7 +196,7 @@ impl Partial {
             have.clear();
         }
         let record = resumable || !have.is_empty();
-        let mut partial = Partial { file, dir, stem, record };
+        let mut partial = Partial { file, dir, stem: Some(stem), record, mode: None };
         if offset > 0 {
             partial.file.seek(SeekFrom::Start(offset))?;
         }
@@ -228,11 +236,23 @@ impl Partial {
         if len != offset {
             file.set_len(offset)?;
         }
-        let mut partial = Partial { file, dir, stem, record };
+        let mut partial = Partial { file, dir, stem: Some(stem), record, mode: None };
         if offset > 0 {
             partial.file.seek(SeekFrom::Start(offset))?;
         }
         Ok(Some(partial))
+    }
+
+    /// A partial with no name in `dir` (`O_TMPFILE`) for a file that keeps no record, created
+    /// with the file's permission bits `mode` (less the umask or as the folder's default ACL has
+    /// it: they are set again where that changed them): its unverified bytes cannot be
+    /// opened by anyone, vanish if the transfer breaks off, and get a name only when
+    /// [`Partial::commit`] links it, never replacing a file (not for `--overwrite`: a link cannot
+    /// replace a name). `Ok(None)` where no such file can be made: use [`Partial::reopen`].
+    pub fn unnamed(dir: SafeDir, mode: u32) -> io::Result<Option<Partial>> {
+        let Some(file) = dir.create_unnamed(mode)? else { return Ok(None) };
+        let mode = dir.creation_mask().map(|mask| mode & 0o777 & !mask);
+        Ok(Some(Partial { file, dir, stem: None, record: false, mode }))
     }
 
     /// Whether a record sits beside this partial.
@@ -245,31 +265,39 @@ impl Partial {
         &self.file
     }
 
-    fn name(&self, suffix: &str) -> String {
-        format!("{}{suffix}", self.stem)
+    /// The hidden name with `suffix`; `None` for a partial with no name.
+    fn name(&self, suffix: &str) -> Option<String> {
+        self.stem.as_ref().map(|stem| format!("{stem}{suffix}"))
     }
 
-    /// Removes the partial and its record: its content is wrong, or cannot be used.
+    /// Removes the partial and its record: its content is wrong, or cannot be used. (One with no
+    /// name goes with its descriptor.)
     pub fn discard(self) {
-        let _ = self.dir.remove_file(&self.name(PART_SUFFIX));
+        let (Some(part), Some(record)) = (self.name(PART_SUFFIX), self.name(RECORD_SUFFIX)) else { return };
+        let _ = self.dir.remove_file(&part);
         if self.record {
-            let _ = self.dir.remove_file(&self.name(RECORD_SUFFIX));
+            let _ = self.dir.remove_file(&record);
         }
     }
 
-    /// Leaves the partial for a later resume (an empty one is removed: nothing to resume).
-    /// Returns what was left, for the litter notes of the peer that left it.
+    /// Leaves the partial for a later resume (an empty one is removed: nothing to resume; one with
+    /// no name goes: it cannot be found again). Returns what was left, for the litter notes of the
+    /// peer that left it.
     pub fn keep(self) -> Option<Left> {
         let meta = self.file.metadata().ok().filter(|m| m.len() > 0);
-        let Some(meta) = meta else {
+        let (Some(meta), Some(stem)) = (meta, self.stem.clone()) else {
             self.discard();
             return None;
         };
-        Some(Left { stem: self.stem.clone(), dev: meta.dev(), ino: meta.ino(), bytes: meta.len() })
+        Some(Left { stem, dev: meta.dev(), ino: meta.ino(), bytes: meta.len() })
     }
 
     /// Sets the file's permission bits (only 0o777) and modification time before it is stored.
+    /// The bits are left alone when the file already has them (see [`Partial::unnamed`]).
     pub fn set_attributes(&self, mode: u32, mtime: (i64, u32)) -> io::Result<()> {
+        if self.mode == Some(mode & 0o777) {
+            return set_mtime(self.file.as_fd(), mtime);
+        }
         set_mode_and_mtime(self.file.as_fd(), mode, mtime)
     }
 
@@ -318,7 +346,17 @@ impl Partial {
         let mut stored = None;
         for n in 0..=keep_both {
             let candidate = numbered_name(name, n);
-            match self.dir.rename(&from, &candidate, overwrite && n == 0) {
+            let named = match &from {
+                Some(from) => self.dir.rename(from, &candidate, overwrite && n == 0),
+                // A link never replaces: a file with no name is for callers that do not either.
+                None if overwrite && n == 0 => {
+                    Err(io::Error::other("a received file with no name cannot replace another"))
+                }
+                // Taken (by anything: a file, a folder, a symlink) fails with AlreadyExists,
+                // as the no-replace rename does.
+                None => self.dir.link_unnamed(&self.file, &candidate),
+            };
+            match named {
                 Ok(()) => {
                     stored = Some(candidate);
                     break;
@@ -333,8 +371,10 @@ impl Partial {
         let stored = stored.ok_or_else(|| {
             io::Error::new(io::ErrorKind::AlreadyExists, format!("{keep_both} files named like this exist"))
         })?;
-        if self.record {
-            let _ = self.dir.remove_file(&self.name(RECORD_SUFFIX));
+        if self.record
+            && let Some(record) = self.name(RECORD_SUFFIX)
+        {
+            let _ = self.dir.remove_file(&record);
         }
         // The rename is durable only once the folder's entry is on disk. If that cannot be
         // promised, the file is taken back out: "failed" must mean nothing was stored.

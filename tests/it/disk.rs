@@ -1,10 +1,12 @@
 //! Disk accounting against a raw peer: every byte, block and inode a transfer may consume is
 //! reserved before it is answered (keep-both copies, folders, records, empty files), a transfer
-//! cut off after its answers leaves nothing behind, and the partials one address leaves for a
-//! resume are bounded, oldest first. Small disks are tmpfs mounts (root, as CI has).
+//! cut off after its answers leaves nothing behind, the partials one address leaves for a
+//! resume are bounded, oldest first, and a batch's small files have no name at all until they are
+//! verified. Small disks are tmpfs mounts (root, as CI has).
 
 use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -320,4 +322,105 @@ fn a_full_disk_mid_body_fails_that_file_and_the_batch_goes_on() {
     assert_eq!(verdict_on(&mut p, 2), Verdict::Verified { name: "small.txt".into() });
     assert_eq!(std::fs::read(rx.dir.join("t/small.txt")).unwrap(), small);
     assert_eq!(list(&rx.dir.join("t")), vec!["small.txt".to_string()], "a failed file got a name");
+}
+
+/// How many files the process `pid` holds open in `dir` that have no name (an `O_TMPFILE` shows
+/// as `DIR/#INODE (deleted)` in `/proc/PID/fd`).
+fn unnamed_held(pid: u32, dir: &Path) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return 0 };
+    fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.parent() == Some(dir) && target.to_string_lossy().ends_with(" (deleted)"))
+        .count()
+}
+
+/// Waits until the receiver writes a body into a file with no name in `dir`.
+fn wait_unnamed(rx: &Receiver, dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while unnamed_held(rx.child.id(), dir) == 0 {
+        let open: Vec<_> = std::fs::read_dir(format!("/proc/{}/fd", rx.child.id()))
+            .map(|fds| fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok()).collect())
+            .unwrap_or_default();
+        assert!(Instant::now() < deadline, "no file with no name in {dir:?}; open: {open:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn small_files_of_a_batch_have_no_name_until_they_are_verified() {
+    // Files that keep no resume record arrive in a file with no name (O_TMPFILE): while a body
+    // is under way nothing of it is in the folder, not even a hidden partial, and a cut leaves
+    // nothing. Once verified each gets its name without replacing anything (a file or a symlink
+    // already there keeps it: the next keep-both name is taken), and the sender's mode exactly,
+    // whatever the receiver's umask (077 here: a 0644 file is created 0600 and changed) or a
+    // folder's default ACL (u::rw,g::r,o::-, which the umask does not explain: a 0700 file is
+    // created 0600 and changed).
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("dir");
+    std::fs::create_dir_all(dir.join("acl")).unwrap();
+    let acl = [(1u16, 6u16), (4, 4), (0x20, 0)] // ACL_USER_OBJ rw, ACL_GROUP_OBJ r, ACL_OTHER none
+        .iter()
+        .flat_map(|(tag, perm)| {
+            [&tag.to_le_bytes()[..], &perm.to_le_bytes(), &u32::MAX.to_le_bytes()].concat()
+        })
+        .collect::<Vec<u8>>();
+    let acl = [&2u32.to_le_bytes()[..], &acl].concat();
+    let flags = rustix::fs::XattrFlags::empty();
+    if let Err(e) = rustix::fs::setxattr(dir.join("acl"), "system.posix_acl_default", &acl, flags) {
+        println!("no default ACL on the test folder ({e}): that case checks the umask only");
+    }
+    let rx = Receiver::start_masked(root, dir, &["--quiet"], &[], Some(0o077));
+    std::fs::write(rx.dir.join("f1"), b"an older, shorter f1").unwrap();
+    let outside = rx.root.path().join("outside");
+    std::os::unix::fs::symlink(&outside, rx.dir.join("f2")).unwrap();
+    let modes = [0o644, 0o600, 0o777, 0o640, 0o400, 0o700];
+    let names = ["f0", "f1", "f2", "f3", "f4", "acl/f5"];
+    let data: Vec<Vec<u8>> = (0..modes.len()).map(|i| random_bytes(5000 + i, i as u64)).collect();
+    let mut entries = vec![dir_entry(&["acl"])];
+    entries.extend((0..modes.len()).map(|i| {
+        let path: Vec<&str> = names[i].split('/').collect();
+        Entry { mode: modes[i], ..file_entry(&path, data[i].len() as u64) }
+    }));
+    let mut p = RawPeer::greet(rx.addr);
+    assert!(is_accept(&first_word(&mut p, entries)));
+    let got = answers(&mut p, modes.len() + 1);
+    assert!(got[1..].iter().all(|a| *a == Answer::Send { offset: 0 }), "{got:?}");
+    for (i, d) in data.iter().enumerate() {
+        p.body(i as u32 + 1);
+        p.data(&d[..1000]);
+        if i == 0 {
+            wait_unnamed(&rx, &rx.dir);
+            let named = list(&rx.dir);
+            assert_eq!(named, ["acl", "f1", "f2"], "a body under way has a name");
+        }
+        p.data(&d[1000..]);
+        p.digests(i as u32, vec![Some(sha256(d))]);
+    }
+    let stored: Vec<Verdict> = (1..=modes.len() as u32).map(|i| verdict_on(&mut p, i)).collect();
+    let names = ["f0", "f1 (1)", "f2 (1)", "f3", "f4", "acl/f5"];
+    for (i, name) in names.iter().enumerate() {
+        let last = name.rsplit('/').next().unwrap();
+        assert_eq!(stored[i], Verdict::Verified { name: last.to_string() });
+        let path = rx.dir.join(name);
+        assert_eq!(std::fs::read(&path).unwrap(), data[i], "{name}");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, modes[i], "{name}: mode {mode:o}, sent {:o}", modes[i]);
+    }
+    assert_eq!(std::fs::read(rx.dir.join("f1")).unwrap(), b"an older, shorter f1");
+    assert!(std::fs::symlink_metadata(rx.dir.join("f2")).unwrap().is_symlink() && !outside.exists());
+    drop(p);
+    // Cut off in the middle of a body: nothing is left, named or hidden.
+    let before = list(&rx.dir);
+    let mut p = RawPeer::greet(rx.addr);
+    let cut = random_bytes(8000, 9);
+    let entries = vec![file_entry(&["cut-a"], 8000), file_entry(&["cut-b"], 8000)];
+    assert!(is_accept(&first_word(&mut p, entries)));
+    assert_eq!(answers(&mut p, 2).len(), 2);
+    p.body(0);
+    p.data(&cut[..4000]);
+    wait_unnamed(&rx, &rx.dir);
+    rustix::net::sockopt::set_socket_linger(&p.stream, Some(Duration::ZERO)).unwrap();
+    drop(p);
+    wait_log_n(&rx, "batch of 2 entries", 1);
+    assert_eq!(list(&rx.dir), before, "a body cut off left something");
+    assert_eq!(unnamed_held(rx.child.id(), &rx.dir), 0);
 }

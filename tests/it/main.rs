@@ -7,7 +7,7 @@ mod util; // harness: spawn receivers, run senders, raw wire peers, random data,
 mod cache; // the sender's digest cache: repeat sends skip hashing, changes never slip through
 mod concurrency; // many senders at once; a stalled sender holds up no one; the busy limit
 mod conversations; // random hostile conversations against one receiver: nothing unverified stored
-mod disk; // every byte, block and inode reserved before it is answered; partial litter bounded
+mod disk; // bytes, blocks, inodes reserved before answering; partials bounded; small files nameless
 mod existing; // identical file → already have it; different → keep both; --overwrite replaces
 mod exit_codes; // every documented exit code, provoked for real
 mod faults; // a proxy flips, trickles, stalls and cuts: nothing bad is stored, resume works

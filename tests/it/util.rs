@@ -48,6 +48,18 @@ impl Receiver {
         args: &[&str],
         envs: &[(&str, &str)],
     ) -> Receiver {
+        Receiver::start_masked(root, dir, args, envs, None)
+    }
+
+    /// [`Receiver::start_with`], the receiver running with file mode creation mask `umask` (the
+    /// tests' own is left alone: other tests spawn children meanwhile).
+    pub fn start_masked(
+        root: tempfile::TempDir,
+        dir: PathBuf,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        umask: Option<u32>,
+    ) -> Receiver {
         let secure = args.iter().any(|a| *a == "--code-file" || *a == "--remember")
             || envs.iter().any(|(k, _)| *k == "XFER_CODE");
         let listen = if args.contains(&"--listen") { &[][..] } else { &["--listen", "127.0.0.1:0"][..] };
@@ -55,7 +67,7 @@ impl Receiver {
         // test's outgoing connection: try again for a while before calling it a failure.
         let mut tries = 0;
         loop {
-            let rx = Receiver::spawn(&root, &dir, listen, secure, args, envs);
+            let rx = Receiver::spawn(&root, &dir, (listen, secure, umask), args, envs);
             match rx {
                 Ok((child, addr, stderr, stderr_reader)) => {
                     return Receiver { child, addr, root, dir, stderr, stderr_reader };
@@ -74,12 +86,22 @@ impl Receiver {
     fn spawn(
         root: &tempfile::TempDir,
         dir: &Path,
-        listen: &[&str],
-        secure: bool,
+        (listen, secure, umask): (&[&str], bool, Option<u32>),
         args: &[&str],
         envs: &[(&str, &str)],
     ) -> Result<(Child, SocketAddr, Arc<Mutex<String>>, std::thread::JoinHandle<()>), String> {
-        let mut child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        if let Some(mask) = umask {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: umask(2) is async-signal-safe and touches no memory.
+            unsafe {
+                cmd.pre_exec(move || {
+                    rustix::process::umask(rustix::fs::Mode::from_raw_mode(mask));
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .arg("recv")
             .args(listen)
             .arg("--dir")
