@@ -112,8 +112,9 @@ pub struct SendArgs {
     /// long, in seconds (0: wait forever).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub timeout: u64,
-    /// Wait this long for a busy receiver (all its transfer slots or connections taken), trying
-    /// again with growing pauses (0: give up at once, exit 4).
+    /// Wait this long for a busy receiver: in its line, told how many are ahead, when its transfer
+    /// slots are taken; trying again with growing pauses when its connections are (0: give up at
+    /// once, exit 4).
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub wait: u64,
     /// Give up connecting after this many seconds.
@@ -174,7 +175,8 @@ pub struct RecvArgs {
     /// Replace an existing file of the same name (atomically) instead of keeping both.
     #[arg(long)]
     pub overwrite: bool,
-    /// Transfers served at once; senders past this are refused as busy.
+    /// Transfers served at once (at most half of them from one address); senders past this wait
+    /// in line, told their place, for up to 10 minutes.
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_transfers: u32,
     /// Drop a sender that is silent this long, in seconds (0: wait forever).
