@@ -176,7 +176,10 @@ def setup(link, args):
     else:
         cmd = [ROOT / "target" / "release" / "examples" / "delayline", f"{NS_TX}:{DEV_TX}", f"{NS_RX}:{DEV_RX}",
                "--delay-us", round(link["rtt_ms"] * 500), *(["--offload"] if args.offload else [])]
-        dl = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # The delay line stands for the network: at nice -10 a busy machine (builds at nice 0)
+        # delays its packets less. It still shares the two cores with the endpoints.
+        dl = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: os.nice(-10))
         STATE["delayline"] = dl
         if dl.stdout.readline().strip() != "ready":
             dl.wait()
@@ -221,12 +224,19 @@ def ns_sysctls(ns):
     return out
 
 
-def ping_rtt(count=10):
-    r = sh(*ns_exec(NS_TX, "ping", "-q", "-c", count, "-i", "0.2", IP_RX), capture_output=True, text=True)
-    m = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms", r.stdout)
-    if not m:
+def ping_rtt(count=20):
+    """Round trips of `count` pings across the link (ms): min, median, max. The median is what is
+    checked: on a loaded machine a ping now and then waits for a CPU (the delay line's or the
+    namespaces' softirq) and comes back late."""
+    r = sh(*ns_exec(NS_TX, "ping", "-c", count, "-i", "0.2", IP_RX), capture_output=True, text=True)
+    times = [float(t) for t in re.findall(r"time=([\d.]+) ms", r.stdout)]
+    if len(times) < count // 2:
         sys.exit(f"ping across the link failed: {r.stdout} {r.stderr}")
-    return {"min": float(m[1]), "avg": float(m[2]), "max": float(m[3]), "mdev": float(m[4])}
+    out = {"min": min(times), "median": statistics.median(times), "max": max(times), "n": len(times)}
+    # ping prints whole ms from 100 ms up; its summary line has the exact min/avg/max/mdev.
+    if m := re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms", r.stdout):
+        out.update(min=float(m[1]), avg=float(m[2]), max=float(m[3]), mdev=float(m[4]))
+    return out
 
 
 def arithmetic(link, sysctl, mtu, veth):
@@ -444,7 +454,8 @@ def markdown(data):
         out += [head, ""]
         if link.get("ping"):
             p = link["ping"]
-            out.append(f"ping RTT {p['min']:.2f} / {p['avg']:.2f} / {p['max']:.2f} ms (min / avg / max), "
+            mid = p.get("median", p.get("avg"))
+            out.append(f"ping RTT {p['min']:.2f} / {mid:.2f} / {p['max']:.2f} ms (min / median / max), "
                        f"configured {link['rtt_ms']:.0f} ms.")
         if "bdp_bytes" in a:
             out.append(f"Goodput ceiling {a['goodput_Bps'] / 1e6:.1f} MB/s; bandwidth x delay "
@@ -533,8 +544,8 @@ def main():
             link["arith"] = arithmetic(link, sysctl, args.mtu, link["rtt_ms"] is None)
             if link["rtt_ms"] is not None:
                 link["ping"] = p = ping_rtt()
-                ok = abs(p["avg"] - link["rtt_ms"]) <= 1.0
-                print(f"  ping: {p['min']:.2f}/{p['avg']:.2f}/{p['max']:.2f} ms (min/avg/max) for a configured "
+                ok = abs(p["median"] - link["rtt_ms"]) <= 1.0
+                print(f"  ping: {p['min']:.2f}/{p['median']:.2f}/{p['max']:.2f} ms (min/median/max) for a configured "
                       f"{link['rtt_ms']:g} ms: {'within' if ok else 'NOT within'} 1 ms", flush=True)
                 if not ok:
                     status = 1
