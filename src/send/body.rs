@@ -11,7 +11,7 @@ use crate::cache::Stamp;
 use crate::error::Error;
 use crate::protocol::{Answer, Body, EntryKind, Message, RejectCode, Withdraw, bounded_reason};
 use crate::sanitize::{escape, peer_text};
-use crate::transport::{FileError, FrameWriter};
+use crate::transport::{BodyTap, FileError, FrameWriter, TAPPED_MIN_BODY};
 
 impl Run<'_> {
     /// Acts on the next answered entry: records the outcome the answer decides, or sends its body
@@ -48,7 +48,12 @@ impl Run<'_> {
             }
         };
         self.done += 1;
+        let n = self.entry_file[i];
         if let Some(o) = outcome {
+            if is_file {
+                // The hashing thread reads it itself, if it was keeping it for its body.
+                self.handoff.release(n);
+            }
             // Nothing moves for it: it is done (a file counts once its outcome is known).
             self.bar.skip(size);
             if is_file {
@@ -78,6 +83,7 @@ impl Run<'_> {
         let mut f = match opened {
             Ok(f) => f,
             Err(e) => {
+                self.handoff.release(n);
                 let reason = bounded_reason(e.to_string());
                 self.local[i] = true;
                 self.outcomes[i].get_or_insert(EntryOutcome::Failed(e));
@@ -92,7 +98,16 @@ impl Run<'_> {
         }
         w.message(&Message::Body(Body { index: i as u32 }))
             .map_err(|e| w.error("sending bodies", e.into()))?;
-        match w.file_body(&mut f, (offset, size), self.opts.chunk_size, self.bar) {
+        // From its start on a secure channel, the hashing thread may hash what the body reads
+        // instead of reading the file again (`handoff`).
+        let mut feed = if offset == 0 && w.is_sealed() && size >= TAPPED_MIN_BODY {
+            self.handoff.claim(n)
+        } else {
+            self.handoff.release(n);
+            None
+        };
+        let tap = feed.as_mut().map(|f| f as &mut dyn BodyTap);
+        match w.file_body(&mut f, (offset, size), self.opts.chunk_size, self.bar, tap) {
             Ok(()) => {}
             Err(FileError::Net(e)) => return Err(w.error("sending the body", e.into())),
             // The body cannot be completed: the connection is out of step, so it ends here.
@@ -106,13 +121,16 @@ impl Run<'_> {
         }
         self.sent += size - offset;
         self.resumed += offset;
-        if f.metadata().map(|m| Stamp::of(&m)).ok() != Some(stamp) {
+        let unchanged = f.metadata().map(|m| Stamp::of(&m)).ok() == Some(stamp);
+        if let Some(feed) = feed {
+            feed.end(unchanged);
+        }
+        if !unchanged {
             let msg = format!("{path} changed while it was being sent; send it again");
             self.local[i] = true;
             self.outcomes[i] = Some(EntryOutcome::Failed(Error::Integrity(msg)));
         }
         // Its digest is due by the end of its body: wait for the hashing thread if need be.
-        let n = self.entry_file[i];
         while self.told <= n {
             while self.hashed <= n {
                 let event = match inbox.try_recv() {
