@@ -112,6 +112,8 @@ fn expected() -> Vec<(&'static str, String)> {
         ("MAX_RECORD", bytes(crate::store::partial::MAX_RECORD)),
         ("EVENT_QUEUE", n(crate::send::events::EVENT_QUEUE as u64)),
         ("DEFER_MIN", bytes(crate::send::handoff::DEFER_MIN)),
+        ("KEEP_MAX", bytes(crate::send::handoff::KEEP_MAX)),
+        ("KEEP_BUDGET", bytes(crate::send::handoff::KEEP_BUDGET)),
     ]
 }
 

@@ -10,7 +10,7 @@ use super::handoff::{Fed, Handoff, Piece, Turn};
 use super::walk::Item;
 use crate::cache::{DigestCache, Stamp};
 use crate::error::{Error, is_timeout};
-use crate::hash::{Hasher, hash_reader};
+use crate::hash::{Hasher, hash_exact};
 use crate::progress::Bar;
 use crate::protocol::{AnswersPart, Digest, FileVerdict, HashAlg, Message, ProtocolError, WireError};
 use crate::transport::FrameReader;
@@ -18,8 +18,8 @@ use crate::transport::FrameReader;
 /// What the sender's threads tell its main loop.
 pub(super) enum Event {
     /// The hashing thread's result for file `.0` (counting files only, in manifest order), and
-    /// whether it came from the cache.
-    Hashed(usize, Result<(Digest, bool), Error>),
+    /// whether it came from the cache; a small file's bytes, kept for its body (`handoff`).
+    Hashed(usize, Result<(Digest, bool), Error>, Option<Vec<u8>>),
     Answers(AnswersPart),
     Verdict(FileVerdict),
     /// The connection ended or the receiver broke the protocol; the reader has stopped.
@@ -55,6 +55,7 @@ pub(super) fn spawn_hashing(
             if label.is_none() {
                 bar.set_name(&path);
             }
+            let mut kept = None;
             let digest = match cache.as_ref().and_then(|c| c.get(&stamp)) {
                 Some(d) => {
                     // Known from the cache: done, but not hashed in this run.
@@ -66,8 +67,17 @@ pub(super) fn spawn_hashing(
                     let hashed = match turn {
                         Turn::Stop => return,
                         Turn::Fed(fed) => digest_fed(fed, (stamp, alg), &bar, &path),
-                        Turn::Read => open_unchanged(&source, stamp)
-                            .and_then(|mut f| digest_of(&mut f, (stamp, alg), &bar, &path)),
+                        Turn::Read => {
+                            let keep = handoff.keep(stamp.size);
+                            let read = digest_of(&source, (stamp, alg), &bar, &path, keep);
+                            if keep && read.is_err() {
+                                handoff.unkeep(stamp.size);
+                            }
+                            read.map(|(d, bytes)| {
+                                kept = bytes;
+                                d
+                            })
+                        }
                     };
                     if let (Ok(d), Some(c)) = (&hashed, cache.as_mut()) {
                         c.put(stamp, *d);
@@ -91,7 +101,7 @@ pub(super) fn spawn_hashing(
                 bar.skip(stamp.size);
             }
             bar.file_done();
-            if events.send(Event::Hashed(n, digest)).is_err() {
+            if events.send(Event::Hashed(n, digest, kept)).is_err() {
                 return;
             }
         }
@@ -99,21 +109,30 @@ pub(super) fn spawn_hashing(
     })
 }
 
-/// The file's digest, by reading it (advancing `bar`) and checking it did not change meanwhile.
+/// The listed file's digest, by reading its listed size (advancing `bar`), and with `keep` its
+/// bytes. The stamp of what was opened, taken after the read, must still be the listed one: a
+/// file replaced, grown, shrunk or written to since it was listed fails (so one check, not one
+/// before and one after).
 fn digest_of(
-    file: &mut File,
+    source: &Path,
     (stamp, alg): (Stamp, HashAlg),
     bar: &Bar,
     path: &str,
-) -> Result<Digest, Error> {
-    let (digest, hashed) =
-        hash_reader(alg, &mut *file, bar).map_err(|e| Error::io(format!("cannot read {path}"), e))?;
+    keep: bool,
+) -> Result<(Digest, Option<Vec<u8>>), Error> {
+    let changed = || Error::Integrity(format!("{path} changed after it was listed; send it again"));
+    let mut file = File::open(source).map_err(|e| Error::io(format!("cannot open {path}"), e))?;
+    let read = hash_exact(alg, &mut file, stamp.size, bar, keep);
     let after =
         file.metadata().map(|m| Stamp::of(&m)).map_err(|e| Error::io(format!("cannot stat {path}"), e))?;
-    if hashed != stamp.size || after != stamp {
-        return Err(Error::Integrity(format!("{path} changed while it was being hashed; send it again")));
+    if after != stamp {
+        return Err(changed());
     }
-    Ok(digest)
+    match read {
+        Ok(r) => Ok(r),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(changed()),
+        Err(e) => Err(Error::io(format!("cannot read {path}"), e)),
+    }
 }
 
 /// The file's digest from the bytes its body read (advancing `bar`), handing each buffer back;

@@ -16,6 +16,11 @@
 //! without answering, it is waiting for its digest (it has a file of that size, or a partial to
 //! resume): after [`HANDOFF_WAIT`] the hashing thread reads the file itself, and no later file of
 //! the transfer waits.
+//!
+//! Small files go the other way: the hashing thread reads one whole, checks its stamp, and keeps
+//! the bytes (up to [`KEEP_BUDGET`] in all) for its body, which is sent from them without opening
+//! the file again. What arrives is then the file as it was read and checked, the bytes its digest
+//! is of; a change after that read is not seen, as with any copy taken at one moment.
 
 use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
@@ -33,6 +38,14 @@ pub(crate) const DEFER_MIN: u64 = 4 << 20;
 /// the digest. A receiver that answers without the digest does so within a few milliseconds of
 /// reaching the file; the cost of a wrong guess is this wait, once per transfer.
 pub(crate) const HANDOFF_WAIT: Duration = Duration::from_millis(200);
+
+/// Files up to this size are kept in memory by the hashing thread once read and checked, and
+/// their body is sent from there: a small file is opened and read once (see `keep`).
+pub(crate) const KEEP_MAX: u64 = 64 * 1024;
+
+/// Bytes of small files kept for their bodies at most: the hashing thread runs ahead of the
+/// bodies, and past this it leaves the files it hashes for their body to read again.
+pub(crate) const KEEP_BUDGET: u64 = 16 << 20;
 
 /// Record buffers handed to the hashing thread together: each hand-over may wake a thread, and
 /// four records (1 MiB) make that cost nothing next to hashing them.
@@ -60,6 +73,10 @@ struct State {
     off: bool,
     /// The send is over: a waiting hashing thread stops.
     closed: bool,
+    /// Bytes of small files the hashing thread keeps for their bodies, and whether it waits for
+    /// room (only then is it woken: a wake costs a syscall, and the engine frees room per file).
+    kept: u64,
+    wants_room: bool,
 }
 
 /// What the hashing thread does with a file it may keep for its body.
@@ -211,6 +228,33 @@ impl Handoff {
     pub fn give_up(&self) {
         self.lock().off = true;
         self.turn.notify_all();
+    }
+
+    /// Whether the hashing thread should keep a file of `size` bytes it reads for its body: a
+    /// small one is kept, once [`KEEP_BUDGET`] has room for it (until [`Handoff::unkeep`]), so
+    /// the hashing thread runs at most that far ahead of the bodies. The engine frees the room as
+    /// it acts on files in order, which needs no digest the hashing thread has not given yet.
+    pub fn keep(&self, size: u64) -> bool {
+        if size > KEEP_MAX {
+            return false;
+        }
+        let mut s = self.lock();
+        while !s.closed && s.kept + size > KEEP_BUDGET {
+            s.wants_room = true;
+            s = self.turn.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.wants_room = false;
+        s.kept += size;
+        !s.closed
+    }
+
+    /// The engine took (or dropped) kept bytes.
+    pub fn unkeep(&self, size: u64) {
+        let mut s = self.lock();
+        s.kept = s.kept.saturating_sub(size);
+        if s.wants_room {
+            self.turn.notify_all();
+        }
     }
 
     /// The send is over.

@@ -73,6 +73,9 @@ pub(super) struct Run<'a> {
     /// When the receiver last answered (or the engine started): since then it sits at the
     /// entry it answers next.
     pub(super) answered_at: Instant,
+    /// Small files' bytes, read and checked by the hashing thread, by entry index, until their
+    /// body goes out from them.
+    pub(super) kept: Vec<Option<Vec<u8>>>,
 }
 
 impl<'a> Run<'a> {
@@ -122,6 +125,7 @@ impl<'a> Run<'a> {
             waiting_since: Instant::now(),
             handoff,
             answered_at: Instant::now(),
+            kept: vec![None; n],
         }
     }
 
@@ -323,10 +327,16 @@ impl<'a> Run<'a> {
     /// Takes one event from the hashing or reader thread; an error ends the transfer.
     pub(super) fn take(&mut self, event: Event) -> Result<(), Error> {
         match event {
-            Event::Hashed(n, digest) => {
+            Event::Hashed(n, digest, kept) => {
                 debug_assert_eq!(n, self.hashed);
                 self.hashed += 1;
                 let i = self.file_entry[n];
+                self.kept[i] = kept;
+                // Acted on already (its body read from the file): its bytes are not needed. (The
+                // entry being acted on may be waiting for them; it drops them when done.)
+                if i + 1 < self.acted {
+                    self.drop_kept(i);
+                }
                 match digest {
                     Ok((d, cached)) => {
                         self.digests[i] = Some(d);

@@ -240,6 +240,15 @@ impl Frames {
     }
 }
 
+/// Moves a file that was just opened (so at its start) to `offset`: no `lseek` for a body sent
+/// whole, the common case (a batch of small files would pay one per file).
+fn seek_to(file: &mut File, offset: u64) -> Result<(), FileError> {
+    if offset > 0 {
+        file.seek(SeekFrom::Start(offset)).map_err(FileError::Local)?;
+    }
+    Ok(())
+}
+
 impl FrameWriter {
     /// `idle` is the idle timeout, the window of blocked time the peer gets (`None`: no limit).
     /// The socket's send timeout must be [`WRITE_TICK`](super::WRITE_TICK) when there is one.
@@ -316,8 +325,8 @@ impl FrameWriter {
         self.inner.write_all(&protocol::STREAM_END)
     }
 
-    /// Writes bytes `offset..size` of `file` as data frames of at most `chunk` bytes, advancing
-    /// `bar`. Does not flush: a batch streams many bodies through one buffer.
+    /// Writes bytes `offset..size` of `file` (just opened: at its start) as data frames of at
+    /// most `chunk` bytes, advancing `bar`. Does not flush: a batch streams many bodies through one buffer.
     /// With a `tap` (only on a secure channel, for a body of at least [`TAPPED_MIN_BODY`]), the
     /// tap is lent every byte read on its way out.
     pub fn file_body(
@@ -341,7 +350,7 @@ impl FrameWriter {
         if !self.is_sealed() && chunk as usize >= SENDFILE_MIN_CHUNK && size - offset >= SENDFILE_MIN_BODY {
             return self.file_body_sendfile(file, (offset, size), chunk, bar);
         }
-        file.seek(SeekFrom::Start(offset)).map_err(FileError::Local)?;
+        seek_to(file, offset)?;
         // Reads come from the file in large blocks whatever the chunk size, so a 1-byte chunk size
         // costs framing, not a syscall per byte.
         let block = (chunk as usize).max(SOCKET_BUF);
@@ -375,7 +384,7 @@ impl FrameWriter {
     ) -> Result<(), FileError> {
         // Messages still buffered (the `Body` announcing this one) go first, in their own record.
         self.inner.flush().map_err(FileError::Net)?;
-        file.seek(SeekFrom::Start(offset)).map_err(FileError::Local)?;
+        seek_to(file, offset)?;
         let mut frames = Frames { left: size - offset, frame_left: 0, chunk };
         let Out { sock, seal } = self.inner.get_mut();
         let sealer = seal.as_mut().expect("sealed");
@@ -402,7 +411,7 @@ impl FrameWriter {
         tap: &mut dyn BodyTap,
     ) -> Result<(), FileError> {
         self.inner.flush().map_err(FileError::Net)?;
-        file.seek(SeekFrom::Start(offset)).map_err(FileError::Local)?;
+        seek_to(file, offset)?;
         let mut frames = Frames { left: size - offset, frame_left: 0, chunk };
         let Out { sock, seal } = self.inner.get_mut();
         let sealer = seal.as_mut().expect("sealed");

@@ -1,6 +1,7 @@
-//! One read of a large file for its digest and its body (`send::handoff`): on a secure first
-//! send the hashing thread hashes what the body reads. The file is read once; a receiver that
-//! waits for the digest still gets it; a file changed while it is read is still never stored.
+//! One read of a file for its digest and its body (`send::handoff`): on a secure first send the
+//! hashing thread hashes what a large file's body reads; a small file's body is sent from the
+//! bytes the hashing thread read. Each file is read once; a receiver that waits for the digest
+//! still gets it; a file changed while it is read is still never stored.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -10,26 +11,34 @@ use std::time::Duration;
 use crate::secure::{Secure, send_file};
 use crate::util::{random_bytes, source_file};
 
-/// Bytes the sender read (`rchar`: files and sockets), its exit status and stderr: the sender
-/// runs under `sh`, which, once it has reaped it, counts the sender's reads in its own
-/// `/proc/PID/io` (Linux adds a reaped child's I/O counts to its parent's).
-fn send_counting_reads(cfg: &std::path::Path, file: &std::path::Path, s: &Secure) -> (u64, String) {
-    let script = r#""$@"; status=$?; grep '^rchar:' /proc/$$/io; exit $status"#;
-    let (bin, f, to) = (crate::util::BIN, file.to_string_lossy().into_owned(), s.rx.target());
-    let args = ["sh", "-c", script, "sh", bin, "send", &f, &to, "--no-cache"];
-    let out = std::process::Command::new("env")
-        .args(args)
-        .env("XDG_CONFIG_HOME", cfg)
-        .env("XDG_CACHE_HOME", cfg)
-        .env("XFER_CODE", s.code())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
+/// What the sender read: bytes (`rchar`: files and sockets) and read calls (`syscr`), and what it
+/// printed. The sender runs under `sh`, which, once it has reaped it, counts the sender's reads
+/// in its own `/proc/PID/io` (Linux adds a reaped child's I/O counts to its parent's).
+fn send_counting_reads(
+    cfg: &std::path::Path,
+    path: &std::path::Path,
+    to: &str,
+    extra: &[&str],
+    code: Option<&str>,
+) -> (u64, u64, String) {
+    let script = r#""$@"; status=$?; grep -E '^(rchar|syscr):' /proc/$$/io; exit $status"#;
+    let (bin, f) = (crate::util::BIN, path.to_string_lossy().into_owned());
+    let mut args = vec!["sh", "-c", script, "sh", bin, "send", &f, to, "--no-cache"];
+    args.extend_from_slice(extra);
+    let mut cmd = std::process::Command::new("env");
+    cmd.args(args).env("XDG_CONFIG_HOME", cfg).env("XDG_CACHE_HOME", cfg).env_remove("XFER_CODE");
+    if let Some(code) = code {
+        cmd.env("XFER_CODE", code);
+    }
+    let out = cmd.stdin(std::process::Stdio::null()).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "sender failed: {stdout}\n{stderr}");
-    let rchar = stdout.lines().find_map(|l| l.strip_prefix("rchar:")).expect("rchar line");
-    (rchar.trim().parse().unwrap(), stdout)
+    let count = |key: &str| -> u64 {
+        let line = stdout.lines().find_map(|l| l.strip_prefix(key)).expect("an I/O count line");
+        line.trim().parse().unwrap()
+    };
+    (count("rchar:"), count("syscr:"), stdout)
 }
 
 #[test]
@@ -39,7 +48,7 @@ fn a_large_first_send_over_the_secure_channel_reads_the_file_once() {
     let size = 48 << 20;
     let data = random_bytes(size, 14);
     let (_src, path) = source_file("once.bin", &data);
-    let (read, said) = send_counting_reads(cfg.path(), &path, &s);
+    let (read, _, said) = send_counting_reads(cfg.path(), &path, &s.rx.target(), &[], Some(&s.code()));
     assert_eq!(std::fs::read(s.rx.dir.join("once.bin")).unwrap(), data);
     // Once for the body (which the hashing thread hashes), plus what came from the receiver
     // and the keys: far below two reads of the file.
@@ -140,4 +149,29 @@ fn a_large_file_changed_while_its_body_is_read_is_never_stored() {
     s.rx.wait_log("growing.log");
     std::thread::sleep(Duration::from_millis(200));
     assert!(!s.rx.dir.join("growing.log").exists(), "stored: {:?}\n{}", s.rx.files(), s.rx.stderr());
+}
+
+#[test]
+fn small_files_are_opened_and_read_once() {
+    // 300 files of 1 byte to 16 KiB: the hashing thread reads each in one call and keeps it for
+    // its body (it used to read each twice, once more to see the end, and the body once again).
+    let rx = crate::util::Receiver::start(&[]);
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("small");
+    std::fs::create_dir(&tree).unwrap();
+    let mut total = 0;
+    for i in 0..300u64 {
+        let data = random_bytes(1 + (i as usize * 7919) % (16 << 10), i);
+        total += data.len() as u64;
+        std::fs::write(tree.join(format!("f{i:03}")), data).unwrap();
+    }
+    let cfg = tempfile::tempdir().unwrap();
+    let (read, calls, said) = send_counting_reads(cfg.path(), &tree, &rx.target(), &["--insecure"], None);
+    for i in 0..300u64 {
+        let want = random_bytes(1 + (i as usize * 7919) % (16 << 10), i);
+        assert_eq!(std::fs::read(rx.dir.join(format!("small/f{i:03}"))).unwrap(), want);
+    }
+    // One read call a file, and a few for the rest (keys, the receiver's messages).
+    assert!(calls < 300 + 100, "{calls} read calls for 300 files\n{said}");
+    assert!(read < total + total / 4, "read {read} bytes of files holding {total}\n{said}");
 }
