@@ -104,6 +104,41 @@ pub fn hash_reader_until<R: Read>(
     })
 }
 
+/// Hashes the first `size` bytes of `r` and reads nothing past them: the caller knows the file's
+/// size and checks its stamp afterwards (a file that grew has another stamp; one that shrank ends
+/// early, `UnexpectedEof`). With `keep`, the bytes are read in one piece and returned too.
+pub fn hash_exact<R: Read>(
+    alg: HashAlg,
+    mut r: R,
+    size: u64,
+    bar: &ProgressBar,
+    keep: bool,
+) -> io::Result<(Digest, Option<Vec<u8>>)> {
+    let mut h = Hasher::new(alg);
+    if keep {
+        let mut bytes = vec![0u8; usize::try_from(size).map_err(io::Error::other)?];
+        r.read_exact(&mut bytes)?;
+        h.update(&bytes);
+        bar.inc(size);
+        return Ok((h.finish(), Some(bytes)));
+    }
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUF.with_borrow_mut(|buf| {
+        buf.resize(HASH_BUF, 0);
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(HASH_BUF as u64) as usize;
+            r.read_exact(&mut buf[..n])?;
+            h.update(&buf[..n]);
+            bar.inc(n as u64);
+            left -= n as u64;
+        }
+        Ok((h.finish(), None))
+    })
+}
+
 /// "sha-ni" when the CPU has the SHA extensions (both ring and sha2 then use them), "no sha-ni"
 /// otherwise.
 pub fn sha256_backend() -> &'static str {

@@ -87,6 +87,7 @@ fn expected() -> Vec<(&'static str, String)> {
         ("WRITE_TICK", format!("{} ms", crate::transport::WRITE_TICK.as_millis())),
         ("MIN_HASH_RATE", format!("{} bytes/s", thousands(transfer::MIN_HASH_RATE))),
         ("KEEPALIVE", secs(crate::send::run::KEEPALIVE)),
+        ("HANDOFF_WAIT", format!("{} ms", crate::send::handoff::HANDOFF_WAIT.as_millis())),
         ("LINGER", secs(refuse::LINGER)),
         ("--keep-partials", format!("{} h", recv.keep_partials)),
         ("SWEEP_EVERY", secs(crate::recv::SWEEP_EVERY)),
@@ -110,6 +111,9 @@ fn expected() -> Vec<(&'static str, String)> {
         ("RESUME_MIN", bytes(answer::RESUME_MIN)),
         ("MAX_RECORD", bytes(crate::store::partial::MAX_RECORD)),
         ("EVENT_QUEUE", n(crate::send::events::EVENT_QUEUE as u64)),
+        ("DEFER_MIN", bytes(crate::send::handoff::DEFER_MIN)),
+        ("KEEP_MAX", bytes(crate::send::handoff::KEEP_MAX)),
+        ("KEEP_BUDGET", bytes(crate::send::handoff::KEEP_BUDGET)),
     ]
 }
 

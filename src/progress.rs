@@ -120,8 +120,12 @@ impl Bar {
         Bar { bar: ProgressBar::hidden(), info: Arc::new(Info::new("", "", None)) }
     }
 
-    /// The file now being worked on (escaped here).
+    /// The file now being worked on (escaped here; not at all for a bar that draws nothing: a
+    /// batch names every file).
     pub fn set_name(&self, name: &str) {
+        if self.bar.is_hidden() {
+            return;
+        }
         self.info.set_raw(&escape(name));
     }
 

@@ -5,13 +5,17 @@
 use std::sync::mpsc;
 
 use super::events::{Event, open_unchanged};
+use super::handoff::KEEP_MAX;
+
+/// How long the engine waits for the hashing thread before it sends what it has buffered.
+const HASH_GRACE: std::time::Duration = std::time::Duration::from_millis(2);
 use super::report::{EntryOutcome, beside};
 use super::run::Run;
 use crate::cache::Stamp;
 use crate::error::Error;
 use crate::protocol::{Answer, Body, EntryKind, Message, RejectCode, Withdraw, bounded_reason};
 use crate::sanitize::{escape, peer_text};
-use crate::transport::{FileError, FrameWriter};
+use crate::transport::{BodyTap, FileError, FrameWriter, TAPPED_MIN_BODY};
 
 impl Run<'_> {
     /// Acts on the next answered entry: records the outcome the answer decides, or sends its body
@@ -48,7 +52,13 @@ impl Run<'_> {
             }
         };
         self.done += 1;
+        let n = self.entry_file[i];
         if let Some(o) = outcome {
+            self.drop_kept(i);
+            if is_file {
+                // The hashing thread reads it itself, if it was keeping it for its body.
+                self.handoff.release(n);
+            }
             // Nothing moves for it: it is done (a file counts once its outcome is known).
             self.bar.skip(size);
             if is_file {
@@ -70,6 +80,27 @@ impl Run<'_> {
         let item = &self.items[i];
         let path = item.source.display().to_string();
         let stamp = item.file.expect("files have stamps");
+        // A small file's bytes come from the hashing thread, which reads them once for both:
+        // worth waiting for, as its digest is due by the end of its body anyway.
+        if size <= KEEP_MAX && !self.local[i] {
+            self.await_hashed(n, inbox, w)?;
+        }
+        let kept = self.kept[i].take();
+        if let Some(bytes) = &kept {
+            self.handoff.unkeep(bytes.len() as u64);
+        }
+        if let Some(bytes) = kept.filter(|_| !self.local[i]) {
+            // Read and checked by the hashing thread: the bytes its digest is of go out.
+            w.message(&Message::Body(Body { index: i as u32 }))
+                .and_then(|()| w.data(&bytes[offset as usize..], self.opts.chunk_size))
+                .map_err(|e| w.error("sending bodies", e.into()))?;
+            self.bar.inc(size - offset);
+            self.sent += size - offset;
+            self.resumed += offset;
+            return self.digest_due(n, inbox, w);
+        }
+        // Its bytes, if they come now, are not needed: its body reads the file.
+        self.drop_kept(i);
         let opened = if self.local[i] {
             Err(Error::Usage("it could not be read".into()))
         } else {
@@ -78,6 +109,7 @@ impl Run<'_> {
         let mut f = match opened {
             Ok(f) => f,
             Err(e) => {
+                self.handoff.release(n);
                 let reason = bounded_reason(e.to_string());
                 self.local[i] = true;
                 self.outcomes[i].get_or_insert(EntryOutcome::Failed(e));
@@ -92,7 +124,16 @@ impl Run<'_> {
         }
         w.message(&Message::Body(Body { index: i as u32 }))
             .map_err(|e| w.error("sending bodies", e.into()))?;
-        match w.file_body(&mut f, (offset, size), self.opts.chunk_size, self.bar) {
+        // From its start on a secure channel, the hashing thread may hash what the body reads
+        // instead of reading the file again (`handoff`).
+        let mut feed = if offset == 0 && w.is_sealed() && size >= TAPPED_MIN_BODY {
+            self.handoff.claim(n)
+        } else {
+            self.handoff.release(n);
+            None
+        };
+        let tap = feed.as_mut().map(|f| f as &mut dyn BodyTap);
+        match w.file_body(&mut f, (offset, size), self.opts.chunk_size, self.bar, tap) {
             Ok(()) => {}
             Err(FileError::Net(e)) => return Err(w.error("sending the body", e.into())),
             // The body cannot be completed: the connection is out of step, so it ends here.
@@ -106,28 +147,63 @@ impl Run<'_> {
         }
         self.sent += size - offset;
         self.resumed += offset;
-        if f.metadata().map(|m| Stamp::of(&m)).ok() != Some(stamp) {
+        let unchanged = f.metadata().map(|m| Stamp::of(&m)).ok() == Some(stamp);
+        if let Some(feed) = feed {
+            feed.end(unchanged);
+        }
+        if !unchanged {
             let msg = format!("{path} changed while it was being sent; send it again");
             self.local[i] = true;
             self.outcomes[i] = Some(EntryOutcome::Failed(Error::Integrity(msg)));
         }
-        // Its digest is due by the end of its body: wait for the hashing thread if need be.
-        let n = self.entry_file[i];
+        self.digest_due(n, inbox, w)?;
+        self.drop_kept(i);
+        Ok(())
+    }
+
+    /// File `n`'s digest is due by the end of its body: waits for the hashing thread if need
+    /// be, and sends it.
+    fn digest_due(
+        &mut self,
+        n: usize,
+        inbox: &mpsc::Receiver<Event>,
+        w: &mut FrameWriter,
+    ) -> Result<(), Error> {
         while self.told <= n {
-            while self.hashed <= n {
-                let event = match inbox.try_recv() {
-                    Ok(e) => Some(e),
-                    Err(_) => {
-                        w.flush().map_err(|e| w.error("sending", e.into()))?;
-                        self.wait(inbox, w)?
-                    }
-                };
-                if let Some(e) = event {
-                    self.take(e)?;
-                }
-            }
+            self.await_hashed(n, inbox, w)?;
             self.tell(w)?;
         }
         Ok(())
+    }
+
+    /// Takes events until the hashing thread has done file `n`. What is buffered goes out
+    /// before a wait longer than [`HASH_GRACE`], not before each wait: a batch of small files
+    /// waits for the hashing thread at every file, a few microseconds each.
+    fn await_hashed(
+        &mut self,
+        n: usize,
+        inbox: &mpsc::Receiver<Event>,
+        w: &mut FrameWriter,
+    ) -> Result<(), Error> {
+        while self.hashed <= n {
+            let event = match inbox.try_recv().or_else(|_| inbox.recv_timeout(HASH_GRACE)) {
+                Ok(e) => Some(e),
+                Err(_) => {
+                    w.flush().map_err(|e| w.error("sending", e.into()))?;
+                    self.wait(inbox, w)?
+                }
+            };
+            if let Some(e) = event {
+                self.take(e)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Entry `i`'s kept bytes, if any, are not needed: their room goes back to the hashing thread.
+    pub(super) fn drop_kept(&mut self, i: usize) {
+        if let Some(bytes) = self.kept[i].take() {
+            self.handoff.unkeep(bytes.len() as u64);
+        }
     }
 }

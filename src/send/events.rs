@@ -3,13 +3,14 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
+use super::handoff::{Fed, Handoff, Piece, Turn};
 use super::walk::Item;
 use crate::cache::{DigestCache, Stamp};
 use crate::error::{Error, is_timeout};
-use crate::hash::hash_reader;
+use crate::hash::{Hasher, hash_exact};
 use crate::progress::Bar;
 use crate::protocol::{AnswersPart, Digest, FileVerdict, HashAlg, Message, ProtocolError, WireError};
 use crate::transport::FrameReader;
@@ -17,8 +18,8 @@ use crate::transport::FrameReader;
 /// What the sender's threads tell its main loop.
 pub(super) enum Event {
     /// The hashing thread's result for file `.0` (counting files only, in manifest order), and
-    /// whether it came from the cache.
-    Hashed(usize, Result<(Digest, bool), Error>),
+    /// whether it came from the cache; a small file's bytes, kept for its body (`handoff`).
+    Hashed(usize, Result<(Digest, bool), Error>, Option<Vec<u8>>),
     Answers(AnswersPart),
     Verdict(FileVerdict),
     /// The connection ended or the receiver broke the protocol; the reader has stopped.
@@ -36,12 +37,13 @@ pub(crate) const EVENT_QUEUE: usize = 1024;
 const CACHE_SAVE: Duration = Duration::from_secs(1);
 
 /// Hashes the listed files in order, from the cache where it knows them, and reports each digest.
+/// A large file may be kept for its body (see `handoff`): then the bytes the body reads are hashed.
 pub(super) fn spawn_hashing(
     items: &[Item],
     (cache, alg): (bool, HashAlg),
     bar: Bar,
     label: Option<String>,
-    events: mpsc::SyncSender<Event>,
+    (events, handoff): (mpsc::SyncSender<Event>, Arc<Handoff>),
 ) -> std::thread::JoinHandle<()> {
     let files: Vec<(PathBuf, Stamp)> =
         items.iter().filter_map(|i| i.file.map(|s| (i.source.clone(), s))).collect();
@@ -53,8 +55,41 @@ pub(super) fn spawn_hashing(
             if label.is_none() {
                 bar.set_name(&path);
             }
-            let digest = open_unchanged(&source, stamp)
-                .and_then(|mut f| digest_of(&mut f, (stamp, alg), cache.as_mut(), &bar, &path));
+            let mut kept = None;
+            let digest = match cache.as_ref().and_then(|c| c.get(&stamp)) {
+                Some(d) => {
+                    // Known from the cache: done, but not hashed in this run.
+                    bar.skip(stamp.size);
+                    Ok((d, true))
+                }
+                None => {
+                    let turn = if handoff.defers(stamp.size) { handoff.turn(n) } else { Turn::Read };
+                    let hashed = match turn {
+                        Turn::Stop => return,
+                        Turn::Fed(fed) => digest_fed(fed, (stamp, alg), &bar, &path),
+                        Turn::Read => {
+                            let keep = handoff.keep(stamp.size);
+                            let read = digest_of(&source, (stamp, alg), &bar, &path, keep);
+                            if keep && read.is_err() {
+                                handoff.unkeep(stamp.size);
+                            }
+                            read.map(|(d, bytes)| {
+                                kept = bytes;
+                                d
+                            })
+                        }
+                    };
+                    if let (Ok(d), Some(c)) = (&hashed, cache.as_mut()) {
+                        c.put(stamp, *d);
+                        // One large file is worth saving at once: a send interrupted now resumes
+                        // without it.
+                        if stamp.size >= 1 << 20 {
+                            c.flush();
+                        }
+                    }
+                    hashed.map(|d| (d, false))
+                }
+            };
             // Saved as it goes, so an interrupted send's retry does not hash it all again.
             if let Some(c) = cache.as_mut()
                 && saved.elapsed() > CACHE_SAVE
@@ -66,7 +101,7 @@ pub(super) fn spawn_hashing(
                 bar.skip(stamp.size);
             }
             bar.file_done();
-            if events.send(Event::Hashed(n, digest)).is_err() {
+            if events.send(Event::Hashed(n, digest, kept)).is_err() {
                 return;
             }
         }
@@ -74,36 +109,62 @@ pub(super) fn spawn_hashing(
     })
 }
 
-/// The file's digest: from the cache when its stamp is known, otherwise by reading it (advancing
-/// `bar`), checking it did not change meanwhile, and remembering the result. Says whether it
-/// came from the cache.
+/// The listed file's digest, by reading its listed size (advancing `bar`), and with `keep` its
+/// bytes. The stamp of what was opened, taken after the read, must still be the listed one: a
+/// file replaced, grown, shrunk or written to since it was listed fails (so one check, not one
+/// before and one after).
 fn digest_of(
-    file: &mut File,
+    source: &Path,
     (stamp, alg): (Stamp, HashAlg),
-    cache: Option<&mut DigestCache>,
     bar: &Bar,
     path: &str,
-) -> Result<(Digest, bool), Error> {
-    if let Some(d) = cache.as_ref().and_then(|c| c.get(&stamp)) {
-        // Known from the cache: done, but not hashed in this run.
-        bar.skip(stamp.size);
-        return Ok((d, true));
-    }
-    let (digest, hashed) =
-        hash_reader(alg, &mut *file, bar).map_err(|e| Error::io(format!("cannot read {path}"), e))?;
+    keep: bool,
+) -> Result<(Digest, Option<Vec<u8>>), Error> {
+    let changed = || Error::Integrity(format!("{path} changed after it was listed; send it again"));
+    let mut file = File::open(source).map_err(|e| Error::io(format!("cannot open {path}"), e))?;
+    let read = hash_exact(alg, &mut file, stamp.size, bar, keep);
     let after =
         file.metadata().map(|m| Stamp::of(&m)).map_err(|e| Error::io(format!("cannot stat {path}"), e))?;
-    if hashed != stamp.size || after != stamp {
-        return Err(Error::Integrity(format!("{path} changed while it was being hashed; send it again")));
+    if after != stamp {
+        return Err(changed());
     }
-    if let Some(c) = cache {
-        c.put(stamp, digest);
-        // One large file is worth saving at once: a send interrupted now resumes without it.
-        if stamp.size >= 1 << 20 {
-            c.flush();
+    match read {
+        Ok(r) => Ok(r),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(changed()),
+        Err(e) => Err(Error::io(format!("cannot read {path}"), e)),
+    }
+}
+
+/// The file's digest from the bytes its body read (advancing `bar`), handing each buffer back;
+/// good only if the body path found the file unchanged once it was all read.
+fn digest_fed(fed: Fed, (stamp, alg): (Stamp, HashAlg), bar: &Bar, path: &str) -> Result<Digest, Error> {
+    let mut h = Hasher::new(alg);
+    let mut total = 0u64;
+    loop {
+        match fed.rx.recv() {
+            Ok(Piece::Bytes(batch)) => {
+                for (buf, data) in &batch {
+                    for r in data {
+                        total += r.len() as u64;
+                        bar.inc(r.len() as u64);
+                        h.update(&buf[r.clone()]);
+                    }
+                }
+                // The body path waits for them; if it has stopped, the end of the feed says so.
+                let _ = fed.back.send(batch);
+            }
+            Ok(Piece::End { unchanged }) if unchanged && total == stamp.size => return Ok(h.finish()),
+            Ok(Piece::End { .. }) => {
+                return Err(Error::Integrity(format!(
+                    "{path} changed while it was being sent; send it again"
+                )));
+            }
+            Err(_) => {
+                let cut = std::io::Error::other("its body was cut short");
+                return Err(Error::io(format!("cannot read {path}"), cut));
+            }
         }
     }
-    Ok((digest, false))
 }
 
 /// Opens a listed file and checks it is still the one that was listed.

@@ -2,7 +2,7 @@
 //!
 //! One path for everything: a single file is a transfer of one entry. The phases, each in its own
 //! module: `plan` (command-line paths to manifest entries; `walk` for folders), `events` (the
-//! hashing and reader threads), `run` (the engine: digests, answers, verdicts), `body` (acting on
+//! hashing and reader threads), `handoff` (one read of a large file for its digest and body), `run` (the engine: digests, answers, verdicts), `body` (acting on
 //! one answer: an outcome, or a body and its digest), `report`
 //! (outcomes for the summary lines).
 
@@ -19,6 +19,7 @@ use crate::transport::{self, FrameWriter};
 
 mod body;
 pub(crate) mod events;
+pub(crate) mod handoff;
 pub mod json;
 pub mod plan;
 mod report;
@@ -114,19 +115,22 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
     let (events, inbox) = mpsc::sync_channel(events::EVENT_QUEUE);
     let batch = (!plan.single).then_some(files);
     let hashing_bar = progress.bytes("hashing", label.as_deref().unwrap_or(""), bytes, batch);
+    // On a secure channel, a large file may be read once for its digest and its body (handoff).
+    let handoff = handoff::Handoff::new(!opts.insecure);
+    let _close = handoff::CloseOnDrop(handoff.clone());
     let hashing = events::spawn_hashing(
         &plan.items,
         (opts.cache, opts.hash),
         hashing_bar.clone(),
         label.clone(),
-        events.clone(),
+        (events.clone(), handoff.clone()),
     );
 
     let (r, mut w, peer) =
         connect(opts, &mut ready, &hashing_bar, progress, &plan.entries, label.as_deref())?;
 
     let overall = progress.bytes("sending", label.as_deref().unwrap_or(""), bytes, batch);
-    let mut run = run::Run::new((&plan.entries, &plan.items), (opts, progress), &overall, &peer);
+    let mut run = run::Run::new((&plan.entries, &plan.items), (opts, progress), &overall, (&peer, handoff));
     let cause = std::thread::scope(|scope| {
         let reader_events = events.clone();
         let mut reader = r;

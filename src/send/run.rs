@@ -2,11 +2,12 @@
 //! one body at a time out (its digest right behind it if it was not sent before), verdicts in,
 //! until every entry has its outcome.
 
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use super::SendOpts;
 use super::events::Event;
+use super::handoff::{HANDOFF_WAIT, Handoff};
 use super::report::{EntryOutcome, beside, verdict_result};
 use super::walk::Item;
 use crate::error::Error;
@@ -67,6 +68,14 @@ pub(super) struct Run<'a> {
     /// Since when the receiver has owed this side something without a word: the last time it
     /// said something, was given something to answer, or was excused (see [`Run::check_silence`]).
     pub(super) waiting_since: Instant,
+    /// The word with the hashing thread about a large file kept for its body.
+    pub(super) handoff: Arc<Handoff>,
+    /// When the receiver last answered (or the engine started): since then it sits at the
+    /// entry it answers next.
+    pub(super) answered_at: Instant,
+    /// Small files' bytes, read and checked by the hashing thread, by entry index, until their
+    /// body goes out from them.
+    pub(super) kept: Vec<Option<Vec<u8>>>,
 }
 
 impl<'a> Run<'a> {
@@ -74,7 +83,7 @@ impl<'a> Run<'a> {
         (entries, items): (&'a [Entry], &'a [Item]),
         (opts, progress): (&'a SendOpts, &'a Progress),
         bar: &'a Bar,
-        peer: &str,
+        (peer, handoff): (&str, Arc<Handoff>),
     ) -> Run<'a> {
         let mut file_entry = Vec::new();
         let mut entry_file = Vec::with_capacity(entries.len());
@@ -114,6 +123,9 @@ impl<'a> Run<'a> {
             reader_done: false,
             ended: None,
             waiting_since: Instant::now(),
+            handoff,
+            answered_at: Instant::now(),
+            kept: vec![None; n],
         }
     }
 
@@ -181,8 +193,15 @@ impl<'a> Run<'a> {
     ) -> Result<Option<Event>, Error> {
         self.check_silence(Instant::now())?;
         let still_hashing = self.hashed < self.file_entry.len();
-        match inbox.recv_timeout(KEEPALIVE) {
+        let handoff = self.handoff_due();
+        if handoff == Some(Duration::ZERO) {
+            self.handoff.give_up();
+        }
+        let limit = handoff.filter(|d| !d.is_zero()).map_or(KEEPALIVE, |d| d.min(KEEPALIVE));
+        match inbox.recv_timeout(limit) {
             Ok(e) => Ok(Some(e)),
+            // Time to look at the handoff again; a keepalive is not due yet.
+            Err(mpsc::RecvTimeoutError::Timeout) if limit < KEEPALIVE => Ok(None),
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 self.show_wait();
                 if still_hashing {
@@ -198,6 +217,19 @@ impl<'a> Run<'a> {
                 Err(w.error("waiting for answers", eof.into()))
             }
         }
+    }
+
+    /// How long the hashing thread's wait at a file kept for its body may still last, when the
+    /// receiver is at that file and has not answered it: zero when it has waited long enough
+    /// (the receiver is taken to be waiting for the digest; see `handoff`).
+    fn handoff_due(&self) -> Option<Duration> {
+        let (n, since) = self.handoff.waiting()?;
+        let at = *self.file_entry.get(n)?;
+        if at != self.answers.len() {
+            return None;
+        }
+        let waited = since.elapsed().min(self.answered_at.elapsed());
+        Some(HANDOFF_WAIT.saturating_sub(waited))
     }
 
     /// After a second without news: says what the receiver is busy with when this side has
@@ -295,10 +327,16 @@ impl<'a> Run<'a> {
     /// Takes one event from the hashing or reader thread; an error ends the transfer.
     pub(super) fn take(&mut self, event: Event) -> Result<(), Error> {
         match event {
-            Event::Hashed(n, digest) => {
+            Event::Hashed(n, digest, kept) => {
                 debug_assert_eq!(n, self.hashed);
                 self.hashed += 1;
                 let i = self.file_entry[n];
+                self.kept[i] = kept;
+                // Acted on already (its body read from the file): its bytes are not needed. (The
+                // entry being acted on may be waiting for them; it drops them when done.)
+                if i + 1 < self.acted {
+                    self.drop_kept(i);
+                }
                 match digest {
                     Ok((d, cached)) => {
                         self.digests[i] = Some(d);
@@ -364,6 +402,7 @@ impl<'a> Run<'a> {
             }
             self.answers.push(a);
         }
+        self.answered_at = Instant::now();
         Ok(())
     }
 

@@ -120,14 +120,15 @@ fn visit(
                 w.refused.push((child_path, e.to_string()));
                 continue;
             }
-            let meta =
-                match if follow { fs::metadata(&child_path) } else { fs::symlink_metadata(&child_path) } {
-                    Ok(m) => m,
-                    Err(e) => {
-                        w.unreadable.push((child_path, e.to_string()));
-                        continue;
-                    }
-                };
+            // Not following, the entry's own lstat, relative to the folder being read (no walk of
+            // the whole path per file).
+            let meta = match if follow { fs::metadata(&child_path) } else { child.metadata() } {
+                Ok(m) => m,
+                Err(e) => {
+                    w.unreadable.push((child_path, e.to_string()));
+                    continue;
+                }
+            };
             let mut p = path.clone();
             p.push(name);
             visit(w, &child_path, p, meta, follow, ancestors)?;

@@ -24,7 +24,7 @@ pub use read::{FrameReader, Handshake};
 /// The record layer for test harnesses ([`RecordSealer`], [`RecordOpener`]); not a stable API.
 #[doc(hidden)]
 pub use records::{RecordOpener, RecordSealer};
-pub use write::{FileError, FrameWriter};
+pub use write::{BodyTap, FileError, FrameWriter, TAPPED_MIN_BODY};
 
 /// The least the peer must move, in bytes a second, over each window of the idle timeout this
 /// side spends waiting for it: in reads while a body arrives ([`FrameReader::set_min_rate`]), and

@@ -158,19 +158,49 @@ impl Sealer {
 
     /// Seals the `n` plaintext bytes after the header slot and writes header, ciphertext, tag.
     fn seal_and_write<W: Write>(&mut self, inner: &mut W, n: usize) -> io::Result<()> {
-        let header = FrameHeader { kind: FrameKind::Record, len: (n + TAG_LEN) as u32 }.encode();
-        let nonce = self.cipher.advance();
-        let buf = &mut self.buf[..FRAME_HEADER_LEN + n + TAG_LEN];
-        buf[..FRAME_HEADER_LEN].copy_from_slice(&header);
-        let (body, tag_room) = buf[FRAME_HEADER_LEN..].split_at_mut(n);
-        let tag = self
-            .cipher
-            .key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), body)
-            .map_err(|_| io::Error::other("sealing a record failed"))?;
-        tag_room.copy_from_slice(tag.as_ref());
-        inner.write_all(buf)
+        seal_in(&mut self.cipher, &mut self.buf, n)?;
+        inner.write_all(&self.buf[..FRAME_HEADER_LEN + n + TAG_LEN])
     }
+
+    /// Seals and writes a record built in a buffer of the caller's ([`record_buffer`]): its `n`
+    /// plaintext bytes at [`RECORD_ROOM`]. For a pipeline that lends record buffers to another
+    /// thread between filling and sealing them (the sender's hashing thread reading a body's
+    /// bytes as they go out). The buffer is left holding the ciphertext.
+    pub(crate) fn seal_buffer<W: Write>(
+        &mut self,
+        inner: &mut W,
+        buf: &mut [u8],
+        n: usize,
+    ) -> io::Result<()> {
+        assert!(n > 0 && n <= MAX_RECORD_PLAIN as usize, "record size");
+        seal_in(&mut self.cipher, buf, n)?;
+        inner.write_all(&buf[..FRAME_HEADER_LEN + n + TAG_LEN])
+    }
+}
+
+/// A buffer for one whole record, for [`Sealer::seal_buffer`].
+pub(crate) fn record_buffer() -> Vec<u8> {
+    vec![0u8; RECORD_BUF]
+}
+
+/// Where a record's plaintext goes in a record buffer: after the header slot, room for the most
+/// plaintext (the tag's room follows).
+pub(crate) const RECORD_ROOM: std::ops::Range<usize> =
+    FRAME_HEADER_LEN..FRAME_HEADER_LEN + MAX_RECORD_PLAIN as usize;
+
+/// Seals the `n` plaintext bytes of `buf` after its header slot in place: header, ciphertext, tag.
+fn seal_in(cipher: &mut CipherState, buf: &mut [u8], n: usize) -> io::Result<()> {
+    let header = FrameHeader { kind: FrameKind::Record, len: (n + TAG_LEN) as u32 }.encode();
+    let nonce = cipher.advance();
+    let buf = &mut buf[..FRAME_HEADER_LEN + n + TAG_LEN];
+    buf[..FRAME_HEADER_LEN].copy_from_slice(&header);
+    let (body, tag_room) = buf[FRAME_HEADER_LEN..].split_at_mut(n);
+    let tag = cipher
+        .key
+        .seal_in_place_separate_tag(nonce, Aad::from(header), body)
+        .map_err(|_| io::Error::other("sealing a record failed"))?;
+    tag_room.copy_from_slice(tag.as_ref());
+    Ok(())
 }
 
 /// Why a record could not be opened: always the end of the connection.

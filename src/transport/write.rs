@@ -5,11 +5,12 @@
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::net::Shutdown;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 
-use super::records::{CipherState, Sealer};
+use super::records::{self, CipherState, Sealer};
 use super::{MIN_RATE, SOCKET_BUF, Socket};
 use crate::error::{Error, Limit, is_timeout};
 use crate::protocol::{self, FRAME_HEADER_LEN, FrameHeader, FrameKind, Message, WireError};
@@ -178,6 +179,75 @@ const SENDFILE_MIN_CHUNK: usize = 64 * 1024;
 /// Sealed bodies at least this large are read straight into records; smaller ones go through the
 /// buffer with the frames around them (many small files share a record).
 const SEALED_DIRECT_MIN_BODY: u64 = 64 * 1024;
+/// A [`BodyTap`] takes bodies at least this large (those read straight into records).
+pub const TAPPED_MIN_BODY: u64 = SEALED_DIRECT_MIN_BODY;
+
+/// Another reader of a sealed body's bytes, on another thread: the sender's hashing thread, so
+/// that a large file whose digest is not known yet is read once, not once for its digest and
+/// once for its body. Record buffers are lent to it filled and taken back in the same order.
+pub trait BodyTap {
+    /// Lends a filled record buffer; `data` are the ranges of it that hold the file's bytes, in
+    /// order.
+    fn lend(&mut self, buf: Vec<u8>, data: Vec<Range<usize>>) -> io::Result<()>;
+    /// The buffer lent longest ago, once the tap is done with it (unchanged).
+    fn take_back(&mut self) -> io::Result<Vec<u8>>;
+}
+
+/// Records lent to a [`BodyTap`] at most, filled and waiting to be sealed: enough that reading
+/// the file, hashing it and sealing it overlap; each is a record buffer (256 KiB).
+const TAP_DEPTH: usize = 8;
+const RECORD_ROOM_START: usize = records::RECORD_ROOM.start;
+
+/// Cuts a body into data frames that fill records: a frame is at most `chunk` bytes, and a
+/// record holds as many whole frames as fit (a frame larger than a record spans several).
+struct Frames {
+    /// Bytes of the body still to read, and of the current frame.
+    left: u64,
+    frame_left: u64,
+    chunk: u32,
+}
+
+impl Frames {
+    /// Fills `room` with frame headers and the file's bytes read straight into it. Returns the
+    /// bytes filled and how many of them are the file's; `data` is told where those lie.
+    fn fill(
+        &mut self,
+        room: &mut [u8],
+        file: &mut File,
+        mut data: impl FnMut(Range<usize>),
+    ) -> Result<(usize, u64), FileError> {
+        let mut at = 0;
+        let mut read = 0u64;
+        while self.left > 0 && at < room.len() {
+            if self.frame_left == 0 {
+                if room.len() - at < FRAME_HEADER_LEN + 1 {
+                    break;
+                }
+                self.frame_left = self.left.min(u64::from(self.chunk));
+                let header = FrameHeader { kind: FrameKind::Data, len: self.frame_left as u32 }.encode();
+                room[at..at + FRAME_HEADER_LEN].copy_from_slice(&header);
+                at += FRAME_HEADER_LEN;
+            }
+            let n = self.frame_left.min((room.len() - at) as u64) as usize;
+            file.read_exact(&mut room[at..at + n]).map_err(FileError::Local)?;
+            data(at..at + n);
+            at += n;
+            read += n as u64;
+            self.frame_left -= n as u64;
+            self.left -= n as u64;
+        }
+        Ok((at, read))
+    }
+}
+
+/// Moves a file that was just opened (so at its start) to `offset`: no `lseek` for a body sent
+/// whole, the common case (a batch of small files would pay one per file).
+fn seek_to(file: &mut File, offset: u64) -> Result<(), FileError> {
+    if offset > 0 {
+        file.seek(SeekFrom::Start(offset)).map_err(FileError::Local)?;
+    }
+    Ok(())
+}
 
 impl FrameWriter {
     /// `idle` is the idle timeout, the window of blocked time the peer gets (`None`: no limit).
@@ -255,22 +325,32 @@ impl FrameWriter {
         self.inner.write_all(&protocol::STREAM_END)
     }
 
-    /// Writes bytes `offset..size` of `file` as data frames of at most `chunk` bytes, advancing
-    /// `bar`. Does not flush: a batch streams many bodies through one buffer.
+    /// Writes bytes `offset..size` of `file` (just opened: at its start) as data frames of at
+    /// most `chunk` bytes, advancing `bar`. Does not flush: a batch streams many bodies through one buffer.
+    /// With a `tap` (only on a secure channel, for a body of at least [`TAPPED_MIN_BODY`]), the
+    /// tap is lent every byte read on its way out.
     pub fn file_body(
         &mut self,
         file: &mut File,
         (offset, size): (u64, u64),
         chunk: u32,
         bar: &ProgressBar,
+        tap: Option<&mut dyn BodyTap>,
     ) -> Result<(), FileError> {
+        if let Some(tap) = tap {
+            assert!(
+                self.is_sealed() && size - offset >= TAPPED_MIN_BODY,
+                "a tap on a sealed large body only"
+            );
+            return self.file_body_tapped(file, (offset, size), chunk, bar, tap);
+        }
         if self.is_sealed() && size - offset >= SEALED_DIRECT_MIN_BODY {
             return self.file_body_sealed(file, (offset, size), chunk, bar);
         }
         if !self.is_sealed() && chunk as usize >= SENDFILE_MIN_CHUNK && size - offset >= SENDFILE_MIN_BODY {
             return self.file_body_sendfile(file, (offset, size), chunk, bar);
         }
-        file.seek(SeekFrom::Start(offset)).map_err(FileError::Local)?;
+        seek_to(file, offset)?;
         // Reads come from the file in large blocks whatever the chunk size, so a 1-byte chunk size
         // costs framing, not a syscall per byte.
         let block = (chunk as usize).max(SOCKET_BUF);
@@ -304,36 +384,56 @@ impl FrameWriter {
     ) -> Result<(), FileError> {
         // Messages still buffered (the `Body` announcing this one) go first, in their own record.
         self.inner.flush().map_err(FileError::Net)?;
-        file.seek(SeekFrom::Start(offset)).map_err(FileError::Local)?;
-        let mut left = size - offset;
+        seek_to(file, offset)?;
+        let mut frames = Frames { left: size - offset, frame_left: 0, chunk };
         let Out { sock, seal } = self.inner.get_mut();
         let sealer = seal.as_mut().expect("sealed");
-        // Frames split where records do: a frame is at most `chunk` bytes, and a record holds
-        // as many whole frames as fit (a frame larger than a record spans several).
-        let mut frame_left = 0u64;
-        while left > 0 {
+        while frames.left > 0 {
             let written = sealer.write_record_with(sock, |room: &mut [u8]| {
-                let mut at = 0;
-                while left > 0 && at < room.len() {
-                    if frame_left == 0 {
-                        if room.len() - at < FRAME_HEADER_LEN + 1 {
-                            break;
-                        }
-                        frame_left = left.min(u64::from(chunk));
-                        let header = FrameHeader { kind: FrameKind::Data, len: frame_left as u32 }.encode();
-                        room[at..at + FRAME_HEADER_LEN].copy_from_slice(&header);
-                        at += FRAME_HEADER_LEN;
-                    }
-                    let n = frame_left.min((room.len() - at) as u64) as usize;
-                    file.read_exact(&mut room[at..at + n]).map_err(FileError::Local)?;
-                    at += n;
-                    frame_left -= n as u64;
-                    left -= n as u64;
-                    bar.inc(n as u64);
-                }
+                let (at, data) = frames.fill(room, file, |_| {})?;
+                bar.inc(data);
                 Ok(at)
             })?;
             written.map_err(FileError::Net)?;
+        }
+        Ok(())
+    }
+
+    /// [`FrameWriter::file_body_sealed`] with a tap: each filled record buffer is lent to `tap`
+    /// (another thread, which reads the file's bytes in it) and sealed and written once it comes
+    /// back, up to [`TAP_DEPTH`] records in flight. The file is read once for both.
+    fn file_body_tapped(
+        &mut self,
+        file: &mut File,
+        (offset, size): (u64, u64),
+        chunk: u32,
+        bar: &ProgressBar,
+        tap: &mut dyn BodyTap,
+    ) -> Result<(), FileError> {
+        self.inner.flush().map_err(FileError::Net)?;
+        seek_to(file, offset)?;
+        let mut frames = Frames { left: size - offset, frame_left: 0, chunk };
+        let Out { sock, seal } = self.inner.get_mut();
+        let sealer = seal.as_mut().expect("sealed");
+        let mut spare: Vec<Vec<u8>> = Vec::with_capacity(TAP_DEPTH);
+        // Plaintext length and file bytes of each record lent, oldest first.
+        let mut lent = std::collections::VecDeque::with_capacity(TAP_DEPTH);
+        while frames.left > 0 || !lent.is_empty() {
+            if frames.left > 0 && lent.len() < TAP_DEPTH {
+                let mut buf = spare.pop().unwrap_or_else(records::record_buffer);
+                let mut ranges = Vec::with_capacity(2);
+                let (at, data) = frames.fill(&mut buf[records::RECORD_ROOM], file, |r| {
+                    ranges.push(r.start + RECORD_ROOM_START..r.end + RECORD_ROOM_START)
+                })?;
+                tap.lend(buf, ranges).map_err(FileError::Local)?;
+                lent.push_back((at, data));
+                continue;
+            }
+            let (at, data) = lent.pop_front().expect("lent");
+            let mut buf = tap.take_back().map_err(FileError::Local)?;
+            sealer.seal_buffer(sock, &mut buf, at).map_err(FileError::Net)?;
+            bar.inc(data);
+            spare.push(buf);
         }
         Ok(())
     }

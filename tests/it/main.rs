@@ -11,6 +11,7 @@ mod disk; // bytes, blocks, inodes reserved before answering; partials bounded; 
 mod existing; // identical file → already have it; different → keep both; --overwrite replaces
 mod exit_codes; // every documented exit code, provoked for real
 mod faults; // a proxy flips, trickles, stalls and cuts: nothing bad is stored, resume works
+mod handoff; // a large first send reads its file once; the guarantees hold on that path
 mod hashes; // --hash blake3: announced, verified with that algorithm, cached apart
 mod hostile; // a raw peer speaking the wire format attacks the receiver
 mod hostile_receiver; // a fake receiver lies to the sender: bad offsets, frames, answers, names

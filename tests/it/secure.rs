@@ -17,13 +17,13 @@ use xfer::protocol::{self, FrameKind};
 use xfer::transport::handshake::{self, Random};
 
 /// A receiver that requires a code, written by it to `code` (mode 0600) at start.
-struct Secure {
-    rx: Receiver,
-    code: PathBuf,
+pub(crate) struct Secure {
+    pub rx: Receiver,
+    pub code: PathBuf,
 }
 
 impl Secure {
-    fn start(extra: &[&str]) -> Secure {
+    pub fn start(extra: &[&str]) -> Secure {
         Secure::start_on("127.0.0.1:0", None, extra)
     }
 
@@ -42,7 +42,7 @@ impl Secure {
         Secure { rx, code }
     }
 
-    fn code(&self) -> String {
+    pub fn code(&self) -> String {
         // The code's line; a comment line under it says xfer made it up.
         let text = std::fs::read_to_string(&self.code).unwrap();
         text.lines().next().unwrap_or("").trim().to_string()
@@ -71,7 +71,7 @@ fn run(config: &Path, args: &[&str], envs: &[(&str, &str)]) -> Run {
     Run { out, cmd: format!("xfer {}", args.join(" ")), elapsed: start.elapsed() }
 }
 
-fn send_file(config: &Path, file: &Path, to: &str, extra: &[&str], envs: &[(&str, &str)]) -> Run {
+pub(crate) fn send_file(config: &Path, file: &Path, to: &str, extra: &[&str], envs: &[(&str, &str)]) -> Run {
     let f = file.to_string_lossy().into_owned();
     let mut args = vec!["send", f.as_str(), to];
     args.extend_from_slice(extra);
@@ -238,8 +238,10 @@ fn flip_offsets(capture: &[u8]) -> Vec<(usize, &'static str)> {
     let m3_len = u32::from_be_bytes(capture[m3..m3 + 4].try_into().unwrap()) as usize;
     let rec = m3 + protocol::FRAME_HEADER_LEN + m3_len;
     assert_eq!(capture[rec + 4], FrameKind::Record as u8, "records follow the handshake");
-    // The start of the last record.
-    let mut last = rec;
+    // The start of the last record, and of the first one past the middle: a full record of the
+    // body, whether the digest's record comes before the body or after it (a run's layout may
+    // differ from the clean run's by where that small record falls, never by more).
+    let (mut last, mut deep) = (rec, None);
     loop {
         let len = u32::from_be_bytes(capture[last..last + 4].try_into().unwrap()) as usize;
         let next = last + protocol::FRAME_HEADER_LEN + len;
@@ -247,7 +249,11 @@ fn flip_offsets(capture: &[u8]) -> Vec<(usize, &'static str)> {
             break;
         }
         last = next;
+        if deep.is_none() && last > capture.len() / 2 {
+            deep = Some(last);
+        }
     }
+    let deep = deep.expect("a body of several records");
     vec![
         (3, "the hello's magic"),
         (9, "the hello's version"),
@@ -258,7 +264,7 @@ fn flip_offsets(capture: &[u8]) -> Vec<(usize, &'static str)> {
         (rec + 2, "a record's length"),
         (rec + 4, "a record's kind"),
         (rec + 40, "a record's ciphertext"),
-        (last - 100, "deep in a record of the body"),
+        (deep + protocol::FRAME_HEADER_LEN + 100, "deep in a record of the body"),
         (last + protocol::FRAME_HEADER_LEN + 3, "the last record"),
     ]
 }
