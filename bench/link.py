@@ -481,7 +481,47 @@ def markdown(data):
     return "\n".join(out)
 
 
+def draw_chart(data, png):
+    """One panel per link: each tool's mid-transfer rate (MB/s, median of its runs) as a bar, the
+    link's goodput ceiling and one stream's window/RTT bound as lines. Works from the JSON alone
+    (`--chart JSON`)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    links = [l for l in data["links"] if l.get("rows")]
+    if not links:
+        return None
+    fig, axes = plt.subplots(1, len(links), figsize=(3.6 * len(links), 3.8), squeeze=False)
+    colors = {"xfer": "#1f77b4", "insecure:xfer": "#8c9fb3", "nc": "#ff7f0e", "rsync": "#2ca02c", "scp": "#d62728"}
+    for ax, link in zip(axes[0], links):
+        rows = link["rows"]
+        names = [r["case"] for r in rows]
+        rates = [r.get("steady_mb_per_s") or r["mb_per_s"] for r in rows]
+        ax.bar(range(len(rows)), rates, color=[colors.get(n, "#7f7f7f") for n in names])
+        ax.set_xticks(range(len(rows)), names, rotation=45, ha="right", fontsize=8)
+        arith = link.get("arith") or {}
+        if arith.get("goodput_Bps"):
+            ax.axhline(arith["goodput_Bps"] / 1e6, color="black", lw=1, ls="--", label="link goodput")
+        if arith.get("stream_hi_Bps") and arith.get("goodput_Bps") and arith["stream_hi_Bps"] < arith["goodput_Bps"]:
+            ax.axhspan(arith["stream_lo_Bps"] / 1e6, arith["stream_hi_Bps"] / 1e6, color="grey", alpha=0.2,
+                       label="one stream: window / RTT")
+        ax.set_title(link["name"], fontsize=10)
+        ax.set_ylabel("MB/s (mid-transfer)")
+        ax.legend(fontsize=7, loc="upper right")
+    m = data.get("machine") or {}
+    fig.suptitle(f"xfer on shaped links with a round trip, {str(data.get('date', ''))[:16]}, "
+                 f"{m.get('cpu', '')} ({m.get('cores', '?')} cores)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--chart":
+        src = Path(sys.argv[2])
+        print(draw_chart(json.loads(src.read_text()), src.with_suffix(".png")))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", default="1gbit", help="tc rate of the link, or none (default 1gbit)")
     ap.add_argument("--rtt", type=float, default=0, help="round trip in ms through the delay line (0 = veth)")
@@ -608,7 +648,12 @@ def main():
                                            f"{date.strftime('%Y-%m-%dT%H%M%S')}-{platform.node()}-link.json")
     out.write_text(json.dumps(data, indent=1, default=str) + "\n")
     out.with_suffix(".md").write_text(markdown(data))
-    print(f"\nresults: {out} and {out.with_suffix('.md').name}")
+    try:
+        png = draw_chart(data, out.with_suffix(".png"))
+    except ImportError as e:  # matplotlib is optional: the JSON and the table are the results
+        png = None
+        print(f"no chart ({e}); `python3 bench/link.py --chart {out}` draws it later")
+    print(f"\nresults: {out} and {out.with_suffix('.md').name}" + (f" and {png.name}" if png else ""))
     sys.exit(status)
 
 
