@@ -4,7 +4,7 @@
 //! receiver keeps serving.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -29,13 +29,7 @@ fn proxy(target: SocketAddr, fault: Fault) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
-        let (mut client, _) = listener.accept().unwrap();
-        let mut server = TcpStream::connect(target).unwrap();
-        let (mut client_r, mut server_w) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut server, &mut client);
-            let _ = client.shutdown(Shutdown::Write);
-        });
+        let (mut client_r, mut server_w) = crate::util::relay(&listener, target);
         let mut buf = vec![0u8; 64 * 1024];
         let mut done = 0u64;
         let mut gate_passed = false;

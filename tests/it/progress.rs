@@ -3,7 +3,7 @@
 //! (its rows stay 0 when the test's stdin is not a terminal, as under `cargo test`).
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -88,13 +88,7 @@ fn slow_proxy(
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let handle = std::thread::spawn(move || {
-        let (mut client, _) = listener.accept().unwrap();
-        let mut server = TcpStream::connect(target).unwrap();
-        let (mut client_r, mut server_w) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut server, &mut client);
-            let _ = client.shutdown(Shutdown::Write);
-        });
+        let (mut client_r, mut server_w) = crate::util::relay(&listener, target);
         let start = Instant::now();
         let (mut done, mut stalled, mut paused) = (0u64, false, Duration::ZERO);
         let mut buf = vec![0u8; 16 * 1024];

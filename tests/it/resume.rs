@@ -33,13 +33,7 @@ impl Proxy {
         let (release, release_rx) = mpsc::channel::<()>();
         let count = Arc::clone(&forwarded);
         std::thread::spawn(move || {
-            let (mut client, _) = listener.accept().unwrap();
-            let mut server = TcpStream::connect(target).unwrap();
-            let (mut client_r, mut server_w) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut server, &mut client);
-                let _ = client.shutdown(Shutdown::Write);
-            });
+            let (mut client_r, mut server_w) = crate::util::relay(&listener, target);
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 let n = match client_r.read(&mut buf) {

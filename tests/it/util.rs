@@ -492,3 +492,18 @@ impl Drop for SmallDisk {
         let _ = std::process::Command::new("umount").arg(self.0.path()).status();
     }
 }
+
+/// The two ends a one-connection test proxy works with: accepts the sender on `listener`,
+/// connects to `target`, and copies the receiver's side back to the sender in a thread (closing
+/// the sender's direction when the receiver closes). Returns (from the sender, to the receiver):
+/// what the proxy does to the sender's bytes on their way is the test's.
+pub fn relay(listener: &std::net::TcpListener, target: SocketAddr) -> (TcpStream, TcpStream) {
+    let (mut client, _) = listener.accept().unwrap();
+    let mut server = TcpStream::connect(target).unwrap();
+    let ends = (client.try_clone().unwrap(), server.try_clone().unwrap());
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut server, &mut client);
+        let _ = client.shutdown(std::net::Shutdown::Write);
+    });
+    ends
+}
