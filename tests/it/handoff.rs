@@ -4,7 +4,7 @@
 //! still gets it; a file changed while it is read is still never stored.
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -86,14 +86,7 @@ fn holding_proxy(to: String, pass: u64) -> (String, mpsc::Receiver<()>, mpsc::Se
     let (paused_tx, paused) = mpsc::channel();
     let (go, go_rx) = mpsc::channel::<()>();
     std::thread::spawn(move || {
-        let (sender, _) = listener.accept().unwrap();
-        let receiver = TcpStream::connect(&to).unwrap();
-        let (mut from_rx, mut to_tx) = (receiver.try_clone().unwrap(), sender.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut from_rx, &mut to_tx);
-            let _ = to_tx.shutdown(Shutdown::Write);
-        });
-        let (mut from_tx, mut to_rx) = (sender, receiver);
+        let (mut from_tx, mut to_rx) = crate::util::relay(&listener, to.parse().expect("an address"));
         let mut buf = vec![0u8; 64 * 1024];
         let mut moved = 0u64;
         let mut held = false;
