@@ -117,6 +117,12 @@ pub struct SendArgs {
     /// once, exit 4).
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub wait: u64,
+    /// TCP connections a large file (64 MiB or more) is sent over at once, in 8 MiB parts, 1 to
+    /// 8. One stream cannot fill a long fat link (its window per round trip caps it), several
+    /// can. `auto`: one per 20 ms of round trip (timed at connect), so one on a LAN. The receiver
+    /// checks the whole file either way.
+    #[arg(long, value_name = "N|auto", default_value = "auto", value_parser = parse_streams)]
+    pub streams: Streams,
     /// Give up connecting after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub connect_timeout: u64,
@@ -205,6 +211,20 @@ pub struct RecvArgs {
     /// who reaches the port can store files, and anyone on the path can read and change them.
     #[arg(long, conflicts_with_all = ["code_file", "remember"])]
     pub insecure: bool,
+}
+
+/// `--streams`: a number, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Streams(pub Option<u8>);
+
+fn parse_streams(s: &str) -> Result<Streams, String> {
+    if s == "auto" {
+        return Ok(Streams(None));
+    }
+    match s.parse::<u8>() {
+        Ok(n) if (1..=crate::protocol::MAX_LANES).contains(&n) => Ok(Streams(Some(n))),
+        _ => Err(format!("`{s}` is not a number of streams (1 to {}) or auto", crate::protocol::MAX_LANES)),
+    }
 }
 
 /// Parses a size such as `1024`, `64K`, `64KiB`, `1M`. Suffixes are binary (K = 1024).
@@ -328,6 +348,7 @@ impl SendArgs {
             wait: Duration::from_secs(self.wait),
             json: self.json,
             stdin,
+            streams: self.streams.0,
         })
     }
 }

@@ -135,6 +135,37 @@ pub struct Queued {
     pub ahead: u32,
 }
 
+/// Sender → receiver, in place of `Body` for a large file sent over several connections (lanes):
+/// its bytes from the answered offset travel as [`Part`]s of [`SPLIT_CHUNK`](super::SPLIT_CHUNK)
+/// bytes on this connection and on up to `lanes - 1` lane connections that join with `session`
+/// and prove `secret` (see PROTOCOL.md, "Lanes"); [`SplitEnd`] closes it on this connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Split {
+    pub index: u32,
+    /// Names the split for the lanes' handshakes (visible on the wire).
+    pub session: [u8; 16],
+    /// The lanes' key material: travels only inside records (or in the clear with `--insecure`).
+    pub secret: [u8; 32],
+    /// Connections the sender means to use, this one included.
+    pub lanes: u8,
+}
+
+/// Sender → receiver, on the main connection or a lane: the bytes of a split file from `offset`,
+/// as data frames, [`SPLIT_CHUNK`](super::SPLIT_CHUNK) of them or what is left of the file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    pub index: u32,
+    pub offset: u64,
+}
+
+/// Ends a split file's parts: sender → receiver on the main connection (every part has arrived,
+/// on some connection) and on a lane (no more parts on it); receiver → sender on a lane: every
+/// part it carried is written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitEnd {
+    pub index: u32,
+}
+
 /// Receiver → sender: the outcome of one file after its body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
@@ -167,6 +198,12 @@ pub enum Message {
     Reject(Reject),
     /// Receiver → sender (variant 7), only before the acceptance.
     Queued(Queued),
+    /// Sender → receiver (variant 8), in place of `Body`.
+    Split(Split),
+    /// Sender → receiver (variant 9), on the main connection or a lane.
+    Part(Part),
+    /// Both ways (variant 10): see [`SplitEnd`].
+    SplitEnd(SplitEnd),
 }
 
 impl Message {
@@ -181,6 +218,9 @@ impl Message {
             Message::FileVerdict(_) => "file verdict",
             Message::Reject(_) => "reject",
             Message::Queued(_) => "queued",
+            Message::Split(_) => "split",
+            Message::Part(_) => "part",
+            Message::SplitEnd(_) => "split end",
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The xfer wire protocol, version 6. PROTOCOL.md is the full specification; this is its summary.
+//! The xfer wire protocol, version 7. PROTOCOL.md is the full specification; this is its summary.
 //!
 //! Roles: the *receiver* listens, the *sender* connects. One connection carries one transfer: a
 //! single file is a transfer of one entry, a folder or several paths a transfer of many; there is
@@ -40,7 +40,8 @@ pub use frame::{
 };
 pub use messages::{
     Answer, AnswersPart, Body, Digest, DigestsPart, Entry, EntryKind, FileVerdict, HashAlg, ManifestPart,
-    Message, Queued, Reject, RejectCode, Verdict, Withdraw, bounded_reason, decode_message, encode_message,
+    Message, Part, Queued, Reject, RejectCode, Split, SplitEnd, Verdict, Withdraw, bounded_reason,
+    decode_message, encode_message,
 };
 
 use std::io::{self, Read, Write};
@@ -51,7 +52,14 @@ pub const MAGIC: [u8; 8] = *b"\x89XFR\r\n\x1a\n";
 
 /// The protocol version this build speaks. Bumped for any incompatible change to frames or
 /// messages; message variants are never renumbered within a version.
-pub const VERSION: u16 = 6;
+pub const VERSION: u16 = 7;
+
+/// The bytes of a split file travel in parts of this size (the last one: what is left), each
+/// on one connection of the split (see [`Split`]).
+pub const SPLIT_CHUNK: u64 = 8 << 20;
+
+/// Connections one split may use, the main one included; a `Split` asking for more is refused.
+pub const MAX_LANES: u8 = 8;
 
 /// Digests per `DigestsPart` a sender puts in one message (33 bytes each, well within a frame).
 pub const MAX_DIGESTS_PER_PART: usize = 1024;

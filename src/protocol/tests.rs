@@ -129,6 +129,17 @@ fn golden() -> Vec<(&'static str, Message)> {
             Message::Reject(Reject { code: RejectCode::InvalidName, reason: "name is empty".into() }),
         ),
         ("queued.hex", Message::Queued(Queued { ahead: 3 })),
+        (
+            "split.hex",
+            Message::Split(Split {
+                index: 2,
+                session: std::array::from_fn(|i| i as u8),
+                secret: std::array::from_fn(|i| 0x20 + i as u8),
+                lanes: 4,
+            }),
+        ),
+        ("part.hex", Message::Part(Part { index: 2, offset: 8 << 20 })),
+        ("split-end.hex", Message::SplitEnd(SplitEnd { index: 2 })),
     ]
 }
 

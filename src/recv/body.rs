@@ -17,6 +17,9 @@ pub(super) enum BodyError {
     /// being read were still unread: a caller that wants to stay in step with the stream skips
     /// those, then the remaining frames (see [`skip_body`]).
     Local(io::Error, u64),
+    /// A split body failed (`lanes`): the verdict to send and the error this side reports; the
+    /// connection ends, as the rest of the split cannot be skipped in step.
+    Split(Box<(crate::protocol::Verdict, crate::error::Error)>),
 }
 
 /// Reads the next frame header of a body with `remaining` bytes still to come, and checks it is

@@ -16,11 +16,11 @@ use crate::progress::{human_bytes, human_rate};
 use crate::protocol::{AnswersPart, Message, ProtocolError, Queued, Reject, RejectCode, bounded_reason};
 use crate::sanitize::escape;
 use crate::store::SafeDir;
-use crate::transport::handshake::{self, Admit};
+use crate::transport::handshake::{self, Admit, Admitted};
 use crate::transport::{self, FrameReader, FrameWriter};
 
-/// Handles one connection and logs one line about it. Also says whether a manifest was read
-/// (`--once` counts transfers, not port scans). The connection is closed and `held` (its slots)
+/// Handles one connection and logs one line about it. Also says whether it was a transfer (with
+/// `--once`: the one transfer; port scans and lanes do not count). The connection is closed and `held` (its slots)
 /// released before the line is written, so a slow or blocked stderr never holds a connection.
 pub(super) fn handle_logged<H>(
     shared: &Shared,
@@ -31,6 +31,7 @@ pub(super) fn handle_logged<H>(
     let start = Instant::now();
     let mut seen = Seen::default();
     let result = handle(shared, stream, &peer.to_string(), &mut seen);
+    let claimed = if shared.opts.once { seen.claimed } else { seen.name.is_some() && !seen.lane };
     let elapsed = start.elapsed();
     drop(held);
     // Its transfer slot, if it had one, is free: the next manifest in line may take it.
@@ -58,7 +59,7 @@ pub(super) fn handle_logged<H>(
         if seen.received > 0 { format!(" ({})", human_rate(seen.received, elapsed)) } else { String::new() };
     let line = format!("{peer} {what}: {moved} in {:.2} s{rate}, {outcome}", elapsed.as_secs_f64());
     shared.progress.line(&line, true);
-    (result, seen.name.is_some())
+    (result, claimed)
 }
 
 /// Refuses the whole transfer (the sender may already be gone: the refusal is logged either
@@ -100,14 +101,29 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
         guard: shared.secure.as_ref().map(|s| &s.guard),
         remember: shared.secure.as_ref().and_then(|s| s.remember.as_ref()),
         ip,
+        lanes: &|session, ip| shared.lanes.secret(session, ip),
     };
-    if let Err(e) = handshake::receive(&mut r, &mut w, &admit) {
-        // A refusal in the clear was sent: let the sender read it before the connection closes.
-        if matches!(e, Error::Auth(_) | Error::Rejected { .. }) {
-            w.shutdown(Shutdown::Write);
-            r.discard_until(Instant::now() + LINGER);
+    let admitted = match handshake::receive(&mut r, &mut w, &admit) {
+        Ok(a) => a,
+        Err(e) => {
+            // A refusal in the clear was sent: let the sender read it before the connection closes.
+            if matches!(e, Error::Auth(_) | Error::Rejected { .. }) {
+                w.shutdown(Shutdown::Write);
+                r.discard_until(Instant::now() + LINGER);
+            }
+            return Err(e);
         }
-        return Err(e);
+    };
+    if let Admitted::Lane(session) = admitted {
+        seen.lane = true;
+        deadline(&mut r, None)?;
+        let Some(hub) = shared.lanes.find(&session) else {
+            let source = ProtocolError::Malformed("a lane of a split that has ended".into());
+            return Err(Error::Protocol { peer: peer.to_string(), source });
+        };
+        seen.name = Some(format!("{} (a lane)", hub.name));
+        super::lanes::serve(&hub, &mut r, &mut w, &mut seen.received)?;
+        return Ok(Stored { name: "lane done: its parts written".into(), already_had: false, batch: true });
     }
     let first = match r.message().map_err(|e| r.error("waiting for the manifest", e))? {
         Message::Manifest(part) => part,
@@ -124,6 +140,15 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
     let mut m = manifest::Reading::new(first);
     while !m.last && !m.over_limits() && m.cost <= manifest::PRE_SLOT_MANIFEST {
         m.read_part(&mut r)?;
+    }
+    // `--once`: the first manifest is the one transfer; any other meanwhile is told so.
+    if opts.once {
+        if shared.once_taken.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            drop(m);
+            let reason = "receiver busy: it takes one transfer (--once) and has it".to_string();
+            return Err(refuse((&mut r, &mut w), RejectCode::Busy, reason, "the transfer", None));
+        }
+        seen.claimed = true;
     }
     let single = manifest::is_single(&m.entries);
     // How the transfer is named in messages: a single file by its name.

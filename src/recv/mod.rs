@@ -31,6 +31,7 @@ pub(crate) mod body;
 mod conn;
 pub(crate) mod durable;
 pub mod guard;
+pub(crate) mod lanes;
 pub(crate) mod litter;
 pub mod manifest;
 pub(crate) mod queue;
@@ -138,6 +139,12 @@ struct Shared {
     line: queue::Line,
     /// What the target folder's file system adds to the name rules, found at start.
     names: FsRules,
+    /// Split bodies in progress, for their lanes to join.
+    lanes: lanes::Registry,
+    /// `--once`: the one transfer has begun (its first manifest part is in).
+    once_taken: std::sync::atomic::AtomicBool,
+    /// `--once`: where that transfer's outcome goes.
+    once: Mutex<Option<std::sync::mpsc::Sender<Result<Stored, Error>>>>,
 }
 
 /// How many connections (or transfers) each peer address holds.
@@ -272,6 +279,9 @@ impl Receiver {
             secure,
             line: queue::Line::default(),
             names,
+            lanes: lanes::Registry::default(),
+            once_taken: std::sync::atomic::AtomicBool::new(false),
+            once: Mutex::new(None),
         };
         Ok(Receiver { listener, shared: Arc::new(shared) })
     }
@@ -309,16 +319,19 @@ impl Receiver {
     }
 
     /// Handles exactly one transfer and returns its outcome. Connections that never send a
-    /// manifest (a port scan, a health check, a stray HTTP client) are logged and do not count.
+    /// manifest (a port scan, a health check, a stray HTTP client) are logged and do not count;
+    /// the transfer's lanes (a split body's further connections) are served beside it, and any
+    /// other manifest meanwhile is refused as busy.
     pub fn serve_once(self) -> Result<Stored, Error> {
-        self.start_sweeping();
-        loop {
-            let (stream, peer) =
-                self.listener.accept().map_err(|e| Error::io("accepting a connection", e))?;
-            let (result, offered) = handle_logged(&self.shared, stream, peer, ());
-            if offered {
-                return result;
-            }
+        let (tx, rx) = std::sync::mpsc::channel();
+        *self.shared.once.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        std::thread::Builder::new()
+            .name("xfer accept".into())
+            .spawn(move || self.serve())
+            .map_err(|e| Error::io("starting the accept thread", e))?;
+        match rx.recv() {
+            Ok(result) => result,
+            Err(_) => Err(Error::io("accepting a connection", io::Error::other("the accept loop ended"))),
         }
     }
 
@@ -359,7 +372,13 @@ impl Receiver {
             let spawned = std::thread::Builder::new().name(format!("xfer {peer}")).spawn(move || {
                 let slots = (Slot(&shared.connections), PeerSlot(&shared.per_peer, ip));
                 let addr = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-                let _ = handle_logged(&shared, stream, addr, slots);
+                let (result, transfer) = handle_logged(&shared, stream, addr, slots);
+                if transfer
+                    && shared.opts.once
+                    && let Some(tx) = shared.once.lock().unwrap_or_else(|e| e.into_inner()).take()
+                {
+                    let _ = tx.send(result);
+                }
             });
             if let Err(e) = spawned {
                 self.shared.connections.fetch_sub(1, Ordering::SeqCst);

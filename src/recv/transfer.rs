@@ -18,7 +18,7 @@ use super::{Shared, Stored};
 use crate::error::Error;
 use crate::protocol::{
     Answer, AnswersPart, Body, Digest, Entry, EntryKind, MAX_MESSAGE_LEN, Message, ProtocolError, RejectCode,
-    Withdraw, bounded_reason, encode_message,
+    Split, Withdraw, bounded_reason, encode_message,
 };
 use crate::sanitize::escape;
 use crate::store::{Reservation, Room, SafeDir};
@@ -45,6 +45,10 @@ pub(super) struct Seen {
     pub resumed: u64,
     /// Body bytes received on this connection.
     pub received: u64,
+    /// A lane of a split body, not a transfer.
+    pub lane: bool,
+    /// `--once`: this connection is the one transfer.
+    pub claimed: bool,
 }
 
 /// One transfer in progress.
@@ -206,7 +210,9 @@ impl<'a> Transfer<'a> {
                     }
                     self.take_digests(part.first, part.digests)?;
                 }
-                Message::Body(Body { index }) | Message::Withdraw(Withdraw { index, .. })
+                Message::Body(Body { index })
+                | Message::Withdraw(Withdraw { index, .. })
+                | Message::Split(Split { index, .. })
                     if self.plans.front().is_some_and(|p| p.index == index as usize) =>
                 {
                     let plan = self.plans.pop_front().expect("just checked");
@@ -218,13 +224,16 @@ impl<'a> Transfer<'a> {
                     }
                     match message {
                         Message::Withdraw(w) => self.withdrawn(plan, w.reason)?,
-                        _ => self.body(plan, seen)?,
+                        Message::Split(split) => self.body(plan, Some(split), seen)?,
+                        _ => self.body(plan, None, seen)?,
                     }
                     if self.group.is_full() {
                         self.flush_group()?;
                     }
                 }
-                Message::Body(Body { index }) | Message::Withdraw(Withdraw { index, .. }) => {
+                Message::Body(Body { index })
+                | Message::Withdraw(Withdraw { index, .. })
+                | Message::Split(Split { index, .. }) => {
                     let due = self.plans.front().map_or("none".to_string(), |p| p.index.to_string());
                     return Err(self.malformed(format!("body of entry {index} when entry {due} is due")));
                 }

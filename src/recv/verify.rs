@@ -10,7 +10,7 @@ use super::transfer::{Seen, Transfer};
 use crate::error::Error;
 use crate::hash::Hasher;
 use crate::protocol::{
-    Digest, EntryKind, FileVerdict, HashAlg, Message, ProtocolError, Verdict, bounded_reason,
+    Digest, EntryKind, FileVerdict, HashAlg, Message, ProtocolError, Split, SplitEnd, Verdict, bounded_reason,
 };
 use crate::sanitize::{escape, peer_text};
 use crate::store::space::round_up;
@@ -45,7 +45,7 @@ impl Transfer<'_> {
     /// its group; or takes it off the wire and says why it could not be stored. Either way the
     /// file's room is settled: what was written shows in the file system now, and the rest of its
     /// blocks, its inode and its record's are no longer reserved (the file is there, or gone).
-    pub(super) fn body(&mut self, plan: Plan, seen: &mut Seen) -> Result<(), Error> {
+    pub(super) fn body(&mut self, plan: Plan, split: Option<Split>, seen: &mut Seen) -> Result<(), Error> {
         if let EntryKind::Stream { hash } = self.entries[plan.index].kind {
             let outcome = self.stream(plan, hash, seen);
             // Alone in its transfer: what its partial and bytes reserved is all that is left.
@@ -61,15 +61,18 @@ impl Transfer<'_> {
             offset => Room { bytes: round_up(size - offset, block), inodes: 0 },
         };
         let before = self.reservation.left().bytes;
-        let outcome = self.receive(plan, seen);
+        let outcome = self.receive(plan, split, seen);
         let written = before - self.reservation.left().bytes;
         self.reservation.release(Room { bytes: room.bytes.saturating_sub(written), inodes: room.inodes });
         outcome
     }
 
-    fn receive(&mut self, mut plan: Plan, seen: &mut Seen) -> Result<(), Error> {
+    fn receive(&mut self, mut plan: Plan, split: Option<Split>, seen: &mut Seen) -> Result<(), Error> {
         self.bodies += 1;
         let entry = &self.entries[plan.index];
+        if split.is_some() && !matches!(entry.kind, EntryKind::File { .. }) {
+            return Err(self.malformed("a split body for an entry that is not a file".into()));
+        }
         let EntryKind::File { size, hash, .. } = entry.kind else { unreachable!("plans hold files") };
         let (parent, name) = entry.path.split_at(entry.path.len() - 1);
         let name = name[0].clone();
@@ -106,14 +109,20 @@ impl Transfer<'_> {
         let mut received = 0u64;
         let hasher = plan.hasher.take().unwrap_or_else(|| Hasher::new(hash));
         self.r.set_min_rate(Some(MIN_RATE));
-        let body = receive_body(
-            self.r,
-            &partial,
-            (size, plan.offset, hasher),
-            &mut received,
-            &mut self.reservation,
-            &self.bar,
-        );
+        let body = match split {
+            None => receive_body(
+                self.r,
+                &partial,
+                (size, plan.offset, hasher),
+                &mut received,
+                &mut self.reservation,
+                &self.bar,
+            ),
+            Some(split) => {
+                let name = escape(&entry.path.join("/"));
+                self.receive_split(&partial, (size, plan.offset, hasher), split, &mut received, name)
+            }
+        };
         self.r.set_min_rate(None);
         seen.received += received;
         let at = plan.offset + received;
@@ -135,6 +144,17 @@ impl Transfer<'_> {
                 let _ =
                     self.send(&Message::FileVerdict(FileVerdict { index: plan.index as u32, verdict: v }));
                 // An interruption keeps what arrived for a resume; broken framing does not.
+                if matches!(err, Error::Protocol { .. }) {
+                    partial.discard();
+                } else {
+                    self.keep(plan.index, partial);
+                }
+                return Err(err);
+            }
+            Err(BodyError::Split(failure)) => {
+                let (v, err) = *failure;
+                let _ =
+                    self.send(&Message::FileVerdict(FileVerdict { index: plan.index as u32, verdict: v }));
                 if matches!(err, Error::Protocol { .. }) {
                     partial.discard();
                 } else {
@@ -208,6 +228,125 @@ impl Transfer<'_> {
         Ok(())
     }
 
+    /// Receives a split body (`lanes`): parts on this connection until the sender's `SplitEnd`,
+    /// parts on the lanes meanwhile, hashed in order behind them. On failure the partial keeps its
+    /// contiguous prefix (cut there, its record's `upto` mark dropped) for a resume.
+    fn receive_split(
+        &mut self,
+        partial: &Partial,
+        (size, offset, hasher): (u64, u64, Hasher),
+        split: Split,
+        received: &mut u64,
+        name: String,
+    ) -> Result<Digest, BodyError> {
+        let local = |what: &'static str, e: std::io::Error| {
+            let reason = bounded_reason(format!("receiver: {what}: {e}"));
+            BodyError::Split(Box::new((Verdict::Failed { reason }, Error::io(what, e))))
+        };
+        let file = partial.clone_file().map_err(|e| local("opening the partial again", e))?;
+        let mark = partial.upto_mark().map_err(|e| local("opening the partial's record", e))?;
+        if let Some(m) = &mark {
+            m.mark(Some(offset)).map_err(|e| local("writing the partial's record", e))?;
+        }
+        let new = super::lanes::NewHub {
+            index: split.index,
+            name,
+            session: split.session,
+            secret: split.secret,
+            lanes: split.lanes,
+            ip: self.peer,
+            file,
+            range: (offset, size),
+            bar: &self.bar,
+        };
+        let registered = match super::lanes::register(&self.shared.lanes, new) {
+            Ok(r) => r,
+            Err(why) => {
+                let err = self.malformed(why);
+                let reason = bounded_reason(format!("receiver: {err}"));
+                return Err(BodyError::Split(Box::new((Verdict::Failed { reason }, err))));
+            }
+        };
+        let hub = &registered.hub;
+        let mut buf = vec![0u8; crate::transport::RECV_BUF];
+        self.r.set_min_rate(None);
+        let (outcome, digest) = std::thread::scope(|scope| {
+            let hashing = scope.spawn(|| hub.hash_behind(hasher, mark.as_ref()));
+            let outcome = loop {
+                let m = match self.r.message() {
+                    Ok(m) => m,
+                    Err(e) => break Err(self.r.error("receiving a split body", e)),
+                };
+                match m {
+                    Message::Part(part) => match hub.take_part(self.r, &part, &mut buf) {
+                        Ok(_) => {}
+                        Err(super::lanes::PartError::Wire(e)) => {
+                            break Err(self.r.error("receiving a split body", e));
+                        }
+                        Err(super::lanes::PartError::Local(e)) => {
+                            break Err(Error::io("writing the received file", e));
+                        }
+                    },
+                    // Keepalives while the lanes carry the last parts.
+                    Message::Digests(p) if p.digests.is_empty() => {}
+                    Message::SplitEnd(SplitEnd { index }) if index == split.index => {
+                        break if hub.complete() {
+                            Ok(())
+                        } else {
+                            Err(self.malformed(format!(
+                                "the split ended with {} of {} bytes written",
+                                hub.received.load(std::sync::atomic::Ordering::Relaxed),
+                                size - offset
+                            )))
+                        };
+                    }
+                    other => {
+                        let source = ProtocolError::UnexpectedMessage {
+                            expected: "a part or the split's end",
+                            got: other.name(),
+                        };
+                        break Err(Error::Protocol { peer: self.r.peer().to_string(), source });
+                    }
+                }
+            };
+            if outcome.is_err() {
+                hub.close();
+            }
+            (outcome, hashing.join().expect("hashing thread does not panic"))
+        });
+        *received = hub.received.load(std::sync::atomic::Ordering::Relaxed);
+        self.reservation.consume(*received);
+        let fail = |err: Error| {
+            // Keep only what is whole, for a resume: the prefix without gaps.
+            let upto = hub.contiguous();
+            let _ = partial.truncate(upto);
+            if let Some(m) = &mark {
+                let _ = m.mark(None);
+            }
+            let v = match &err {
+                Error::Connection { .. } => Verdict::SizeMismatch { expected: size, received: upto },
+                Error::Auth(_) => Verdict::Failed {
+                    reason: bounded_reason(format!(
+                        "secure channel broken: what arrived for this file did not authenticate ({err})"
+                    )),
+                },
+                _ => Verdict::Failed { reason: bounded_reason(format!("receiver: {err}")) },
+            };
+            BodyError::Split(Box::new((v, err)))
+        };
+        outcome.map_err(fail)?;
+        match digest {
+            Ok(Some(d)) => {
+                if let Some(m) = &mark {
+                    let _ = m.mark(None);
+                }
+                Ok(d)
+            }
+            Ok(None) => Err(fail(Error::Integrity("the split closed before it was hashed".into()))),
+            Err(e) => Err(fail(Error::io("reading the received file back to hash it", e))),
+        }
+    }
+
     /// Receives a stream's body (see `body::receive_stream`), then its digest, and queues it like
     /// any verified file. Whatever goes wrong removes its partial: a stream cannot resume. A local
     /// failure (the disk is full) is told at once, then the rest of the stream is read and
@@ -253,7 +392,9 @@ impl Transfer<'_> {
                     self.send(&Message::FileVerdict(FileVerdict { index: plan.index as u32, verdict: v }));
                 return Err(Error::NotResumable(Box::new(err)));
             }
-            Err(BodyError::TooLong(_)) => unreachable!("a stream has no size to run past"),
+            Err(BodyError::TooLong(_) | BodyError::Split(..)) => {
+                unreachable!("a stream has no size and no split")
+            }
         };
         self.progress_at = std::time::Instant::now();
         let expected = match self.digest_of(plan.file_no, received) {

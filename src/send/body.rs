@@ -6,6 +6,7 @@ use std::sync::mpsc;
 
 use super::events::{Event, open_unchanged};
 use super::handoff::KEEP_MAX;
+use super::lanes::{SPLIT_MIN, SplitFile, auto_lanes, send_split};
 
 /// How long the engine waits for the hashing thread before it sends what it has buffered.
 const HASH_GRACE: std::time::Duration = std::time::Duration::from_millis(2);
@@ -122,18 +123,39 @@ impl Run<'_> {
             let line = format!("xfer: resuming \"{}\" at byte {offset} of {size}", escape(&shown));
             self.progress.line(&line, false);
         }
-        w.message(&Message::Body(Body { index: i as u32 }))
-            .map_err(|e| w.error("sending bodies", e.into()))?;
-        // From its start on a secure channel, the hashing thread may hash what the body reads
-        // instead of reading the file again (`handoff`).
-        let mut feed = if offset == 0 && w.is_sealed() && size >= TAPPED_MIN_BODY {
-            self.handoff.claim(n)
-        } else {
+        // A large body may go over several connections (`--streams`); the hashing thread then
+        // reads the file itself.
+        let lanes = lanes_for(self.opts.streams.unwrap_or_else(|| auto_lanes(self.rtt)), size - offset);
+        let mut feed = None;
+        let sent = if lanes > 1 {
             self.handoff.release(n);
-            None
+            let split = SplitFile {
+                index: i as u32,
+                source: &item.source,
+                stamp,
+                range: (offset, size),
+                lanes,
+                peer: &self.peer,
+                idle: self.opts.timeout,
+                chunk: self.opts.chunk_size,
+                told: self.told as u32,
+            };
+            send_split(w, &mut f, &split, self.bar).map(|joined| self.lanes_joined += joined)
+        } else {
+            w.message(&Message::Body(Body { index: i as u32 }))
+                .map_err(|e| w.error("sending bodies", e.into()))?;
+            // From its start on a secure channel, the hashing thread may hash what the body reads
+            // instead of reading the file again (`handoff`).
+            feed = if offset == 0 && w.is_sealed() && size >= TAPPED_MIN_BODY {
+                self.handoff.claim(n)
+            } else {
+                self.handoff.release(n);
+                None
+            };
+            let tap = feed.as_mut().map(|f| f as &mut dyn BodyTap);
+            w.file_body(&mut f, (offset, size), self.opts.chunk_size, self.bar, tap)
         };
-        let tap = feed.as_mut().map(|f| f as &mut dyn BodyTap);
-        match w.file_body(&mut f, (offset, size), self.opts.chunk_size, self.bar, tap) {
+        match sent {
             Ok(()) => {}
             Err(FileError::Net(e)) => return Err(w.error("sending the body", e.into())),
             // The body cannot be completed: the connection is out of step, so it ends here.
@@ -206,4 +228,14 @@ impl Run<'_> {
             self.handoff.unkeep(bytes.len() as u64);
         }
     }
+}
+
+/// How many connections a body of `len` bytes goes over: `--streams`, for a body of at least
+/// [`SPLIT_MIN`], and no more than it has parts.
+fn lanes_for(streams: u8, len: u64) -> u8 {
+    if streams <= 1 || len < SPLIT_MIN {
+        return 1;
+    }
+    let parts = len.div_ceil(crate::protocol::SPLIT_CHUNK);
+    u64::from(streams).min(parts) as u8
 }

@@ -21,6 +21,7 @@ mod body;
 pub(crate) mod events;
 pub(crate) mod handoff;
 pub mod json;
+mod lanes;
 pub mod plan;
 mod report;
 pub(crate) mod run;
@@ -69,6 +70,9 @@ pub struct SendOpts {
     pub json: bool,
     /// `xfer send - HOST --as NAME`: standard input is sent as one stream.
     pub stdin: bool,
+    /// Connections a large file's body may use (`--streams`; 1: one connection; `None`: as
+    /// many as the round trip calls for, see `send::lanes::auto_lanes`).
+    pub streams: Option<u8>,
 }
 
 impl SendOpts {
@@ -126,11 +130,12 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
         (events.clone(), handoff.clone()),
     );
 
-    let (r, mut w, peer) =
+    let (r, mut w, peer, rtt) =
         connect(opts, &mut ready, &hashing_bar, progress, &plan.entries, label.as_deref())?;
 
     let overall = progress.bytes("sending", label.as_deref().unwrap_or(""), bytes, batch);
     let mut run = run::Run::new((&plan.entries, &plan.items), (opts, progress), &overall, (&peer, handoff));
+    run.rtt = rtt;
     let cause = std::thread::scope(|scope| {
         let reader_events = events.clone();
         let mut reader = r;
@@ -244,7 +249,7 @@ fn connect(
     progress: &Progress,
     entries: &[crate::protocol::Entry],
     label: Option<&str>,
-) -> Result<(transport::FrameReader, FrameWriter, String), Error> {
+) -> Result<(transport::FrameReader, FrameWriter, String, Duration), Error> {
     let mut waiting: Option<Instant> = None;
     let status = progress.spinner(&format!("connecting to {} (waiting for its hello)", opts.to));
     let mut pause = Duration::from_millis(250 + u64::from(std::process::id() % 250));
@@ -284,7 +289,7 @@ fn connect(
 /// What became of one offer of the manifest.
 enum Offered {
     /// Accepted: the connection, ready for digests and bodies.
-    Accepted(Box<(transport::FrameReader, FrameWriter, String)>),
+    Accepted(Box<(transport::FrameReader, FrameWriter, String, Duration)>),
     /// The receiver is busy (no slot, or too many connections): try again later.
     Busy(Error),
 }
@@ -298,7 +303,7 @@ fn offer(
     label: Option<&str>,
     (waiting, progress): (&mut Option<Instant>, &Progress),
 ) -> Result<Offered, Error> {
-    let secure::Connected { mut r, mut w, peer, auth } = match secure::connect(opts, ready, bar) {
+    let secure::Connected { mut r, mut w, peer, auth, rtt } = match secure::connect(opts, ready, bar) {
         Ok(c) => c,
         // Refused before the handshake, or closed without a word: the receiver has no
         // connection to spare.
@@ -359,7 +364,9 @@ fn offer(
         first = r.message().map_err(|e| r.error("waiting in the receiver's line", e))?;
     }
     match first {
-        Message::Answers(part) if part.answers.is_empty() => Ok(Offered::Accepted(Box::new((r, w, peer)))),
+        Message::Answers(part) if part.answers.is_empty() => {
+            Ok(Offered::Accepted(Box::new((r, w, peer, rtt))))
+        }
         Message::Reject(reject)
             if matches!(
                 reject.code,

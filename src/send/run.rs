@@ -76,6 +76,10 @@ pub(super) struct Run<'a> {
     /// Small files' bytes, read and checked by the hashing thread, by entry index, until their
     /// body goes out from them.
     pub(super) kept: Vec<Option<Vec<u8>>>,
+    /// Lanes that carried parts of split bodies to their end (`--streams`).
+    pub(super) lanes_joined: usize,
+    /// How long the TCP connect took (about one round trip), for `--streams auto`.
+    pub(super) rtt: Duration,
 }
 
 impl<'a> Run<'a> {
@@ -126,6 +130,8 @@ impl<'a> Run<'a> {
             handoff,
             answered_at: Instant::now(),
             kept: vec![None; n],
+            lanes_joined: 0,
+            rtt: Duration::ZERO,
         }
     }
 

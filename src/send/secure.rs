@@ -33,10 +33,14 @@ pub(crate) struct Connected {
     pub w: FrameWriter,
     pub peer: String,
     pub auth: Auth,
+    /// How long the TCP connect took: about one round trip (`--streams auto` goes by it).
+    pub rtt: std::time::Duration,
 }
 
-fn dial(opts: &SendOpts) -> Result<(FrameReader, FrameWriter, String), Error> {
+fn dial(opts: &SendOpts) -> Result<(FrameReader, FrameWriter, String, std::time::Duration), Error> {
+    let began = std::time::Instant::now();
     let stream: TcpStream = transport::connect(&opts.to, opts.connect_timeout)?;
+    let rtt = began.elapsed();
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| opts.to.clone());
     let (mut r, mut w) = transport::split(stream, &peer, opts.timeout)?;
     match transport::exchange_hellos(&mut r, &mut w) {
@@ -47,7 +51,7 @@ fn dial(opts: &SendOpts) -> Result<(FrameReader, FrameWriter, String), Error> {
         {
             Err(Error::Connection { peer, what: CLOSED_AT_ONCE, source })
         }
-        other => other.map(|()| (r, w, peer)),
+        other => other.map(|()| (r, w, peer, rtt)),
     }
 }
 
@@ -121,20 +125,20 @@ pub(crate) fn prepare(opts: &SendOpts) -> Result<Ready, Error> {
 /// Connects and authenticates as prepared. `bar` is hidden while a late prompt asks for a code.
 pub(crate) fn connect(opts: &SendOpts, ready: &mut Ready, bar: &ProgressBar) -> Result<Connected, Error> {
     let Ready::Secure { store, me, pin, code } = ready else {
-        let (r, mut w, peer) = dial(opts)?;
+        let (r, mut w, peer, rtt) = dial(opts)?;
         w.handshake(&[MODE_INSECURE]).map_err(|e| w.error("starting the handshake", e.into()))?;
-        return Ok(Connected { r, w, peer, auth: Auth::Insecure });
+        return Ok(Connected { r, w, peer, auth: Auth::Insecure, rtt });
     };
     if code.is_none() {
         let p = pin.as_ref().expect("prepare asks for a code when nothing is pinned");
-        let (mut r, mut w, peer) = dial(opts)?;
+        let (mut r, mut w, peer, rtt) = dial(opts)?;
         let (st, step1) = handshake::sender_pinned_start(me, &p.key, Random::System);
         w.handshake(&step1).map_err(|e| w.error("starting the handshake", e.into()))?;
         match r.handshake().map_err(|e| r.error("waiting for the handshake", e))? {
             Handshake::Step(m2) => {
                 let keys = st.finish(&m2).map_err(|_| changed_key(&opts.to))?;
                 handshake::start_records(&mut r, &mut w, (keys.to_receiver, keys.to_sender), false)?;
-                return Ok(Connected { r, w, peer, auth: Auth::Pinned });
+                return Ok(Connected { r, w, peer, auth: Auth::Pinned, rtt });
             }
             // The receiver forgot this sender (or lost its list): pair again with the code,
             // kept for a retry.
@@ -145,9 +149,9 @@ pub(crate) fn connect(opts: &SendOpts, ready: &mut Ready, bar: &ProgressBar) -> 
         }
     }
     let code = code.as_ref().expect("a code by now");
-    let (mut r, mut w, peer) = dial(opts)?;
+    let (mut r, mut w, peer, rtt) = dial(opts)?;
     let (receiver, remembers) = code_handshake(&mut r, &mut w, code, me, pin.as_ref(), &opts.to)?;
-    Ok(Connected { r, w, peer, auth: Auth::Code { store: store.clone(), receiver, remembers } })
+    Ok(Connected { r, w, peer, auth: Auth::Code { store: store.clone(), receiver, remembers }, rtt })
 }
 
 fn code_handshake(

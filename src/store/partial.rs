@@ -61,6 +61,27 @@ pub struct Partial {
     mode: Option<u32>,
 }
 
+/// The `upto N` line of a partial's record, kept while a split body arrives: bytes `0..N` are all
+/// written; past `N` parts may be missing. A resume hashes and keeps only `0..N`, so a receiver
+/// killed in the middle of a split still resumes (from its last mark) rather than hashing holes.
+pub struct UptoMark {
+    dir: SafeDir,
+    record: String,
+}
+
+impl UptoMark {
+    /// Rewrites the record with `upto n` (or without it: `None`, the body is whole or cut there).
+    pub fn mark(&self, n: Option<u64>) -> io::Result<()> {
+        let text = read_record(&self.dir, &self.record)?;
+        let mut kept: String =
+            text.lines().filter(|l| !l.starts_with("upto ")).map(|l| format!("{l}\n")).collect();
+        if let Some(n) = n {
+            kept.push_str(&format!("upto {n}\n"));
+        }
+        self.dir.open_rw(&self.record, true)?.write_all(kept.as_bytes())
+    }
+}
+
 /// What opening a partial for an entry gave.
 // One per transfer and moved out at once: boxing the hash state would buy nothing.
 #[allow(clippy::large_enum_variant)]
@@ -172,6 +193,10 @@ impl Partial {
                 String::new()
             }
         };
+        // A split body writes its parts out of order: only the prefix its record vouches for
+        // (`upto`, see `UptoMark`) is contiguous; past it there may be holes.
+        let upto = have.lines().find_map(|l| l.strip_prefix("upto ")).and_then(|v| v.parse::<u64>().ok());
+        let len = upto.map_or(len, |u| len.min(u));
         let (hasher, offset) = if id.matches(name, &have) && len <= size {
             bar.set_length(len);
             hash_prefix(&file, len, alg, deadline, bar)?
@@ -253,6 +278,25 @@ impl Partial {
         let Some(file) = dir.create_unnamed(mode)? else { return Ok(None) };
         let mode = dir.creation_mask().map(|mask| mode & 0o777 & !mask);
         Ok(Some(Partial { file, dir, stem: None, record: false, mode }))
+    }
+
+    /// A second descriptor of the partial, for writing a split body's parts at their offsets
+    /// from several connections (`pwrite`) and reading them back to hash.
+    pub fn clone_file(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
+    /// Where a split body notes how far its bytes are contiguous (`None`: no record to note it
+    /// in; such a partial is never resumed anyway).
+    pub fn upto_mark(&self) -> io::Result<Option<UptoMark>> {
+        let Some(record) = self.name(RECORD_SUFFIX).filter(|_| self.record) else { return Ok(None) };
+        Ok(Some(UptoMark { dir: self.dir.try_clone()?, record }))
+    }
+
+    /// Cuts the partial to its first `len` bytes (a split body that broke off keeps only its
+    /// contiguous prefix).
+    pub fn truncate(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
     }
 
     /// Whether a record sits beside this partial.

@@ -10,6 +10,10 @@
 //!   m2 carries one byte: 1 when the receiver remembers paired senders (`--remember`).
 //! - `02` pinned (repeat contact): `02 ‖ m1` → `m2`, Noise `IK` to the receiver key the sender
 //!   pinned when it paired. No code.
+//! - `03` lane (a further connection of a split file, PROTOCOL.md "Lanes"): `03 ‖ session ‖ Ns`
+//!   → `Nr`; both sides derive the lane's record keys from the split's secret, which travelled
+//!   inside the main connection's records, and the two nonces (HKDF-SHA256). No code, no DH:
+//!   the secret is only as old as the split, and only the main connection's peers know it.
 //!
 //! The Noise prologue binds every plaintext byte before it: `xfer secure channel v1`, both hellos,
 //! the mode byte and (code mode) A; B is bound through K. Then both sides take the two keys of
@@ -40,6 +44,12 @@ pub const IK: &str = "Noise_IK_25519_AESGCM_SHA256";
 pub const MODE_INSECURE: u8 = 0x00;
 pub const MODE_CODE: u8 = 0x01;
 pub const MODE_PINNED: u8 = 0x02;
+pub const MODE_LANE: u8 = 0x03;
+/// A lane's session id and each side's nonce.
+pub const LANE_SESSION: usize = 16;
+pub const LANE_NONCE: usize = 32;
+/// The lane handshake's first step: mode, session, the sender's nonce.
+pub const LANE_STEP1: usize = 1 + LANE_SESSION + LANE_NONCE;
 
 const PROLOGUE: &[u8] = b"xfer secure channel v1";
 const SPAKE_SENDER: &[u8] = b"xfer sender";
@@ -85,6 +95,63 @@ pub fn psk(k: &[u8]) -> Zeroizing<[u8; 32]> {
         .and_then(|okm| okm.fill(&mut out[..]))
         .expect("32 bytes is a valid HKDF length");
     out
+}
+
+/// `N` bytes from the system's randomness (ring's `SystemRandom`: getrandom).
+pub fn random<const N: usize>() -> Result<[u8; N], Error> {
+    use ring::rand::SecureRandom;
+    let mut out = [0u8; N];
+    ring::rand::SystemRandom::new().fill(&mut out).map_err(|_| {
+        Error::io("drawing random bytes", std::io::Error::other("the system's randomness failed"))
+    })?;
+    Ok(out)
+}
+
+/// A lane's record keys: `HKDF-SHA256(salt = "xfer lane v1", IKM = secret, info = prologue(03,
+/// session ‖ Ns) ‖ Nr)`, 64 bytes: sender → receiver, then receiver → sender. Fresh nonces on
+/// both sides make every lane's keys its own, so nothing recorded from one lane opens on another.
+pub fn lane_keys(secret: &[u8; 32], step1: &[u8], nonce_r: &[u8]) -> Keys {
+    struct Len64;
+    impl hkdf::KeyType for Len64 {
+        fn len(&self) -> usize {
+            64
+        }
+    }
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"xfer lane v1").extract(secret);
+    let info = prologue(MODE_LANE, &step1[1..]);
+    let mut out = Zeroizing::new([0u8; 64]);
+    prk.expand(&[&info, nonce_r], Len64)
+        .and_then(|okm| okm.fill(&mut out[..]))
+        .expect("64 bytes is a valid HKDF length");
+    let mut keys = Keys { to_receiver: [0; 32], to_sender: [0; 32] };
+    keys.to_receiver.copy_from_slice(&out[..32]);
+    keys.to_sender.copy_from_slice(&out[32..]);
+    keys
+}
+
+/// The sender's side of a lane: `03 ‖ session ‖ Ns` out, `Nr` in, then records both ways (in the
+/// clear if `secure` is false: an `--insecure` split's lanes are plaintext too).
+pub fn sender_lane(
+    r: &mut FrameReader,
+    w: &mut FrameWriter,
+    session: &[u8; 16],
+    secret: &[u8; 32],
+    secure: bool,
+) -> Result<(), Error> {
+    let mut step1 = vec![MODE_LANE];
+    step1.extend_from_slice(session);
+    let nonce: [u8; LANE_NONCE] = random()?;
+    step1.extend_from_slice(&nonce);
+    w.handshake(&step1).map_err(|e| w.error("joining a lane", e.into()))?;
+    let nonce_r = read_step(r, "waiting for the lane's handshake")?;
+    if nonce_r.len() != LANE_NONCE {
+        return Err(malformed(r, "a malformed lane handshake"));
+    }
+    if !secure {
+        return Ok(());
+    }
+    let keys = lane_keys(secret, &step1, &nonce_r);
+    start_records(r, w, (keys.to_receiver, keys.to_sender), false)
 }
 
 /// The two record keys of a finished handshake, named by direction.
@@ -333,6 +400,9 @@ pub fn start_records(
         .map_err(|e| w.error("starting the secure channel", e.into()))
 }
 
+/// Looks up the secret of a split in progress by its session id, for a lane from an address.
+pub type LaneSecret<'a> = dyn Fn(&[u8; 16], IpAddr) -> Option<Zeroizing<[u8; 32]>> + 'a;
+
 /// How the receiver takes a connection's handshake.
 pub struct Admit<'a> {
     /// `--insecure`: only plaintext senders.
@@ -344,6 +414,16 @@ pub struct Admit<'a> {
     /// `--remember`: where paired senders are kept.
     pub remember: Option<&'a crate::trust::TrustStore>,
     pub ip: IpAddr,
+    /// The secret of a split in progress, by its session id, if `ip` may join it.
+    pub lanes: &'a LaneSecret<'a>,
+}
+
+/// What a connection turned out to be, once its handshake is done.
+pub enum Admitted {
+    /// A transfer: a manifest follows.
+    Transfer,
+    /// A lane of the split with this session id: parts follow.
+    Lane([u8; 16]),
 }
 
 /// A refusal in the clear, before the channel is up.
@@ -359,9 +439,12 @@ fn refuse_plain(w: &mut FrameWriter, code: RejectCode, reason: &str) -> Error {
 
 /// The receiver's side: reads the sender's handshake and, unless it refuses, leaves the
 /// connection ready for the frame stream (plaintext or records).
-pub fn receive(r: &mut FrameReader, w: &mut FrameWriter, admit: &Admit) -> Result<(), Error> {
+pub fn receive(r: &mut FrameReader, w: &mut FrameWriter, admit: &Admit) -> Result<Admitted, Error> {
     let step1 = read_step(r, "waiting for the handshake")?;
     let mode = *step1.first().ok_or_else(|| malformed(r, "an empty handshake step"))?;
+    if mode == MODE_LANE {
+        return receive_lane(r, w, admit, &step1).map(Admitted::Lane);
+    }
     match (mode, admit.insecure) {
         (MODE_INSECURE, true) if step1.len() == 1 => Ok(()),
         (MODE_INSECURE, false) => Err(refuse_plain(
@@ -378,6 +461,35 @@ pub fn receive(r: &mut FrameReader, w: &mut FrameWriter, admit: &Admit) -> Resul
         (MODE_PINNED, false) => receive_pinned(r, w, admit, &step1),
         _ => Err(malformed(r, "an unknown handshake mode")),
     }
+    .map(|()| Admitted::Transfer)
+}
+
+/// A lane: its session must be a split in progress from the same address; the keys come from
+/// that split's secret. A sender that does not know the secret fails at its first record.
+fn receive_lane(
+    r: &mut FrameReader,
+    w: &mut FrameWriter,
+    admit: &Admit,
+    step1: &[u8],
+) -> Result<[u8; 16], Error> {
+    if step1.len() != LANE_STEP1 {
+        return Err(malformed(r, "a malformed lane handshake"));
+    }
+    let session: [u8; 16] = step1[1..1 + LANE_SESSION].try_into().expect("length checked");
+    let Some(secret) = (admit.lanes)(&session, admit.ip) else {
+        return Err(refuse_plain(
+            w,
+            RejectCode::Failed,
+            "no split transfer from this address has that lane id (it ended, or never began)",
+        ));
+    };
+    let nonce: [u8; LANE_NONCE] = random()?;
+    w.handshake(&nonce).map_err(|e| w.error("answering a lane", e.into()))?;
+    if !admit.insecure {
+        let keys = lane_keys(&secret, step1, &nonce);
+        start_records(r, w, (keys.to_sender, keys.to_receiver), false)?;
+    }
+    Ok(session)
 }
 
 fn malformed(r: &FrameReader, what: &'static str) -> Error {
