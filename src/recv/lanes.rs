@@ -28,7 +28,7 @@ use crate::transport::{FrameReader, FrameWriter, MIN_RATE, RECV_BUF};
 
 /// The hashing thread notes how far a split body is contiguous (`upto` in the partial's record)
 /// at most every this many bytes.
-const UPTO_EVERY: u64 = 64 << 20;
+pub(crate) const UPTO_EVERY: u64 = 16 << 20;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Chunk {
@@ -40,8 +40,11 @@ enum Chunk {
 
 struct State {
     chunks: Vec<Chunk>,
-    /// The split ended (done or failed): the hashing thread and waiting parts stop.
+    /// The split ended (done or failed): the hashing thread and waiting parts stop, and no
+    /// write begins.
     closed: bool,
+    /// Writes under way: a failed split waits for them before it cuts the partial.
+    writing: usize,
 }
 
 /// One split body in progress.
@@ -144,7 +147,7 @@ pub(crate) fn register<'r>(registry: &'r Registry, new: NewHub) -> Result<Regist
         file: new.file,
         start,
         size,
-        state: Mutex::new(State { chunks: vec![Chunk::Free; chunks], closed: false }),
+        state: Mutex::new(State { chunks: vec![Chunk::Free; chunks], closed: false, writing: 0 }),
         changed: Condvar::new(),
         joined: AtomicUsize::new(0),
         max_lanes: usize::from(new.lanes) - 1,
@@ -167,6 +170,31 @@ impl Hub {
     pub fn close(&self) {
         self.lock().closed = true;
         self.changed.notify_all();
+    }
+
+    /// Closes the split and waits until no lane is writing: what is on disk then stays as it is.
+    pub fn close_and_settle(&self) {
+        let mut st = self.lock();
+        st.closed = true;
+        self.changed.notify_all();
+        while st.writing > 0 {
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Writes `bytes` at `at` unless the split is closed.
+    fn write_at(&self, bytes: &[u8], at: u64) -> Result<(), PartError> {
+        {
+            let mut st = self.lock();
+            if st.closed {
+                return Err(PartError::Local(io::Error::other("the split has ended")));
+            }
+            st.writing += 1;
+        }
+        let written = self.file.write_all_at(bytes, at);
+        self.lock().writing -= 1;
+        self.changed.notify_all();
+        written.map_err(PartError::Local)
     }
 
     /// Whether every part is written.
@@ -254,7 +282,7 @@ impl Hub {
                 left -= n;
                 if filled == buf.len() || at + filled as u64 == end {
                     if write {
-                        self.file.write_all_at(&buf[..filled], at).map_err(PartError::Local)?;
+                        self.write_at(&buf[..filled], at)?;
                         self.received.fetch_add(filled as u64, Ordering::Relaxed);
                         self.bar.inc(filled as u64);
                     }

@@ -310,18 +310,20 @@ impl Transfer<'_> {
                 }
             };
             if outcome.is_err() {
-                hub.close();
+                hub.close_and_settle();
             }
             (outcome, hashing.join().expect("hashing thread does not panic"))
         });
         *received = hub.received.load(std::sync::atomic::Ordering::Relaxed);
         self.reservation.consume(*received);
         let fail = |err: Error| {
-            // Keep only what is whole, for a resume: the prefix without gaps.
+            // Keep only what is whole, for a resume: the prefix without gaps (no lane writes any
+            // more: the split is closed and settled).
+            hub.close_and_settle();
             let upto = hub.contiguous();
             let _ = partial.truncate(upto);
             if let Some(m) = &mark {
-                let _ = m.mark(None);
+                let _ = m.mark(Some(upto));
             }
             let v = match &err {
                 Error::Connection { .. } => Verdict::SizeMismatch { expected: size, received: upto },

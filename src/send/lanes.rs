@@ -43,7 +43,7 @@ pub(crate) fn auto_lanes(rtt: Duration) -> u8 {
 }
 
 /// How long a lane may take to connect; one that cannot is given up (the split goes on).
-const LANE_CONNECT: Duration = Duration::from_secs(5);
+pub(crate) const LANE_CONNECT: Duration = Duration::from_secs(5);
 
 /// How often the main connection, its own parts sent, sends a keepalive while lanes finish.
 const LANE_KEEPALIVE: Duration = Duration::from_secs(1);

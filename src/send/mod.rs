@@ -21,7 +21,7 @@ mod body;
 pub(crate) mod events;
 pub(crate) mod handoff;
 pub mod json;
-mod lanes;
+pub(crate) mod lanes;
 pub mod plan;
 mod report;
 pub(crate) mod run;

@@ -15,6 +15,7 @@ mod handoff; // a large first send reads its file once; the guarantees hold on t
 mod hashes; // --hash blake3: announced, verified with that algorithm, cached apart
 mod hostile; // a raw peer speaking the wire format attacks the receiver
 mod hostile_receiver; // a fake receiver lies to the sender: bad offsets, frames, answers, names
+mod lanes; // --streams: a large file over several connections, raw parts, resumes after kills
 mod load; // 64 senders at once; a flood of idle connections from one address
 mod names; // names Linux allows arrive; what the target's file system cannot hold is refused alone
 mod pipeline; // hashing overlaps sending: files are answered and stored as their digests come

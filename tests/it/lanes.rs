@@ -1,0 +1,252 @@
+//! Lanes: a large file's body over several connections (`--streams`), in parts, checked whole.
+//! The real sender over the secure channel and in the clear; a raw peer that speaks the parts as
+//! PROTOCOL.md describes them (out of order, a part sent twice, a part off the grid, a lane of
+//! no split); and interruptions that must still resume: a sender killed mid-split, and a receiver
+//! killed mid-split, whose partial has holes past what it noted as whole.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::secure::{Secure, send_file};
+use crate::util::{
+    BIN, RawPeer, Receiver, data_frame, random_bytes, send, sha256, source_file, test_cache_home,
+};
+use xfer::protocol::{self, FileVerdict, FrameKind, Message, Part, SPLIT_CHUNK, Split, SplitEnd, Verdict};
+
+fn lane_lines(log: &str) -> usize {
+    log.lines().filter(|l| l.contains("(a lane)") && l.contains("lane done")).count()
+}
+
+/// The lanes' log lines, once `n` are there (a lane logs when its connection ends, which may be
+/// just after the main connection's line), or what there is after a while.
+fn lanes_logged(rx: &Receiver, n: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lane_lines(&rx.stderr()) < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    lane_lines(&rx.stderr())
+}
+
+#[test]
+fn a_large_file_goes_over_several_encrypted_streams_and_arrives_whole() {
+    let s = Secure::start(&[]);
+    let cfg = tempfile::tempdir().unwrap();
+    // Not a whole number of parts: the last one is short.
+    let data = random_bytes((72 << 20) + 12345, 41);
+    let (_src, path) = source_file("big.bin", &data);
+    let code = s.code.to_string_lossy().into_owned();
+    let run = send_file(cfg.path(), &path, &s.rx.target(), &["--code-file", &code, "--streams", "4"], &[]);
+    run.expect(0);
+    assert!(std::fs::read(s.rx.dir.join("big.bin")).unwrap() == data, "stored file differs");
+    let line = s.rx.wait_log("verified, stored as \"big.bin\"");
+    assert!(line.contains("72.0 MiB received"), "the main line counts every part: {line}");
+    assert_eq!(lanes_logged(&s.rx, 3), 3, "three lanes beside the main connection:\n{}", s.rx.stderr());
+    assert_eq!(crate::util::list(&s.rx.dir), ["big.bin"], "no partial or record left");
+}
+
+#[test]
+fn in_the_clear_too_and_auto_stays_on_one_connection_over_loopback() {
+    let rx = Receiver::start(&[]);
+    let data = random_bytes(65 << 20, 42);
+    let (_src, path) = source_file("plain.bin", &data);
+    send(&path, &rx.target(), &["--streams", "3"]).expect(0);
+    assert!(std::fs::read(rx.dir.join("plain.bin")).unwrap() == data);
+    rx.wait_log("stored as \"plain.bin\"");
+    assert_eq!(lanes_logged(&rx, 2), 2, "{}", rx.stderr());
+    // auto: a loopback round trip is far below 20 ms, so one connection.
+    let (_src2, path2) = source_file("auto.bin", &data[..(64 << 20) + 1]);
+    send(&path2, &rx.target(), &[]).expect(0);
+    rx.wait_log("stored as \"auto.bin\"");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(lane_lines(&rx.stderr()), 2, "auto split a loopback send:\n{}", rx.stderr());
+}
+
+#[test]
+fn recv_once_serves_the_lanes_of_its_one_transfer() {
+    let rx = Receiver::start(&["--once"]);
+    let data = random_bytes(70 << 20, 43);
+    let (_src, path) = source_file("once.bin", &data);
+    send(&path, &rx.target(), &["--streams", "2"]).expect(0);
+    let mut rx = rx;
+    assert_eq!(rx.wait_exit(), 0);
+    assert!(std::fs::read(rx.dir.join("once.bin")).unwrap() == data);
+    assert_eq!(lanes_logged(&rx, 1), 1, "{}", rx.stderr());
+}
+
+/// A raw lane: hellos, then mode 03 with `session` and a nonce; the receiver's nonce back (in the
+/// clear: the receivers of raw-peer tests run `--insecure`, so lanes carry plaintext frames).
+fn raw_lane(addr: std::net::SocketAddr, session: [u8; 16]) -> (TcpStream, Result<Vec<u8>, Message>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    protocol::write_hello(&mut s).unwrap();
+    protocol::read_hello(&mut s).unwrap();
+    let mut step = vec![0x03];
+    step.extend_from_slice(&session);
+    step.extend_from_slice(&[7u8; 32]);
+    protocol::write_frame_header(&mut s, FrameKind::Handshake, step.len() as u32).unwrap();
+    s.write_all(&step).unwrap();
+    let h = protocol::read_frame_header(&mut s).unwrap();
+    let mut payload = vec![0u8; h.len as usize];
+    std::io::Read::read_exact(&mut s, &mut payload).unwrap();
+    let reply = match h.kind {
+        FrameKind::Handshake => Ok(payload),
+        _ => Err(protocol::decode_message(&payload).unwrap()),
+    };
+    (s, reply)
+}
+
+/// A part and its data frames. A receiver that refuses it may hang up meanwhile: the test looks
+/// at what it said, not at whether every byte went out.
+fn part(to: &mut impl Write, offset: u64, bytes: &[u8]) {
+    let _ = protocol::write_message(to, &Message::Part(Part { index: 0, offset }));
+    for piece in bytes.chunks(1 << 20) {
+        if to.write_all(&data_frame(piece)).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn parts_out_of_order_over_a_raw_lane_a_part_sent_twice_is_dropped_and_the_file_checked_whole() {
+    let rx = Receiver::start(&[]);
+    let size = 2 * SPLIT_CHUNK + 5;
+    let data = random_bytes(size as usize, 44);
+    let mut main = RawPeer::greet(rx.addr);
+    assert!(crate::util::is_accept(&main.offer("split.bin", size, sha256(&data))));
+    assert_eq!(main.answer(), protocol::Answer::Send { offset: 0 });
+    // A lane of no split is refused in the clear.
+    let (_, reply) = raw_lane(rx.addr, [9; 16]);
+    assert!(matches!(reply, Err(Message::Reject(_))), "a lane of no split: {reply:?}");
+    let session = [1u8; 16];
+    let split = Split { index: 0, session, secret: [2; 32], lanes: 2 };
+    protocol::write_message(&mut main.stream, &Message::Split(split)).unwrap();
+    main.stream.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut lane, reply) = loop {
+        // The split registers when the receiver reads it: a lane may come a moment too early.
+        let (lane, reply) = raw_lane(rx.addr, session);
+        if reply.is_ok() || Instant::now() > deadline {
+            break (lane, reply);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(reply.expect("the lane's handshake").len(), 32, "the receiver's nonce");
+    // The last part first, on the lane.
+    part(&mut lane, 2 * SPLIT_CHUNK, &data[2 * SPLIT_CHUNK as usize..]);
+    protocol::write_message(&mut lane, &Message::SplitEnd(SplitEnd { index: 0 })).unwrap();
+    assert_eq!(protocol::read_message(&mut lane).unwrap(), Message::SplitEnd(SplitEnd { index: 0 }));
+    // On the main connection: the first part, the lane's part again with other bytes (dropped),
+    // then the middle one.
+    part(&mut main.stream, 0, &data[..SPLIT_CHUNK as usize]);
+    part(&mut main.stream, 2 * SPLIT_CHUNK, &[0xee; 5]);
+    part(&mut main.stream, SPLIT_CHUNK, &data[SPLIT_CHUNK as usize..2 * SPLIT_CHUNK as usize]);
+    protocol::write_message(&mut main.stream, &Message::SplitEnd(SplitEnd { index: 0 })).unwrap();
+    match main.read().unwrap() {
+        Message::FileVerdict(FileVerdict { verdict: Verdict::Verified { name }, .. }) => {
+            assert_eq!(name, "split.bin")
+        }
+        other => panic!("expected the file verified, got {other:?}"),
+    }
+    assert!(std::fs::read(rx.dir.join("split.bin")).unwrap() == data, "the first copy of each part stays");
+    rx.assert_files(&["split.bin"]);
+}
+
+#[test]
+fn a_part_off_the_grid_or_a_split_that_ends_early_stores_nothing() {
+    let rx = Receiver::start(&[]);
+    let size = SPLIT_CHUNK + 100;
+    let data = random_bytes(size as usize, 45);
+    for case in ["off the grid", "ends early"] {
+        let name = format!("{}.bin", case.replace(' ', "-"));
+        let mut main = RawPeer::greet(rx.addr);
+        assert!(crate::util::is_accept(&main.offer(&name, size, sha256(&data))));
+        assert_eq!(main.answer(), protocol::Answer::Send { offset: 0 });
+        let split = Split { index: 0, session: [3; 16], secret: [4; 32], lanes: 1 };
+        protocol::write_message(&mut main.stream, &Message::Split(split)).unwrap();
+        if case == "off the grid" {
+            part(&mut main.stream, 4096, &data[4096..]);
+        } else {
+            part(&mut main.stream, 0, &data[..SPLIT_CHUNK as usize]);
+            protocol::write_message(&mut main.stream, &Message::SplitEnd(SplitEnd { index: 0 })).unwrap();
+        }
+        match main.read() {
+            Ok(Message::FileVerdict(FileVerdict { verdict: Verdict::Failed { .. }, .. })) | Err(_) => {}
+            other => panic!("{case}: expected a failure, got {other:?}"),
+        }
+        let _ = main.stream.set_read_timeout(Some(Duration::from_secs(20)));
+        assert!(main.closed_by_peer(), "{case}: the connection ends");
+        rx.wait_log(&format!("\"{name}\""));
+    }
+    // Nothing under a final name; the receiver still serves.
+    assert!(rx.files().iter().all(|f| f.starts_with(".xfer-")), "{:?}", rx.files());
+    let (_src, path) = source_file("after.bin", b"still serving");
+    send(&path, &rx.target(), &[]).expect(0);
+}
+
+fn spawn_send(path: &std::path::Path, to: &str, streams: &str) -> std::process::Child {
+    Command::new(BIN)
+        .args(["send", "--quiet", "--insecure", "--no-cache", "--streams", streams])
+        .arg(path)
+        .arg(to)
+        .env("XDG_CACHE_HOME", test_cache_home())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the partial of `name` in `rx` is at least `len` bytes long (its parts reach that
+/// far; there may be holes before).
+fn wait_partial(rx: &Receiver, name: &str, len: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stem = xfer::store::stem_for(name);
+        let have = std::fs::metadata(rx.dir.join(format!("{stem}.part"))).map_or(0, |m| m.len());
+        if have >= len {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the partial never reached {len} bytes");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_sender_killed_mid_split_resumes_from_what_was_whole() {
+    let rx = Receiver::start(&[]);
+    let data = random_bytes(256 << 20, 46);
+    let (_src, path) = source_file("cut.bin", &data);
+    let mut tx = spawn_send(&path, &rx.target(), "4");
+    wait_partial(&rx, "cut.bin", 96 << 20);
+    tx.kill().unwrap();
+    tx.wait().unwrap();
+    rx.wait_log("\"cut.bin\" (256.0 MiB)");
+    // What was whole is kept (cut to the first gap), nothing past it.
+    let (_, kept) = rx.partial("cut.bin");
+    assert!(kept > 0 && kept.is_multiple_of(SPLIT_CHUNK), "kept {kept} bytes: whole parts from the start");
+    let run = send(&path, &rx.target(), &["--streams", "4"]).expect(0);
+    assert!(run.stdout().contains("resumed at"), "did not resume:\n{}", run.report());
+    assert!(std::fs::read(rx.dir.join("cut.bin")).unwrap() == data, "resumed file differs");
+}
+
+#[test]
+fn a_receiver_killed_mid_split_resumes_from_its_mark_not_from_its_holes() {
+    let rx = Receiver::start(&[]);
+    let data = random_bytes(256 << 20, 47);
+    let (_src, path) = source_file("holes.bin", &data);
+    let mut tx = spawn_send(&path, &rx.target(), "4");
+    wait_partial(&rx, "holes.bin", 128 << 20);
+    let (root, dir) = rx.kill_and_keep_dir();
+    let _ = tx.wait();
+    // The partial may hold holes past its mark; a restarted receiver must not hash them as data.
+    let rx = Receiver::start_in(root, dir, &[]);
+    let run = send(&path, &rx.target(), &["--streams", "4"]).expect(0);
+    assert!(
+        std::fs::read(rx.dir.join("holes.bin")).unwrap() == data,
+        "stored file differs:\n{}",
+        run.report()
+    );
+    rx.assert_files(&["holes.bin"]);
+}
