@@ -58,6 +58,10 @@ pub const VERSION: u16 = 7;
 /// on one connection of the split (see [`Split`]).
 pub const SPLIT_CHUNK: u64 = 8 << 20;
 
+/// The least a body must hold (from its answered offset) to be split: below it, one connection
+/// fills a link as fast as several would start. A `Split` of a smaller body is a protocol error.
+pub const SPLIT_MIN: u64 = 64 << 20;
+
 /// Connections one split may use, the main one included; a `Split` asking for more is refused.
 pub const MAX_LANES: u8 = 8;
 

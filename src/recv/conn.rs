@@ -117,7 +117,7 @@ fn handle(shared: &Shared, stream: TcpStream, peer: &str, seen: &mut Seen) -> Re
     if let Admitted::Lane(session) = admitted {
         seen.lane = true;
         deadline(&mut r, None)?;
-        let Some(hub) = shared.lanes.find(&session) else {
+        let Some(hub) = shared.lanes.find(&session, ip) else {
             let source = ProtocolError::Malformed("a lane of a split that has ended".into());
             return Err(Error::Protocol { peer: peer.to_string(), source });
         };

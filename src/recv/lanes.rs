@@ -45,6 +45,8 @@ struct State {
     closed: bool,
     /// Writes under way: a failed split waits for them before it cuts the partial.
     writing: usize,
+    /// Why a lane made the whole split fail (it broke the protocol, or its write failed).
+    failure: Option<String>,
 }
 
 /// One split body in progress.
@@ -63,7 +65,7 @@ pub(crate) struct Hub {
     /// Lanes that joined (the main connection not counted), and how many may.
     joined: AtomicUsize,
     max_lanes: usize,
-    /// Body bytes written, on all connections.
+    /// Bytes of the parts written whole, on all connections (each part once).
     pub received: AtomicU64,
     bar: indicatif::ProgressBar,
 }
@@ -83,8 +85,9 @@ impl Registry {
         self.lock().get(session).filter(|h| h.ip == ip).map(|h| h.secret.clone())
     }
 
-    pub fn find(&self, session: &[u8; 16]) -> Option<Arc<Hub>> {
-        self.lock().get(session).cloned()
+    /// The split `session` from `ip` (the address of its main connection).
+    pub fn find(&self, session: &[u8; 16], ip: IpAddr) -> Option<Arc<Hub>> {
+        self.lock().get(session).filter(|h| h.ip == ip).cloned()
     }
 }
 
@@ -107,6 +110,8 @@ pub(crate) enum PartError {
     Wire(WireError),
     /// Writing or reading the partial.
     Local(io::Error),
+    /// The split ended (it failed elsewhere): nothing more is written.
+    Closed,
 }
 
 impl From<WireError> for PartError {
@@ -147,7 +152,12 @@ pub(crate) fn register<'r>(registry: &'r Registry, new: NewHub) -> Result<Regist
         file: new.file,
         start,
         size,
-        state: Mutex::new(State { chunks: vec![Chunk::Free; chunks], closed: false, writing: 0 }),
+        state: Mutex::new(State {
+            chunks: vec![Chunk::Free; chunks],
+            closed: false,
+            writing: 0,
+            failure: None,
+        }),
         changed: Condvar::new(),
         joined: AtomicUsize::new(0),
         max_lanes: usize::from(new.lanes) - 1,
@@ -172,6 +182,21 @@ impl Hub {
         self.changed.notify_all();
     }
 
+    /// Fails the whole split (a lane broke the protocol or could not write): the main connection
+    /// reports `reason` at its next look.
+    pub fn fail(&self, reason: String) {
+        let mut st = self.lock();
+        st.failure.get_or_insert(reason);
+        st.closed = true;
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    /// Why a lane failed the split, if one did.
+    pub fn failure(&self) -> Option<String> {
+        self.lock().failure.clone()
+    }
+
     /// Closes the split and waits until no lane is writing: what is on disk then stays as it is.
     pub fn close_and_settle(&self) {
         let mut st = self.lock();
@@ -187,7 +212,7 @@ impl Hub {
         {
             let mut st = self.lock();
             if st.closed {
-                return Err(PartError::Local(io::Error::other("the split has ended")));
+                return Err(PartError::Closed);
             }
             st.writing += 1;
         }
@@ -244,8 +269,15 @@ impl Hub {
                 }
             }
         };
-        let outcome = self.part_frames(r, off, len, buf, write);
+        let mut shown = 0;
+        let outcome = self.part_frames(r, (off, len), buf, write, &mut shown);
         if write {
+            if outcome.is_ok() {
+                self.received.fetch_add(len, Ordering::Relaxed);
+            } else {
+                // Sent again later, on some connection: off the bar until then.
+                self.bar.set_position(self.bar.position().saturating_sub(shown));
+            }
             let mut st = self.lock();
             st.chunks[k] = if outcome.is_ok() { Chunk::Written } else { Chunk::Free };
             drop(st);
@@ -257,10 +289,10 @@ impl Hub {
     fn part_frames(
         &self,
         r: &mut FrameReader,
-        off: u64,
-        len: u64,
+        (off, len): (u64, u64),
         buf: &mut [u8],
         write: bool,
+        shown: &mut u64,
     ) -> Result<(), PartError> {
         let mut at = off;
         let end = off + len;
@@ -283,8 +315,8 @@ impl Hub {
                 if filled == buf.len() || at + filled as u64 == end {
                     if write {
                         self.write_at(&buf[..filled], at)?;
-                        self.received.fetch_add(filled as u64, Ordering::Relaxed);
                         self.bar.inc(filled as u64);
+                        *shown += filled as u64;
                     }
                     at += filled as u64;
                     filled = 0;
@@ -335,30 +367,49 @@ impl Hub {
 }
 
 /// Serves one lane: parts until the sender's `SplitEnd`, answered with `SplitEnd` once every part
-/// it carried is written. Returns the bytes it wrote.
+/// it carried is written. `mine`: the bytes it wrote. A lane counts against the split's lanes
+/// only once its first message is in (on the secure channel: its first record opened), so a
+/// stranger who saw the session id cannot take the places. A lane that breaks the protocol or
+/// cannot write fails the whole split; one that is cut or times out fails alone (its sender sends
+/// its parts again on another connection).
 pub(crate) fn serve(
     hub: &Hub,
     r: &mut FrameReader,
     w: &mut FrameWriter,
     mine: &mut u64,
 ) -> Result<(), crate::error::Error> {
+    use crate::error::Error;
     let peer = r.peer().to_string();
-    let protocol = |source| crate::error::Error::Protocol { peer: peer.clone(), source };
-    if hub.joined.fetch_add(1, Ordering::SeqCst) >= hub.max_lanes {
-        return Err(protocol(ProtocolError::Malformed(format!(
-            "a lane past the {} the split asked for",
-            hub.max_lanes
-        ))));
-    }
+    let protocol = |source| Error::Protocol { peer: peer.clone(), source };
     r.set_min_rate(Some(MIN_RATE));
     let mut buf = vec![0u8; RECV_BUF];
+    let mut joined = false;
     loop {
         let m = r.message().map_err(|e| r.error("reading a lane", e))?;
+        if !std::mem::replace(&mut joined, true) && hub.joined.fetch_add(1, Ordering::SeqCst) >= hub.max_lanes
+        {
+            return Err(protocol(ProtocolError::Malformed(format!(
+                "a lane past the {} the split asked for",
+                hub.max_lanes
+            ))));
+        }
+        let broke = |e: Error| {
+            hub.fail(format!("a lane broke it ({e})"));
+            e
+        };
         match m {
             Message::Part(part) => match hub.take_part(r, &part, &mut buf) {
                 Ok(n) => *mine += n,
+                Err(PartError::Wire(e @ WireError::Protocol(_))) => {
+                    return Err(broke(r.error("reading a lane's part", e)));
+                }
                 Err(PartError::Wire(e)) => return Err(r.error("reading a lane's part", e)),
-                Err(PartError::Local(e)) => return Err(crate::error::Error::io("writing a lane's part", e)),
+                Err(PartError::Local(e)) => return Err(broke(Error::io("writing a lane's part", e))),
+                Err(PartError::Closed) => {
+                    return Err(protocol(ProtocolError::Malformed(
+                        "a part of a split that has ended".into(),
+                    )));
+                }
             },
             Message::SplitEnd(SplitEnd { index }) if index == hub.index => {
                 w.message(&Message::SplitEnd(SplitEnd { index }))
@@ -367,10 +418,10 @@ pub(crate) fn serve(
                 return Ok(());
             }
             other => {
-                return Err(protocol(ProtocolError::UnexpectedMessage {
+                return Err(broke(protocol(ProtocolError::UnexpectedMessage {
                     expected: "a part",
                     got: other.name(),
-                }));
+                })));
             }
         }
     }

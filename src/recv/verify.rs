@@ -243,6 +243,15 @@ impl Transfer<'_> {
             let reason = bounded_reason(format!("receiver: {what}: {e}"));
             BodyError::Split(Box::new((Verdict::Failed { reason }, Error::io(what, e))))
         };
+        if size - offset < crate::protocol::SPLIT_MIN {
+            let err = self.malformed(format!(
+                "a split of a {}-byte body (SPLIT_MIN is {})",
+                size - offset,
+                crate::protocol::SPLIT_MIN
+            ));
+            let reason = bounded_reason(format!("receiver: {err}"));
+            return Err(BodyError::Split(Box::new((Verdict::Failed { reason }, err))));
+        }
         let file = partial.clone_file().map_err(|e| local("opening the partial again", e))?;
         let mark = partial.upto_mark().map_err(|e| local("opening the partial's record", e))?;
         if let Some(m) = &mark {
@@ -270,6 +279,11 @@ impl Transfer<'_> {
         let hub = &registered.hub;
         let mut buf = vec![0u8; crate::transport::RECV_BUF];
         self.r.set_min_rate(None);
+        // The split as a whole must move `MIN_RATE` over each window of the idle timeout: the main
+        // connection may carry nothing but keepalives while its lanes work, but not forever.
+        let idle = self.shared.opts.timeout;
+        let mut window = (std::time::Instant::now(), 0u64);
+        let mut consumed = 0u64;
         let (outcome, digest) = std::thread::scope(|scope| {
             let hashing = scope.spawn(|| hub.hash_behind(hasher, mark.as_ref()));
             let outcome = loop {
@@ -277,27 +291,30 @@ impl Transfer<'_> {
                     Ok(m) => m,
                     Err(e) => break Err(self.r.error("receiving a split body", e)),
                 };
-                match m {
+                let stepped = match m {
                     Message::Part(part) => match hub.take_part(self.r, &part, &mut buf) {
-                        Ok(_) => {}
+                        Ok(_) => Ok(()),
                         Err(super::lanes::PartError::Wire(e)) => {
-                            break Err(self.r.error("receiving a split body", e));
+                            Err(self.r.error("receiving a split body", e))
                         }
                         Err(super::lanes::PartError::Local(e)) => {
-                            break Err(Error::io("writing the received file", e));
+                            Err(Error::io("writing the received file", e))
+                        }
+                        Err(super::lanes::PartError::Closed) => {
+                            Err(self.malformed("the split has ended".into()))
                         }
                     },
                     // Keepalives while the lanes carry the last parts.
-                    Message::Digests(p) if p.digests.is_empty() => {}
+                    Message::Digests(p) if p.digests.is_empty() => Ok(()),
                     Message::SplitEnd(SplitEnd { index }) if index == split.index => {
-                        break if hub.complete() {
-                            Ok(())
-                        } else {
-                            Err(self.malformed(format!(
+                        break match hub.failure() {
+                            Some(why) => Err(self.malformed(format!("the split failed: {why}"))),
+                            None if hub.complete() => Ok(()),
+                            None => Err(self.malformed(format!(
                                 "the split ended with {} of {} bytes written",
                                 hub.received.load(std::sync::atomic::Ordering::Relaxed),
                                 size - offset
-                            )))
+                            ))),
                         };
                     }
                     other => {
@@ -305,8 +322,31 @@ impl Transfer<'_> {
                             expected: "a part or the split's end",
                             got: other.name(),
                         };
-                        break Err(Error::Protocol { peer: self.r.peer().to_string(), source });
+                        Err(Error::Protocol { peer: self.r.peer().to_string(), source })
                     }
+                };
+                // A lane's failure outranks what the main connection saw of it.
+                if let Some(why) = hub.failure() {
+                    break Err(self.malformed(format!("the split failed: {why}")));
+                }
+                if let Err(e) = stepped {
+                    break Err(e);
+                }
+                // What is written shows in the file system now: no longer reserved.
+                let now = hub.received.load(std::sync::atomic::Ordering::Relaxed);
+                self.reservation.consume(now - consumed);
+                consumed = now;
+                if let Some(idle) = idle
+                    && window.0.elapsed() >= idle
+                {
+                    if now - window.1 < MIN_RATE * idle.as_secs().max(1) {
+                        break Err(Error::Timeout {
+                            peer: self.r.peer().to_string(),
+                            what: "moving a split body at the least rate",
+                            limit: crate::transport::idle_limit(Some(idle)),
+                        });
+                    }
+                    window = (std::time::Instant::now(), now);
                 }
             };
             if outcome.is_err() {
@@ -315,7 +355,7 @@ impl Transfer<'_> {
             (outcome, hashing.join().expect("hashing thread does not panic"))
         });
         *received = hub.received.load(std::sync::atomic::Ordering::Relaxed);
-        self.reservation.consume(*received);
+        self.reservation.consume(*received - consumed);
         let fail = |err: Error| {
             // Keep only what is whole, for a resume: the prefix without gaps (no lane writes any
             // more: the split is closed and settled).

@@ -23,12 +23,9 @@ use indicatif::ProgressBar;
 use super::events::open_unchanged;
 use crate::cache::Stamp;
 use crate::error::Error;
+pub(crate) use crate::protocol::SPLIT_MIN;
 use crate::protocol::{DigestsPart, Message, Part, SPLIT_CHUNK, Split, SplitEnd};
 use crate::transport::{self, FileError, FrameWriter, handshake};
-
-/// The least a file's body must hold (from its offset) to be split: below it, one connection
-/// fills a link as fast as several would start.
-pub(crate) const SPLIT_MIN: u64 = 64 << 20;
 
 /// The round trip one connection fills a link at: `--streams auto` opens one connection per
 /// this much of it. Measured with bench/link.py (Linux's default 4 MiB send buffer): one stream

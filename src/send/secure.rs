@@ -38,9 +38,7 @@ pub(crate) struct Connected {
 }
 
 fn dial(opts: &SendOpts) -> Result<(FrameReader, FrameWriter, String, std::time::Duration), Error> {
-    let began = std::time::Instant::now();
-    let stream: TcpStream = transport::connect(&opts.to, opts.connect_timeout)?;
-    let rtt = began.elapsed();
+    let (stream, rtt): (TcpStream, _) = transport::connect_timed(&opts.to, opts.connect_timeout)?;
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| opts.to.clone());
     let (mut r, mut w) = transport::split(stream, &peer, opts.timeout)?;
     match transport::exchange_hellos(&mut r, &mut w) {

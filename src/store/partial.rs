@@ -78,8 +78,22 @@ impl UptoMark {
         if let Some(n) = n {
             kept.push_str(&format!("upto {n}\n"));
         }
-        self.dir.open_rw(&self.record, true)?.write_all(kept.as_bytes())
+        rewrite_record(&self.dir, &self.record, &kept)
     }
+}
+
+/// Replaces a partial's record with `text` at once (a new file renamed over it), so a receiver
+/// killed meanwhile leaves the old record or the new one, never an empty one.
+fn rewrite_record(dir: &SafeDir, record: &str, text: &str) -> io::Result<()> {
+    // Still ours to sweep by age (`.xfer-*.meta`) if a crash leaves it.
+    let tmp = format!("{}.new{RECORD_SUFFIX}", record.trim_end_matches(RECORD_SUFFIX));
+    let _ = dir.remove_file(&tmp);
+    let written = dir.create_new(&tmp).and_then(|mut f| f.write_all(text.as_bytes()));
+    if let Err(e) = written {
+        let _ = dir.remove_file(&tmp);
+        return Err(e);
+    }
+    dir.rename(&tmp, record, true)
 }
 
 /// What opening a partial for an entry gave.
@@ -207,6 +221,14 @@ impl Partial {
         if len != offset {
             file.set_len(offset)?;
         }
+        // Cut there, the partial has no holes: an `upto` mark is dropped (a split body that goes
+        // on sets its own), or a later body that writes past it would resume from it again.
+        if offset > 0 && upto.is_some() {
+            let kept: String =
+                have.lines().filter(|l| !l.starts_with("upto ")).map(|l| format!("{l}\n")).collect();
+            rewrite_record(&dir, &record_name, &kept)?;
+            have = kept;
+        }
         if offset == 0
             && resumable
             && let Err(e) = dir.open_rw(&record_name, true).and_then(|mut r| r.write_all(want.as_bytes()))
@@ -234,8 +256,10 @@ impl Partial {
     pub fn held_for(dir: &SafeDir, name: &str, id: &FileId) -> u64 {
         let stem = stem_for(name);
         let matches = read_record(dir, &format!("{stem}{RECORD_SUFFIX}")).is_ok_and(|r| id.matches(name, &r));
+        let record = read_record(dir, &format!("{stem}{RECORD_SUFFIX}")).unwrap_or_default();
+        let upto = record.lines().find_map(|l| l.strip_prefix("upto ")).and_then(|v| v.parse::<u64>().ok());
         match dir.kind(&format!("{stem}{PART_SUFFIX}")) {
-            Ok(Kind::File(len)) if matches => len.min(id.size),
+            Ok(Kind::File(len)) if matches => len.min(id.size).min(upto.unwrap_or(u64::MAX)),
             _ => 0,
         }
     }

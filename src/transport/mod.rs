@@ -51,14 +51,21 @@ pub fn idle_limit(timeout: Option<Duration>) -> Limit {
 
 /// Resolves `to` and connects to the first address that answers within `timeout`.
 pub fn connect(to: &str, timeout: Duration) -> Result<TcpStream, Error> {
+    connect_timed(to, timeout).map(|(s, _)| s)
+}
+
+/// [`connect`], and how long the connect that succeeded took (about one round trip: the name
+/// lookup and addresses that failed first are not counted).
+pub fn connect_timed(to: &str, timeout: Duration) -> Result<(TcpStream, Duration), Error> {
     let addrs = to
         .to_socket_addrs()
         .map_err(|e| Error::Connect { addr: to.to_string(), source: e })?
         .collect::<Vec<_>>();
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address found");
     for addr in addrs {
+        let began = std::time::Instant::now();
         match TcpStream::connect_timeout(&addr, timeout) {
-            Ok(s) => return Ok(s),
+            Ok(s) => return Ok((s, began.elapsed())),
             Err(e) => last = e,
         }
     }

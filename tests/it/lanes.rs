@@ -13,7 +13,9 @@ use crate::secure::{Secure, send_file};
 use crate::util::{
     BIN, RawPeer, Receiver, data_frame, random_bytes, send, sha256, source_file, test_cache_home,
 };
-use xfer::protocol::{self, FileVerdict, FrameKind, Message, Part, SPLIT_CHUNK, Split, SplitEnd, Verdict};
+use xfer::protocol::{
+    self, FileVerdict, FrameKind, Message, Part, SPLIT_CHUNK, SPLIT_MIN, Split, SplitEnd, Verdict,
+};
 
 fn lane_lines(log: &str) -> usize {
     log.lines().filter(|l| l.contains("(a lane)") && l.contains("lane done")).count()
@@ -112,37 +114,26 @@ fn part(to: &mut impl Write, offset: u64, bytes: &[u8]) {
 #[test]
 fn parts_out_of_order_over_a_raw_lane_a_part_sent_twice_is_dropped_and_the_file_checked_whole() {
     let rx = Receiver::start(&[]);
-    let size = 2 * SPLIT_CHUNK + 5;
+    let size = SPLIT_MIN + 5;
     let data = random_bytes(size as usize, 44);
-    let mut main = RawPeer::greet(rx.addr);
-    assert!(crate::util::is_accept(&main.offer("split.bin", size, sha256(&data))));
-    assert_eq!(main.answer(), protocol::Answer::Send { offset: 0 });
     // A lane of no split is refused in the clear.
     let (_, reply) = raw_lane(rx.addr, [9; 16]);
     assert!(matches!(reply, Err(Message::Reject(_))), "a lane of no split: {reply:?}");
     let session = [1u8; 16];
-    let split = Split { index: 0, session, secret: [2; 32], lanes: 2 };
-    protocol::write_message(&mut main.stream, &Message::Split(split)).unwrap();
-    main.stream.flush().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (mut lane, reply) = loop {
-        // The split registers when the receiver reads it: a lane may come a moment too early.
-        let (lane, reply) = raw_lane(rx.addr, session);
-        if reply.is_ok() || Instant::now() > deadline {
-            break (lane, reply);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(reply.expect("the lane's handshake").len(), 32, "the receiver's nonce");
+    let (mut main, offset) = raw_split(&rx, "split.bin", &data, 2, session);
+    assert_eq!(offset, 0);
+    let mut lane = joined_lane(&rx, session);
     // The last part first, on the lane.
-    part(&mut lane, 2 * SPLIT_CHUNK, &data[2 * SPLIT_CHUNK as usize..]);
+    part(&mut lane, SPLIT_MIN, &data[SPLIT_MIN as usize..]);
     protocol::write_message(&mut lane, &Message::SplitEnd(SplitEnd { index: 0 })).unwrap();
     assert_eq!(protocol::read_message(&mut lane).unwrap(), Message::SplitEnd(SplitEnd { index: 0 }));
-    // On the main connection: the first part, the lane's part again with other bytes (dropped),
-    // then the middle one.
-    part(&mut main.stream, 0, &data[..SPLIT_CHUNK as usize]);
-    part(&mut main.stream, 2 * SPLIT_CHUNK, &[0xee; 5]);
-    part(&mut main.stream, SPLIT_CHUNK, &data[SPLIT_CHUNK as usize..2 * SPLIT_CHUNK as usize]);
+    // On the main connection: the lane's part again with other bytes (dropped), then the rest
+    // from the end backwards.
+    part(&mut main.stream, SPLIT_MIN, &[0xee; 5]);
+    for k in (0..SPLIT_MIN / SPLIT_CHUNK).rev() {
+        let at = (k * SPLIT_CHUNK) as usize;
+        part(&mut main.stream, at as u64, &data[at..at + SPLIT_CHUNK as usize]);
+    }
     protocol::write_message(&mut main.stream, &Message::SplitEnd(SplitEnd { index: 0 })).unwrap();
     match main.read().unwrap() {
         Message::FileVerdict(FileVerdict { verdict: Verdict::Verified { name }, .. }) => {
@@ -155,30 +146,28 @@ fn parts_out_of_order_over_a_raw_lane_a_part_sent_twice_is_dropped_and_the_file_
 }
 
 #[test]
-fn a_part_off_the_grid_or_a_split_that_ends_early_stores_nothing() {
+fn a_part_off_the_grid_a_split_that_ends_early_or_a_split_too_small_stores_nothing() {
     let rx = Receiver::start(&[]);
-    let size = SPLIT_CHUNK + 100;
-    let data = random_bytes(size as usize, 45);
-    for case in ["off the grid", "ends early"] {
+    for case in ["off the grid", "ends early", "too small"] {
+        let size = if case == "too small" { SPLIT_MIN - 1 } else { SPLIT_MIN + 100 };
+        let data = random_bytes(size as usize, 45);
         let name = format!("{}.bin", case.replace(' ', "-"));
-        let mut main = RawPeer::greet(rx.addr);
-        assert!(crate::util::is_accept(&main.offer(&name, size, sha256(&data))));
-        assert_eq!(main.answer(), protocol::Answer::Send { offset: 0 });
-        let split = Split { index: 0, session: [3; 16], secret: [4; 32], lanes: 1 };
-        protocol::write_message(&mut main.stream, &Message::Split(split)).unwrap();
-        if case == "off the grid" {
-            part(&mut main.stream, 4096, &data[4096..]);
-        } else {
-            part(&mut main.stream, 0, &data[..SPLIT_CHUNK as usize]);
-            protocol::write_message(&mut main.stream, &Message::SplitEnd(SplitEnd { index: 0 })).unwrap();
+        let (mut main, _) = raw_split(&rx, &name, &data, 1, [3; 16]);
+        match case {
+            "off the grid" => part(&mut main.stream, 4096, &data[4096..4096 + SPLIT_CHUNK as usize]),
+            "ends early" => {
+                part(&mut main.stream, 0, &data[..SPLIT_CHUNK as usize]);
+                let _ = protocol::write_message(&mut main.stream, &Message::SplitEnd(SplitEnd { index: 0 }));
+            }
+            _ => part(&mut main.stream, 0, &data[..SPLIT_CHUNK as usize]),
         }
         match main.read() {
             Ok(Message::FileVerdict(FileVerdict { verdict: Verdict::Failed { .. }, .. })) | Err(_) => {}
             other => panic!("{case}: expected a failure, got {other:?}"),
         }
-        let _ = main.stream.set_read_timeout(Some(Duration::from_secs(20)));
         assert!(main.closed_by_peer(), "{case}: the connection ends");
-        rx.wait_log(&format!("\"{name}\""));
+        let line = rx.wait_log(&format!("\"{name}\""));
+        assert!(line.contains("failed"), "{case}: {line}");
     }
     // Nothing under a final name; the receiver still serves.
     assert!(rx.files().iter().all(|f| f.starts_with(".xfer-")), "{:?}", rx.files());
@@ -249,4 +238,131 @@ fn a_receiver_killed_mid_split_resumes_from_its_mark_not_from_its_holes() {
         run.report()
     );
     rx.assert_files(&["holes.bin"]);
+}
+
+/// A raw main connection that offers `name` (`data`), is answered `Send { offset }` and announces
+/// a split over `lanes` connections with `session`. Returns it and the offset.
+fn raw_split(rx: &Receiver, name: &str, data: &[u8], lanes: u8, session: [u8; 16]) -> (RawPeer, u64) {
+    let mut main = RawPeer::greet(rx.addr);
+    assert!(crate::util::is_accept(&main.offer(name, data.len() as u64, sha256(data))));
+    let protocol::Answer::Send { offset } = main.answer() else { panic!("expected Send") };
+    let split = Split { index: 0, session, secret: [5; 32], lanes };
+    protocol::write_message(&mut main.stream, &Message::Split(split)).unwrap();
+    (main, offset)
+}
+
+/// A raw lane of `session`, once the receiver has registered the split.
+fn joined_lane(rx: &Receiver, session: [u8; 16]) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (lane, reply) = raw_lane(rx.addr, session);
+        if reply.is_ok() {
+            return lane;
+        }
+        assert!(Instant::now() < deadline, "the split never registered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_split_that_moves_nothing_but_keepalives_loses_its_slot() {
+    let rx = Receiver::start(&["--timeout", "2"]);
+    let data = random_bytes(SPLIT_MIN as usize, 48);
+    let (mut main, _) = raw_split(&rx, "idle.bin", &data, 8, [6; 16]);
+    let began = Instant::now();
+    let keepalive = Message::Digests(protocol::DigestsPart { first: 1, digests: vec![] });
+    let mut ended = false;
+    while began.elapsed() < Duration::from_secs(15) {
+        if protocol::write_message(&mut main.stream, &keepalive).is_err() {
+            ended = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(900));
+    }
+    assert!(ended, "keepalives alone held a split for 15 s past a 2 s --timeout");
+    let line = rx.wait_log("\"idle.bin\"");
+    assert!(line.contains("least rate"), "{line}");
+}
+
+#[test]
+fn a_lane_that_proves_nothing_takes_no_place_and_a_lane_that_breaks_the_protocol_fails_the_file() {
+    let rx = Receiver::start(&[]);
+    let data = random_bytes((SPLIT_MIN + SPLIT_CHUNK) as usize, 49);
+    let session = [7u8; 16];
+    let (mut main, _) = raw_split(&rx, "places.bin", &data, 2, session);
+    // Two strangers who saw the session id: garbage where a message is due. Neither counts.
+    for _ in 0..2 {
+        let mut bad = joined_lane(&rx, session);
+        bad.write_all(&data_frame(b"not a message")).unwrap();
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut bad, &mut sink);
+    }
+    // The one lane the split asked for still gets in and carries a part.
+    let mut lane = joined_lane(&rx, session);
+    part(&mut lane, SPLIT_MIN, &data[SPLIT_MIN as usize..]);
+    protocol::write_message(&mut lane, &Message::SplitEnd(SplitEnd { index: 0 })).unwrap();
+    assert_eq!(protocol::read_message(&mut lane).unwrap(), Message::SplitEnd(SplitEnd { index: 0 }));
+    for k in 0..SPLIT_MIN / SPLIT_CHUNK {
+        let at = (k * SPLIT_CHUNK) as usize;
+        part(&mut main.stream, at as u64, &data[at..at + SPLIT_CHUNK as usize]);
+    }
+    protocol::write_message(&mut main.stream, &Message::SplitEnd(SplitEnd { index: 0 })).unwrap();
+    assert!(matches!(
+        main.read().unwrap(),
+        Message::FileVerdict(FileVerdict { verdict: Verdict::Verified { .. }, .. })
+    ));
+    assert!(std::fs::read(rx.dir.join("places.bin")).unwrap() == data);
+
+    // A lane that sends a part off the grid fails the whole file, as PROTOCOL.md says.
+    let session = [8u8; 16];
+    let (mut main, _) = raw_split(&rx, "broken.bin", &data, 2, session);
+    let mut lane = joined_lane(&rx, session);
+    part(&mut lane, 12345, &data[12345..12345 + SPLIT_CHUNK as usize]);
+    let mut sink = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut lane, &mut sink);
+    part(&mut main.stream, 0, &data[..SPLIT_CHUNK as usize]);
+    match main.read() {
+        Ok(Message::FileVerdict(FileVerdict { verdict: Verdict::Failed { reason }, .. })) => {
+            assert!(reason.contains("lane"), "{reason}")
+        }
+        other => panic!("a lane broke the protocol and the file went on: {other:?}"),
+    }
+    assert!(!rx.dir.join("broken.bin").exists());
+}
+
+#[test]
+fn a_plain_resume_after_a_cut_split_moves_the_resume_point_on() {
+    let rx = Receiver::start(&[]);
+    let data = random_bytes((SPLIT_MIN + SPLIT_CHUNK) as usize, 50);
+    // A split cut after its first part: the partial keeps that part, its record says so.
+    let (mut main, offset) = raw_split(&rx, "onward.bin", &data, 1, [10; 16]);
+    assert_eq!(offset, 0);
+    part(&mut main.stream, 0, &data[..SPLIT_CHUNK as usize]);
+    drop(main);
+    rx.wait_log("\"onward.bin\"");
+    // Resumed with a plain body, cut again after 16 MiB more.
+    let mut main = RawPeer::greet(rx.addr);
+    assert!(crate::util::is_accept(&main.offer("onward.bin", data.len() as u64, sha256(&data))));
+    assert_eq!(main.answer(), protocol::Answer::Send { offset: SPLIT_CHUNK });
+    main.body(0);
+    let upto = 3 * SPLIT_CHUNK;
+    for piece in data[SPLIT_CHUNK as usize..upto as usize].chunks(1 << 20) {
+        main.data(piece);
+    }
+    main.stream.flush().unwrap();
+    // Let the receiver write what it read before the cut.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rx.partial("onward.bin").1 < upto && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(main);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rx.stderr().matches("\"onward.bin\"").count() < 2 {
+        assert!(Instant::now() < deadline, "the cut resume was never logged");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The next offer resumes where the plain body stopped, not at the split's old mark.
+    let mut main = RawPeer::greet(rx.addr);
+    assert!(crate::util::is_accept(&main.offer("onward.bin", data.len() as u64, sha256(&data))));
+    assert_eq!(main.answer(), protocol::Answer::Send { offset: upto });
 }
