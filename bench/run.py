@@ -472,7 +472,7 @@ def mode_args(ctx, mode):
     return {"secure": ["--code-file", ctx.code_file], "insecure": ["--insecure"], None: []}[mode]
 
 
-def run_xfer(ctx, w, chunk=None, cached=False, hash=None, base=False, mode=None):
+def run_xfer(ctx, w, chunk=None, cached=False, hash=None, base=False, mode=None, streams=None):
     """A first send (--no-cache: the sender hashes the file) or, with cached, a repeat send whose
     digest comes from the sender's cache (warmed once before the timed runs). For a folder,
     w.src is SRCPARENT/NAME and the receiver recreates NAME/... under DEST. xfer makes what it
@@ -489,6 +489,8 @@ def run_xfer(ctx, w, chunk=None, cached=False, hash=None, base=False, mode=None)
     port = read_port(recv, out)
     t0 = time.perf_counter()
     extra = ["--chunk-size", chunk] if chunk else []
+    if streams:
+        extra += ["--streams", str(streams)]
     if hash:
         extra += ["--hash", hash]
     if not cached:
@@ -749,6 +751,11 @@ def make_cases(w, d, first_dest, want, chunks, xf):
         xfer_runs += [("xfer-blake3", dict(hash="blake3")), ("xfer-blake3-cached", dict(cached=True, hash="blake3"))]
     if not folder:
         xfer_runs += [(f"xfer-chunk-{n}", dict(chunk=n)) for n in chunks]
+        # --streams-cases: the big file over N connections (lanes) on loopback, where auto uses one.
+        for n in xf.streams:
+            xfer_runs += [(f"xfer-streams-{n}", dict(streams=n))]
+            if xf.hash:
+                xfer_runs += [(f"xfer-blake3-streams-{n}", dict(hash="blake3", streams=n))]
     # (prefix, mode): the case itself (encrypted if this xfer can), then its plaintext twin.
     modes = [("", "secure" if xf.secure else None)] + ([(INSECURE, "insecure")] if xf.secure and xf.twins else [])
     table = []
@@ -756,7 +763,7 @@ def make_cases(w, d, first_dest, want, chunks, xf):
         for prefix, mode in modes:
             table.append((prefix + name, "xfer", lambda c, w, kw=kw, mode=mode: run_xfer(c, w, mode=mode, **kw)))
         for prefix, mode in modes if xf.base else ():
-            if "hash" in kw and not xf.base.hash or mode == "secure" and not xf.base.secure:
+            if "hash" in kw and not xf.base.hash or mode == "secure" and not xf.base.secure or "streams" in kw:
                 continue
             # Plaintext in the baseline's terms: --insecure from v5 on, no option before.
             bmode = mode if mode == "secure" else "insecure" if xf.base.secure else None
@@ -1123,6 +1130,8 @@ def main(t_start):
                     help="comma-separated tool groups (xfer, nc, rsync, scp, ref) and/or case names "
                          f"({', '.join(CASE_NAMES)}, xfer-chunk-N); default all")
     ap.add_argument("--chunk-sizes", default="", help="extra xfer cases (file workload), e.g. 1024,65536,1M")
+    ap.add_argument("--streams-cases", default="",
+                    help="extra xfer cases (file workload) with --streams N (SHA-256 and BLAKE3), e.g. 2,4")
     ap.add_argument("--ram-dir", "--dest-dir", default="/dev/shm", help="RAM destination: a temp dir inside this")
     ap.add_argument("--disk-dir", default="/var/tmp", help="disk destination: a temp dir inside this")
     ap.add_argument("--out", help="JSON output (default bench/results/<date>-<host>.json; .csv and .png beside it)")
@@ -1148,7 +1157,7 @@ def main(t_start):
     if "all" in tools:
         tools = list(GROUPS)
     if bad := {t for t in tools if t not in GROUPS + CASE_NAMES and t.removeprefix("tar|") not in CASE_NAMES
-               and not t.startswith("xfer-chunk-")}:
+               and not t.startswith(("xfer-chunk-", "xfer-streams-", "xfer-blake3-streams-"))}:
         ap.error(f"unknown tools: {', '.join(sorted(bad))}")
     want = lambda name, group: group in tools or name in tools or name.removeprefix("tar|") in tools
     chunks = [parse_size(c) for c in args.chunk_sizes.split(",") if c.strip()]
@@ -1236,6 +1245,7 @@ def main(t_start):
 
     sections = [(w, d) for w in workloads for d in dests]
     xf = argparse.Namespace(hash=hash_ok, secure=secure_ok, twins=not args.no_insecure_twins,
+                            streams=[int(n) for n in args.streams_cases.split(",") if n.strip()],
                             floor=getattr(ctx, "hash_speed", None),
                             base=None if base_hash_ok is None else argparse.Namespace(hash=base_hash_ok,
                                                                                       secure=base_secure_ok))
