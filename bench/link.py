@@ -2,9 +2,20 @@
 """xfer on a real-rate, real-delay link: two network namespaces joined either by a veth pair
 (no delay) or by the delay line (bench/delayline.rs: two TUN devices, one per namespace, and a
 program that holds every packet for half the RTT in each direction), each end shaped with
-`tc qdisc ... tbf`. A file is sent across with xfer (encrypted, the default, and its --insecure
-twin), nc, an rsync daemon and scp to a private sshd, interleaved; wall time and user+sys CPU of
-each side are recorded. Needs root (ip netns, tc, /dev/net/tun). Cleans up after itself.
+`tc qdisc ... tbf`. A file is sent across with xfer, nc, an rsync daemon and scp to a private
+sshd, interleaved; wall time and user+sys CPU of each side are recorded. Needs root (ip netns, tc,
+/dev/net/tun). Cleans up after itself.
+
+The xfer cases are named [insecure:][N:]xfer: encrypted (the default) or --insecure, with
+--streams N (1 to 8) or auto (no N). The default set compares, on the same link:
+
+    xfer            encrypted, --streams auto (the default: a connection per 20 ms of round trip)
+    1:xfer          encrypted, --streams 1 (one TCP stream: the baseline for the lanes)
+    8:xfer          encrypted, --streams 8 (the most)
+    insecure:xfer   --insecure, --streams auto
+
+For each xfer run the receiver's lanes are counted (its log lines "NAME (a lane)"): the streams
+used are those lanes + the main connection.
 
     python3 bench/link.py                          # 1 Gbit/s over veth, no delay
     python3 bench/link.py --rate 1gbit --rtt 50    # 1 Gbit/s, 50 ms round trip (delay line)
@@ -12,6 +23,7 @@ each side are recorded. Needs root (ip netns, tc, /dev/net/tun). Cleans up after
                                                    # 100 ms; 100 Mbit/s at 100 ms with 256 MiB)
     python3 bench/link.py --ceiling                # the delay line's own ceiling (nc only)
     python3 bench/link.py --links 1gbit/100,100mbit/100/256 --tools nc,xfer --reps 5
+    python3 bench/link.py --links 1gbit/50 --tools 1:xfer,2:xfer,4:xfer,xfer,insecure:1:xfer
 
 Per link it prints the namespaces' TCP buffer limits, checks the delay line with ping (the
 measured RTT must be the configured one within 1 ms), and does the window / RTT arithmetic: one
@@ -38,7 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NS_TX, NS_RX = "xfer-bench-tx", "xfer-bench-rx"
 DEV_TX, DEV_RX = "xfb-tx", "xfb-rx"
 IP_TX, IP_RX = "10.231.0.1", "10.231.0.2"
-CASES = ("xfer", "insecure:xfer", "nc", "rsync", "scp")
+CASES = ("xfer", "1:xfer", "8:xfer", "insecure:xfer", "nc", "rsync", "scp")
+MAX_STREAMS = 8  # xfer's MAX_LANES (src/protocol)
 MATRIX = "1gbit/20,1gbit/50,1gbit/100,100mbit/100/256"
 CEILING = "1gbit/veth,1gbit/0,none/veth,none/0"
 TCP_OVERHEAD = 52  # IPv4 20 + TCP 20 + timestamps 12: payload per packet is MTU - 52
@@ -78,6 +91,29 @@ def parse_links(text, size_mib):
         links.append({"rate": parts[0], "rtt_ms": rtt, "size_mib": int(parts[2]) if len(parts) == 3 else size_mib,
                       "name": f"{parts[0]}/{'veth' if rtt is None else f'{parts[1]}ms'}"})
     return links
+
+
+def xfer_case(case):
+    """(insecure, streams) of an xfer case "[insecure:][N:]xfer" (streams "auto" or "1".."8");
+    None for another tool; exits on a malformed one."""
+    *prefixes, tool = case.split(":")
+    if tool != "xfer":
+        return None
+    insecure = "insecure" in prefixes
+    streams = [p for p in prefixes if p != "insecure"]
+    if len(prefixes) > 2 or prefixes.count("insecure") > 1 or len(streams) > 1 or \
+            (streams and not (streams[0] == "auto" or streams[0].isdigit() and 1 <= int(streams[0]) <= MAX_STREAMS)):
+        sys.exit(f"bad xfer case {case!r}: [insecure:][N:]xfer with N of 1-{MAX_STREAMS} or auto")
+    return insecure, (streams[0] if streams else "auto")
+
+
+def describe(case):
+    """A case as the chart's legend says it."""
+    x = xfer_case(case)
+    if x is None:
+        return {"nc": "nc (netcat-openbsd)", "rsync": "rsync daemon", "scp": "scp (private sshd)"}.get(case, case)
+    insecure, streams = x
+    return f"xfer{' --insecure' if insecure else ''}, --streams {streams}"
 
 
 # ---------------------------------------------------------------- processes
@@ -328,6 +364,8 @@ def run_case(case, ctx, src, port, timeout):
     for f in ctx["dst"].iterdir():
         f.unlink()
     log = open(ctx["work"] / "last.log", "w")
+    rx_log_path = ctx["work"] / "recv.log"
+    rx_log = open(rx_log_path, "w")  # the xfer receiver's own stderr: its lane lines are counted
     xfer = str(ROOT / "target" / "release" / "xfer")
     daemon = None
     if case == "nc":
@@ -335,17 +373,19 @@ def run_case(case, ctx, src, port, timeout):
                    stderr=log)
         wait_listening(rx, IP_RX, port)
         tx_cmd, tx_in, env = ns_exec(NS_TX, "nc.openbsd", "-N", IP_RX, port), open(src, "rb"), None
-    elif case.endswith("xfer"):
-        mode = ["--insecure"] if case.startswith("insecure:") else ["--code-file", ctx["code"]]
+    elif xfer_case(case):
+        insecure, streams = xfer_case(case)
+        mode = ["--insecure"] if insecure else ["--code-file", ctx["code"]]
         out = ctx["work"] / "recv.out"
         rx = start(ns_exec(NS_RX, xfer, "recv", "--dir", ctx["dst"], "--listen", f"{IP_RX}:{port}", "--once",
-                           "--quiet", *mode), stdout=open(out, "wb"), stderr=log, env=ctx["env"]["recv"])
+                           "--quiet", *mode), stdout=open(out, "wb"), stderr=rx_log, env=ctx["env"]["recv"])
         deadline = time.monotonic() + 10
         while b"listening on" not in out.read_bytes():
             if rx.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"xfer recv did not start: {(ctx['work'] / 'last.log').read_text()}")
+                raise RuntimeError(f"xfer recv did not start: {rx_log_path.read_text()}")
             time.sleep(0.005)
-        tx_cmd = ns_exec(NS_TX, xfer, "send", src, f"{IP_RX}:{port}", "--quiet", "--no-cache", *mode)
+        tx_cmd = ns_exec(NS_TX, xfer, "send", src, f"{IP_RX}:{port}", "--quiet", "--no-cache", "--streams", streams,
+                         *mode)
         tx_in, env = subprocess.DEVNULL, ctx["env"]["send"]
     elif case == "rsync":
         daemon = start(ns_exec(NS_RX, "rsync", "--daemon", "--no-detach", f"--config={ctx['rsyncd_conf']}",
@@ -379,10 +419,27 @@ def run_case(case, ctx, src, port, timeout):
         rc_rx, cpu_rx = reap(daemon, 10)
         rc_rx = 0
     got = (ctx["dst"] / src.name).stat().st_size if (ctx["dst"] / src.name).exists() else 0
+    rx_text = rx_log_path.read_text()
     if rc_tx or rc_rx or got != src.stat().st_size:
         raise RuntimeError(f"{case}: failed (sender {rc_tx}, receiver {rc_rx}, {got} of {src.stat().st_size} bytes): "
-                           f"{(ctx['work'] / 'last.log').read_text()[-500:]}")
-    return {"wall_s": wall, "cpu_send_s": cpu_tx, "cpu_recv_s": cpu_rx, "load1": load, "steady_Bps": steady(samples)}
+                           f"{((ctx['work'] / 'last.log').read_text() + rx_text)[-500:]}")
+    out = {"wall_s": wall, "cpu_send_s": cpu_tx, "cpu_recv_s": cpu_rx, "load1": load, "steady_Bps": steady(samples)}
+    if xfer_case(case):
+        # One receiver line per lane that joined: '... "NAME (a lane)": 24.0 MiB received in ...'.
+        lanes = [line for line in rx_text.splitlines() if "(a lane)" in line]
+        out["lanes"] = len(lanes)
+        out["streams_used"] = len(lanes) + 1  # the lanes and the main connection
+        out["lane_mib"] = [lane_mib(line) for line in lanes]
+        out["lane_failures"] = [line for line in lanes if "failed" in line]
+    return out
+
+
+def lane_mib(line):
+    """MiB a lane carried, from its receiver line ('...: 24.0 MiB received in ...'); 0 for 'nothing'."""
+    m = re.search(r": ([\d.]+) (B|KiB|MiB|GiB|TiB) received", line)
+    if not m:
+        return 0.0
+    return float(m[1]) * 1024 ** ("B KiB MiB GiB TiB".split().index(m[2])) / (1 << 20)
 
 
 def steady(samples):
@@ -417,19 +474,39 @@ def summarize(link, runs, tools):
         if link["arith"]["goodput_Bps"]:
             row["share_of_link"] = size / m / link["arith"]["goodput_Bps"]
         if nc:
-            row["vs_nc"] = m / nc
+            row["vs_nc"] = m / nc  # time ratio (< 1: faster than nc)
+            row["rate_vs_nc"] = nc / m  # rate ratio (> 1: faster than nc)
+        if (x := xfer_case(c)) is not None:
+            used = sorted(r["streams_used"] for r in runs[c] if "streams_used" in r)
+            row["streams"] = x[1]
+            row["streams_used"] = used
+            row["lane_failures"] = sum(len(r.get("lane_failures", [])) for r in runs[c])
+            # Against one stream of the same mode in the same run: what the lanes gained.
+            base = ("insecure:" if x[0] else "") + "1:xfer"
+            if runs.get(base):
+                row["rate_vs_1stream"] = statistics.median(r["wall_s"] for r in runs[base]) / m
         rows.append(row)
     return rows
 
 
+def streams_text(row):
+    """The streams a case used: "3", "2-3" when its runs differed; "1" for the other tools."""
+    used = row.get("streams_used")
+    if not used:
+        return "1" if xfer_case(row["case"]) is None else "?"
+    return str(used[0]) if used[0] == used[-1] else f"{used[0]}-{used[-1]}"
+
+
 def verdict(link):
-    """Does one TCP stream fill the link? From the best single-stream case measured."""
+    """Does one TCP stream fill the link? From the best single-stream case measured (an xfer case
+    that used lanes does not count); then what the lanes gained over one stream."""
     a, rows = link["arith"], link["rows"]
-    if not a["goodput_Bps"] or not rows:
+    single = [r for r in rows if max(r.get("streams_used") or [1]) == 1]
+    if not a["goodput_Bps"] or not single:
         return None
     # Judged on the steady middle of the transfer (slow start and the handshakes excluded).
     rate = lambda r: r.get("steady_mb_per_s", r["mb_per_s"])
-    best = max(rows, key=rate)
+    best = max(single, key=rate)
     share = rate(best) * 1e6 / a["goodput_Bps"]
     fills = share >= 0.9
     text = (f"{link['name']}: one stream {'fills' if fills else 'does NOT fill'} the link: best {best['case']} "
@@ -438,8 +515,15 @@ def verdict(link):
     if not fills:
         text += (f"; N parallel streams could gain at most x{1 / share:.1f} (to the link), i.e. "
                  f"{int(-(-1 // share))} streams of this window")
+    lanes = []
+    for r in rows:
+        if "rate_vs_1stream" in r and r["case"] not in ("1:xfer", "insecure:1:xfer"):
+            lanes.append(f"{r['case']} ({streams_text(r)} streams) {r['mb_per_s']:.1f} MB/s = "
+                         f"x{r['rate_vs_1stream']:.2f} one stream")
+    if lanes:
+        text += "; lanes: " + ", ".join(lanes)
     return {"fills": fills, "best_case": best["case"], "best_share": share, "max_gain": max(1.0, 1 / share),
-            "text": text}
+            "lanes": lanes, "text": text}
 
 
 def markdown(data):
@@ -447,7 +531,11 @@ def markdown(data):
     out = [f"# Long fat link: {data['date']} on {m['host']} ({m['cpu']}, {m['cores']} cores, kernel {m['kernel']})", "",
            f"`python3 bench/link.py {data['argv']}`; {data['reps']} reps per case, interleaved, medians; "
            f"MTU {data['mtu']}{', TUN offloads' if data['offload'] else ''}; CPU = user+sys per GiB of each side "
-           f"(wait4 rusage, children included). Load (1 min) before each link in the table heading.", ""]
+           f"(wait4 rusage, children included). Load (1 min) before each link in the table heading. "
+           f"Cases: " + "; ".join(f"`{c}` = {describe(c)}" for c in data.get("tools", []) if xfer_case(c)) +
+           ". Streams used: the lanes the receiver logged + the main connection (min-max over the runs); "
+           "rate x nc and rate x 1 stream are ratios of median rates (> 1: faster), 1 stream = `1:xfer` "
+           "(`insecure:1:xfer` for the insecure cases) of the same run.", ""]
     for link in data["links"]:
         a = link["arith"]
         head = f"## {link['name']}, {link['size_mib']} MiB (load {link['load_before']:.2f})"
@@ -463,14 +551,17 @@ def markdown(data):
                        f"{a['bdp_bytes'] / 1e6:.2f} MB; window {a['window_lo'] / 1e6:.2f}-{a['window_hi'] / 1e6:.2f} MB "
                        f"(2/3 of, and all of, tcp_wmem max {a['tcp_wmem_max']}); one stream <= "
                        f"{a['stream_lo_Bps'] / 1e6:.1f}-{a['stream_hi_Bps'] / 1e6:.1f} MB/s.")
-        out += ["", "| case | n | median s | MB/s | of link | steady MB/s | x nc (time) | CPU s/GiB send | "
-                "CPU s/GiB recv |", "|---|---|---|---|---|---|---|---|---|"]
+        out += ["", "| case | streams used | n | median s | MB/s | of link | steady MB/s | rate x nc | "
+                "rate x 1 stream | CPU s/GiB send | CPU s/GiB recv |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in link["rows"]:
             share = f"{r['share_of_link']:.0%}" if "share_of_link" in r else ""
-            vs = f"{r['vs_nc']:.2f}" if "vs_nc" in r else ""
+            vs = f"{r['rate_vs_nc']:.2f}" if "rate_vs_nc" in r else (f"{1 / r['vs_nc']:.2f}" if "vs_nc" in r else "")
+            v1 = f"{r['rate_vs_1stream']:.2f}" if "rate_vs_1stream" in r else ""
             st = f"{r['steady_mb_per_s']:.1f}" if "steady_mb_per_s" in r else ""
-            out.append(f"| {r['case']} | {r['n']} | {r['median_s']:.2f} | {r['mb_per_s']:.1f} | {share} | {st} | {vs} | "
-                       f"{r['cpu_send_s_per_gib']:.2f} | {r['cpu_recv_s_per_gib']:.2f} |")
+            out.append(f"| {r['case']} | {streams_text(r)} | {r['n']} | {r['median_s']:.2f} | {r['mb_per_s']:.1f} | "
+                       f"{share} | {st} | {vs} | {v1} | {r['cpu_send_s_per_gib']:.2f} | {r['cpu_recv_s_per_gib']:.2f} |")
+        if fails := sum(r.get("lane_failures", 0) for r in link["rows"]):
+            out.append(f"\n{fails} lane(s) logged a failure (their parts went over the other connections).")
         if link.get("delayline"):
             out.append(f"\nDelay line CPU for the whole link: {link['delayline']['cpu_s']:.1f} s.")
         if link.get("verdict"):
@@ -491,13 +582,25 @@ def draw_chart(data, png):
     links = [l for l in data["links"] if l.get("rows")]
     if not links:
         return None
-    fig, axes = plt.subplots(1, len(links), figsize=(3.6 * len(links), 3.8), squeeze=False)
-    colors = {"xfer": "#1f77b4", "insecure:xfer": "#8c9fb3", "nc": "#ff7f0e", "rsync": "#2ca02c", "scp": "#d62728"}
+    from matplotlib.patches import Patch
+    width = max(7.0, 3.8 * len(links))
+    fig, axes = plt.subplots(1, len(links), figsize=(width, 4.8), squeeze=False)
+    # Blues for xfer: dark = auto (the default), light = one stream, purple = 8; the peers as before.
+    colors = {"xfer": "#1f77b4", "1:xfer": "#aec7e8", "8:xfer": "#6a3d9a", "insecure:xfer": "#8c9fb3",
+              "nc": "#ff7f0e", "rsync": "#2ca02c", "scp": "#d62728"}
+    seen = {}
     for ax, link in zip(axes[0], links):
         rows = link["rows"]
         names = [r["case"] for r in rows]
         rates = [r.get("steady_mb_per_s") or r["mb_per_s"] for r in rows]
         ax.bar(range(len(rows)), rates, color=[colors.get(n, "#7f7f7f") for n in names])
+        for i, r in enumerate(rows):
+            seen.setdefault(r["case"], colors.get(r["case"], "#7f7f7f"))
+            if r.get("streams_used"):  # the streams xfer used, inside the top of its bar
+                c = colors.get(r["case"], "#7f7f7f")
+                dark = sum(int(c[k:k + 2], 16) * w for k, w in ((1, 0.3), (3, 0.59), (5, 0.11))) < 140
+                ax.annotate(f"x{streams_text(r)}", (i, rates[i]), xytext=(0, -3), textcoords="offset points",
+                            ha="center", va="top", fontsize=8, color="white" if dark else "black")
         ax.set_xticks(range(len(rows)), names, rotation=45, ha="right", fontsize=8)
         arith = link.get("arith") or {}
         if arith.get("goodput_Bps"):
@@ -507,11 +610,16 @@ def draw_chart(data, png):
                        label="one stream: window / RTT")
         ax.set_title(link["name"], fontsize=10)
         ax.set_ylabel("MB/s (mid-transfer)")
-        ax.legend(fontsize=7, loc="upper right")
+        top = max(rates + [arith.get("goodput_Bps", 0) / 1e6])
+        ax.set_ylim(0, top * 1.35)  # room for the legend above the bars
+        ax.legend(fontsize=7, loc="upper center")
     m = data.get("machine") or {}
     fig.suptitle(f"xfer on shaped links with a round trip, {str(data.get('date', ''))[:16]}, "
-                 f"{m.get('cpu', '')} ({m.get('cores', '?')} cores)", fontsize=9)
-    fig.tight_layout()
+                 f"{m.get('cpu', '')} ({m.get('cores', '?')} cores)\nxN in a bar: the TCP streams xfer used",
+                 fontsize=9)
+    fig.legend(handles=[Patch(color=c, label=f"{n}: {describe(n)}") for n, c in seen.items()], loc="lower center",
+               ncol=max(1, min(len(seen), int(width // 3.4))), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
@@ -528,7 +636,10 @@ def main():
     ap.add_argument("--links", help="RATE/RTT[/MIB],... (RTT in ms, or veth); overrides --rate/--rtt")
     ap.add_argument("--matrix", action="store_true", help=f"--links {MATRIX}")
     ap.add_argument("--ceiling", action="store_true", help=f"--links {CEILING} --tools nc")
-    ap.add_argument("--tools", default=",".join(CASES), help=f"comma-separated, of {','.join(CASES)}")
+    ap.add_argument("--tools", default=",".join(CASES),
+                    help=f"comma-separated cases, run in this order (rotated per rep): nc, rsync, scp, and xfer as "
+                         f"[insecure:][N:]xfer (--insecure; --streams N of 1-{MAX_STREAMS}, or auto without N); "
+                         f"default {','.join(CASES)}")
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--mtu", type=int, default=1500)
@@ -547,8 +658,8 @@ def main():
     else:
         single = f"{args.rate}/{args.rtt:g}" if args.rtt else f"{args.rate}/veth"
         spec = MATRIX if args.matrix else (args.links or single)
-    if bad := [t for t in tools if t not in CASES]:
-        sys.exit(f"unknown tools {bad}: choose from {','.join(CASES)}")
+    if bad := [t for t in tools if t not in ("nc", "rsync", "scp") and xfer_case(t) is None]:
+        sys.exit(f"unknown tools {bad}: nc, rsync, scp or [insecure:][N:]xfer")
     links = parse_links(spec, args.size_mib)
     if not args.no_build:
         sh("cargo", "build", "--release", "--quiet", "--bin", "xfer", "--example", "delayline", cwd=ROOT)
@@ -592,7 +703,7 @@ def main():
                 if not ok:
                     status = 1
             print_arithmetic(link, link["arith"], sysctl)
-            if "xfer" in tools and not (work / "code").exists():
+            if any(xfer_case(t) for t in tools) and not (work / "code").exists():
                 # Pair once, untimed: makes the code file and both identity keys.
                 hello = work / "hello.txt"
                 hello.write_text("hello\n")
@@ -621,14 +732,15 @@ def main():
                     size = link["size_mib"] << 20
                     st = f" steady {r['steady_Bps'] * link['arith']['payload_share'] / 1e6:6.1f}" if r["steady_Bps"] else ""
                     print(f"  rep {rep + 1} {c:14} {r['wall_s']:7.2f} s {size / r['wall_s'] / 1e6:7.1f} MB/s{st}  CPU "
-                          f"send {r['cpu_send_s']:5.2f} s recv {r['cpu_recv_s']:5.2f} s  (load {r['load1']:.2f})",
-                          flush=True)
+                          f"send {r['cpu_send_s']:5.2f} s recv {r['cpu_recv_s']:5.2f} s  (load {r['load1']:.2f})"
+                          + (f"  streams {r['streams_used']} (lanes MiB {r['lane_mib']})" if "streams_used" in r else "")
+                          + (f"  LANE FAILED: {r['lane_failures']}" if r.get("lane_failures") else ""), flush=True)
             link["delayline"] = teardown()
             link["runs"], link["errors"] = runs, errors
             link["rows"] = summarize(link, runs, tools)
             link["verdict"] = verdict(link)
             for r in link["rows"]:
-                print(f"  {r['case']:14} median {r['median_s']:7.2f} s {r['mb_per_s']:7.1f} MB/s"
+                print(f"  {r['case']:14} median {r['median_s']:7.2f} s {r['mb_per_s']:7.1f} MB/s streams {streams_text(r):3}"
                       + (f" {r['share_of_link']:5.0%} of link" if "share_of_link" in r else "")
                       + (f", steady {r['steady_mb_per_s']:6.1f} MB/s" if "steady_mb_per_s" in r else "")
                       + f"  CPU/GiB send {r['cpu_send_s_per_gib']:.2f} s recv {r['cpu_recv_s_per_gib']:.2f} s")
