@@ -119,7 +119,7 @@ pub struct SendArgs {
     pub wait: u64,
     /// TCP connections a large file (64 MiB or more) is sent over at once, in 8 MiB parts, 1 to
     /// 8. One stream cannot fill a long fat link (its window per round trip caps it), several
-    /// can. `auto`: one per 20 ms of round trip (timed at connect), so one on a LAN. The receiver
+    /// can. `auto`: one per 20 ms of round trip (timed at connect, rounded), so one on a LAN. The receiver
     /// checks the whole file either way.
     #[arg(long, value_name = "N|auto", default_value = "auto", value_parser = parse_streams)]
     pub streams: Streams,

@@ -33,9 +33,12 @@ use crate::transport::{self, FileError, FrameWriter, handshake};
 pub(crate) const RTT_PER_LANE: Duration = Duration::from_millis(20);
 
 /// `--streams auto`: a connection per [`RTT_PER_LANE`] of round trip (`rtt`: how long the TCP
-/// connect took), 1 to [`MAX_LANES`]. On a LAN or loopback that is one.
+/// connect took), rounded to the nearest, 1 to [`MAX_LANES`]. On a LAN or loopback that is one.
+/// Nearest, not up: a connect takes a little longer than the round trip (20.4 ms on a 20 ms
+/// link), and rounding up opened a second connection where one fills the link (bench/README.md).
 pub(crate) fn auto_lanes(rtt: Duration) -> u8 {
-    let n = rtt.as_micros().div_ceil(RTT_PER_LANE.as_micros()).max(1);
+    let per = RTT_PER_LANE.as_micros();
+    let n = ((rtt.as_micros() + per / 2) / per).max(1);
     n.min(u128::from(crate::protocol::MAX_LANES)) as u8
 }
 
@@ -238,4 +241,24 @@ pub(super) fn send_split(
     })?;
     w.message(&Message::SplitEnd(SplitEnd { index: file.index })).map_err(FileError::Net)?;
     Ok(finished.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_opens_a_connection_per_20_ms_of_round_trip_rounded_to_the_nearest() {
+        let us = |m: u64| auto_lanes(Duration::from_micros(m));
+        // Loopback and LANs: one.
+        assert_eq!(us(40), 1);
+        assert_eq!(us(9_000), 1);
+        // What the delay line's links measured at connect (bench/results/2026-12-04T201906).
+        assert_eq!(us(20_400), 1);
+        assert_eq!(us(50_400), 3);
+        assert_eq!(us(100_400), 5);
+        assert_eq!(us(30_000), 2);
+        // Never more than MAX_LANES, however far.
+        assert_eq!(us(2_000_000), crate::protocol::MAX_LANES);
+    }
 }
