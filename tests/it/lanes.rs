@@ -366,3 +366,65 @@ fn a_plain_resume_after_a_cut_split_moves_the_resume_point_on() {
     assert!(crate::util::is_accept(&main.offer("onward.bin", data.len() as u64, sha256(&data))));
     assert_eq!(main.answer(), protocol::Answer::Send { offset: upto });
 }
+
+#[test]
+fn lanes_the_receiver_refuses_are_not_needed() {
+    // One transfer slot: this address may hold 2 connections, the main one and one lane; the
+    // other lanes are told "busy" and the parts go over the two that got in.
+    let rx = Receiver::start(&["--max-transfers", "1"]);
+    let data = random_bytes((SPLIT_MIN + 3 * SPLIT_CHUNK) as usize, 51);
+    let (_src, path) = source_file("few.bin", &data);
+    send(&path, &rx.target(), &["--streams", "4"]).expect(0);
+    assert!(std::fs::read(rx.dir.join("few.bin")).unwrap() == data);
+    assert_eq!(lanes_logged(&rx, 1), 1, "{}", rx.stderr());
+    assert!(rx.stderr().contains("refused: receiver busy"), "{}", rx.stderr());
+}
+
+#[test]
+fn a_lane_cut_in_the_middle_of_a_part_gives_its_parts_back_and_the_file_still_arrives() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let rx = Receiver::start(&[]);
+    let data = random_bytes((SPLIT_MIN + 5 * SPLIT_CHUNK) as usize, 52);
+    let (_src, path) = source_file("cut-lane.bin", &data);
+    // A relay for every connection; the second one (the first lane) is cut after 12 MiB from the
+    // sender: in the middle of its second part.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let target = rx.addr;
+    let cut_at = Arc::new(AtomicU64::new(0));
+    let cut = Arc::clone(&cut_at);
+    std::thread::spawn(move || {
+        for n in 0.. {
+            let (mut from_sender, mut to_receiver) = crate::util::relay(&listener, target);
+            let cut = Arc::clone(&cut);
+            std::thread::spawn(move || {
+                let limit = if n == 1 { 12u64 << 20 } else { u64::MAX };
+                let mut buf = vec![0u8; 64 << 10];
+                let mut moved = 0u64;
+                loop {
+                    let k = match std::io::Read::read(&mut from_sender, &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => k,
+                    };
+                    if moved + k as u64 > limit {
+                        cut.store(moved, Ordering::SeqCst);
+                        let _ = from_sender.shutdown(std::net::Shutdown::Both);
+                        let _ = to_receiver.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                    if to_receiver.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                    moved += k as u64;
+                }
+                let _ = to_receiver.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    send(&path, &proxy.to_string(), &["--streams", "3"]).expect(0);
+    assert!(cut_at.load(Ordering::SeqCst) > 0, "the lane was never cut");
+    assert!(std::fs::read(rx.dir.join("cut-lane.bin")).unwrap() == data, "stored file differs");
+    rx.wait_log("stored as \"cut-lane.bin\"");
+    assert!(rx.stderr().contains("(a lane)") && rx.stderr().contains("failed"), "{}", rx.stderr());
+}
