@@ -130,7 +130,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
         (events.clone(), handoff.clone()),
     );
 
-    let (r, mut w, peer, rtt) =
+    let (r, mut w, peer, rtt, waited) =
         connect(opts, &mut ready, &hashing_bar, progress, &plan.entries, label.as_deref())?;
 
     let overall = progress.bytes("sending", label.as_deref().unwrap_or(""), bytes, batch);
@@ -235,7 +235,7 @@ pub fn send(opts: &SendOpts, progress: &Progress) -> Result<Report, Error> {
         bytes,
         sent: run.sent,
         resumed: run.resumed,
-        elapsed: start.elapsed(),
+        elapsed: start.elapsed().saturating_sub(waited),
     })
 }
 
@@ -249,7 +249,7 @@ fn connect(
     progress: &Progress,
     entries: &[crate::protocol::Entry],
     label: Option<&str>,
-) -> Result<(transport::FrameReader, FrameWriter, String, Duration), Error> {
+) -> Result<(transport::FrameReader, FrameWriter, String, Duration, Duration), Error> {
     let mut waiting: Option<Instant> = None;
     let status = progress.spinner(&format!("connecting to {} (waiting for its hello)", opts.to));
     let mut pause = Duration::from_millis(250 + u64::from(std::process::id() % 250));
@@ -283,7 +283,9 @@ fn connect(
         }
     };
     status.finish_and_clear();
-    offered
+    // The time spent waiting for a busy receiver is not the transfer's: it was said at the time.
+    let waited = waiting.map_or(Duration::ZERO, |since| since.elapsed());
+    offered.map(|(r, w, peer, rtt)| (r, w, peer, rtt, waited))
 }
 
 /// What became of one offer of the manifest.

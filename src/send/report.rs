@@ -47,6 +47,7 @@ pub struct Report {
     pub sent: u64,
     /// Bytes the receiver already held from interrupted transfers, summed over resumed files.
     pub resumed: u64,
+    /// From start to the last verdict, less any wait for a busy receiver (said when it began).
     pub elapsed: Duration,
 }
 

@@ -37,7 +37,7 @@ pub(super) fn send_stdin(opts: &SendOpts, progress: &Progress) -> Result<Report,
     let label = entry.path.join("/");
     let entries = vec![entry];
     let mut ready = secure::prepare(opts)?;
-    let (r, mut w, peer, _rtt) =
+    let (r, mut w, peer, _rtt, waited) =
         super::connect(opts, &mut ready, &Bar::hidden(), progress, &entries, Some(&label))?;
     let spinner = progress.spinner(&format!("sending standard input as \"{}\"", escape(&label)));
     let mut sent = Sent { bytes: 0, digest: None };
@@ -76,7 +76,7 @@ pub(super) fn send_stdin(opts: &SendOpts, progress: &Progress) -> Result<Report,
         bytes: sent.bytes,
         sent: sent.bytes,
         resumed: 0,
-        elapsed: start.elapsed(),
+        elapsed: start.elapsed().saturating_sub(waited),
     })
 }
 

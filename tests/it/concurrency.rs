@@ -70,19 +70,20 @@ fn spawn_watched(
     path: &std::path::Path,
     target: &str,
     args: &[&str],
-) -> (std::process::Child, tempfile::NamedTempFile) {
+) -> (std::process::Child, tempfile::NamedTempFile, tempfile::NamedTempFile) {
     let log = tempfile::NamedTempFile::new().unwrap();
+    let out = tempfile::NamedTempFile::new().unwrap();
     let child = std::process::Command::new(crate::util::BIN)
         .args(["send", "--insecure"])
         .args(args)
         .arg(path)
         .arg(target)
         .env("XDG_CACHE_HOME", crate::util::test_cache_home())
-        .stdout(std::process::Stdio::null())
+        .stdout(out.reopen().unwrap())
         .stderr(log.reopen().unwrap())
         .spawn()
         .unwrap();
-    (child, log)
+    (child, log, out)
 }
 
 fn wait_for_text(log: &tempfile::NamedTempFile, needle: &str) {
@@ -106,9 +107,10 @@ fn a_full_receiver_keeps_senders_in_line_and_says_how_many_are_ahead() {
     offer_accepted(&mut holder, "holder", 100);
     let (_a_src, a) = source_file("first-in-line", &random_bytes(300_000, 1));
     let (_b_src, b) = source_file("second-in-line", &random_bytes(300_000, 2));
-    let (mut first, first_log) = spawn_watched(&a, &rx.target(), &[]);
+    let waiting_since = Instant::now();
+    let (mut first, first_log, first_out) = spawn_watched(&a, &rx.target(), &["--json"]);
     wait_for_text(&first_log, "receiver busy: 0 ahead in its line");
-    let (mut second, second_log) = spawn_watched(&b, &rx.target(), &[]);
+    let (mut second, second_log, _) = spawn_watched(&b, &rx.target(), &[]);
     wait_for_text(&second_log, "receiver busy: 1 ahead in its line");
     // One that will not wait long gives up with exit 4 and says why.
     let (_c_src, c) = source_file("impatient", b"impatient");
@@ -129,6 +131,16 @@ fn a_full_receiver_keeps_senders_in_line_and_says_how_many_are_ahead() {
         "{}",
         std::fs::read_to_string(second_log.path()).unwrap()
     );
+    // Its time in line is not the transfer's: the summary's seconds leave it out.
+    let waited = waiting_since.elapsed().as_secs_f64();
+    let summary = std::fs::read_to_string(first_out.path()).unwrap();
+    let seconds: f64 = summary
+        .split("\"seconds\":")
+        .nth(1)
+        .and_then(|t| t.split([',', '}']).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no seconds in {summary}"));
+    assert!(waited > 1.0 && seconds < waited - 0.5, "waited {waited:.2} s in line, summary says {seconds} s");
     let log = rx.wait_log("\"second-in-line\"");
     let at = |name: &str| log.find(&format!("\"{name}\"")).unwrap();
     assert!(at("holder") < at("first-in-line") && at("first-in-line") < at("second-in-line"), "{log}");
