@@ -130,37 +130,12 @@ impl Transfer<'_> {
             Ok(d) => d,
             Err(BodyError::Wire(e)) => {
                 let err = self.r.error("receiving the body", e);
-                // The peer may have closed only its writing half: tell it what we saw. Only a body
-                // that ended early is a size mismatch; a timeout or broken framing is a failure.
-                let v = match &err {
-                    Error::Connection { .. } => Verdict::SizeMismatch { expected: size, received: at },
-                    Error::Auth(_) => Verdict::Failed {
-                        reason: bounded_reason(format!(
-                            "secure channel broken: what arrived for this file did not authenticate ({err})"
-                        )),
-                    },
-                    _ => Verdict::Failed { reason: bounded_reason(format!("receiver: {err}")) },
-                };
-                let _ =
-                    self.send(&Message::FileVerdict(FileVerdict { index: plan.index as u32, verdict: v }));
-                // An interruption keeps what arrived for a resume; broken framing does not.
-                if matches!(err, Error::Protocol { .. }) {
-                    partial.discard();
-                } else {
-                    self.keep(plan.index, partial);
-                }
-                return Err(err);
+                let v = broken_verdict(&err, size, at);
+                return Err(self.broken_off(&plan, partial, v, err));
             }
             Err(BodyError::Split(failure)) => {
                 let (v, err) = *failure;
-                let _ =
-                    self.send(&Message::FileVerdict(FileVerdict { index: plan.index as u32, verdict: v }));
-                if matches!(err, Error::Protocol { .. }) {
-                    partial.discard();
-                } else {
-                    self.keep(plan.index, partial);
-                }
-                return Err(err);
+                return Err(self.broken_off(&plan, partial, v, err));
             }
             Err(BodyError::TooLong(len)) => {
                 partial.discard();
@@ -226,6 +201,18 @@ impl Transfer<'_> {
         // Verified: done on this side's bar (its sender counts it when the group is acknowledged).
         self.bar.file_done();
         Ok(())
+    }
+
+    /// A body broken off by `err`: the sender is told `v` (it may have closed only its writing
+    /// half), and the partial is kept for a resume, unless the framing broke. Returns `err`.
+    fn broken_off(&mut self, plan: &Plan, partial: Partial, v: Verdict, err: Error) -> Error {
+        let _ = self.send(&Message::FileVerdict(FileVerdict { index: plan.index as u32, verdict: v }));
+        if matches!(err, Error::Protocol { .. }) {
+            partial.discard();
+        } else {
+            self.keep(plan.index, partial);
+        }
+        err
     }
 
     /// Receives a split body (`lanes`): parts on this connection until the sender's `SplitEnd`,
@@ -365,16 +352,7 @@ impl Transfer<'_> {
             if let Some(m) = &mark {
                 let _ = m.mark(Some(upto));
             }
-            let v = match &err {
-                Error::Connection { .. } => Verdict::SizeMismatch { expected: size, received: upto },
-                Error::Auth(_) => Verdict::Failed {
-                    reason: bounded_reason(format!(
-                        "secure channel broken: what arrived for this file did not authenticate ({err})"
-                    )),
-                },
-                _ => Verdict::Failed { reason: bounded_reason(format!("receiver: {err}")) },
-            };
-            BodyError::Split(Box::new((v, err)))
+            BodyError::Split(Box::new((broken_verdict(&err, size, upto), err)))
         };
         outcome.map_err(fail)?;
         match digest {
@@ -547,5 +525,20 @@ impl Transfer<'_> {
         let path = &self.entries[index].path;
         let folder = path[..path.len() - 1].to_vec();
         self.shared.litter.left_behind(&self.root, self.peer, folder, left);
+    }
+}
+
+/// The verdict for a body that `err` broke off with `at` of its `size` bytes in: only a body that
+/// ended early is a size mismatch; a broken record says so; a timeout or broken framing is a
+/// failure.
+fn broken_verdict(err: &Error, size: u64, at: u64) -> Verdict {
+    match err {
+        Error::Connection { .. } => Verdict::SizeMismatch { expected: size, received: at },
+        Error::Auth(_) => Verdict::Failed {
+            reason: bounded_reason(format!(
+                "secure channel broken: what arrived for this file did not authenticate ({err})"
+            )),
+        },
+        _ => Verdict::Failed { reason: bounded_reason(format!("receiver: {err}")) },
     }
 }

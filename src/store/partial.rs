@@ -73,13 +73,22 @@ impl UptoMark {
     /// Rewrites the record with `upto n` (or without it: `None`, the body is whole or cut there).
     pub fn mark(&self, n: Option<u64>) -> io::Result<()> {
         let text = read_record(&self.dir, &self.record)?;
-        let mut kept: String =
-            text.lines().filter(|l| !l.starts_with("upto ")).map(|l| format!("{l}\n")).collect();
+        let mut kept = without_upto(&text);
         if let Some(n) = n {
             kept.push_str(&format!("upto {n}\n"));
         }
         rewrite_record(&self.dir, &self.record, &kept)
     }
+}
+
+/// A record's `upto N` mark (see [`UptoMark`]), if it has one.
+fn upto_of(record: &str) -> Option<u64> {
+    record.lines().find_map(|l| l.strip_prefix("upto ")).and_then(|v| v.parse().ok())
+}
+
+/// A record's lines but its `upto` mark.
+fn without_upto(record: &str) -> String {
+    record.lines().filter(|l| !l.starts_with("upto ")).map(|l| format!("{l}\n")).collect()
 }
 
 /// Replaces a partial's record with `text` at once (a new file renamed over it), so a receiver
@@ -209,7 +218,7 @@ impl Partial {
         };
         // A split body writes its parts out of order: only the prefix its record vouches for
         // (`upto`, see `UptoMark`) is contiguous; past it there may be holes.
-        let upto = have.lines().find_map(|l| l.strip_prefix("upto ")).and_then(|v| v.parse::<u64>().ok());
+        let upto = upto_of(&have);
         let len = upto.map_or(len, |u| len.min(u));
         let (hasher, offset) = if id.matches(name, &have) && len <= size {
             bar.set_length(len);
@@ -224,8 +233,7 @@ impl Partial {
         // Cut there, the partial has no holes: an `upto` mark is dropped (a split body that goes
         // on sets its own), or a later body that writes past it would resume from it again.
         if offset > 0 && upto.is_some() {
-            let kept: String =
-                have.lines().filter(|l| !l.starts_with("upto ")).map(|l| format!("{l}\n")).collect();
+            let kept = without_upto(&have);
             rewrite_record(&dir, &record_name, &kept)?;
             have = kept;
         }
@@ -257,7 +265,7 @@ impl Partial {
         let stem = stem_for(name);
         let matches = read_record(dir, &format!("{stem}{RECORD_SUFFIX}")).is_ok_and(|r| id.matches(name, &r));
         let record = read_record(dir, &format!("{stem}{RECORD_SUFFIX}")).unwrap_or_default();
-        let upto = record.lines().find_map(|l| l.strip_prefix("upto ")).and_then(|v| v.parse::<u64>().ok());
+        let upto = upto_of(&record);
         match dir.kind(&format!("{stem}{PART_SUFFIX}")) {
             Ok(Kind::File(len)) if matches => len.min(id.size).min(upto.unwrap_or(u64::MAX)),
             _ => 0,
