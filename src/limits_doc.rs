@@ -105,6 +105,7 @@ fn expected() -> Vec<(&'static str, String)> {
         ("QUEUE_TICK", secs(queue::QUEUE_TICK)),
         ("QUEUE_WAIT", secs(queue::QUEUE_WAIT)),
         ("RECV_BUF", bytes(crate::transport::RECV_BUF as u64)),
+        ("PIPE_BUF", bytes(body::PIPE_BUF as u64)),
         ("PIPELINE_BUFFERS", n(body::PIPELINE_BUFFERS as u64)),
         ("STREAM_STEP", bytes(body::STREAM_STEP)),
         ("SPLIT_MIN", bytes(crate::send::lanes::SPLIT_MIN)),

@@ -61,9 +61,14 @@ pub(super) fn skip_body(r: &mut FrameReader, frame_left: u64, frames: u64) -> Re
     Ok(())
 }
 
-/// Buffers in flight between the socket reader and the hashing thread. Four 256 KiB buffers keep
-/// both busy; more only adds memory.
+/// Buffers in flight between the socket reader and the hashing thread. Four keep both busy; more
+/// only adds memory.
 pub(crate) const PIPELINE_BUFFERS: usize = 4;
+/// Size of each of them: a large body is written and handed to the hashing thread this much at a
+/// time. 1 MiB rather than the socket's 256 KiB read buffer: a quarter of the hand-offs (thread
+/// wake-ups) per GiB, measured 7-15 % faster for a 1 GiB send (bench/README.md), for 3 MiB more
+/// memory per transfer receiving a large body.
+pub(crate) const PIPE_BUF: usize = 1 << 20;
 
 /// Reads exactly `size - offset` body bytes into the partial file. Hashing runs on its own thread
 /// (SHA-256 is the slowest stage by far), fed full buffers after they are written, so socket reads
@@ -76,15 +81,17 @@ pub(super) fn receive_body(
     reservation: &mut Reservation<'_>,
     bar: &indicatif::ProgressBar,
 ) -> Result<protocol::Digest, BodyError> {
-    // A body that fits one buffer (most files of a batch) is hashed inline: a thread and four
-    // 256 KiB buffers per small file would cost more than the file.
+    // A body that fits one read buffer (most files of a batch) is hashed inline: a thread and
+    // four buffers per small file would cost more than the file.
     if size - offset <= RECV_BUF as u64 {
         return receive_small(r, partial, (size, offset, hasher), received, reservation, bar);
     }
     let (full_tx, full_rx) = mpsc::channel::<(Vec<u8>, usize)>();
     let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    // No larger than the body: a batch's files of a few hundred KiB come through here too.
+    let piece = PIPE_BUF.min((size - offset) as usize);
     for _ in 0..PIPELINE_BUFFERS {
-        empty_tx.send(vec![0u8; RECV_BUF]).expect("receiver is alive");
+        empty_tx.send(vec![0u8; piece]).expect("receiver is alive");
     }
     std::thread::scope(|scope| {
         let hashing = scope.spawn(move || {
@@ -115,7 +122,7 @@ pub(super) fn receive_body(
                     Err(e) => break 'body Err(e),
                 };
                 while left > 0 {
-                    let n = left.min(RECV_BUF - filled);
+                    let n = left.min(piece - filled);
                     if let Err(e) = r.payload(&mut buf[filled..filled + n]) {
                         break 'body Err(BodyError::Wire(e.into()));
                     }
@@ -123,7 +130,7 @@ pub(super) fn receive_body(
                     left -= n;
                     *received += n as u64;
                     bar.inc(n as u64);
-                    if filled == RECV_BUF {
+                    if filled == piece {
                         if let Err(e) = pass_on(buf, filled) {
                             return Err(BodyError::Local(e, left as u64));
                         }

@@ -98,8 +98,8 @@ fn resend_and_check(rx: &Receiver, path: &std::path::Path, data: &[u8]) -> crate
         .and_then(|t| t.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("did not resume\n{}", run.report()));
-    // What crossed the wire but was still in the receiver's pipeline (at most 4 + 1 buffers of
-    // 256 KiB) when it was interrupted or killed is sent again; everything else is not.
+    // What crossed the wire but was not written yet (at most the one pipeline buffer being
+    // filled, 1 MiB) when it was interrupted or killed is sent again; everything else is not.
     assert!((CUT - (2 << 20)..=CUT).contains(&offset), "resumed at {offset}, cut at {CUT}");
     let moved = counter.forwarded.load(Ordering::SeqCst);
     assert!(moved < SIZE as u64 - offset + (64 << 10), "moved {moved} bytes after resuming at {offset}");
