@@ -102,6 +102,7 @@ fn expected() -> Vec<(&'static str, String)> {
         ("MAX_LANES", n(crate::protocol::MAX_LANES.into())),
         ("RTT_PER_LANE", format!("{} ms", crate::send::lanes::RTT_PER_LANE.as_millis())),
         ("LANE_CONNECT", secs(crate::send::lanes::LANE_CONNECT)),
+        ("LANE_WAIT", secs(crate::recv::lanes::LANE_WAIT)),
         ("QUEUE_TICK", secs(queue::QUEUE_TICK)),
         ("QUEUE_WAIT", secs(queue::QUEUE_WAIT)),
         ("RECV_BUF", bytes(crate::transport::RECV_BUF as u64)),

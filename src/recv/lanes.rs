@@ -70,19 +70,36 @@ pub(crate) struct Hub {
     bar: indicatif::ProgressBar,
 }
 
+/// How long a lane's handshake waits for its split to be registered: the sender connects its
+/// lanes as soon as it sends `Split`, and the receiver reads that only after what came before it
+/// (the previous body, its digest, a group being made durable on a slow disk).
+pub(crate) const LANE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Splits in progress, by session id.
 #[derive(Default)]
-pub(crate) struct Registry(Mutex<HashMap<[u8; 16], Arc<Hub>>>);
+pub(crate) struct Registry {
+    map: Mutex<HashMap<[u8; 16], Arc<Hub>>>,
+    added: Condvar,
+}
 
 impl Registry {
     fn lock(&self) -> MutexGuard<'_, HashMap<[u8; 16], Arc<Hub>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The secret of split `session`, for a lane's handshake from `ip`: only the address of the
-    /// main connection may join it.
+    /// main connection may join it. A split not registered yet is waited for, up to
+    /// [`LANE_WAIT`].
     pub fn secret(&self, session: &[u8; 16], ip: IpAddr) -> Option<Zeroizing<[u8; 32]>> {
-        self.lock().get(session).filter(|h| h.ip == ip).map(|h| h.secret.clone())
+        let until = std::time::Instant::now() + LANE_WAIT;
+        let mut map = self.lock();
+        loop {
+            if let Some(hub) = map.get(session).filter(|h| h.ip == ip) {
+                return Some(hub.secret.clone());
+            }
+            let left = until.checked_duration_since(std::time::Instant::now())?;
+            map = self.added.wait_timeout(map, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
     }
 
     /// The split `session` from `ip` (the address of its main connection).
@@ -169,6 +186,8 @@ pub(crate) fn register<'r>(registry: &'r Registry, new: NewHub) -> Result<Regist
         return Err("a split whose lane id is already in use".into());
     }
     map.insert(new.session, Arc::clone(&hub));
+    drop(map);
+    registry.added.notify_all();
     Ok(Registered { registry, session: new.session, hub })
 }
 

@@ -428,3 +428,36 @@ fn a_lane_cut_in_the_middle_of_a_part_gives_its_parts_back_and_the_file_still_ar
     rx.wait_log("stored as \"cut-lane.bin\"");
     assert!(rx.stderr().contains("(a lane)") && rx.stderr().contains("failed"), "{}", rx.stderr());
 }
+
+#[test]
+fn a_lane_that_comes_before_its_split_is_read_waits_for_it() {
+    let rx = Receiver::start(&[]);
+    let data = random_bytes(SPLIT_MIN as usize, 53);
+    let mut main = RawPeer::greet(rx.addr);
+    assert!(crate::util::is_accept(&main.offer("early.bin", data.len() as u64, sha256(&data))));
+    assert_eq!(main.answer(), protocol::Answer::Send { offset: 0 });
+    let session = [11u8; 16];
+    // The lane's handshake is in before the receiver has read the split (it has not been sent).
+    let addr = rx.addr;
+    let lane = std::thread::spawn(move || raw_lane(addr, session));
+    std::thread::sleep(Duration::from_millis(500));
+    let split = Split { index: 0, session, secret: [12; 32], lanes: 2 };
+    protocol::write_message(&mut main.stream, &Message::Split(split)).unwrap();
+    let (mut lane, reply) = lane.join().unwrap();
+    assert_eq!(reply.expect("the lane joins once the split begins").len(), 32);
+    // It carries the last part; the main connection the rest.
+    let last = SPLIT_MIN - SPLIT_CHUNK;
+    part(&mut lane, last, &data[last as usize..]);
+    protocol::write_message(&mut lane, &Message::SplitEnd(SplitEnd { index: 0 })).unwrap();
+    assert_eq!(protocol::read_message(&mut lane).unwrap(), Message::SplitEnd(SplitEnd { index: 0 }));
+    for k in 0..last / SPLIT_CHUNK {
+        let at = (k * SPLIT_CHUNK) as usize;
+        part(&mut main.stream, at as u64, &data[at..at + SPLIT_CHUNK as usize]);
+    }
+    protocol::write_message(&mut main.stream, &Message::SplitEnd(SplitEnd { index: 0 })).unwrap();
+    assert!(matches!(
+        main.read().unwrap(),
+        Message::FileVerdict(FileVerdict { verdict: Verdict::Verified { .. }, .. })
+    ));
+    assert!(std::fs::read(rx.dir.join("early.bin")).unwrap() == data);
+}
