@@ -628,6 +628,30 @@ mod tests {
     }
 
     #[test]
+    fn lane_keys_are_hkdf_of_the_split_secret_over_the_prologue_and_both_nonces() {
+        // Computed independently (Python's hmac and hashlib, RFC 5869 by hand) from PROTOCOL.md's
+        // description: salt "xfer lane v1", IKM the secret, info = the prologue with mode 03,
+        // session and Ns, then Nr; 64 bytes, sender → receiver first.
+        let secret: [u8; 32] = std::array::from_fn(|i| 0x20 + i as u8);
+        let mut step1 = vec![MODE_LANE];
+        step1.extend(0u8..16);
+        step1.extend(0x40u8..0x60);
+        let nonce_r: Vec<u8> = (0x60u8..0x80).collect();
+        let keys = lane_keys(&secret, &step1, &nonce_r);
+        let hex = |k: &[u8]| k.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        assert_eq!(
+            hex(&keys.to_receiver),
+            "9a0a83876db6e00a5d4cc39571745eea2ade0e023aa3071d2a985ee8181ba4da"
+        );
+        assert_eq!(hex(&keys.to_sender), "bc573e5c60f7c0b8edd3eea821f2c2fb539b16eeae1e93a6fa942cf6cb810f4c");
+        // Another nonce, another secret: other keys.
+        let mut other = step1.clone();
+        other[LANE_STEP1 - 1] ^= 1;
+        assert_ne!(lane_keys(&secret, &other, &nonce_r).to_receiver, keys.to_receiver);
+        assert_ne!(lane_keys(&[0; 32], &step1, &nonce_r).to_sender, keys.to_sender);
+    }
+
+    #[test]
     fn pinned_handshake_needs_the_pinned_key() {
         let (s, rcv, other) = (identity(), identity(), identity());
         let (st, step1) = sender_pinned_start(&s, &rcv.public, Random::System);
