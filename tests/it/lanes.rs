@@ -264,6 +264,23 @@ fn joined_lane(rx: &Receiver, session: [u8; 16]) -> TcpStream {
     }
 }
 
+/// The lane carries the last part (from `last`) and ends; the main connection carries the parts
+/// before it and ends the split; the file must be verified.
+fn carry_and_verify(main: &mut RawPeer, lane: &mut TcpStream, data: &[u8], last: u64) {
+    part(lane, last, &data[last as usize..]);
+    protocol::write_message(lane, &Message::SplitEnd(SplitEnd { index: 0 })).unwrap();
+    assert_eq!(protocol::read_message(lane).unwrap(), Message::SplitEnd(SplitEnd { index: 0 }));
+    for k in 0..last / SPLIT_CHUNK {
+        let at = (k * SPLIT_CHUNK) as usize;
+        part(&mut main.stream, at as u64, &data[at..at + SPLIT_CHUNK as usize]);
+    }
+    protocol::write_message(&mut main.stream, &Message::SplitEnd(SplitEnd { index: 0 })).unwrap();
+    assert!(matches!(
+        main.read().unwrap(),
+        Message::FileVerdict(FileVerdict { verdict: Verdict::Verified { .. }, .. })
+    ));
+}
+
 #[test]
 fn a_split_that_moves_nothing_but_keepalives_loses_its_slot() {
     let rx = Receiver::start(&["--timeout", "2"]);
@@ -299,18 +316,7 @@ fn a_lane_that_proves_nothing_takes_no_place_and_a_lane_that_breaks_the_protocol
     }
     // The one lane the split asked for still gets in and carries a part.
     let mut lane = joined_lane(&rx, session);
-    part(&mut lane, SPLIT_MIN, &data[SPLIT_MIN as usize..]);
-    protocol::write_message(&mut lane, &Message::SplitEnd(SplitEnd { index: 0 })).unwrap();
-    assert_eq!(protocol::read_message(&mut lane).unwrap(), Message::SplitEnd(SplitEnd { index: 0 }));
-    for k in 0..SPLIT_MIN / SPLIT_CHUNK {
-        let at = (k * SPLIT_CHUNK) as usize;
-        part(&mut main.stream, at as u64, &data[at..at + SPLIT_CHUNK as usize]);
-    }
-    protocol::write_message(&mut main.stream, &Message::SplitEnd(SplitEnd { index: 0 })).unwrap();
-    assert!(matches!(
-        main.read().unwrap(),
-        Message::FileVerdict(FileVerdict { verdict: Verdict::Verified { .. }, .. })
-    ));
+    carry_and_verify(&mut main, &mut lane, &data, SPLIT_MIN);
     assert!(std::fs::read(rx.dir.join("places.bin")).unwrap() == data);
 
     // A lane that sends a part off the grid fails the whole file, as PROTOCOL.md says.
@@ -446,18 +452,6 @@ fn a_lane_that_comes_before_its_split_is_read_waits_for_it() {
     let (mut lane, reply) = lane.join().unwrap();
     assert_eq!(reply.expect("the lane joins once the split begins").len(), 32);
     // It carries the last part; the main connection the rest.
-    let last = SPLIT_MIN - SPLIT_CHUNK;
-    part(&mut lane, last, &data[last as usize..]);
-    protocol::write_message(&mut lane, &Message::SplitEnd(SplitEnd { index: 0 })).unwrap();
-    assert_eq!(protocol::read_message(&mut lane).unwrap(), Message::SplitEnd(SplitEnd { index: 0 }));
-    for k in 0..last / SPLIT_CHUNK {
-        let at = (k * SPLIT_CHUNK) as usize;
-        part(&mut main.stream, at as u64, &data[at..at + SPLIT_CHUNK as usize]);
-    }
-    protocol::write_message(&mut main.stream, &Message::SplitEnd(SplitEnd { index: 0 })).unwrap();
-    assert!(matches!(
-        main.read().unwrap(),
-        Message::FileVerdict(FileVerdict { verdict: Verdict::Verified { .. }, .. })
-    ));
+    carry_and_verify(&mut main, &mut lane, &data, SPLIT_MIN - SPLIT_CHUNK);
     assert!(std::fs::read(rx.dir.join("early.bin")).unwrap() == data);
 }
