@@ -230,14 +230,14 @@ impl Transfer<'_> {
             let reason = bounded_reason(format!("receiver: {what}: {e}"));
             BodyError::Split(Box::new((Verdict::Failed { reason }, Error::io(what, e))))
         };
+        // A split the protocol does not allow: nothing was written for it yet.
+        let refused = |err: Error| BodyError::Split(Box::new((broken_verdict(&err, size, offset), err)));
         if size - offset < crate::protocol::SPLIT_MIN {
-            let err = self.malformed(format!(
+            return Err(refused(self.malformed(format!(
                 "a split of a {}-byte body (SPLIT_MIN is {})",
                 size - offset,
                 crate::protocol::SPLIT_MIN
-            ));
-            let reason = bounded_reason(format!("receiver: {err}"));
-            return Err(BodyError::Split(Box::new((Verdict::Failed { reason }, err))));
+            ))));
         }
         let file = partial.clone_file().map_err(|e| local("opening the partial again", e))?;
         let mark = partial.upto_mark().map_err(|e| local("opening the partial's record", e))?;
@@ -255,14 +255,8 @@ impl Transfer<'_> {
             range: (offset, size),
             bar: &self.bar,
         };
-        let registered = match super::lanes::register(&self.shared.lanes, new) {
-            Ok(r) => r,
-            Err(why) => {
-                let err = self.malformed(why);
-                let reason = bounded_reason(format!("receiver: {err}"));
-                return Err(BodyError::Split(Box::new((Verdict::Failed { reason }, err))));
-            }
-        };
+        let registered =
+            super::lanes::register(&self.shared.lanes, new).map_err(|why| refused(self.malformed(why)))?;
         let hub = &registered.hub;
         let mut buf = vec![0u8; crate::transport::RECV_BUF];
         self.r.set_min_rate(None);
